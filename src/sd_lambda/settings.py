@@ -1,0 +1,58 @@
+"""Configuration from the environment, in one place.
+
+Every knob the Lambda (or a local run) reads is a field here, with its environment variable name
+and default. Nothing else in the package reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _env(name: str, default: Any, help: str) -> Any:
+    return field(default=default, metadata={"env": name, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_root: Path = _env("MODEL_ROOT", Path("/mnt/models"), "Where the EFS access point is mounted.")
+    model_name: str = _env(
+        "MODEL_NAME", "default", "Model folder under MODEL_ROOT (a slug such as segmind--tiny-sd)."
+    )
+    max_steps: int = _env("SD_MAX_STEPS", 50, "Upper bound for num_inference_steps.")
+    max_side: int = _env("SD_MAX_SIDE", 1024, "Upper bound for width and height, in pixels.")
+    max_pixels: int = _env(
+        "SD_MAX_PIXELS", 768 * 768, "Upper bound for width x height, so one request cannot exhaust memory."
+    )
+    max_prompt_chars: int = _env("SD_MAX_PROMPT_CHARS", 2000, "Upper bound for prompt length.")
+    dtype: str = _env("SD_DTYPE", "auto", "auto (bf16 only with native CPU support), float32 or bfloat16.")
+    threads: int = _env("SD_THREADS", 0, "torch intra-op threads; 0 = the CPUs this process may use.")
+    default_decoder: str = _env("SD_DEFAULT_DECODER", "auto", "auto (tiny when present), full or tiny.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from exc
+        return cls(**values)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model_root / self.model_name
+
+
+def documented_variables() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) rows, for README and --help output."""
+    return [(f.metadata["env"], str(f.default), f.metadata["help"]) for f in fields(Settings)]
