@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in `sd-lambda --help` order.
-COMMAND_MODULES: tuple[str, ...] = ("sd_lambda.testing.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("sd_lambda.testing.cli", "sd_lambda.tfcheck.cli")
 
 
 class CommandError(Exception):
