@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from sd_lambda.layout import Manifest, ModelPaths
+from sd_lambda.layout import ModelPaths, install_release
 from sd_lambda.testing.models import build_test_model
 
 TEST_MODEL_NAME = "test--tiny-sd"
@@ -23,10 +22,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def seed_release(model_root: Path, name: str, revision: str, source_dir: Path) -> ModelPaths:
     """Install ``source_dir`` as ``<root>/<name>/releases/<revision>`` and point ``current`` at it."""
     paths = ModelPaths(model_root / name)
-    release = paths.release(revision)
-    shutil.copytree(source_dir, release)
-    (release / "manifest.json").write_text(Manifest.build(release, source=str(source_dir)).to_json())
-    paths.switch_current(revision)
+    install_release(paths, revision, source_dir)
     return paths
 
 

@@ -8,17 +8,24 @@ See ``shared/design/efs-model-layout.md``::
       .staging-<revision>/        work in progress
       .lock                       held while a seeding run is active
 
-Standard library only: this module also runs on the seeder instance, shipped verbatim.
+Standard library only, and Python 3.9 compatible: this module also runs on the seeder instance
+(Amazon Linux 2023's python3), shipped verbatim inside the on-instance sync program.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 CURRENT = "current"
@@ -26,6 +33,11 @@ RELEASES = "releases"
 STAGING_PREFIX = ".staging-"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
+MODEL_INDEX = "model_index.json"
+# Releases kept by pruning (the current one is never pruned): the grace period for warm Lambdas.
+DEFAULT_KEEP = 3
+# The access point's POSIX user: everything the Lambda reads must be readable by it.
+LAMBDA_OWNER = (1000, 1000)
 # Weights in these formats can execute code when loaded; only safetensors are served.
 PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
 
@@ -38,6 +50,10 @@ class LayoutError(Exception):
 
 class ModelNotSeededError(LayoutError):
     """There is no complete revision behind ``current``."""
+
+
+class LockBusyError(LayoutError):
+    """Another seeding run holds the model's ``.lock``."""
 
 
 def model_slug(hub_id: str) -> str:
@@ -127,6 +143,58 @@ class ModelPaths:
         os.symlink(f"{RELEASES}/{revision}", temporary)
         os.replace(temporary, self.current)
 
+    @contextlib.contextmanager
+    def locked(
+        self, timeout: float = 0.0, on_wait: Callable[[], None] | None = None, poll_interval: float = 0.2
+    ) -> Iterator[HeldLock]:
+        """Hold ``<name>/.lock`` (``flock``; on EFS the NFS client maps it to an NFSv4 lock).
+
+        Waits up to ``timeout`` seconds (calling ``on_wait`` once when it starts waiting), then raises
+        LockBusyError. The lock is released when the block exits, or when the process dies.
+        """
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            waiting = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockBusyError(
+                            f"another seeding run holds {self.lock} ({_lock_holder(fd)}); "
+                            "wait for it to finish and run again"
+                        ) from None
+                    if not waiting and on_wait is not None:
+                        on_wait()
+                    waiting = True
+                    time.sleep(poll_interval)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+            yield HeldLock(self.model_dir)
+        finally:
+            os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "holder unknown"
+    except OSError:
+        return "holder unknown"
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """Proof that the caller holds ``<model_dir>/.lock``; the functions that change a model ask for it."""
+
+    model_dir: Path
+
+    def check(self, paths: ModelPaths) -> None:
+        if self.model_dir != paths.model_dir:
+            raise LayoutError(f"the lock held is for {self.model_dir}, not {paths.model_dir}")
+
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -156,7 +224,10 @@ class ManifestEntry:
 class Manifest:
     files: tuple[ManifestEntry, ...]
     source: str
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # timezone.utc, not datetime.UTC: the seeder's python3 is 3.9.
+    created_at: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")  # noqa: UP017
+    )
 
     @classmethod
     def build(cls, folder: Path, source: str) -> Manifest:
@@ -206,7 +277,211 @@ class Manifest:
                 found.append(f"{entry.path}: sha256 mismatch")
         for path in sorted(folder.rglob("*")):
             relative = path.relative_to(folder).as_posix()
-            if (path.is_file() or path.is_symlink()) and relative not in listed and relative != MANIFEST:
+            if path.is_symlink():
+                # A symlinked directory would let listed files live outside the release.
+                found.append(f"{relative}: symlinks are refused")
+            elif path.is_file() and relative not in listed and relative != MANIFEST:
                 found.append(f"{relative}: not in manifest")
+        if MODEL_INDEX not in listed:
+            found.append(f"{MODEL_INDEX}: missing (not a diffusers pipeline)")
         found.extend(f"{p}: pickle weights are refused" for p in find_pickle_weights(folder))
         return found
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    """``root / relative`` for a manifest path, creating parent folders; refuses symlinks on the way.
+
+    Checked one component at a time, so a planted symlink (``unet -> /etc``) can never redirect a write
+    outside ``root``.
+    """
+    parts = check_relative_path(relative).parts
+    current = root
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            current.mkdir(mode=0o755)
+            continue
+        if not stat.S_ISDIR(mode):
+            raise LayoutError(f"refusing {relative!r}: {current} is not a plain directory (symlink?)")
+    target = current / parts[-1]
+    if target.is_symlink():
+        raise LayoutError(f"refusing {relative!r}: {target} is a symlink")
+    return target
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    revision: str
+    previous: str | None
+    reused: bool  # the release was already there: verified and switched only
+    pruned: tuple[str, ...] = ()
+
+
+def verify_release(folder: Path, manifest_sha256: str | None = None) -> Manifest:
+    """Check ``folder`` against its own manifest.json; raises LayoutError listing every problem.
+
+    ``manifest_sha256`` pins the manifest itself, so a same-named revision with other content is caught.
+    """
+    manifest_path = folder / MANIFEST
+    if folder.is_symlink() or not folder.is_dir():
+        raise LayoutError(f"{folder} is not a plain directory")
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise LayoutError(f"{manifest_path} is missing")
+    if manifest_sha256 is not None and sha256_file(manifest_path) != manifest_sha256:
+        raise LayoutError(
+            f"{manifest_path} is not the expected manifest (sha256 {manifest_sha256[:12]}...): "
+            "the revision name is taken by different content; seed under a new revision"
+        )
+    manifest = Manifest.from_json(manifest_path.read_text())
+    problems = manifest.problems(folder)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise LayoutError(f"manifest mismatch in {folder}: {shown}")
+    return manifest
+
+
+def fix_ownership(folder: Path, owner: tuple[int, int]) -> None:
+    """Folders 0755, files 0644, all owned by ``owner``: readable by the access point's POSIX user."""
+    uid, gid = owner
+    for directory, _, files in os.walk(folder):
+        for path, mode in [(directory, 0o755)] + [(os.path.join(directory, f), 0o644) for f in files]:
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                raise LayoutError(f"refusing to fix ownership through a symlink: {path}")
+            if (info.st_uid, info.st_gid) != (uid, gid):
+                os.chown(path, uid, gid, follow_symlinks=False)
+            if stat.S_IMODE(info.st_mode) != mode:
+                os.chmod(path, mode)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prepare_model_dir(paths: ModelPaths, owner: tuple[int, int] | None) -> None:
+    paths.releases.mkdir(parents=True, exist_ok=True)
+    odd_current = paths.current.exists() and not paths.current.is_symlink()
+    if paths.model_dir.is_symlink() or paths.releases.is_symlink() or odd_current:
+        raise LayoutError(f"{paths.model_dir} does not follow the layout (releases/ or current is odd)")
+    if owner is not None:
+        for folder in (paths.model_dir, paths.releases):
+            info = os.lstat(folder)
+            if (info.st_uid, info.st_gid) != owner:
+                os.chown(folder, *owner)
+            os.chmod(folder, 0o755)
+
+
+def activate_release(
+    paths: ModelPaths, revision: str, lock: HeldLock, manifest_sha256: str | None = None
+) -> str | None:
+    """Verify ``releases/<revision>`` against its manifest, then switch ``current`` to it (rollback).
+
+    Returns the previous revision. On any failure ``current`` is left as it was.
+    """
+    lock.check(paths)
+    release = paths.release(revision)
+    if not release.is_dir() or release.is_symlink():
+        known = ", ".join(paths.revisions()) or "none"
+        raise LayoutError(f"no release {revision!r} under {paths.releases} (present: {known})")
+    verify_release(release, manifest_sha256)
+    return _switch(paths, revision)
+
+
+def prune_releases(paths: ModelPaths, keep: int, lock: HeldLock) -> tuple[str, ...]:
+    """Delete all but the ``keep`` newest releases; never the one ``current`` points at."""
+    lock.check(paths)
+    if keep < 1:
+        raise LayoutError(f"keep must be at least 1, not {keep}")
+    for leftover in paths.model_dir.glob(".trash-*"):
+        shutil.rmtree(leftover)
+    revisions = paths.revisions()
+    keepers = set(revisions[-keep:]) | {paths.current_revision()}
+    pruned = []
+    for revision in revisions:
+        if revision in keepers:
+            continue
+        # Renamed first, so a half-deleted folder never sits under releases/.
+        trash = paths.model_dir / f".trash-{revision}-{os.getpid()}"
+        os.rename(paths.release(revision), trash)
+        shutil.rmtree(trash)
+        pruned.append(revision)
+    return tuple(pruned)
+
+
+def publish_release(
+    paths: ModelPaths,
+    revision: str,
+    lock: HeldLock,
+    *,
+    keep: int = DEFAULT_KEEP,
+    owner: tuple[int, int] | None = None,
+    manifest_sha256: str | None = None,
+) -> PublishResult:
+    """Make ``.staging-<revision>`` (with its manifest.json) the live release.
+
+    verify every file -> fix ownership -> rename into releases/ -> switch ``current`` -> prune.
+    A release that is already there is only verified and switched. Raises LayoutError before touching
+    ``current`` if anything is wrong.
+    """
+    lock.check(paths)
+    _prepare_model_dir(paths, owner)
+    release = paths.release(revision)
+    staging = paths.staging(revision)
+    reused = release.exists() or release.is_symlink()
+    if reused:
+        verify_release(release, manifest_sha256)
+        if staging.exists():
+            shutil.rmtree(staging)
+    else:
+        verify_release(staging, manifest_sha256)
+        os.rename(staging, release)
+        os.utime(release)  # releases are ordered by modification time: this one is the newest
+        _fsync_dir(paths.releases)
+    if owner is not None:
+        fix_ownership(release, owner)
+    previous = _switch(paths, revision)
+    return PublishResult(revision, previous, reused, prune_releases(paths, keep, lock))
+
+
+def _switch(paths: ModelPaths, revision: str) -> str | None:
+    previous = paths.current_revision()
+    paths.switch_current(revision)
+    _fsync_dir(paths.model_dir)
+    return previous
+
+
+def install_release(
+    paths: ModelPaths,
+    revision: str,
+    source_dir: Path,
+    *,
+    source: str | None = None,
+    keep: int = DEFAULT_KEEP,
+    owner: tuple[int, int] | None = None,
+    lock_timeout: float = 0.0,
+) -> PublishResult:
+    """Copy a local diffusers folder in as ``releases/<revision>`` and switch ``current`` to it.
+
+    The local twin of the seeder's sync (tests, the demo): same staging, verification and switch.
+    """
+    with paths.locked(lock_timeout) as lock:
+        staging = paths.staging(revision)
+        if staging.exists():
+            shutil.rmtree(staging)
+        shutil.copytree(source_dir, staging, symlinks=True)
+        manifest = Manifest.build(staging, source=source or str(source_dir))
+        release = paths.release(revision)
+        if release.is_dir():
+            existing = Manifest.from_json((release / MANIFEST).read_text())
+            shutil.rmtree(staging)
+            if existing.files != manifest.files:
+                raise LayoutError(f"release {revision!r} already exists with different content")
+        else:
+            (staging / MANIFEST).write_text(manifest.to_json())
+        return publish_release(paths, revision, lock, keep=keep, owner=owner)
