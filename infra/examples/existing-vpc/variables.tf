@@ -1,0 +1,52 @@
+variable "name" {
+  description = "Name prefix of every resource."
+  type        = string
+  default     = "sd-lambda"
+}
+
+variable "region" {
+  description = "AWS region of the existing VPC."
+  type        = string
+}
+
+variable "vpc_id" {
+  description = "Existing VPC."
+  type        = string
+}
+
+variable "private_subnet_ids" {
+  description = "Private subnets of the VPC in at least two availability zones; the first hosts the seeder."
+  type        = list(string)
+}
+
+variable "private_route_table_ids" {
+  description = "Route tables of those subnets, for the S3 gateway endpoint. Empty if the VPC already has one."
+  type        = list(string)
+  default     = []
+}
+
+variable "create_ssm_endpoints" {
+  description = "Create SSM interface endpoints; set false if the VPC already has them (private DNS would clash)."
+  type        = bool
+  default     = true
+}
+
+variable "weights_bucket_name" {
+  description = "Existing bucket holding the weights under models/. Null: create one."
+  type        = string
+  default     = null
+}
+
+variable "image_uri" {
+  description = "Function image pinned by digest. Null on the first apply, which creates the repository."
+  type        = string
+  default     = null
+}
+
+variable "tags" {
+  description = "Tags of every resource."
+  type        = map(string)
+  default = {
+    Project = "sd-lambda"
+  }
+}

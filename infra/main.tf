@@ -1,0 +1,181 @@
+# sd-lambda: a text-to-image Lambda function behind an IAM-authenticated function URL, with the model
+# weights on EFS, seeded from S3 by a private EC2 instance. No provider block: this directory is both
+# the deployable stack (`make apply`) and a module other stacks call (see examples/).
+
+locals {
+  # Fixed by the contract between the seeding driver, the seeder and the handler.
+  mount_path     = "/mnt/models"
+  weights_prefix = "models/"
+
+  tags = merge({ "sd-lambda:stack" = var.name }, var.tags)
+
+  create_kms_key = var.kms_key_arn == null
+  kms_key_arn    = local.create_kms_key ? aws_kms_key.this[0].arn : var.kms_key_arn
+}
+
+data "aws_partition" "current" {}
+
+data "aws_caller_identity" "current" {}
+
+data "aws_region" "current" {
+  region = var.region
+}
+
+################################################################################
+# Encryption key
+################################################################################
+
+resource "aws_kms_key" "this" {
+  count = local.create_kms_key ? 1 : 0
+
+  region                  = var.region
+  description             = "${var.name}: EFS, weights bucket, function environment and logs"
+  enable_key_rotation     = true
+  deletion_window_in_days = 30
+
+  # A key policy always applies to "this key", hence Resource "*". The account statement delegates
+  # access to IAM policies (the function and seeder roles get kms:Decrypt there); CloudWatch Logs needs
+  # its own statement to encrypt the stack's log groups.
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid       = "AccountAdministration"
+        Effect    = "Allow"
+        Principal = { AWS = "arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:root" }
+        Action    = "kms:*"
+        Resource  = "*"
+      },
+      {
+        Sid       = "CloudWatchLogsForThisAccount"
+        Effect    = "Allow"
+        Principal = { Service = "logs.${data.aws_region.current.region}.amazonaws.com" }
+        Action    = ["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"]
+        Resource  = "*"
+        Condition = {
+          ArnLike = {
+            "kms:EncryptionContext:aws:logs:arn" = "arn:${data.aws_partition.current.partition}:logs:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:log-group:*"
+          }
+        }
+      },
+    ]
+  })
+
+  tags = merge(local.tags, { Name = var.name })
+}
+
+resource "aws_kms_alias" "this" {
+  count = local.create_kms_key ? 1 : 0
+
+  region        = var.region
+  name          = "alias/${var.name}"
+  target_key_id = aws_kms_key.this[0].key_id
+}
+
+################################################################################
+# Modules
+################################################################################
+
+module "network" {
+  source = "./modules/network"
+
+  name   = var.name
+  region = var.region
+  tags   = local.tags
+
+  create_vpc              = var.vpc_id == null
+  vpc_cidr                = var.vpc_cidr
+  az_count                = var.az_count
+  vpc_id                  = var.vpc_id
+  private_subnet_ids      = var.private_subnet_ids
+  private_route_table_ids = var.private_route_table_ids
+
+  create_ssm_endpoints      = var.create_ssm_endpoints
+  seeder_https_egress_cidrs = var.seeder_https_egress_cidrs
+  ssh_ingress_cidrs         = var.ssh_ingress_cidrs
+
+  enable_flow_logs        = var.enable_flow_logs
+  flow_log_retention_days = var.log_retention_days
+  kms_key_arn             = local.kms_key_arn
+}
+
+module "weights_bucket" {
+  source = "./modules/weights_bucket"
+
+  create        = var.create_weights_bucket
+  bucket_name   = var.weights_bucket_name
+  bucket_prefix = "${var.name}-weights-"
+  region        = var.region
+  tags          = local.tags
+  kms_key_arn   = local.kms_key_arn
+  force_destroy = var.weights_bucket_force_destroy
+}
+
+module "efs" {
+  source = "./modules/efs"
+
+  name               = "${var.name}-models"
+  region             = var.region
+  tags               = local.tags
+  subnet_ids         = module.network.private_subnet_ids
+  security_group_ids = [module.network.efs_security_group_id]
+  kms_key_arn        = local.kms_key_arn
+  access_point_path  = "/models"
+
+  read_only_role_arns  = [module.lambda.role_arn]
+  read_write_role_arns = var.create_seeder ? [module.seeder.role_arn] : []
+}
+
+module "seeder" {
+  source = "./modules/seeder"
+
+  create             = var.create_seeder
+  name               = var.name
+  region             = var.region
+  tags               = local.tags
+  subnet_id          = module.network.private_subnet_ids[0]
+  security_group_ids = [module.network.seeder_security_group_id]
+  instance_type      = var.seeder_instance_type
+  architecture       = var.seeder_architecture
+  key_name           = var.seeder_key_name
+
+  file_system_id   = module.efs.file_system_id
+  file_system_arn  = module.efs.file_system_arn
+  access_point_id  = module.efs.access_point_id
+  access_point_arn = module.efs.access_point_arn
+  mount_path       = local.mount_path
+
+  weights_bucket_arn  = module.weights_bucket.bucket_arn
+  weights_prefix      = local.weights_prefix
+  weights_kms_key_arn = var.create_weights_bucket ? local.kms_key_arn : var.weights_bucket_kms_key_arn
+}
+
+module "lambda" {
+  source = "./modules/lambda"
+
+  name   = var.name
+  region = var.region
+  tags   = local.tags
+
+  repository_force_delete = var.ecr_force_delete
+  repository_keep_images  = var.ecr_keep_images
+
+  image_uri              = var.image_uri
+  architecture           = var.architecture
+  memory_size            = var.memory_size
+  timeout                = var.timeout
+  reserved_concurrency   = var.reserved_concurrency
+  ephemeral_storage_size = var.ephemeral_storage_size
+  model_name             = var.model_name
+  local_mount_path       = local.mount_path
+  environment_variables  = var.environment_variables
+
+  subnet_ids         = module.network.private_subnet_ids
+  security_group_ids = [module.network.lambda_security_group_id]
+  file_system_arn    = module.efs.file_system_arn
+  access_point_arn   = module.efs.access_point_arn
+
+  kms_key_arn         = local.kms_key_arn
+  log_retention_days  = var.log_retention_days
+  alarm_sns_topic_arn = var.alarm_sns_topic_arn
+}

@@ -1,0 +1,308 @@
+locals {
+  create_function = var.image_uri != null
+  repository_name = coalesce(var.repository_name, var.name)
+  log_group_name  = "/aws/lambda/${var.name}"
+  function_arn    = "arn:${data.aws_partition.current.partition}:lambda:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:function:${var.name}"
+
+  environment = merge(var.environment_variables, {
+    MODEL_ROOT = var.local_mount_path
+    MODEL_NAME = var.model_name
+  })
+}
+
+data "aws_partition" "current" {}
+
+data "aws_caller_identity" "current" {}
+
+data "aws_region" "current" {
+  region = var.region
+}
+
+################################################################################
+# ECR repository (created first: the image must be pushed before the function exists)
+################################################################################
+
+resource "aws_ecr_repository" "this" {
+  region               = var.region
+  name                 = local.repository_name
+  image_tag_mutability = "IMMUTABLE"
+  force_delete         = var.repository_force_delete
+
+  image_scanning_configuration {
+    scan_on_push = true
+  }
+
+  encryption_configuration {
+    encryption_type = "KMS"
+    kms_key         = var.repository_kms_key_arn
+  }
+
+  tags = var.tags
+}
+
+resource "aws_ecr_lifecycle_policy" "this" {
+  region     = var.region
+  repository = aws_ecr_repository.this.name
+
+  policy = jsonencode({
+    rules = [{
+      rulePriority = 1
+      description  = "Keep the last ${var.repository_keep_images} images"
+      selection = {
+        tagStatus   = "any"
+        countType   = "imageCountMoreThan"
+        countNumber = var.repository_keep_images
+      }
+      action = { type = "expire" }
+    }]
+  })
+}
+
+# Lambda pulls the image with its service principal; granting it here, scoped to this function, means
+# Lambda never has to rewrite the repository policy itself.
+data "aws_iam_policy_document" "repository" {
+  statement {
+    sid     = "LambdaPullForThisFunction"
+    actions = ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["lambda.amazonaws.com"]
+    }
+
+    condition {
+      test     = "StringLike"
+      variable = "aws:sourceArn"
+      values   = ["${local.function_arn}*"]
+    }
+  }
+}
+
+resource "aws_ecr_repository_policy" "this" {
+  region     = var.region
+  repository = aws_ecr_repository.this.name
+  policy     = data.aws_iam_policy_document.repository.json
+}
+
+################################################################################
+# IAM role
+################################################################################
+
+data "aws_iam_policy_document" "assume" {
+  statement {
+    actions = ["sts:AssumeRole"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["lambda.amazonaws.com"]
+    }
+
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [data.aws_caller_identity.current.account_id]
+    }
+  }
+}
+
+resource "aws_iam_role" "this" {
+  name_prefix        = "${var.name}-"
+  description        = "sd-lambda function: mount the model access point, write its logs"
+  assume_role_policy = data.aws_iam_policy_document.assume.json
+
+  tags = var.tags
+}
+
+# Network interfaces in the VPC and CloudWatch Logs: the AWS managed policy Lambda documents for this.
+resource "aws_iam_role_policy_attachment" "vpc_access" {
+  role       = aws_iam_role.this.name
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
+}
+
+resource "aws_iam_role_policy_attachment" "xray" {
+  count = var.tracing_mode == "Active" ? 1 : 0
+
+  role       = aws_iam_role.this.name
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AWSXRayDaemonWriteAccess"
+}
+
+data "aws_iam_policy_document" "this" {
+  statement {
+    sid       = "ReadModelsThroughAccessPoint"
+    actions   = ["elasticfilesystem:ClientMount"]
+    resources = [var.file_system_arn]
+
+    condition {
+      test     = "StringEquals"
+      variable = "elasticfilesystem:AccessPointArn"
+      values   = [var.access_point_arn]
+    }
+  }
+
+  dynamic "statement" {
+    for_each = var.kms_key_arn != null ? [var.kms_key_arn] : []
+
+    content {
+      sid       = "DecryptEnvironment"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "this" {
+  name   = "read-models"
+  role   = aws_iam_role.this.id
+  policy = data.aws_iam_policy_document.this.json
+}
+
+################################################################################
+# Function
+################################################################################
+
+# Created before the function so Lambda never creates it without retention or encryption.
+resource "aws_cloudwatch_log_group" "this" {
+  region            = var.region
+  name              = local.log_group_name
+  retention_in_days = var.log_retention_days
+  kms_key_id        = var.kms_key_arn
+
+  tags = var.tags
+}
+
+resource "aws_lambda_function" "this" {
+  #checkov:skip=CKV_AWS_116:Callers invoke synchronously through the function URL and get the error in the response; a dead-letter queue only receives failed asynchronous invocations.
+  #checkov:skip=CKV_AWS_272:Lambda code signing applies to .zip packages only; this function is a container image pinned by digest.
+  count = local.create_function ? 1 : 0
+
+  region                         = var.region
+  function_name                  = var.name
+  description                    = "Text-to-image with diffusers; model ${var.model_name} from EFS"
+  role                           = aws_iam_role.this.arn
+  package_type                   = "Image"
+  image_uri                      = var.image_uri
+  architectures                  = [var.architecture]
+  memory_size                    = var.memory_size
+  timeout                        = var.timeout
+  reserved_concurrent_executions = var.reserved_concurrency
+  kms_key_arn                    = var.kms_key_arn
+
+  # Lambda keeps a destroyed function's ENIs for a while; moving them to the default security group
+  # lets `terraform destroy` delete the stack's groups without waiting for that.
+  replace_security_groups_on_destroy = true
+
+  ephemeral_storage {
+    size = var.ephemeral_storage_size
+  }
+
+  environment {
+    variables = local.environment
+  }
+
+  vpc_config {
+    subnet_ids         = var.subnet_ids
+    security_group_ids = var.security_group_ids
+  }
+
+  file_system_config {
+    arn              = var.access_point_arn
+    local_mount_path = var.local_mount_path
+  }
+
+  logging_config {
+    log_format            = "JSON"
+    log_group             = aws_cloudwatch_log_group.this.name
+    application_log_level = var.application_log_level
+    system_log_level      = "INFO"
+  }
+
+  tracing_config {
+    mode = var.tracing_mode
+  }
+
+  tags = var.tags
+
+  depends_on = [
+    aws_cloudwatch_log_group.this,
+    aws_iam_role_policy.this,
+    aws_iam_role_policy_attachment.vpc_access,
+    aws_ecr_repository_policy.this,
+  ]
+}
+
+resource "aws_lambda_function_url" "this" {
+  count = local.create_function ? 1 : 0
+
+  region             = var.region
+  function_name      = aws_lambda_function.this[0].function_name
+  authorization_type = "AWS_IAM" # never NONE: every request must be SigV4-signed by a permitted principal
+}
+
+# New function URLs need both actions in the caller's identity policy.
+data "aws_iam_policy_document" "invoker" {
+  statement {
+    sid       = "InvokeFunctionUrl"
+    actions   = ["lambda:InvokeFunctionUrl"]
+    resources = [local.function_arn]
+
+    condition {
+      test     = "StringEquals"
+      variable = "lambda:FunctionUrlAuthType"
+      values   = ["AWS_IAM"]
+    }
+  }
+
+  statement {
+    sid       = "InvokeFunction"
+    actions   = ["lambda:InvokeFunction"]
+    resources = [local.function_arn]
+  }
+}
+
+################################################################################
+# Alarms (optional)
+################################################################################
+
+locals {
+  alarms = var.alarm_sns_topic_arn != null && local.create_function ? {
+    errors = {
+      metric    = "Errors"
+      statistic = "Sum"
+      threshold = 0
+      text      = "The function returned errors"
+    }
+    throttles = {
+      metric    = "Throttles"
+      statistic = "Sum"
+      threshold = 0
+      text      = "Requests were throttled by the reserved concurrency"
+    }
+    duration = {
+      metric    = "Duration"
+      statistic = "Maximum"
+      threshold = floor(var.timeout * 1000 * var.duration_alarm_ratio)
+      text      = "An invocation ran for more than ${var.duration_alarm_ratio * 100}% of the timeout"
+    }
+  } : {}
+}
+
+resource "aws_cloudwatch_metric_alarm" "this" {
+  for_each = local.alarms
+
+  region              = var.region
+  alarm_name          = "${var.name}-${each.key}"
+  alarm_description   = each.value.text
+  namespace           = "AWS/Lambda"
+  metric_name         = each.value.metric
+  statistic           = each.value.statistic
+  dimensions          = { FunctionName = aws_lambda_function.this[0].function_name }
+  period              = 300
+  evaluation_periods  = 1
+  comparison_operator = "GreaterThanThreshold"
+  threshold           = each.value.threshold
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [var.alarm_sns_topic_arn]
+  ok_actions          = [var.alarm_sns_topic_arn]
+
+  tags = var.tags
+}

@@ -1,0 +1,236 @@
+variable "name" {
+  description = "Name of the function, its IAM role, log group and (unless repository_name is set) ECR repository."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,50}$", var.name))
+    error_message = "name must be 2-51 characters: lowercase letters, digits and hyphens, starting with a letter."
+  }
+}
+
+variable "region" {
+  description = "Region where the resources are managed. Defaults to the region of the provider configuration."
+  type        = string
+  default     = null
+}
+
+variable "tags" {
+  description = "Tags added to every taggable resource."
+  type        = map(string)
+  default     = {}
+}
+
+################################################################################
+# ECR
+################################################################################
+
+variable "repository_name" {
+  description = "Name of the ECR repository. Null: the function name."
+  type        = string
+  default     = null
+}
+
+variable "repository_force_delete" {
+  description = "Let `terraform destroy` delete the repository even when it still holds images."
+  type        = bool
+  default     = false
+}
+
+variable "repository_keep_images" {
+  description = "How many most recent images the ECR lifecycle policy keeps (older ones are expired)."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.repository_keep_images >= 1 && var.repository_keep_images <= 1000
+    error_message = "repository_keep_images must be between 1 and 1000."
+  }
+}
+
+variable "repository_kms_key_arn" {
+  description = "Customer managed KMS key for the ECR repository. Null: KMS encryption with the AWS managed key aws/ecr."
+  type        = string
+  default     = null
+}
+
+################################################################################
+# Function
+################################################################################
+
+variable "image_uri" {
+  description = "Container image, pinned by digest: <account>.dkr.ecr.<region>.amazonaws.com/<repo>@sha256:<64 hex>. Null: everything but the function (first deployment stage)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.image_uri == null || can(regex("^[0-9]{12}\\.dkr\\.ecr\\.[a-z0-9-]+\\.amazonaws\\.com(\\.cn)?/[a-z0-9][a-z0-9._/-]*@sha256:[0-9a-f]{64}$", var.image_uri))
+    error_message = "image_uri must be an ECR image pinned by digest (<repo-url>@sha256:<64 hex digits>); tags such as :latest are rejected because they can change under a deployed function."
+  }
+}
+
+variable "architecture" {
+  description = "Instruction set of the function; must match the image."
+  type        = string
+  default     = "x86_64"
+
+  validation {
+    condition     = contains(["x86_64", "arm64"], var.architecture)
+    error_message = "architecture must be x86_64 or arm64."
+  }
+}
+
+variable "memory_size" {
+  description = "Memory of the function in MB (CPU scales with it; 10240 gives 6 vCPUs). New accounts are capped at 3008 until a quota increase."
+  type        = number
+  default     = 10240
+
+  validation {
+    condition     = var.memory_size >= 128 && var.memory_size <= 10240 && floor(var.memory_size) == var.memory_size
+    error_message = "memory_size must be a whole number of MB between 128 and 10240."
+  }
+}
+
+variable "timeout" {
+  description = "Function timeout in seconds."
+  type        = number
+  default     = 900
+
+  validation {
+    condition     = var.timeout >= 1 && var.timeout <= 900 && floor(var.timeout) == var.timeout
+    error_message = "timeout must be a whole number of seconds between 1 and 900."
+  }
+}
+
+variable "reserved_concurrency" {
+  description = "Reserved concurrent executions: the hard cap on parallel (and so billed) executions."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.reserved_concurrency >= 1 && var.reserved_concurrency <= 1000 && floor(var.reserved_concurrency) == var.reserved_concurrency
+    error_message = "reserved_concurrency must be a whole number between 1 and 1000."
+  }
+}
+
+variable "ephemeral_storage_size" {
+  description = "Size of /tmp in MB."
+  type        = number
+  default     = 512
+
+  validation {
+    condition     = var.ephemeral_storage_size >= 512 && var.ephemeral_storage_size <= 10240
+    error_message = "ephemeral_storage_size must be between 512 and 10240 MB."
+  }
+}
+
+variable "model_name" {
+  description = "Model slug under the EFS access point (MODEL_NAME), e.g. segmind--tiny-sd."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9._-]*$", var.model_name)) && !strcontains(var.model_name, "..")
+    error_message = "model_name must be a slug (letters, digits, '.', '_', '-'; no '/' or '..'), e.g. segmind--tiny-sd."
+  }
+}
+
+variable "local_mount_path" {
+  description = "Where the function mounts the EFS access point (MODEL_ROOT). Lambda requires a path under /mnt/."
+  type        = string
+  default     = "/mnt/models"
+
+  validation {
+    condition     = can(regex("^/mnt/[A-Za-z0-9._-]+$", var.local_mount_path))
+    error_message = "local_mount_path must be a directory directly under /mnt, e.g. /mnt/models."
+  }
+}
+
+variable "environment_variables" {
+  description = "Extra environment variables (the handler's tuning knobs). MODEL_ROOT and MODEL_NAME are set by the module."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for key in keys(var.environment_variables) : can(regex("^[A-Za-z][A-Za-z0-9_]*$", key)) && !contains(["MODEL_ROOT", "MODEL_NAME"], key) && !startswith(key, "AWS_")])
+    error_message = "environment_variables keys must be valid names, not MODEL_ROOT or MODEL_NAME (set by the module) and not AWS_* (reserved by Lambda)."
+  }
+}
+
+variable "subnet_ids" {
+  description = "Private subnets of the function's network interfaces (the EFS mount targets' subnets)."
+  type        = list(string)
+}
+
+variable "security_group_ids" {
+  description = "Security groups of the function's network interfaces."
+  type        = list(string)
+}
+
+variable "file_system_arn" {
+  description = "ARN of the EFS file system (IAM permission to mount it)."
+  type        = string
+}
+
+variable "access_point_arn" {
+  description = "ARN of the EFS access point the function mounts. Pass the efs module's output: it is ready only once the mount targets exist."
+  type        = string
+}
+
+variable "kms_key_arn" {
+  description = "Customer managed KMS key for the environment variables and the log group. Null: AWS managed encryption."
+  type        = string
+  default     = null
+}
+
+variable "log_retention_days" {
+  description = "Retention of the function's log group, in days."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be a CloudWatch Logs retention value (1, 3, 5, 7, 14, 30, 60, 90, ..., 365, ..., 3653)."
+  }
+}
+
+variable "application_log_level" {
+  description = "Lowest application log level Lambda keeps (JSON logging)."
+  type        = string
+  default     = "INFO"
+
+  validation {
+    condition     = contains(["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"], var.application_log_level)
+    error_message = "application_log_level must be one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL."
+  }
+}
+
+variable "tracing_mode" {
+  description = "X-Ray tracing mode of the function."
+  type        = string
+  default     = "Active"
+
+  validation {
+    condition     = contains(["Active", "PassThrough"], var.tracing_mode)
+    error_message = "tracing_mode must be Active or PassThrough."
+  }
+}
+
+################################################################################
+# Alarms
+################################################################################
+
+variable "alarm_sns_topic_arn" {
+  description = "SNS topic for the Errors, Throttles and Duration alarms. Null: no alarms."
+  type        = string
+  default     = null
+}
+
+variable "duration_alarm_ratio" {
+  description = "The Duration alarm fires when the maximum duration exceeds this fraction of the timeout."
+  type        = number
+  default     = 0.8
+
+  validation {
+    condition     = var.duration_alarm_ratio > 0 && var.duration_alarm_ratio < 1
+    error_message = "duration_alarm_ratio must be between 0 and 1 (exclusive)."
+  }
+}

@@ -1,0 +1,375 @@
+data "aws_region" "current" {
+  region = var.region
+}
+
+data "aws_availability_zones" "available" {
+  count = var.create_vpc && length(var.availability_zones) == 0 ? 1 : 0
+
+  region = var.region
+  state  = "available"
+
+  # Only the region's regular zones (us-east-1a...): Local and Wavelength Zones (us-east-1-bos-1a) sort
+  # before them and would otherwise be picked for the subnets in accounts that opted into them.
+  filter {
+    name   = "zone-name"
+    values = ["${data.aws_region.current.region}?"]
+  }
+}
+
+# The S3 prefix list lets the seeder's egress rule name S3 instead of opening 443 to the world.
+data "aws_ec2_managed_prefix_list" "s3" {
+  region = var.region
+  name   = "com.amazonaws.${data.aws_region.current.region}.s3"
+}
+
+locals {
+  azs = var.create_vpc ? (
+    length(var.availability_zones) > 0 ? var.availability_zones : slice(data.aws_availability_zones.available[0].names, 0, var.az_count)
+  ) : []
+
+  vpc_id             = var.create_vpc ? aws_vpc.this[0].id : var.vpc_id
+  private_subnet_ids = var.create_vpc ? aws_subnet.private[*].id : var.private_subnet_ids
+  route_table_ids    = var.create_vpc ? aws_route_table.private[*].id : var.private_route_table_ids
+
+  create_s3_endpoint = var.create_s3_endpoint && (var.create_vpc || length(var.private_route_table_ids) > 0)
+  ssm_services       = var.create_ssm_endpoints ? toset(["ssm", "ssmmessages", "ec2messages"]) : toset([])
+}
+
+################################################################################
+# VPC (optional): private subnets only, no internet or NAT gateway
+################################################################################
+
+resource "aws_vpc" "this" {
+  count = var.create_vpc ? 1 : 0
+
+  region               = var.region
+  cidr_block           = var.vpc_cidr
+  enable_dns_support   = true
+  enable_dns_hostnames = true # efs-utils and the interface endpoints resolve through VPC DNS
+
+  tags = merge(var.tags, { Name = var.name })
+}
+
+# Adopt the default security group and leave it with no rules, so nothing uses it by accident.
+resource "aws_default_security_group" "this" {
+  count = var.create_vpc ? 1 : 0
+
+  region = var.region
+  vpc_id = aws_vpc.this[0].id
+
+  tags = merge(var.tags, { Name = "${var.name}-default-deny" })
+}
+
+resource "aws_subnet" "private" {
+  count = var.create_vpc ? length(local.azs) : 0
+
+  region                  = var.region
+  vpc_id                  = aws_vpc.this[0].id
+  cidr_block              = cidrsubnet(var.vpc_cidr, 4, count.index)
+  availability_zone       = local.azs[count.index]
+  map_public_ip_on_launch = false
+
+  tags = merge(var.tags, { Name = "${var.name}-private-${local.azs[count.index]}" })
+}
+
+resource "aws_route_table" "private" {
+  count = var.create_vpc ? 1 : 0
+
+  region = var.region
+  vpc_id = aws_vpc.this[0].id
+
+  tags = merge(var.tags, { Name = "${var.name}-private" })
+}
+
+resource "aws_route_table_association" "private" {
+  count = var.create_vpc ? length(local.azs) : 0
+
+  region         = var.region
+  subnet_id      = aws_subnet.private[count.index].id
+  route_table_id = aws_route_table.private[0].id
+}
+
+################################################################################
+# VPC flow logs (new VPC only)
+################################################################################
+
+resource "aws_cloudwatch_log_group" "flow_logs" {
+  count = var.create_vpc && var.enable_flow_logs ? 1 : 0
+
+  region            = var.region
+  name              = "/aws/vpc-flow-logs/${var.name}"
+  retention_in_days = var.flow_log_retention_days
+  kms_key_id        = var.kms_key_arn
+
+  tags = var.tags
+}
+
+data "aws_iam_policy_document" "flow_logs_assume" {
+  count = var.create_vpc && var.enable_flow_logs ? 1 : 0
+
+  statement {
+    actions = ["sts:AssumeRole"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["vpc-flow-logs.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "flow_logs" {
+  count = var.create_vpc && var.enable_flow_logs ? 1 : 0
+
+  name_prefix        = "${var.name}-flow-logs-"
+  assume_role_policy = data.aws_iam_policy_document.flow_logs_assume[0].json
+
+  tags = var.tags
+}
+
+data "aws_iam_policy_document" "flow_logs" {
+  count = var.create_vpc && var.enable_flow_logs ? 1 : 0
+
+  statement {
+    actions = [
+      "logs:CreateLogStream",
+      "logs:PutLogEvents",
+      "logs:DescribeLogGroups",
+      "logs:DescribeLogStreams",
+    ]
+    resources = ["${aws_cloudwatch_log_group.flow_logs[0].arn}:*"]
+  }
+}
+
+resource "aws_iam_role_policy" "flow_logs" {
+  count = var.create_vpc && var.enable_flow_logs ? 1 : 0
+
+  name   = "write-flow-logs"
+  role   = aws_iam_role.flow_logs[0].id
+  policy = data.aws_iam_policy_document.flow_logs[0].json
+}
+
+resource "aws_flow_log" "this" {
+  count = var.create_vpc && var.enable_flow_logs ? 1 : 0
+
+  region               = var.region
+  vpc_id               = aws_vpc.this[0].id
+  traffic_type         = "ALL"
+  log_destination_type = "cloud-watch-logs"
+  log_destination      = aws_cloudwatch_log_group.flow_logs[0].arn
+  iam_role_arn         = aws_iam_role.flow_logs[0].arn
+
+  tags = merge(var.tags, { Name = var.name })
+}
+
+################################################################################
+# Security groups
+################################################################################
+
+resource "aws_security_group" "lambda" {
+  #checkov:skip=CKV2_AWS_5:Attached to the function's network interfaces by the lambda module (vpc_config), which receives it through the lambda_security_group_id output.
+  region      = var.region
+  name_prefix = "${var.name}-lambda-"
+  description = "sd-lambda function ENIs: NFS to EFS only"
+  vpc_id      = local.vpc_id
+
+  tags = merge(var.tags, { Name = "${var.name}-lambda" })
+
+  lifecycle {
+    create_before_destroy = true
+
+    precondition {
+      condition     = var.create_vpc || (var.vpc_id != null && length(var.private_subnet_ids) >= 2)
+      error_message = "With create_vpc = false, set vpc_id and at least two private_subnet_ids in distinct availability zones."
+    }
+  }
+}
+
+resource "aws_security_group" "efs" {
+  #checkov:skip=CKV2_AWS_5:Attached to the EFS mount targets by the efs module, which receives it through the efs_security_group_id output.
+  region      = var.region
+  name_prefix = "${var.name}-efs-"
+  description = "EFS mount targets: NFS from the function and the seeder only"
+  vpc_id      = local.vpc_id
+
+  tags = merge(var.tags, { Name = "${var.name}-efs" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_security_group" "seeder" {
+  #checkov:skip=CKV2_AWS_5:Attached to the seeder instance by the seeder module, which receives it through the seeder_security_group_id output.
+  region      = var.region
+  name_prefix = "${var.name}-seeder-"
+  description = "Seeder instance: HTTPS to S3 and the SSM endpoints, NFS to EFS"
+  vpc_id      = local.vpc_id
+
+  tags = merge(var.tags, { Name = "${var.name}-seeder" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_security_group" "endpoints" {
+  count = var.create_ssm_endpoints ? 1 : 0
+
+  region      = var.region
+  name_prefix = "${var.name}-endpoints-"
+  description = "SSM interface endpoints: HTTPS from the seeder only"
+  vpc_id      = local.vpc_id
+
+  tags = merge(var.tags, { Name = "${var.name}-endpoints" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "efs_from_lambda" {
+  region                       = var.region
+  security_group_id            = aws_security_group.efs.id
+  description                  = "NFS from the Lambda function"
+  ip_protocol                  = "tcp"
+  from_port                    = 2049
+  to_port                      = 2049
+  referenced_security_group_id = aws_security_group.lambda.id
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "efs_from_seeder" {
+  region                       = var.region
+  security_group_id            = aws_security_group.efs.id
+  description                  = "NFS from the seeder"
+  ip_protocol                  = "tcp"
+  from_port                    = 2049
+  to_port                      = 2049
+  referenced_security_group_id = aws_security_group.seeder.id
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "lambda_to_efs" {
+  region                       = var.region
+  security_group_id            = aws_security_group.lambda.id
+  description                  = "NFS to the EFS mount targets"
+  ip_protocol                  = "tcp"
+  from_port                    = 2049
+  to_port                      = 2049
+  referenced_security_group_id = aws_security_group.efs.id
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "seeder_to_efs" {
+  region                       = var.region
+  security_group_id            = aws_security_group.seeder.id
+  description                  = "NFS to the EFS mount targets"
+  ip_protocol                  = "tcp"
+  from_port                    = 2049
+  to_port                      = 2049
+  referenced_security_group_id = aws_security_group.efs.id
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "seeder_to_s3" {
+  region            = var.region
+  security_group_id = aws_security_group.seeder.id
+  description       = "HTTPS to S3 (weights bucket, Amazon Linux repositories) through the gateway endpoint"
+  ip_protocol       = "tcp"
+  from_port         = 443
+  to_port           = 443
+  prefix_list_id    = data.aws_ec2_managed_prefix_list.s3.id
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "seeder_to_endpoints" {
+  count = var.create_ssm_endpoints ? 1 : 0
+
+  region                       = var.region
+  security_group_id            = aws_security_group.seeder.id
+  description                  = "HTTPS to the SSM interface endpoints"
+  ip_protocol                  = "tcp"
+  from_port                    = 443
+  to_port                      = 443
+  referenced_security_group_id = aws_security_group.endpoints[0].id
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "seeder_https_extra" {
+  for_each = toset(var.seeder_https_egress_cidrs)
+
+  region            = var.region
+  security_group_id = aws_security_group.seeder.id
+  description       = "HTTPS to ${each.value} (operator-supplied)"
+  ip_protocol       = "tcp"
+  from_port         = 443
+  to_port           = 443
+  cidr_ipv4         = each.value
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "endpoints_from_seeder" {
+  count = var.create_ssm_endpoints ? 1 : 0
+
+  region                       = var.region
+  security_group_id            = aws_security_group.endpoints[0].id
+  description                  = "HTTPS from the seeder's SSM agent"
+  ip_protocol                  = "tcp"
+  from_port                    = 443
+  to_port                      = 443
+  referenced_security_group_id = aws_security_group.seeder.id
+
+  tags = var.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "seeder_ssh" {
+  for_each = toset(var.ssh_ingress_cidrs)
+
+  region            = var.region
+  security_group_id = aws_security_group.seeder.id
+  description       = "SSH from ${each.value} (operator-supplied)"
+  ip_protocol       = "tcp"
+  from_port         = 22
+  to_port           = 22
+  cidr_ipv4         = each.value
+
+  tags = var.tags
+}
+
+################################################################################
+# VPC endpoints
+################################################################################
+
+resource "aws_vpc_endpoint" "s3" {
+  count = local.create_s3_endpoint ? 1 : 0
+
+  region            = var.region
+  vpc_id            = local.vpc_id
+  service_name      = "com.amazonaws.${data.aws_region.current.region}.s3"
+  vpc_endpoint_type = "Gateway"
+  route_table_ids   = local.route_table_ids
+
+  tags = merge(var.tags, { Name = "${var.name}-s3" })
+}
+
+# Interface endpoints cost per hour and per zone, and only the seeder uses them: one subnet is enough.
+resource "aws_vpc_endpoint" "ssm" {
+  for_each = local.ssm_services
+
+  region              = var.region
+  vpc_id              = local.vpc_id
+  service_name        = "com.amazonaws.${data.aws_region.current.region}.${each.value}"
+  vpc_endpoint_type   = "Interface"
+  private_dns_enabled = true
+  subnet_ids          = [local.private_subnet_ids[0]]
+  security_group_ids  = [aws_security_group.endpoints[0].id]
+
+  tags = merge(var.tags, { Name = "${var.name}-${each.value}" })
+}

@@ -1,0 +1,39 @@
+output "vpc_id" {
+  description = "Id of the VPC (new or existing)."
+  value       = local.vpc_id
+}
+
+output "private_subnet_ids" {
+  description = "Private subnet ids used by the function, the EFS mount targets and the seeder."
+  value       = local.private_subnet_ids
+}
+
+output "lambda_security_group_id" {
+  description = "Security group of the function's network interfaces."
+  value       = aws_security_group.lambda.id
+}
+
+output "efs_security_group_id" {
+  description = "Security group of the EFS mount targets."
+  value       = aws_security_group.efs.id
+}
+
+output "seeder_security_group_id" {
+  description = "Security group of the seeder instance."
+  value       = aws_security_group.seeder.id
+}
+
+output "endpoints_security_group_id" {
+  description = "Security group of the SSM interface endpoints (null when they are not created)."
+  value       = try(aws_security_group.endpoints[0].id, null)
+}
+
+output "s3_endpoint_id" {
+  description = "Id of the S3 gateway endpoint (null when it is not created)."
+  value       = try(aws_vpc_endpoint.s3[0].id, null)
+}
+
+output "ssm_endpoint_ids" {
+  description = "Ids of the SSM interface endpoints, by service."
+  value       = { for service, endpoint in aws_vpc_endpoint.ssm : service => endpoint.id }
+}

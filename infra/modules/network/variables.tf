@@ -1,0 +1,140 @@
+variable "name" {
+  description = "Name prefix for every resource of the network."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,30}$", var.name))
+    error_message = "name must be 2-31 characters: lowercase letters, digits and hyphens, starting with a letter."
+  }
+}
+
+variable "region" {
+  description = "Region where the resources are managed. Defaults to the region of the provider configuration."
+  type        = string
+  default     = null
+}
+
+variable "tags" {
+  description = "Tags added to every taggable resource."
+  type        = map(string)
+  default     = {}
+}
+
+variable "create_vpc" {
+  description = "Create a new VPC with private subnets. When false, vpc_id and private_subnet_ids describe an existing VPC."
+  type        = bool
+  default     = true
+}
+
+variable "vpc_cidr" {
+  description = "IPv4 CIDR of the new VPC (create_vpc = true)."
+  type        = string
+  default     = "10.42.0.0/16"
+
+  validation {
+    condition     = can(cidrnetmask(var.vpc_cidr)) && tonumber(split("/", var.vpc_cidr)[1]) <= 24
+    error_message = "vpc_cidr must be an IPv4 CIDR block of size /24 or larger, e.g. 10.42.0.0/16."
+  }
+}
+
+variable "availability_zones" {
+  description = "Availability zones for the new private subnets. Empty: the first az_count zones of the region."
+  type        = list(string)
+  default     = []
+}
+
+variable "az_count" {
+  description = "Number of private subnets (one per availability zone) in a new VPC."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.az_count >= 2 && var.az_count <= 6
+    error_message = "az_count must be between 2 and 6 (EFS mount targets and Lambda need at least two zones)."
+  }
+}
+
+variable "vpc_id" {
+  description = "Existing VPC id (create_vpc = false)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.vpc_id == null || can(regex("^vpc-[0-9a-f]{8,17}$", var.vpc_id))
+    error_message = "vpc_id must look like vpc-0123456789abcdef0."
+  }
+}
+
+variable "private_subnet_ids" {
+  description = "Existing private subnet ids in at least two availability zones (create_vpc = false)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.private_subnet_ids : can(regex("^subnet-[0-9a-f]{8,17}$", id))])
+    error_message = "private_subnet_ids must look like subnet-0123456789abcdef0."
+  }
+}
+
+variable "private_route_table_ids" {
+  description = "Route tables of the existing private subnets, for the S3 gateway endpoint (create_vpc = false). Empty: no S3 endpoint is created (the VPC must already reach S3)."
+  type        = list(string)
+  default     = []
+}
+
+variable "create_s3_endpoint" {
+  description = "Create an S3 gateway endpoint (free) so the seeder reads weights and installs packages without internet access."
+  type        = bool
+  default     = true
+}
+
+variable "create_ssm_endpoints" {
+  description = "Create ssm, ssmmessages and ec2messages interface endpoints (in the seeder's subnet) so SSM reaches the seeder without internet access. Disable when the VPC already has them or a NAT."
+  type        = bool
+  default     = true
+}
+
+variable "seeder_https_egress_cidrs" {
+  description = "Extra IPv4 CIDRs the seeder may reach on 443, e.g. existing endpoints or a NAT path when create_ssm_endpoints = false."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for cidr in var.seeder_https_egress_cidrs : can(cidrnetmask(cidr))])
+    error_message = "seeder_https_egress_cidrs must be IPv4 CIDR blocks."
+  }
+}
+
+variable "ssh_ingress_cidrs" {
+  description = "CIDRs allowed to reach the seeder on port 22. Empty (default): no SSH; use SSM Session Manager."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for cidr in var.ssh_ingress_cidrs : can(cidrnetmask(cidr)) && !contains(["0.0.0.0/0", "::/0"], cidr)])
+    error_message = "ssh_ingress_cidrs must be specific IPv4 CIDR blocks; 0.0.0.0/0 and ::/0 are rejected."
+  }
+}
+
+variable "enable_flow_logs" {
+  description = "Send VPC flow logs of a new VPC to a CloudWatch log group."
+  type        = bool
+  default     = true
+}
+
+variable "flow_log_retention_days" {
+  description = "Retention of the flow log group, in days."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.flow_log_retention_days)
+    error_message = "flow_log_retention_days must be a CloudWatch Logs retention value (1, 3, 5, 7, 14, 30, 60, 90, ..., 365, ..., 3653)."
+  }
+}
+
+variable "kms_key_arn" {
+  description = "KMS key for the flow log group. Null: CloudWatch Logs' default encryption."
+  type        = string
+  default     = null
+}

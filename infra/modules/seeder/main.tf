@@ -1,0 +1,166 @@
+locals {
+  ami_ssm_parameter = coalesce(
+    var.ami_ssm_parameter,
+    "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-${var.architecture}",
+  )
+  bucket_name = element(split(":", var.weights_bucket_arn), 5)
+}
+
+data "aws_partition" "current" {}
+
+data "aws_ssm_parameter" "ami" {
+  count = var.create ? 1 : 0
+
+  region = var.region
+  name   = local.ami_ssm_parameter
+}
+
+################################################################################
+# IAM: SSM agent, read-only weights prefix, EFS client write through the access point
+################################################################################
+
+data "aws_iam_policy_document" "assume" {
+  statement {
+    actions = ["sts:AssumeRole"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["ec2.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "this" {
+  count = var.create ? 1 : 0
+
+  name_prefix        = "${var.name}-seeder-"
+  description        = "sd-lambda seeder: copies model weights from S3 to EFS, driven through SSM"
+  assume_role_policy = data.aws_iam_policy_document.assume.json
+
+  tags = var.tags
+}
+
+resource "aws_iam_role_policy_attachment" "ssm" {
+  count = var.create ? 1 : 0
+
+  role       = aws_iam_role.this[0].name
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+}
+
+data "aws_iam_policy_document" "this" {
+  statement {
+    sid       = "ListWeightsPrefix"
+    actions   = ["s3:ListBucket"]
+    resources = [var.weights_bucket_arn]
+
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = [var.weights_prefix, "${var.weights_prefix}*"]
+    }
+  }
+
+  statement {
+    sid       = "ReadWeights"
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"]
+    resources = ["${var.weights_bucket_arn}/${var.weights_prefix}*"]
+  }
+
+  statement {
+    sid       = "WriteEfsThroughAccessPoint"
+    actions   = ["elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"]
+    resources = [var.file_system_arn]
+
+    condition {
+      test     = "StringEquals"
+      variable = "elasticfilesystem:AccessPointArn"
+      values   = [var.access_point_arn]
+    }
+  }
+
+  dynamic "statement" {
+    for_each = var.weights_kms_key_arn != null ? [var.weights_kms_key_arn] : []
+
+    content {
+      sid       = "DecryptWeights"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringLike"
+        variable = "kms:EncryptionContext:aws:s3:arn"
+        values   = ["arn:${data.aws_partition.current.partition}:s3:::${local.bucket_name}*"]
+      }
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "this" {
+  count = var.create ? 1 : 0
+
+  name   = "seed-weights"
+  role   = aws_iam_role.this[0].id
+  policy = data.aws_iam_policy_document.this.json
+}
+
+resource "aws_iam_instance_profile" "this" {
+  count = var.create ? 1 : 0
+
+  name_prefix = "${var.name}-seeder-"
+  role        = aws_iam_role.this[0].name
+
+  tags = var.tags
+}
+
+################################################################################
+# Instance
+################################################################################
+
+# Terraform creates the instance but never manages whether it runs: the seeding driver starts it for a
+# run and stops it afterwards (EC2 API), and aws_instance does not act on its observed running/stopped
+# state, so plans stay empty either way. There is deliberately no aws_ec2_instance_state resource.
+resource "aws_instance" "this" {
+  #checkov:skip=CKV_AWS_126:The instance runs only during seeding and is stopped otherwise; 1-minute metrics would add cost for an instance that is idle or off.
+  count = var.create ? 1 : 0
+
+  region                      = var.region
+  ami                         = data.aws_ssm_parameter.ami[0].insecure_value
+  instance_type               = var.instance_type
+  subnet_id                   = var.subnet_id
+  vpc_security_group_ids      = var.security_group_ids
+  iam_instance_profile        = aws_iam_instance_profile.this[0].name
+  key_name                    = var.key_name
+  associate_public_ip_address = false
+  ebs_optimized               = true
+  monitoring                  = false
+
+  user_data = templatefile("${path.module}/user_data.sh.tftpl", {
+    file_system_id  = var.file_system_id
+    access_point_id = var.access_point_id
+    mount_path      = var.mount_path
+  })
+  user_data_replace_on_change = true
+
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+  }
+
+  root_block_device {
+    encrypted             = true
+    kms_key_id            = var.root_volume_kms_key_arn
+    volume_type           = "gp3"
+    volume_size           = var.root_volume_size
+    delete_on_termination = true
+    tags                  = merge(var.tags, { Name = "${var.name}-seeder" })
+  }
+
+  tags = merge(var.tags, { Name = "${var.name}-seeder" })
+
+  lifecycle {
+    # A new AL2023 release must not replace a seeded, stopped instance; replace it on purpose with
+    # `terraform apply -replace=...` when you want the new AMI.
+    ignore_changes = [ami]
+  }
+}

@@ -1,0 +1,62 @@
+variable "create" {
+  description = "Create the bucket. When false, bucket_name names an existing bucket and nothing is created."
+  type        = bool
+  default     = true
+}
+
+variable "bucket_name" {
+  description = "Bucket name: the existing bucket (create = false) or the new bucket's exact name. Null with create = true: a unique name from bucket_prefix."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.bucket_name == null || can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", var.bucket_name))
+    error_message = "bucket_name must be a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')."
+  }
+}
+
+variable "bucket_prefix" {
+  description = "Prefix of the generated bucket name (create = true, bucket_name = null)."
+  type        = string
+  default     = "sd-lambda-weights-"
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9.-]{0,36}$", var.bucket_prefix))
+    error_message = "bucket_prefix must be at most 37 lowercase letters, digits, '.' or '-'."
+  }
+}
+
+variable "region" {
+  description = "Region where the resources are managed. Defaults to the region of the provider configuration."
+  type        = string
+  default     = null
+}
+
+variable "tags" {
+  description = "Tags added to every taggable resource."
+  type        = map(string)
+  default     = {}
+}
+
+variable "kms_key_arn" {
+  description = "Customer managed KMS key for default encryption (SSE-KMS with a bucket key). Null: SSE-KMS with the AWS managed key aws/s3."
+  type        = string
+  default     = null
+}
+
+variable "force_destroy" {
+  description = "Let `terraform destroy` delete the bucket with the weights still in it."
+  type        = bool
+  default     = false
+}
+
+variable "noncurrent_version_expiration_days" {
+  description = "Days after which overwritten or deleted object versions are removed."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.noncurrent_version_expiration_days >= 1
+    error_message = "noncurrent_version_expiration_days must be at least 1."
+  }
+}

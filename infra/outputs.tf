@@ -1,0 +1,87 @@
+# The names of these outputs are a contract: the seeding driver, `make invoke` and the deploy driver
+# read them with `terraform output -json` (sd_lambda.stack_outputs).
+
+output "function_url" {
+  description = "IAM-authenticated function URL; requests must be SigV4-signed for service lambda (null until image_uri is set)."
+  value       = module.lambda.function_url
+}
+
+output "function_name" {
+  description = "Name of the function (null until image_uri is set)."
+  value       = module.lambda.function_name
+}
+
+output "ecr_repository_url" {
+  description = "ECR repository to push the function image to."
+  value       = module.lambda.repository_url
+}
+
+output "weights_bucket" {
+  description = "S3 bucket the seeder copies weights from."
+  value       = module.weights_bucket.bucket_name
+}
+
+output "weights_prefix" {
+  description = "Key prefix of the weights in the bucket (the seeder can read nothing else)."
+  value       = local.weights_prefix
+}
+
+output "seeder_instance_id" {
+  description = "Id of the seeder instance (null when create_seeder = false)."
+  value       = module.seeder.instance_id
+}
+
+output "seeder_mount_path" {
+  description = "Where the seeder mounts the EFS access point."
+  value       = module.seeder.mount_path
+}
+
+output "efs_id" {
+  description = "Id of the EFS file system holding the models."
+  value       = module.efs.file_system_id
+}
+
+output "access_point_arn" {
+  description = "ARN of the EFS access point (root /models, POSIX user 1000:1000)."
+  value       = module.efs.access_point_arn
+}
+
+output "invoker_policy_json" {
+  description = "Identity policy to attach to whoever calls the function URL."
+  value       = module.lambda.invoker_policy_json
+}
+
+output "region" {
+  description = "Region of the stack."
+  value       = data.aws_region.current.region
+}
+
+output "model_name" {
+  description = "Slug of the served model (MODEL_NAME)."
+  value       = var.model_name
+}
+
+output "model_root" {
+  description = "Where the function mounts the access point (MODEL_ROOT)."
+  value       = local.mount_path
+}
+
+output "function_role_arn" {
+  description = "ARN of the function's execution role."
+  value       = module.lambda.role_arn
+}
+
+output "log_group_name" {
+  description = "CloudWatch log group of the function."
+  value       = module.lambda.log_group_name
+}
+
+output "vpc_id" {
+  description = "Id of the VPC (new or existing)."
+  value       = module.network.vpc_id
+}
+
+output "kms_key_arn" {
+  description = "KMS key encrypting EFS, the weights bucket, the function's environment and the logs."
+  value       = local.kms_key_arn
+}
