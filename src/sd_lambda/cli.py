@@ -12,7 +12,11 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in `sd-lambda --help` order.
-COMMAND_MODULES: tuple[str, ...] = ("sd_lambda.testing.cli", "sd_lambda.tfcheck.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "sd_lambda.testing.cli",
+    "sd_lambda.tfcheck.cli",
+    "sd_lambda.container.cli",
+)
 
 
 class CommandError(Exception):
