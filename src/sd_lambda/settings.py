@@ -32,6 +32,14 @@ class Settings:
     dtype: str = _env("SD_DTYPE", "auto", "auto (bf16 only with native CPU support), float32 or bfloat16.")
     threads: int = _env("SD_THREADS", 0, "torch intra-op threads; 0 = the CPUs this process may use.")
     default_decoder: str = _env("SD_DEFAULT_DECODER", "auto", "auto (tiny when present), full or tiny.")
+    max_request_bytes: int = _env(
+        "SD_MAX_REQUEST_BYTES", 64 * 1024, "Largest request body accepted (after base64 decoding); else 413."
+    )
+    max_response_bytes: int = _env(
+        "SD_MAX_RESPONSE_BYTES",
+        6_000_000,
+        "Largest response the handler returns (Lambda caps responses at 6 MB); else a fallback or 413.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,0 +1,35 @@
+"""The Lambda entrypoint: ``python -m awslambdaric sd_lambda.handler.handler`` (what the image runs).
+
+Set up once, predict many. Importing this module (Lambda's init phase, capped at 10 s) reads the
+settings and builds the logger and an empty ``PREDICTOR``; the model itself is loaded by the first
+request that needs it and then kept warm for every later invocation of this execution environment.
+
+Stable names (the image and the local runtime rely on them):
+
+- ``handler(event, context)``: a function URL payload 2.0 event -> a function URL result
+  (``statusCode``/``headers``/``body``/``isBase64Encoded``); any other event is a direct invoke whose
+  event is the request object itself -> a JSON object (``image``, ``seed``, ``model``, ``timings``, or
+  ``error`` + ``statusCode``).
+- ``PREDICTOR``: the warm model holder; ``PREDICTOR.loads`` counts model loads in this environment.
+- ``SETTINGS``: ``Settings.from_env()``; a malformed variable fails init with the variable's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger
+
+from sd_lambda.predictor import Predictor
+from sd_lambda.service import Service
+from sd_lambda.settings import Settings
+
+SETTINGS = Settings.from_env()
+logger = Logger(service="sd-lambda")
+PREDICTOR = Predictor(SETTINGS)
+SERVICE = Service(SETTINGS, PREDICTOR, logger)
+
+
+@logger.inject_lambda_context
+def handler(event: Any, context: Any) -> dict[str, Any]:
+    return SERVICE.handle(event, context)
