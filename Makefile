@@ -8,6 +8,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 INSTALL_STAMP := $(VENV)/.stamp-install
+# checkov pins an old boto3: it lives in its own venv.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.stamp-checkov
+CHECKOV_SPEC := checkov>=3.3.30,<4
+# Offline Terraform checks (sd_lambda.tfcheck): the root stack and every example under it.
+TF_ROOT ?= infra
+TF_EXAMPLES = $(patsubst %/,%,$(wildcard $(TF_ROOT)/examples/*/))
+# Example variables for planning the root stack (examples carry their own offline.auto.tfvars).
+TF_PLAN_VARS ?= $(wildcard tests/infra/offline.tfvars)
 
 .PHONY: help install test lint format clean
 
@@ -24,7 +33,7 @@ $(INSTALL_STAMP): pyproject.toml
 
 install: $(INSTALL_STAMP) ## Create .venv and install the package with all extras (idempotent)
 
-test: $(INSTALL_STAMP) ## Run the whole test suite (THE test command; CI runs exactly this)
+test: $(INSTALL_STAMP) $(CHECKOV_STAMP) ## Run the whole test suite (THE test command; CI runs exactly this)
 	$(BIN)/pytest
 
 lint: $(INSTALL_STAMP) ## ruff check + ruff format --check
@@ -38,3 +47,22 @@ format: $(INSTALL_STAMP) ## Apply ruff's fixes and formatting
 clean: ## Remove caches and build outputs (never anything tracked)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+.PHONY: validate plan-offline security
+
+validate: $(INSTALL_STAMP) ## terraform fmt -check, then init + validate infra/ and infra/examples/* offline
+	$(BIN)/sd-lambda tfcheck fmt $(TF_ROOT)
+	$(BIN)/sd-lambda tfcheck validate $(TF_ROOT) $(TF_EXAMPLES)
+
+plan-offline: $(INSTALL_STAMP) ## terraform plan infra/ and infra/examples/* offline; print addresses + actions
+	$(BIN)/sd-lambda tfcheck plan $(addprefix --var-file ,$(TF_PLAN_VARS)) $(TF_ROOT)
+	$(if $(TF_EXAMPLES),$(BIN)/sd-lambda tfcheck plan $(TF_EXAMPLES),@echo "$(TF_ROOT)/examples: no examples to plan")
+
+$(CHECKOV_STAMP):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24,<27"
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet "$(CHECKOV_SPEC)"
+	touch $@
+
+security: $(CHECKOV_STAMP) ## checkov over infra/ and image/ offline (--skip-download); fails on any failed check
+	$(CHECKOV_VENV)/bin/checkov --directory infra --directory image --skip-download --compact --quiet
