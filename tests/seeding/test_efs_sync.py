@@ -1,0 +1,223 @@
+"""The seeder's program, run for real (the shipped zip, Python 3.9) against a local S3 and a temp "EFS"."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from sd_lambda.layout import Manifest, ModelPaths, verify_release
+
+from .conftest import Bucket, SeederProgram, make_model
+
+NAME = "acme--tiny-sd"
+
+
+def _paths(seeder: SeederProgram, name: str = NAME) -> ModelPaths:
+    return ModelPaths(seeder.mount / name)
+
+
+def test_happy_path_real_pipeline(seeder: SeederProgram, bucket: Bucket, tiny_model_dir: Path) -> None:
+    sha = bucket.put_folder(tiny_model_dir, NAME, "r1")
+    outcome = seeder.run("sync", NAME, "r1", "--manifest-sha256", sha)
+    assert outcome.returncode == 0, outcome.stderr
+    paths = _paths(seeder)
+    assert os.readlink(paths.current) == "releases/r1"
+    release = paths.resolve_current()
+    manifest = verify_release(release, sha)
+    assert outcome.result["downloaded_bytes"] == manifest.total_bytes
+    assert outcome.result["already_present"] is False
+    assert not paths.staging("r1").exists()
+    assert [p.name for p in paths.model_dir.iterdir() if p.name.endswith(".part")] == []
+    for path in release.rglob("*"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), path
+    # The Lambda's side can load it: every component the pipeline needs is there.
+    assert json.loads((release / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+    again = seeder.run("sync", NAME, "r1", "--manifest-sha256", sha)
+    assert again.returncode == 0, again.stderr
+    assert again.result["already_present"] is True
+    assert again.result["downloaded_bytes"] == 0
+
+
+def test_resume_after_interrupted_run(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    assert seeder.run("sync", NAME, "r1").returncode == 0
+    v2 = make_model(tmp_path / "v2", "v2")
+    # Interrupted: the run dies on the missing object after fetching the others.
+    bucket.put_folder(v2, NAME, "r2", skip="unet/part2.safetensors")
+    failed = seeder.run("sync", NAME, "r2")
+    assert failed.returncode == 1
+    assert "does not exist" in failed.stderr
+    paths = _paths(seeder)
+    assert paths.current_revision() == "r1"
+    assert not paths.release("r2").exists()
+    staged = {
+        p.relative_to(paths.staging("r2")).as_posix() for p in paths.staging("r2").rglob("*.safetensors")
+    }
+    assert staged == {"unet/part0.safetensors", "unet/part1.safetensors"}
+    # ... and killed half-way through another file: a .part with its first half.
+    weights = (v2 / "unet" / "part2.safetensors").read_bytes()
+    (paths.staging("r2") / "unet" / "part2.safetensors.part").write_bytes(weights[: len(weights) // 2])
+
+    bucket.put(f"models/{NAME}/r2/unet/part2.safetensors", weights)
+    resumed = seeder.run("sync", NAME, "r2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.result["reused_files"] == 3  # model_index.json, part0, part1
+    assert resumed.result["downloaded_bytes"] == len(weights) - len(weights) // 2
+    assert resumed.result["previous"] == "r1"
+    assert paths.current_revision() == "r2"
+    assert (paths.resolve_current() / "unet" / "part2.safetensors").read_bytes() == weights
+
+
+def test_corrupted_object_never_switches(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    assert seeder.run("sync", NAME, "r1").returncode == 0
+    bucket.put_folder(make_model(tmp_path / "v2", "v2"), NAME, "r2")
+    bucket.put(f"models/{NAME}/r2/unet/part1.safetensors", b"tampered")
+    outcome = seeder.run("sync", NAME, "r2")
+    assert outcome.returncode == 1
+    assert "manifest mismatch" in outcome.stderr
+    assert "unet/part1.safetensors" in outcome.stderr
+    paths = _paths(seeder)
+    assert os.readlink(paths.current) == "releases/r1"
+    verify_release(paths.resolve_current())
+    assert paths.revisions() == ["r1"]
+    assert not (paths.staging("r2") / "unet" / "part1.safetensors").exists()
+    assert not (paths.staging("r2") / "unet" / "part1.safetensors.part").exists()
+
+
+def test_replaced_manifest_is_refused(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    sha = bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    bucket.put_folder(make_model(tmp_path / "v2", "v2"), NAME, "r1")  # someone re-uploaded r1
+    outcome = seeder.run("sync", NAME, "r1", "--manifest-sha256", sha)
+    assert outcome.returncode == 1
+    assert "not the manifest that was uploaded" in outcome.stderr
+    assert not _paths(seeder).current.is_symlink()
+
+
+def test_lock_refuses_a_second_run(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    paths = _paths(seeder)
+    with paths.locked():  # another run, as far as flock is concerned
+        outcome = seeder.run("sync", NAME, "r1")
+    assert outcome.returncode == 3
+    assert "another seeding run holds" in outcome.stderr
+    assert not paths.current.is_symlink()
+    assert not paths.staging("r1").exists()
+
+
+def test_lock_waits_then_proceeds(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    paths = _paths(seeder)
+    with paths.locked():
+        process = seeder.start("sync", NAME, "r1", "--lock-timeout", "60")
+        assert process.stderr is not None
+        first_line = process.stderr.readline()  # blocks until the program reports it is waiting
+        assert "waiting for" in first_line
+        assert not paths.staging("r1").exists()  # nothing happens while the lock is held
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert paths.current_revision() == "r1"
+
+
+def test_concurrent_runs_serialize(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1", files=6), NAME, "r1")
+    bucket.put_folder(make_model(tmp_path / "v2", "v2", files=6), NAME, "r2")
+    first = seeder.start("sync", NAME, "r1", "--lock-timeout", "60")
+    second = seeder.start("sync", NAME, "r2", "--lock-timeout", "60")
+    for process in (first, second):
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+    paths = _paths(seeder)
+    assert sorted(paths.revisions()) == ["r1", "r2"]
+    for revision in ("r1", "r2"):
+        verify_release(paths.release(revision))
+    assert paths.current_revision() in {"r1", "r2"}
+    assert [p.name for p in paths.model_dir.iterdir() if p.name.startswith(".staging-")] == []
+
+
+def test_rollback(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    for revision in ("r1", "r2"):
+        bucket.put_folder(make_model(tmp_path / revision, revision), NAME, revision)
+        assert seeder.run("sync", NAME, revision).returncode == 0
+    paths = _paths(seeder)
+    back = seeder.run("rollback", NAME, "r1")
+    assert back.returncode == 0, back.stderr
+    assert back.result["previous"] == "r2"
+    assert os.readlink(paths.current) == "releases/r1"
+
+    missing = seeder.run("rollback", NAME, "r9")
+    assert missing.returncode == 1
+    assert "no release 'r9'" in missing.stderr
+    assert "present: r1, r2" in missing.stderr
+
+    (paths.release("r2") / "unet" / "part0.safetensors").write_bytes(b"bit rot")
+    damaged = seeder.run("rollback", NAME, "r2")
+    assert damaged.returncode == 1
+    assert "manifest mismatch" in damaged.stderr
+    assert paths.current_revision() == "r1"
+
+
+def test_pruning_keeps_the_newest(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    for revision in ("r1", "r2", "r3", "r4"):
+        bucket.put_folder(make_model(tmp_path / revision, revision, files=1), NAME, revision)
+        outcome = seeder.run("sync", NAME, revision, "--keep", "2")
+        assert outcome.returncode == 0, outcome.stderr
+    assert outcome.result["pruned"] == ["r2"]
+    paths = _paths(seeder)
+    assert paths.revisions() == ["r3", "r4"]
+    assert paths.current_revision() == "r4"
+    assert [p for p in paths.model_dir.iterdir() if p.name.startswith(".trash-")] == []
+
+
+def _manifest_with(tmp_path: Path, path: str) -> str:
+    folder = make_model(tmp_path / "m", "m", files=1)
+    manifest = json.loads(Manifest.build(folder, source="test").to_json())
+    manifest["files"].append({"path": path, "size": 1, "sha256": "0" * 64})
+    return json.dumps(manifest)
+
+
+def test_path_traversal_refused(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    for revision, evil in (("r1", "../../escaped.safetensors"), ("r2", "/tmp/escaped.safetensors")):
+        bucket.put_manifest(f"models/{NAME}/{revision}/", _manifest_with(tmp_path / revision, evil))
+        bucket.put(f"models/{NAME}/{evil.lstrip('/')}", b"x")
+        outcome = seeder.run("sync", NAME, revision)
+        assert outcome.returncode == 1
+        assert "unsafe path in manifest" in outcome.stderr
+    assert not (seeder.mount / "escaped.safetensors").exists()
+    assert not _paths(seeder).current.is_symlink()
+
+
+def test_symlink_in_staging_refused(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    staging = _paths(seeder).staging("r1")
+    staging.mkdir(parents=True)
+    (staging / "unet").symlink_to(outside)
+    outcome = seeder.run("sync", NAME, "r1")
+    assert outcome.returncode == 1
+    assert "symlink" in outcome.stderr
+    assert list(outside.iterdir()) == []
+    assert not _paths(seeder).current.is_symlink()
+
+
+def test_pickle_weights_refused(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    folder = make_model(tmp_path / "v1", "v1", files=1)
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    bucket.put_folder(folder, NAME, "r1")
+    outcome = seeder.run("sync", NAME, "r1")
+    assert outcome.returncode == 1
+    assert "pickle weights are refused: unet/diffusion_pytorch_model.bin" in outcome.stderr
+    assert not _paths(seeder).staging("r1").exists()
+
+
+def test_unmounted_efs_is_refused(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    outcome = seeder.run("sync", NAME, "r1", "--require-mount")
+    assert outcome.returncode == 1
+    assert "is not a mounted file system" in outcome.stderr
+    assert list(seeder.mount.iterdir()) == []
