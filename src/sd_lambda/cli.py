@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sd_lambda.testing.cli",
     "sd_lambda.tfcheck.cli",
     "sd_lambda.container.cli",
+    "sd_lambda.local.cli",
 )
 
 
