@@ -16,7 +16,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sd_lambda.testing.cli",
     "sd_lambda.tfcheck.cli",
     "sd_lambda.container.cli",
+    "sd_lambda.client",
     "sd_lambda.local.cli",
+    "sd_lambda.deploy",
 )
 
 

@@ -57,7 +57,7 @@ class StackTerraform:
         binary = terraform_binary()
         try:  # python-terraform parses a local terraform.tfstate itself, on creation and after commands
             self._terraform = Terraform(working_dir=str(infra_dir), terraform_bin_path=binary)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise StackError(f"the state file in {infra_dir} is not valid JSON: {exc}") from None
 
     def _run(self, command: str, *args: str, capture: bool, **options: Any) -> tuple[int, str, str]:
@@ -66,7 +66,7 @@ class StackTerraform:
         os.environ.update(self.env)
         try:
             return self._terraform.cmd(command, *args, no_color=IsFlagged, capture_output=capture, **options)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise StackError(f"the state file in {self.infra_dir} is not valid JSON: {exc}") from None
         finally:
             for name, value in saved.items():

@@ -1,0 +1,330 @@
+"""The deploy driver: staging against real Terraform (fixture stack), AWS parts against moto / Stubber."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from sd_lambda import deploy
+from sd_lambda.cli import main as cli_main
+from sd_lambda.deploy import DeployOptions, parse_pinned_image, read_digest, wait_until_ready
+from sd_lambda.stack_outputs import StackError, StackTerraform, read_outputs
+
+pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
+
+REGION = "us-east-1"
+REPOSITORY_URL = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda"
+FIXTURE_TARGETS = ("terraform_data.repository",)
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        yield
+
+
+def push_image_to_moto(repository: str = "sd-lambda") -> str:
+    """Create the repository and an image in moto ECR; returns the image digest."""
+    ecr = boto3.client("ecr", region_name=REGION)
+    ecr.create_repository(repositoryName=repository)
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": []}
+    image = ecr.put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="build-1")
+    return image["image"]["imageId"]["imageDigest"]
+
+
+def create_function_in_moto(image_uri: str, name: str = "sd-lambda") -> None:
+    iam = boto3.client("iam", region_name=REGION)
+    role = iam.create_role(RoleName=f"{name}-role", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    boto3.client("lambda", region_name=REGION).create_function(
+        FunctionName=name, Role=role, PackageType="Image", Code={"ImageUri": image_uri}, MemorySize=3008
+    )
+
+
+class FakeStack:
+    """Records Terraform calls; outputs come from what has been 'applied'."""
+
+    def __init__(self, outputs_after_full_apply: dict[str, Any] | None = None) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.applied_outputs: dict[str, Any] = {}
+        self.full_outputs = outputs_after_full_apply or {
+            "ecr_repository_url": REPOSITORY_URL,
+            "function_name": "sd-lambda",
+            "function_url": "https://x.lambda-url.us-east-1.on.aws/",
+            "region": REGION,
+        }
+
+    def init(self, backend_config: Path | None = None) -> None:
+        self.calls.append(("init", {"backend_config": backend_config}))
+
+    def plan(self, variables: dict[str, Any], var_files: tuple[Path, ...] = ()) -> None:
+        self.calls.append(("plan", {"variables": dict(variables)}))
+
+    def apply(
+        self, variables: dict[str, Any], var_files: tuple[Path, ...] = (), targets: tuple[str, ...] = ()
+    ) -> None:
+        self.calls.append(("apply", {"variables": dict(variables), "targets": tuple(targets)}))
+        self.applied_outputs = {"ecr_repository_url": REPOSITORY_URL} if targets else dict(self.full_outputs)
+
+    def destroy(self, variables: dict[str, Any], var_files: tuple[Path, ...] = ()) -> None:
+        self.calls.append(("destroy", {"variables": dict(variables)}))
+
+    def outputs(self) -> dict[str, Any]:
+        return dict(self.applied_outputs)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+PUSH_SCRIPT = """
+import json, os, pathlib, sys
+stack, record = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[3])
+digest = sys.argv[2]
+state = json.loads((stack / "terraform.tfstate").read_text())
+record.write_text(json.dumps({
+    "repository_url": os.environ["ECR_REPOSITORY_URL"],
+    "resources_at_push": sorted(r["type"] + "." + r["name"] for r in state["resources"]),
+}))
+(stack.parent / ".image-digest").write_text(digest + "\\n")
+"""
+
+
+def test_apply_creates_the_registry_pushes_then_deploys_the_pinned_image(
+    terraform_on_path: Path, deploy_stack: Path, aws: None, tmp_path: Path
+) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    script = tmp_path / "push.py"
+    script.write_text(PUSH_SCRIPT)
+    record = tmp_path / "push-record.json"
+    options = DeployOptions(
+        infra_dir=deploy_stack,
+        region=REGION,
+        digest_file=deploy_stack.parent / ".image-digest",
+        push_command=f"{sys.executable} {script} {deploy_stack} {digest} {record}",
+        variables={"memory_size": "3008"},
+        registry_targets=FIXTURE_TARGETS,
+        wait_seconds=30,
+    )
+
+    outputs = deploy.apply(options, StackTerraform(deploy_stack, env=options.terraform_env))
+
+    pushed = json.loads(record.read_text())
+    assert pushed["repository_url"] == REPOSITORY_URL
+    assert pushed["resources_at_push"] == ["terraform_data.repository"]  # registry only, then the push
+    assert outputs["deployed_image_uri"] == f"{REPOSITORY_URL}@{digest}"
+    assert outputs["deployed_memory_size"] == 3008
+    assert read_outputs(deploy_stack)["function_name"] == "sd-lambda"
+
+
+def test_destroy_with_confirmation_flag_empties_the_state(
+    terraform_on_path: Path, deploy_stack: Path, aws: None, capfd: pytest.CaptureFixture
+) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    image_uri = f"{REPOSITORY_URL}@{digest}"
+    deploy.apply(
+        DeployOptions(infra_dir=deploy_stack, image_uri=image_uri, registry_targets=FIXTURE_TARGETS),
+        StackTerraform(deploy_stack),
+    )
+
+    code = cli_main(["deploy", "destroy", "--infra-dir", str(deploy_stack), "--yes"])
+
+    assert code == 0
+    assert StackTerraform(deploy_stack).outputs() == {}
+
+
+def test_apply_with_image_uri_skips_the_push_and_pins_that_image(aws: None) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    stack = FakeStack()
+    options = DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}", push_command="false", wait_seconds=10)
+
+    deploy.apply(options, stack)
+
+    assert stack.names == ["init", "apply", "apply"]
+    assert stack.calls[1][1]["targets"] == deploy.REGISTRY_TARGETS
+    assert "image_uri" not in stack.calls[1][1]["variables"]
+    assert stack.calls[2][1] == {"variables": {"image_uri": f"{REPOSITORY_URL}@{digest}"}, "targets": ()}
+
+
+@pytest.mark.parametrize(
+    "image_uri",
+    [
+        f"{REPOSITORY_URL}:latest",
+        f"{REPOSITORY_URL}:v1",
+        "docker.io/library/python@" + DIGEST,
+        f"{REPOSITORY_URL}@sha256:abc",
+    ],
+)
+def test_apply_refuses_unpinned_images_before_the_full_apply(image_uri: str) -> None:
+    stack = FakeStack()
+
+    with pytest.raises(StackError, match="not an ECR image pinned by digest"):
+        deploy.apply(DeployOptions(image_uri=image_uri), stack)
+
+    assert [c for c in stack.calls if c[0] == "apply" and not c[1]["targets"]] == []
+
+
+def test_apply_refuses_a_digest_the_registry_does_not_have(aws: None, tmp_path: Path) -> None:
+    push_image_to_moto()
+    digest_file = tmp_path / ".image-digest"
+    digest_file.write_text(DIGEST)
+    stack = FakeStack()
+
+    with pytest.raises(StackError, match=r"is not in ECR repository sd-lambda: push it first"):
+        deploy.apply(DeployOptions(digest_file=digest_file), stack)
+
+    assert stack.names == ["init", "apply"]  # the registry stage only
+
+
+def test_apply_without_any_image_explains_how_to_get_one(tmp_path: Path) -> None:
+    stack = FakeStack()
+
+    with pytest.raises(
+        StackError, match=r"no image digest: .* does not exist.*\(`make push-image`\), or pass IMAGE_URI="
+    ):
+        deploy.apply(DeployOptions(digest_file=tmp_path / ".image-digest"), stack)
+
+
+def test_failing_push_command_stops_the_deploy(tmp_path: Path) -> None:
+    stack = FakeStack()
+
+    with pytest.raises(StackError, match=r"push command 'false' failed \(exit 1\)"):
+        deploy.apply(DeployOptions(push_command="false", digest_file=tmp_path / "d"), stack)
+    assert stack.names == ["init", "apply"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [DIGEST, DIGEST + "\n", f"{REPOSITORY_URL}@{DIGEST}\n", "ab" * 32],
+)
+def test_digest_file_formats(tmp_path: Path, content: str) -> None:
+    path = tmp_path / ".image-digest"
+    path.write_text(content)
+
+    assert read_digest(path) == DIGEST
+
+
+def test_digest_file_without_a_digest_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / ".image-digest"
+    path.write_text("latest\n")
+
+    with pytest.raises(StackError, match="holds no sha256"):
+        read_digest(path)
+
+
+def test_pinned_image_parts() -> None:
+    image = parse_pinned_image(f"111122223333.dkr.ecr.eu-west-1.amazonaws.com/team/sd@{DIGEST}")
+
+    assert (image.region, image.repository, image.digest) == ("eu-west-1", "team/sd", DIGEST)
+
+
+def test_wait_returns_once_the_function_is_active(aws: None) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}", name="waited")
+
+    configuration = wait_until_ready(boto3.client("lambda", region_name=REGION), "waited", 30)
+
+    assert configuration["State"] == "Active"
+    assert configuration["MemorySize"] == 3008
+
+
+def test_wait_reports_why_the_function_failed() -> None:
+    client = boto3.client("lambda", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="y")
+    failed = {
+        "Configuration": {
+            "FunctionName": "sd-lambda",
+            "State": "Failed",
+            "StateReason": "EFS file system is not reachable",
+            "StateReasonCode": "EFSMountConnectivityError",
+        }
+    }
+    with Stubber(client) as stubber:
+        stubber.add_response("get_function", failed, {"FunctionName": "sd-lambda"})
+
+        with pytest.raises(StackError, match=r"State=Failed.*EFS file system is not reachable"):
+            wait_until_ready(client, "sd-lambda", 30)
+
+
+def test_plan_without_an_image_plans_everything_but_the_function(tmp_path: Path) -> None:
+    stack = FakeStack()
+
+    assert deploy.plan(DeployOptions(region="eu-west-1", digest_file=tmp_path / "none"), stack) is None
+    assert stack.calls[-1] == ("plan", {"variables": {"region": "eu-west-1"}})
+
+
+def test_plan_uses_the_pushed_digest_once_the_registry_exists(tmp_path: Path) -> None:
+    stack = FakeStack()
+    stack.applied_outputs = {"ecr_repository_url": REPOSITORY_URL}
+    digest_file = tmp_path / ".image-digest"
+    digest_file.write_text(DIGEST)
+
+    deploy.plan(DeployOptions(digest_file=digest_file), stack)
+
+    assert stack.calls[-1] == ("plan", {"variables": {"image_uri": f"{REPOSITORY_URL}@{DIGEST}"}})
+
+
+def test_destroy_asks_and_stops_unless_the_answer_is_destroy() -> None:
+    stack = FakeStack()
+    prompts: list[str] = []
+
+    def answer_no(prompt: str) -> str:
+        prompts.append(prompt)
+        return "yes"
+
+    with pytest.raises(StackError, match="destroy cancelled"):
+        deploy.destroy(DeployOptions(), stack, confirmed=False, ask=answer_no)
+    assert "destroy" not in stack.names
+    assert "Type 'destroy' to confirm" in prompts[0]
+
+    deploy.destroy(DeployOptions(), stack, confirmed=False, ask=lambda _: "destroy")
+    assert stack.names[-1] == "destroy"
+
+
+def test_destroy_without_a_terminal_needs_confirm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    stack = FakeStack()
+
+    with pytest.raises(StackError, match="CONFIRM=1"):
+        deploy.destroy(DeployOptions(), stack, confirmed=False)
+    assert stack.names == []
+
+
+def test_cli_without_terraform_prints_one_line(
+    no_terraform_on_path: None, capfd: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    code = cli_main(["deploy", "plan", "--infra-dir", str(tmp_path)])
+
+    err = capfd.readouterr().err
+    assert code == 1
+    assert err.strip() == (
+        "sd-lambda deploy: error: terraform is not on PATH: install Terraform >= 1.6 "
+        "(https://developer.hashicorp.com/terraform/install) and put it on PATH"
+    )
+
+
+def test_cli_rejects_a_tagged_image_with_one_line(
+    terraform_on_path: Path, deploy_stack: Path, capfd: pytest.CaptureFixture
+) -> None:
+    code = cli_main(
+        ["deploy", "plan", "--infra-dir", str(deploy_stack), "--image-uri", f"{REPOSITORY_URL}:latest"]
+    )
+
+    assert code == 1
+    assert "tags like :latest are refused" in capfd.readouterr().err.splitlines()[-1]
