@@ -34,6 +34,8 @@ STAGING_PREFIX = ".staging-"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 MODEL_INDEX = "model_index.json"
+# Optional TAESD-style decoder inside a release (the engine's "tiny" decoder).
+TINY_DECODER_FOLDER = "vae_tiny"
 # Releases kept by pruning (the current one is never pruned): the grace period for warm Lambdas.
 DEFAULT_KEEP = 3
 # The access point's POSIX user: everything the Lambda reads must be readable by it.

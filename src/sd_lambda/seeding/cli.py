@@ -1,0 +1,158 @@
+"""``sd-lambda seed`` and ``sd-lambda rollback``: put a model on EFS, or switch back to an older revision."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sd_lambda.layout import DEFAULT_KEEP, LayoutError
+from sd_lambda.seeding.errors import SeedError
+
+
+def _stack_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("stack (default: the outputs of the Terraform stack in --infra-dir)")
+    group.add_argument("--infra-dir", type=Path, default=Path("infra"), help="Terraform stack directory")
+    group.add_argument("--bucket", help="weights bucket (output weights_bucket)")
+    group.add_argument("--prefix", help="key prefix in the bucket (output weights_prefix, default models/)")
+    group.add_argument("--instance-id", help="seeder instance id (output seeder_instance_id)")
+    group.add_argument("--mount-path", help="EFS mount on the seeder (output seeder_mount_path)")
+    group.add_argument("--region", help="AWS region (output region)")
+    run = parser.add_argument_group("seeder run")
+    run.add_argument("--keep-running", action="store_true", help="leave the seeder running afterwards")
+    run.add_argument(
+        "--command-timeout", type=int, default=3600, help="executionTimeout of the SSM command (s)"
+    )
+    run.add_argument("--online-timeout", type=float, default=600, help="wait for the SSM agent this long (s)")
+    run.add_argument(
+        "--lock-timeout", type=float, default=0, help="wait this long for another run's lock (s)"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    seed = subparsers.add_parser(
+        "seed",
+        help="put a model on EFS: hub/folder/S3 -> S3 -> seeder (SSM) -> new revision, switched atomically",
+        description=__doc__,
+    )
+    source = seed.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--model", metavar="HUB_ID[@REV]", help="Hugging Face Hub pipeline, e.g. segmind/tiny-sd"
+    )
+    source.add_argument("--from-dir", type=Path, metavar="PATH", help="local diffusers folder")
+    source.add_argument(
+        "--from-s3", metavar="S3_URL", help="an uploaded revision: s3://bucket/models/NAME/REV/"
+    )
+    seed.add_argument(
+        "--name", help="model folder on EFS (default: the hub id's slug, or the stack's model_name)"
+    )
+    seed.add_argument("--revision", help="release name (default: hub commit, or a content hash)")
+    seed.add_argument("--variant", help="hub weights variant, e.g. fp16 (stored under the plain file names)")
+    seed.add_argument(
+        "--tiny-decoder", metavar="HUB_ID[@REV]", help="also put this tiny decoder in vae_tiny/"
+    )
+    seed.add_argument(
+        "--work-dir", type=Path, default=Path.home() / ".cache" / "sd-lambda", help="hub downloads"
+    )
+    seed.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept on EFS (current always)")
+    seed.add_argument("--upload-only", action="store_true", help="stop after the upload to S3")
+    seed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _stack_arguments(seed)
+    seed.set_defaults(func=run_seed)
+
+    back = subparsers.add_parser(
+        "rollback",
+        help="point a model's current at an older release on EFS (verified first)",
+        description=__doc__,
+    )
+    back.add_argument("--name", help="model folder on EFS (default: the stack's model_name)")
+    back.add_argument("--revision", required=True, help="release to switch to")
+    _stack_arguments(back)
+    back.set_defaults(func=run_rollback)
+
+
+def _target(args: argparse.Namespace) -> Any:
+    from sd_lambda.seeding.target import resolve_target
+
+    flags = {
+        "bucket": args.bucket,
+        "prefix": args.prefix,
+        "instance_id": args.instance_id,
+        "mount_path": args.mount_path,
+        "region": args.region,
+        "model_name": None,
+    }
+    return resolve_target(flags, args.infra_dir)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from sd_lambda.seeding.flow import RunOptions
+
+    return RunOptions(
+        keep=getattr(args, "keep", DEFAULT_KEEP),
+        keep_running=args.keep_running,
+        execution_timeout=args.command_timeout,
+        online_timeout=args.online_timeout,
+        lock_timeout=args.lock_timeout,
+    )
+
+
+def _guarded(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from botocore.exceptions import BotoCoreError
+
+        from sd_lambda.cli import CommandError
+
+        try:
+            return int(func(args))
+        except (SeedError, LayoutError) as exc:
+            raise CommandError(str(exc)) from exc
+        except BotoCoreError as exc:  # no credentials, no endpoint, ...: botocore's message is one line
+            raise CommandError(f"AWS: {exc}") from exc
+
+    return run
+
+
+@_guarded
+def run_seed(args: argparse.Namespace) -> int:
+    from sd_lambda.seeding import flow, sources
+
+    if args.keep < 1:
+        raise SeedError("--keep must be at least 1")
+    target = _target(args)
+    clients = flow.AwsClients.create(target.region)
+    if args.from_s3:
+        staged = flow.stage_s3(clients, args.from_s3, args.name)
+    else:
+        if args.model:
+            release = sources.from_hub(
+                args.model, args.work_dir, variant=args.variant, tiny_decoder=args.tiny_decoder
+            )
+        else:
+            release = sources.from_dir(args.from_dir)
+        name = flow.model_name(args.name, args.model, target)
+        staged = flow.stage_local(
+            clients, target, release, name, args.revision, progress=not args.no_progress
+        )
+    if target.model_name and staged.name != target.model_name:
+        flow.log(f"note: the function serves {target.model_name!r}; this seeds {staged.name!r}")
+    if args.upload_only:
+        print(
+            json.dumps({"uploaded": f"s3://{staged.bucket}/{staged.key_prefix}", "revision": staged.revision})
+        )
+        return 0
+    result = flow.sync_on_seeder(clients, target, staged, _options(args))
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+@_guarded
+def run_rollback(args: argparse.Namespace) -> int:
+    from sd_lambda.seeding import flow
+
+    target = _target(args)
+    name = flow.model_name(args.name, None, target)
+    result = flow.rollback(flow.AwsClients.create(target.region), target, name, args.revision, _options(args))
+    print(json.dumps(result, sort_keys=True))
+    return 0

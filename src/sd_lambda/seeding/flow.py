@@ -1,0 +1,207 @@
+"""The seeding run end to end: source -> S3 -> seeder (SSM) -> new EFS revision; and rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sd_lambda.layout import DEFAULT_KEEP, LAMBDA_OWNER, MANIFEST, check_name, model_slug
+from sd_lambda.seeding.errors import SeedError
+from sd_lambda.seeding.remote import run_command, shell_script
+from sd_lambda.seeding.seeder import Seeder
+from sd_lambda.seeding.sources import LocalRelease, check_pipeline_files
+from sd_lambda.seeding.target import Target
+from sd_lambda.seeding.upload import check_bucket, read_manifest, upload_release
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class AwsClients:
+    s3: Any
+    ec2: Any
+    ssm: Any
+
+    @classmethod
+    def create(cls, region: str | None) -> AwsClients:
+        import boto3
+
+        session = boto3.Session(region_name=region)
+        return cls(session.client("s3"), session.client("ec2"), session.client("ssm"))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    keep: int = DEFAULT_KEEP
+    keep_running: bool = False
+    execution_timeout: int = 3600  # seconds the sync may run on the instance
+    start_timeout: float = 300
+    online_timeout: float = 600
+    lock_timeout: float = 0  # seconds the sync waits for another run's lock
+    poll_interval: float = 5.0
+    sleep: Callable[[float], None] | None = None  # tests: a fake clock
+    clock: Callable[[], float] | None = None
+
+    def timing(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"poll_interval": self.poll_interval}
+        if self.sleep is not None:
+            extra["sleep"] = self.sleep
+        if self.clock is not None:
+            extra["clock"] = self.clock
+        return extra
+
+
+@dataclass(frozen=True)
+class S3Release:
+    """A revision already in S3 (``--from-s3``): where it is and its manifest's sha256."""
+
+    bucket: str
+    key_prefix: str
+    name: str
+    revision: str
+    manifest_sha256: str
+    uploaded: dict[str, int] = field(default_factory=dict)
+
+
+def parse_s3_url(url: str) -> tuple[str, str, str, str]:
+    """``s3://bucket/models/<name>/<revision>/`` -> (bucket, key prefix, name, revision)."""
+    if not url.startswith("s3://"):
+        raise SeedError(f"{url!r} is not an s3:// URL")
+    bucket, _, key = url[len("s3://") :].partition("/")
+    parts = [p for p in key.split("/") if p]
+    if not bucket or len(parts) < 2:
+        raise SeedError(f"{url!r}: expected s3://<bucket>/<prefix>/<name>/<revision>/")
+    return (
+        bucket,
+        "/".join(parts) + "/",
+        check_name(parts[-2], "model name"),
+        check_name(parts[-1], "revision"),
+    )
+
+
+def stage_local(
+    clients: AwsClients,
+    target: Target,
+    release: LocalRelease,
+    name: str,
+    revision: str | None,
+    progress: bool,
+) -> S3Release:
+    revision = check_name(revision or release.revision, "revision")
+    check_bucket(clients.s3, target.bucket)
+    key_prefix = target.revision_prefix(name, revision)
+    log(
+        f"uploading {len(release.files)} files ({release.manifest.total_bytes} bytes) to s3://{target.bucket}/{key_prefix}"
+    )
+    report = upload_release(clients.s3, target.bucket, key_prefix, release, progress=progress)
+    log(
+        f"uploaded {report.uploaded_files} files ({report.uploaded_bytes} bytes), "
+        f"{report.skipped_files} unchanged"
+    )
+    counts = {"uploaded_files": report.uploaded_files, "skipped_files": report.skipped_files}
+    return S3Release(target.bucket, key_prefix, name, revision, report.manifest_sha256, counts)
+
+
+def stage_s3(clients: AwsClients, url: str, name: str | None = None) -> S3Release:
+    bucket, key_prefix, url_name, revision = parse_s3_url(url)
+    name = model_slug(name) if name else url_name
+    check_bucket(clients.s3, bucket)
+    found = read_manifest(clients.s3, bucket, key_prefix)
+    if found is None:
+        raise SeedError(
+            f"s3://{bucket}/{key_prefix}{MANIFEST} does not exist: upload with --model or --from-dir"
+        )
+    raw, manifest = found
+    problem = check_pipeline_files([entry.path for entry in manifest.files])
+    if problem:
+        raise SeedError(f"s3://{bucket}/{key_prefix}: {problem}")
+    return S3Release(bucket, key_prefix, name, revision, hashlib.sha256(raw).hexdigest())
+
+
+@contextmanager
+def seeder_session(clients: AwsClients, target: Target, options: RunOptions) -> Iterator[Seeder]:
+    """The seeder, running and Online for the block; stopped afterwards if this run started it."""
+    seeder = Seeder(clients.ec2, clients.ssm, target.instance_id, log=log, **options.timing())
+    started = seeder.ensure_running(options.start_timeout)
+    try:
+        seeder.wait_online(options.online_timeout)
+        yield seeder
+    finally:
+        if started and not options.keep_running:
+            seeder.stop()
+        elif started:
+            log(f"seeder {target.instance_id} left running (--keep-running)")
+
+
+def _run(
+    clients: AwsClients, target: Target, argv: list[str], comment: str, options: RunOptions
+) -> dict[str, Any]:
+    with seeder_session(clients, target, options):
+        log(f"running on {target.instance_id} via SSM: {comment}")
+        invocation = run_command(
+            clients.ssm,
+            target.instance_id,
+            shell_script(argv),
+            execution_timeout=options.execution_timeout,
+            comment=comment,
+            **options.timing(),
+        )
+    if invocation.status != "Success":
+        for line in invocation.tail():
+            log(f"  | {line}")
+        raise SeedError(
+            f"the seeder's run {invocation.status} (exit {invocation.exit_code}): {invocation.error_line()}"
+        )
+    return invocation.result()
+
+
+def sync_on_seeder(
+    clients: AwsClients, target: Target, staged: S3Release, options: RunOptions
+) -> dict[str, Any]:
+    argv = [
+        "sync",
+        "--mount", target.mount_path,
+        "--require-mount",
+        "--name", staged.name,
+        "--revision", staged.revision,
+        "--bucket", staged.bucket,
+        "--s3-prefix", staged.key_prefix,
+        "--manifest-sha256", staged.manifest_sha256,
+        "--keep", str(options.keep),
+        "--owner", "{}:{}".format(*LAMBDA_OWNER),
+        "--lock-timeout", str(options.lock_timeout),
+    ]  # fmt: skip
+    if target.region:
+        argv += ["--region", target.region]
+    return _run(clients, target, argv, f"sd-lambda seed {staged.name}@{staged.revision}", options)
+
+
+def rollback(
+    clients: AwsClients, target: Target, name: str, revision: str, options: RunOptions
+) -> dict[str, Any]:
+    argv = [
+        "rollback",
+        "--mount", target.mount_path,
+        "--require-mount",
+        "--name", check_name(name, "model name"),
+        "--revision", check_name(revision, "revision"),
+        "--lock-timeout", str(options.lock_timeout),
+    ]  # fmt: skip
+    return _run(clients, target, argv, f"sd-lambda rollback {name}@{revision}", options)
+
+
+def model_name(explicit: str | None, hub_ref: str | None, target: Target) -> str:
+    """The EFS folder: --name, else the hub id's slug, else the model the stack's function serves."""
+    if explicit:
+        return model_slug(explicit)
+    if hub_ref:
+        return model_slug(hub_ref.partition("@")[0])
+    if target.model_name:
+        return model_slug(target.model_name)
+    raise SeedError("no model name: pass --name (the stack has no model_name output)")

@@ -1,0 +1,237 @@
+"""Where weights come from: the Hugging Face Hub or a local diffusers folder.
+
+Either way the result is a :class:`LocalRelease`: release path -> local file, plus its manifest. Only
+safetensors weights are taken; pickle weights are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from sd_lambda.layout import (
+    MANIFEST,
+    MODEL_INDEX,
+    PICKLE_SUFFIXES,
+    TINY_DECODER_FOLDER,
+    Manifest,
+    ManifestEntry,
+    check_name,
+    check_relative_path,
+    sha256_file,
+)
+from sd_lambda.seeding.errors import SeedError
+
+# Config and tokenizer files a diffusers component folder may hold (weights are chosen separately).
+CONFIG_SUFFIXES = (".json", ".txt", ".model")
+_WEIGHTS = re.compile(r"^(?P<stem>[^.]+?)(?P<shard>-\d{5}-of-\d{5})?(?:\.(?P<variant>[^.]+))?\.safetensors$")
+_INDEX = re.compile(r"^(?P<stem>[^.]+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
+
+
+@dataclass(frozen=True)
+class LocalRelease:
+    """A release ready to upload: its files (release path -> local file) and their manifest."""
+
+    files: dict[str, Path]
+    manifest: Manifest
+    revision: str  # the default release name: content or hub commit derived
+
+    @classmethod
+    def from_files(cls, files: dict[str, Path], source: str, revision: str | None = None) -> LocalRelease:
+        problems = check_pipeline_files(files)
+        if problems:
+            raise SeedError(problems)
+        entries = tuple(
+            ManifestEntry(path, files[path].stat().st_size, sha256_file(files[path]))
+            for path in sorted(files)
+        )
+        manifest = Manifest(files=entries, source=source)
+        digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
+        return cls(files, manifest, check_name(revision or digest[:12], "revision"))
+
+
+def check_pipeline_files(files: Collection[str]) -> str | None:
+    """Why these release paths are not a servable diffusers pipeline, or None."""
+    if MODEL_INDEX not in files:
+        return f"not a diffusers pipeline: no {MODEL_INDEX}"
+    pickles = sorted(p for p in files if PurePosixPath(p).suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        return f"pickle weights are refused (convert them to safetensors): {', '.join(pickles)}"
+    if not any(p.endswith(".safetensors") for p in files):
+        return "no .safetensors weights found"
+    return None
+
+
+def from_dir(folder: Path, revision: str | None = None) -> LocalRelease:
+    """A local diffusers folder: every regular file but dot-files, dot-folders and an old manifest.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SeedError(f"{folder} is not a folder")
+    if not (folder / MODEL_INDEX).is_file():
+        raise SeedError(f"{folder} is not a diffusers pipeline: no {MODEL_INDEX}")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in PurePosixPath(relative).parts) or relative == MANIFEST:
+            continue
+        if path.is_symlink():
+            raise SeedError(f"symlinks are not allowed in a model folder: {relative}")
+        if path.is_file():
+            files[relative] = path
+    return LocalRelease.from_files(files, source=f"dir:{folder.resolve()}", revision=revision)
+
+
+# --- the Hub -------------------------------------------------------------------------------------
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """``segmind/tiny-sd@abc123`` -> (``segmind/tiny-sd``, ``abc123``)."""
+    repo, _, revision = ref.strip().partition("@")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", repo):
+        raise SeedError(f"invalid hub model id {repo!r} (expected owner/name[@revision])")
+    return repo, revision or None
+
+
+def select_hub_files(filenames: list[str], components: list[str], variant: str | None) -> dict[str, str]:
+    """Which repo files make the release, and under which release path (repo path -> release path).
+
+    ``model_index.json``, each component's configs, and its safetensors weights: the ``variant`` ones when
+    the component has them (renamed to the plain names, so the pipeline loads without a variant), else
+    the plain ones. Top-level single-file checkpoints are never taken.
+    """
+    chosen: dict[str, str] = {MODEL_INDEX: MODEL_INDEX}
+    for component in components:
+        in_dir = [f for f in filenames if f.startswith(component + "/") and f.count("/") == 1]
+        names = [f.split("/", 1)[1] for f in in_dir]
+        weights = {n: m for n in names if (m := _WEIGHTS.match(n))}
+        indexes = {n: m for n in names if (m := _INDEX.match(n))}
+        wanted = variant if variant and any(m["variant"] == variant for m in weights.values()) else None
+        for name, match in weights.items():
+            if match["variant"] == wanted:
+                chosen[f"{component}/{name}"] = f"{component}/{_plain(name, match)}"
+        for name, match in indexes.items():
+            if match["variant"] == wanted:
+                chosen[f"{component}/{name}"] = f"{component}/{match['stem']}.safetensors.index.json"
+        for name in names:
+            if name.endswith(CONFIG_SUFFIXES) and name not in weights and name not in indexes:
+                chosen[f"{component}/{name}"] = f"{component}/{name}"
+        if not weights and any(PurePosixPath(n).suffix in PICKLE_SUFFIXES for n in names):
+            raise SeedError(f"{component}/ has only pickle weights on the hub: refused (no .safetensors)")
+    return chosen
+
+
+def _plain(name: str, match: re.Match[str]) -> str:
+    return f"{match['stem']}{match['shard'] or ''}.safetensors" if match["variant"] else name
+
+
+class Hub:
+    """The two hub calls seeding makes (``model_info``, ``snapshot_download``), errors made one-line."""
+
+    def __init__(self, repo: str, revision: str | None) -> None:
+        self.repo = repo
+        self.revision = revision
+
+    def _explain(self, exc: Exception) -> SeedError:
+        where = f"{self.repo}@{self.revision}" if self.revision else self.repo
+        if isinstance(exc, GatedRepoError):
+            return SeedError(f"model {self.repo} is gated: accept its terms on the hub and set HF_TOKEN")
+        if isinstance(exc, RevisionNotFoundError):
+            return SeedError(f"revision {self.revision!r} of {self.repo} does not exist on the hub")
+        if isinstance(exc, RepositoryNotFoundError):
+            return SeedError(f"model {self.repo} not found on the hub (private? set HF_TOKEN)")
+        return SeedError(
+            f"the hub could not serve {where}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        )
+
+    def info(self) -> tuple[str, list[str]]:
+        """(commit sha, every file name) of the requested revision."""
+        try:
+            info = HfApi().model_info(self.repo, revision=self.revision)
+        except (HfHubHTTPError, OSError) as exc:
+            raise self._explain(exc) from exc
+        return str(info.sha), [sibling.rfilename for sibling in info.siblings or []]
+
+    def download(self, commit: str, filenames: list[str], local_dir: Path) -> Path:
+        try:
+            return Path(
+                snapshot_download(self.repo, revision=commit, allow_patterns=filenames, local_dir=local_dir)
+            )
+        except (HfHubHTTPError, OSError) as exc:
+            raise self._explain(exc) from exc
+
+
+def _components(model_index: Path) -> list[str]:
+    try:
+        index = json.loads(model_index.read_text())
+    except ValueError as exc:
+        raise SeedError(f"{MODEL_INDEX} on the hub is not JSON: {exc}") from exc
+    return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+
+
+def from_hub(
+    ref: str,
+    work_dir: Path,
+    *,
+    variant: str | None = None,
+    tiny_decoder: str | None = None,
+    revision: str | None = None,
+) -> LocalRelease:
+    """Download a diffusers pipeline (safetensors only) and, optionally, a tiny decoder into ``vae_tiny/``."""
+    repo, hub_revision = parse_model_ref(ref)
+    hub = Hub(repo, hub_revision)
+    commit, filenames = hub.info()
+    if MODEL_INDEX not in filenames:
+        raise SeedError(f"{repo} is not a diffusers pipeline: no {MODEL_INDEX} on the hub")
+    local_dir = Path(work_dir) / "hub" / repo.replace("/", "--") / commit
+    hub.download(commit, [MODEL_INDEX], local_dir)
+    selected = select_hub_files(filenames, _components(local_dir / MODEL_INDEX), variant)
+    hub.download(commit, sorted(selected), local_dir)
+    files = {release: _materialize(local_dir, repo_path, release) for repo_path, release in selected.items()}
+    source = f"hf://{repo}@{commit}" + (f" variant={variant}" if variant else "")
+    name = commit[:12] + (f"-{variant}" if variant else "")
+    if tiny_decoder:
+        decoder_repo, decoder_revision = parse_model_ref(tiny_decoder)
+        decoder_hub = Hub(decoder_repo, decoder_revision)
+        decoder_commit, decoder_files = decoder_hub.info()
+        wanted = ["config.json", "diffusion_pytorch_model.safetensors"]
+        if not set(wanted) <= set(decoder_files):
+            raise SeedError(f"{decoder_repo} has no {' + '.join(wanted)}: not a safetensors tiny decoder")
+        decoder_dir = Path(work_dir) / "hub" / decoder_repo.replace("/", "--") / decoder_commit
+        decoder_hub.download(decoder_commit, wanted, decoder_dir)
+        files.update({f"{TINY_DECODER_FOLDER}/{f}": decoder_dir / f for f in wanted})
+        source += f" + {TINY_DECODER_FOLDER}=hf://{decoder_repo}@{decoder_commit}"
+        name += f"-tiny{decoder_commit[:7]}"
+    return LocalRelease.from_files(files, source=source, revision=revision or name)
+
+
+def _materialize(local_dir: Path, repo_path: str, release_path: str) -> Path:
+    """The local file for ``release_path``; a renamed variant's shard index gets its map rewritten."""
+    path = local_dir / check_relative_path(repo_path)
+    if not path.is_file():
+        raise SeedError(f"the hub download lacks {repo_path}")
+    if repo_path == release_path or not release_path.endswith(".index.json"):
+        return path
+    try:
+        index = json.loads(path.read_text())
+        index["weight_map"] = {
+            key: _plain(file, m) if (m := _WEIGHTS.match(file)) else file
+            for key, file in index["weight_map"].items()
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SeedError(f"{repo_path} is not a shard index: {exc}") from exc
+    rewritten = local_dir.parent / f"{local_dir.name}.rewritten" / release_path
+    rewritten.parent.mkdir(parents=True, exist_ok=True)
+    rewritten.write_text(json.dumps(index, indent=2, sort_keys=True))
+    return rewritten

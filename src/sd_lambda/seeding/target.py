@@ -1,0 +1,76 @@
+"""Where seeding goes: the bucket, the seeder instance and its mount, from flags or the stack's outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sd_lambda.seeding.errors import SeedError
+
+DEFAULT_PREFIX = "models/"
+DEFAULT_MOUNT_PATH = "/mnt/models"
+
+# Target field -> (root output of the stack, command-line flag).
+OUTPUTS: dict[str, tuple[str, str]] = {
+    "bucket": ("weights_bucket", "--bucket"),
+    "prefix": ("weights_prefix", "--prefix"),
+    "instance_id": ("seeder_instance_id", "--instance-id"),
+    "mount_path": ("seeder_mount_path", "--mount-path"),
+    "region": ("region", "--region"),
+    "model_name": ("model_name", "--name"),
+}
+REQUIRED = ("bucket", "instance_id")
+
+
+@dataclass(frozen=True)
+class Target:
+    bucket: str
+    instance_id: str
+    prefix: str = DEFAULT_PREFIX
+    mount_path: str = DEFAULT_MOUNT_PATH
+    region: str | None = None
+    model_name: str | None = None  # the model folder the function serves
+
+    def revision_prefix(self, name: str, revision: str) -> str:
+        return (
+            f"{self.prefix.rstrip('/')}/{name}/{revision}/"
+            if self.prefix.strip("/")
+            else f"{name}/{revision}/"
+        )
+
+
+def _read_outputs(infra_dir: Path) -> dict[str, Any]:
+    from sd_lambda.stack_outputs import read_outputs
+
+    return read_outputs(infra_dir)
+
+
+def resolve_target(
+    flags: Mapping[str, str | None],
+    infra_dir: Path,
+    read_outputs: Callable[[Path], Mapping[str, Any]] = _read_outputs,
+) -> Target:
+    """Flags win; the stack's outputs (``terraform output``) fill the rest, read only when needed."""
+    values = {name: flags.get(name) for name in OUTPUTS}
+    if any(values[name] is None for name in REQUIRED):
+        try:
+            outputs = read_outputs(infra_dir)
+        except Exception as exc:  # any reason terraform can't tell us: say which flags replace it
+            flags_needed = " ".join(OUTPUTS[name][1] for name in REQUIRED if values[name] is None)
+            raise SeedError(f"cannot read the stack's outputs ({exc}); pass {flags_needed}") from exc
+        for name, (output, _) in OUTPUTS.items():
+            if values[name] is None and outputs.get(output) not in (None, ""):
+                values[name] = str(outputs[output])
+    missing = [OUTPUTS[name][1] for name in REQUIRED if not values[name]]
+    if missing:
+        raise SeedError(f"the stack has no seeder/bucket outputs (create = false?): pass {' '.join(missing)}")
+    return Target(
+        bucket=str(values["bucket"]),
+        instance_id=str(values["instance_id"]),
+        prefix=values["prefix"] or DEFAULT_PREFIX,
+        mount_path=values["mount_path"] or DEFAULT_MOUNT_PATH,
+        region=values["region"],
+        model_name=values["model_name"],
+    )
