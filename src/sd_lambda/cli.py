@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sd_lambda.client",
     "sd_lambda.local.cli",
     "sd_lambda.deploy",
+    "sd_lambda.seeding.cli",
 )
 
 
