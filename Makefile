@@ -66,3 +66,28 @@ $(CHECKOV_STAMP):
 
 security: $(CHECKOV_STAMP) ## checkov over infra/ and image/ offline (--skip-download); fails on any failed check
 	$(CHECKOV_VENV)/bin/checkov --directory infra --directory image --skip-download --compact --quiet
+
+# ---- container image and calling the function --------------------------------------------------------
+# Build for PLATFORM (Lambda runs linux/amd64 or linux/arm64: match the function's architecture).
+PLATFORM ?= linux/amd64
+IMAGE ?= sd-lambda:local
+DOCKER ?= docker
+# make invoke: PROMPT (required), URL (default: the stack's function_url output), OUT, ARGS (e.g. "--steps 20").
+OUT ?= out.png
+
+.PHONY: requirements build-image push-image invoke
+
+requirements: $(INSTALL_STAMP) ## Regenerate image/requirements.txt (the image's complete pinned lock) from pyproject
+	$(BIN)/sd-lambda requirements
+
+build-image: $(INSTALL_STAMP) ## docker build image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE
+	$(BIN)/sd-lambda build-image --platform "$(PLATFORM)" --tag "$(IMAGE)" --docker "$(DOCKER)"
+
+push-image: $(INSTALL_STAMP) ## Push IMAGE to the stack's ECR repo (tag git-<sha>), write its digest to .image-digest
+	$(BIN)/sd-lambda push-image --image "$(IMAGE)" --docker "$(DOCKER)" \
+		$(if $(REPOSITORY_URL),--repository-url "$(REPOSITORY_URL)",--infra "$(TF_ROOT)")
+
+invoke: $(INSTALL_STAMP) ## Generate one image through the function URL (SigV4): make invoke PROMPT="a red fox"
+	@test -n "$${PROMPT:-}" || { echo 'make invoke: set PROMPT="..." (and optionally URL=, OUT=, ARGS=)' >&2; exit 2; }
+	$(BIN)/sd-lambda generate $(if $(URL),--url "$(URL)",--infra "$(TF_ROOT)") --prompt "$$PROMPT" \
+		--output "$(OUT)" $(ARGS)

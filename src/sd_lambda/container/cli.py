@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sd_lambda.container.docker import Docker
 
 DEFAULT_PYPROJECT = Path("pyproject.toml")
 DEFAULT_LOCK = Path("image/requirements.txt")
@@ -27,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra index to resolve the CPU torch build from (e.g. https://download.pytorch.org/whl/cpu)",
     )
     parser.set_defaults(func=run_requirements)
+    register_image_commands(subparsers)
 
 
 def run_requirements(args: argparse.Namespace) -> int:
@@ -55,3 +60,116 @@ def run_requirements(args: argparse.Namespace) -> int:
     args.output.write_text(requirements.render(entries, environment))
     print(f"wrote {len(entries)} pinned packages to {args.output}")
     return 0
+
+
+# ---- build-image / push-image ------------------------------------------------------------------------
+
+DEFAULT_LOCAL_IMAGE = "sd-lambda:local"
+
+
+def docker_cli(binary: str) -> Docker:
+    """The docker runner the commands use (tests replace this function)."""
+    from sd_lambda.container.docker import DockerCLI
+
+    return DockerCLI(binary)
+
+
+def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
+    from sd_lambda.container.docker import DEFAULT_DOCKERFILE, DEFAULT_PLATFORM, PLATFORMS
+
+    build = subparsers.add_parser(
+        "build-image",
+        help="docker build the Lambda image (linux/amd64 by default, --platform linux/arm64)",
+        description="Build image/Dockerfile from the repository root with `docker build --platform`.",
+    )
+    build.add_argument("--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM)
+    build.add_argument("--tag", default=DEFAULT_LOCAL_IMAGE, help="local image name")
+    build.add_argument("--dockerfile", type=Path, default=DEFAULT_DOCKERFILE)
+    build.add_argument("--context", type=Path, default=Path("."))
+    build.add_argument(
+        "--build-arg", action="append", default=[], metavar="NAME=VALUE", help="e.g. BASE_DIGEST=sha256:..."
+    )
+    build.add_argument("--docker", default="docker", help="docker CLI to run")
+    build.set_defaults(func=run_build_image)
+
+    push = subparsers.add_parser(
+        "push-image",
+        help="push the built image to the stack's ECR repository and write .image-digest",
+        description="Log in to ECR (GetAuthorizationToken), tag with the git commit, push, record the digest",
+    )
+    push.add_argument("--image", default=DEFAULT_LOCAL_IMAGE, help="local image to push")
+    where = push.add_mutually_exclusive_group()
+    where.add_argument("--repository-url", help="<account>.dkr.ecr.<region>.amazonaws.com/<name>")
+    where.add_argument(
+        "--infra", type=Path, default=Path("infra"), help="stack whose ecr_repository_url to use"
+    )
+    push.add_argument("--tag", help="remote tag (default: git-<sha>, plus -dirty-<time> for a dirty tree)")
+    push.add_argument("--digest-file", type=Path, default=Path(".image-digest"))
+    push.add_argument("--docker", default="docker", help="docker CLI to run")
+    push.set_defaults(func=run_push_image)
+
+
+def run_build_image(args: argparse.Namespace) -> int:
+    from sd_lambda.cli import CommandError
+    from sd_lambda.container.docker import DockerFailed, DockerUnavailable, build
+
+    build_args = {}
+    for item in args.build_arg:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CommandError(f"--build-arg {item!r} is not NAME=VALUE")
+        build_args[name] = value
+    if not args.dockerfile.is_file():
+        raise CommandError(f"{args.dockerfile} not found (run from the repository root)")
+    try:
+        build(
+            docker_cli(args.docker),
+            args.tag,
+            platform=args.platform,
+            dockerfile=args.dockerfile,
+            context=args.context,
+            build_args=build_args,
+        )
+    except (DockerUnavailable, DockerFailed) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"built {args.tag} for {args.platform}")
+    return 0
+
+
+def run_push_image(args: argparse.Namespace) -> int:
+    import boto3
+    import botocore.exceptions
+
+    from sd_lambda.cli import CommandError
+    from sd_lambda.container import registry
+    from sd_lambda.container.docker import DockerFailed, DockerUnavailable
+
+    try:
+        repository = registry.Repository.parse(args.repository_url or _repository_from_stack(args.infra))
+        tag = args.tag or registry.image_tag(registry.git_state())
+        ecr = boto3.client("ecr", region_name=repository.region)
+        result = registry.push(docker_cli(args.docker), ecr, args.image, repository, tag)
+    except (registry.PushError, DockerUnavailable, DockerFailed) as exc:
+        raise CommandError(str(exc)) from None
+    except botocore.exceptions.NoCredentialsError:
+        raise CommandError(
+            "no AWS credentials found: configure a profile, SSO or environment credentials"
+        ) from None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise CommandError(f"ECR: {exc}") from None
+    registry.write_reference(args.digest_file, result.reference)
+    verb = "pushed" if result.pushed else "already in ECR (tags are immutable), reusing"
+    print(f"{verb} {repository.url}:{result.tag}")
+    print(result.reference)
+    print(f"wrote {args.digest_file}")
+    return 0
+
+
+def _repository_from_stack(infra: Path) -> str:
+    from sd_lambda.cli import CommandError
+    from sd_lambda.stack_outputs import StackError, read_outputs
+
+    try:
+        return str(read_outputs(infra, required=("ecr_repository_url",))["ecr_repository_url"])
+    except StackError as exc:
+        raise CommandError(f"{exc} (or pass --repository-url)") from None

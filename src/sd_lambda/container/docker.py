@@ -1,0 +1,101 @@
+"""The docker CLI, behind one small seam so build and push logic can be tested without an engine."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+DEFAULT_PLATFORM = "linux/amd64"
+PLATFORMS = ("linux/amd64", "linux/arm64")
+DEFAULT_DOCKERFILE = Path("image/Dockerfile")
+
+
+class DockerUnavailable(Exception):
+    """No docker CLI, or no engine behind it: build and push cannot run on this machine."""
+
+
+class DockerFailed(Exception):
+    """A docker command ran and failed; the message carries its last line of output."""
+
+
+class Docker(Protocol):
+    def __call__(
+        self, args: Sequence[str], *, stdin: str | None = None, env: Mapping[str, str] | None = None
+    ) -> str:
+        """Run ``docker <args>``; return stdout, raise DockerFailed on a non-zero exit."""
+        ...
+
+
+@dataclass
+class DockerCLI:
+    """The real thing: ``docker`` from PATH. Output of long commands (build, push) streams to the terminal."""
+
+    binary: str = "docker"
+    stream: bool = True
+
+    def _resolve(self) -> str:
+        path = shutil.which(self.binary)
+        if path is None:
+            raise DockerUnavailable(
+                f"{self.binary} not found on PATH: building and pushing the image needs Docker "
+                "(this machine has none; use a workstation or CI runner with a Docker engine)"
+            )
+        return path
+
+    def __call__(
+        self, args: Sequence[str], *, stdin: str | None = None, env: Mapping[str, str] | None = None
+    ) -> str:
+        import os
+
+        streaming = self.stream and args[:1] in (["build"], ["push"])
+        completed = subprocess.run(
+            [self._resolve(), *args],
+            input=stdin,
+            text=True,
+            capture_output=not streaming,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
+        if completed.returncode != 0:
+            detail = _last_line(completed.stderr or completed.stdout or "")
+            raise DockerFailed(f"docker {args[0]} failed (exit {completed.returncode}){detail}")
+        return completed.stdout or ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f": {lines[-1]}" if lines else ""
+
+
+def require_engine(docker: Docker) -> None:
+    """Fail with one clear line unless a Docker engine answers."""
+    try:
+        docker(["version", "--format", "{{.Server.Version}}"])
+    except DockerFailed as exc:
+        raise DockerUnavailable(
+            f"the Docker engine is not reachable ({exc}); start Docker and retry"
+        ) from None
+
+
+def build_command(
+    tag: str,
+    platform: str = DEFAULT_PLATFORM,
+    dockerfile: Path = DEFAULT_DOCKERFILE,
+    context: Path = Path("."),
+    build_args: Mapping[str, str] | None = None,
+) -> list[str]:
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform {platform!r} is not one Lambda runs: use one of {', '.join(PLATFORMS)}")
+    command = ["build", "--platform", platform, "--file", str(dockerfile), "--tag", tag]
+    for name, value in (build_args or {}).items():
+        command += ["--build-arg", f"{name}={value}"]
+    return [*command, str(context)]
+
+
+def build(docker: Docker, tag: str, **options: object) -> None:
+    require_engine(docker)
+    docker(build_command(tag, **options))  # type: ignore[arg-type]

@@ -1,0 +1,149 @@
+"""Push the built image to ECR and record exactly what was pushed: ``<repository>@sha256:<digest>``.
+
+The Lambda is deployed from that digest (``.image-digest``, read by ``sd_lambda.deploy``), never from a
+tag, so what runs is exactly what was pushed. Tags are the git commit (``git-<sha>``), plus a timestamp
+when the tree has uncommitted changes; the repository's tags are immutable, so a clean commit that is
+already in ECR is not pushed again: its digest is reused.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sd_lambda.container.docker import Docker, require_engine
+
+DEFAULT_DIGEST_FILE = Path(".image-digest")
+REPOSITORY_URL = re.compile(
+    r"^(?P<registry>(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?)"
+    r"/(?P<name>[a-z0-9][a-z0-9._/-]*)$"
+)
+
+
+class PushError(Exception):
+    """A one-line reason the push could not happen or could not be confirmed."""
+
+
+@dataclass(frozen=True)
+class Repository:
+    url: str
+    registry: str
+    account: str
+    region: str
+    name: str
+
+    @classmethod
+    def parse(cls, url: str) -> Repository:
+        match = REPOSITORY_URL.match(url.strip().removeprefix("https://").rstrip("/"))
+        if match is None:
+            raise PushError(
+                f"{url!r} is not an ECR repository URL (<account>.dkr.ecr.<region>.amazonaws.com/<name>)"
+            )
+        return cls(match.group(0), match["registry"], match["account"], match["region"], match["name"])
+
+
+@dataclass(frozen=True)
+class RegistryLogin:
+    registry: str
+    username: str
+    password: str
+
+
+def ecr_login(ecr: Any, repository: Repository) -> RegistryLogin:
+    """A short-lived docker login for the repository's registry, from ``ecr:GetAuthorizationToken``."""
+    data = ecr.get_authorization_token(registryIds=[repository.account])["authorizationData"][0]
+    username, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
+    if not password:
+        raise PushError("ECR returned an authorization token without a password")
+    return RegistryLogin(repository.registry, username, password)
+
+
+@dataclass(frozen=True)
+class GitState:
+    sha: str
+    dirty: bool
+
+
+def git_state(cwd: Path = Path(".")) -> GitState:
+    def git(*args: str) -> str:
+        completed = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            raise PushError(f"git {args[0]} failed: {completed.stderr.strip() or 'not a git checkout?'}")
+        return completed.stdout.strip()
+
+    return GitState(
+        sha=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--untracked-files=no"))
+    )
+
+
+def image_tag(state: GitState, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> str:
+    tag = f"git-{state.sha[:12]}"
+    return f"{tag}-dirty-{now():%Y%m%dT%H%M%SZ}" if state.dirty else tag
+
+
+def pushed_digest(ecr: Any, repository: Repository, tag: str) -> str | None:
+    """The digest ECR holds for ``tag``, or None if the tag is not there."""
+    try:
+        details = ecr.describe_images(
+            registryId=repository.account, repositoryName=repository.name, imageIds=[{"imageTag": tag}]
+        )
+    except ecr.exceptions.ImageNotFoundException:
+        return None
+    except ecr.exceptions.RepositoryNotFoundException:
+        raise PushError(
+            f"ECR repository {repository.name} does not exist in {repository.region}: deploy the stack first"
+        ) from None
+    images = details.get("imageDetails", [])
+    return images[0]["imageDigest"] if images else None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: str  # <repository url>@sha256:<digest>
+    tag: str
+    pushed: bool  # False when the same clean commit was already in ECR
+
+
+def push(docker: Docker, ecr: Any, local_image: str, repository: Repository, tag: str) -> PushResult:
+    """Tag ``local_image`` as ``repository:tag``, push it, and return the digest ECR recorded."""
+    require_engine(docker)
+    docker(["image", "inspect", "--format", "{{.Id}}", local_image])  # fails clearly if never built
+    existing = pushed_digest(ecr, repository, tag)
+    if existing is not None:
+        return PushResult(f"{repository.url}@{existing}", tag, pushed=False)
+    remote = f"{repository.url}:{tag}"
+    login = ecr_login(ecr, repository)
+    # A throwaway DOCKER_CONFIG: the ECR token never lands in ~/.docker/config.json.
+    with tempfile.TemporaryDirectory(prefix="sd-lambda-docker-") as config_dir:
+        env = {"DOCKER_CONFIG": config_dir}
+        docker(
+            ["login", "--username", login.username, "--password-stdin", login.registry],
+            stdin=login.password,
+            env=env,
+        )
+        docker(["tag", local_image, remote], env=env)
+        docker(["push", remote], env=env)
+    digest = pushed_digest(ecr, repository, tag)
+    if digest is None:
+        raise PushError(
+            f"docker push reported success but ECR has no image tagged {tag} in {repository.name}"
+        )
+    return PushResult(f"{repository.url}@{digest}", tag, pushed=True)
+
+
+def write_reference(path: Path, reference: str) -> None:
+    """Write ``<repo>@sha256:<digest>`` atomically: a reader never sees half a reference."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(reference + "\n")
+    os.replace(temporary, path)
