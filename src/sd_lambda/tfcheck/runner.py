@@ -3,12 +3,12 @@
 Each Terraform command runs in a child process whose working directory is the directory being checked
 (see :mod:`sd_lambda.tfcheck._terraform` for why). The child gets a CLI configuration whose
 ``dev_overrides`` point ``hashicorp/aws`` at a generated launcher for :mod:`sd_lambda.tfcheck.provider`,
-and its own ``TF_DATA_DIR`` under the cache directory, so checked directories stay clean.
+and a throw-away ``TF_DATA_DIR`` per check, so checked directories stay clean and two checks of one
+directory (parallel test runs) never share Terraform's working data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -141,21 +141,24 @@ class Workspace:
         os.chmod(handle.name, mode)
         os.replace(handle.name, path)
 
-    def data_dir(self, directory: Path) -> Path:
-        key = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
-        return self.cache_dir / "data" / f"{directory.name}-{key}"
-
-    def terraform(self, directory: Path, *args: str, data_overrides: Mapping[str, Any] | None = None) -> _Run:
+    def terraform(
+        self,
+        directory: Path,
+        *args: str,
+        data_dir: Path | None = None,
+        data_overrides: Mapping[str, Any] | None = None,
+    ) -> _Run:
         environment = {
             **os.environ,
             "TF_CLI_CONFIG_FILE": str(self.cli_config),
-            "TF_DATA_DIR": str(self.data_dir(directory)),
             "TF_IN_AUTOMATION": "1",
             "TF_INPUT": "0",
             "CHECKPOINT_DISABLE": "1",  # no version check over the network
             SCHEMA_ENV: str(self.schema_path),
             DATA_OVERRIDES_ENV: json.dumps(data_overrides or {}),
         }
+        if data_dir is not None:
+            environment["TF_DATA_DIR"] = str(data_dir)
         command = [sys.executable, "-m", "sd_lambda.tfcheck._terraform", *args]
         try:
             completed = subprocess.run(
@@ -204,10 +207,12 @@ def _failure(summary: str, run: _Run) -> Diagnostic:
     return Diagnostic("error", summary, (run.stderr or run.stdout).strip())
 
 
-def _init(workspace: Workspace, directory: Path, *, backend: bool = False) -> list[Diagnostic]:
+def _init(
+    workspace: Workspace, directory: Path, data_dir: Path, *, backend: bool = False
+) -> list[Diagnostic]:
     args = ["init", "-input=false", "-no-color", "-json"]
     args += ["-reconfigure"] if backend else ["-backend=false"]
-    run = workspace.terraform(directory, *args)
+    run = workspace.terraform(directory, *args, data_dir=data_dir)
     diagnostics = _json_lines_diagnostics(run.stdout)
     if run.returncode != 0 and not any(d.severity == "error" for d in diagnostics):
         diagnostics.append(_failure("terraform init failed", run))
@@ -224,10 +229,11 @@ def validate(directory: Path, *, workspace: Workspace | None = None) -> Validati
         missing = Diagnostic("error", "No Terraform files", f"{directory} has no *.tf or *.tf.json files.")
         return ValidationResult(directory, [missing])
     workspace = workspace or Workspace()
-    diagnostics = _init(workspace, directory)
-    if any(d.severity == "error" for d in diagnostics):
-        return ValidationResult(directory, diagnostics)
-    run = workspace.terraform(directory, "validate", "-json", "-no-color")
+    with tempfile.TemporaryDirectory(prefix="tfcheck-data-") as data_dir:
+        diagnostics = _init(workspace, directory, Path(data_dir))
+        if any(d.severity == "error" for d in diagnostics):
+            return ValidationResult(directory, diagnostics)
+        run = workspace.terraform(directory, "validate", "-json", "-no-color", data_dir=Path(data_dir))
     try:
         report = json.loads(run.stdout)
         diagnostics += _relevant([Diagnostic.from_terraform(raw) for raw in report.get("diagnostics", [])])
@@ -278,7 +284,8 @@ def plan(
         scratch = Path(scratch_name)
         override = _backend_override(directory, scratch)
         try:
-            diagnostics = _init(workspace, directory, backend=override is not None)
+            data_dir = scratch / "data"
+            diagnostics = _init(workspace, directory, data_dir, backend=override is not None)
             if any(d.severity == "error" for d in diagnostics):
                 raise PlanError(directory, diagnostics)
             variables_file = scratch / "variables.tfvars.json"
@@ -287,13 +294,15 @@ def plan(
             args = ["plan", "-input=false", "-lock=false", "-no-color", "-json", f"-out={plan_file}"]
             args += [f"-var-file={Path(path).resolve()}" for path in var_files]
             args.append(f"-var-file={variables_file}")
-            run = workspace.terraform(directory, *args, data_overrides=data_overrides)
+            run = workspace.terraform(directory, *args, data_dir=data_dir, data_overrides=data_overrides)
             diagnostics = _json_lines_diagnostics(run.stdout)
             if run.returncode != 0:
                 if not any(d.severity == "error" for d in diagnostics):
                     diagnostics.append(_failure("terraform plan failed", run))
                 raise PlanError(directory, diagnostics)
-            shown = workspace.terraform(directory, "show", "-json", "-no-color", str(plan_file))
+            shown = workspace.terraform(
+                directory, "show", "-json", "-no-color", str(plan_file), data_dir=data_dir
+            )
         finally:
             if override is not None:
                 override.unlink(missing_ok=True)
