@@ -99,6 +99,8 @@ class LocalLambda:
         """Invoke with ``event`` (bytes are sent as they are, anything else as JSON)."""
         payload = event if isinstance(event, bytes) else json.dumps(event).encode()
         with self._lock:
+            if self.runtime.init_error is not None:
+                self._stop_process()  # an environment whose init failed is discarded; the next one retries
             if self._process is None or self._process.poll() is not None:
                 self._spawn()
             result = self.runtime.invoke(payload, timeout_s)

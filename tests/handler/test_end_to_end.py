@@ -1,0 +1,205 @@
+"""End to end: ``python -m awslambdaric sd_lambda.handler.handler`` in a subprocess, exactly the image's
+command, against the local Runtime API, with HTTP through the function URL front door.
+
+Each environment start imports torch (seconds), so environments are module-scoped and few.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TEST_MODEL_NAME, TEST_REVISION, seed_release
+from PIL import Image
+
+from sd_lambda.local.frontdoor import FrontDoor
+from sd_lambda.local.launcher import LocalLambda
+
+from .conftest import url_event
+
+WAIT = 300  # an upper bound for a request on a busy two-core machine, never a pace
+INJECTED = "raise an injected failure"
+# Test-only: the function's interpreter imports this at start-up because it is on PYTHONPATH, so the
+# failure is injected into the real process without any hook in production code.
+SITECUSTOMIZE = f"""
+import sd_lambda.engine as engine
+
+_generate = engine.Engine.generate
+
+
+def generate(self, params):
+    if params.prompt == {INJECTED!r}:
+        raise RuntimeError("injected failure in generate")
+    return _generate(self, params)
+
+
+engine.Engine.generate = generate
+"""
+
+
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+class Served:
+    def __init__(self, environment: LocalLambda, door: FrontDoor, log_path: Path) -> None:
+        self.environment, self.door, self.log_path = environment, door, log_path
+
+    def health(self) -> dict[str, Any]:
+        status, _, body = http("GET", f"{self.door.url}/health")
+        assert status == 200, body
+        return json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def served(module_model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    log_path = hooks / "lambda.log"
+    env = {"MODEL_ROOT": str(module_model_root), "MODEL_NAME": TEST_MODEL_NAME, "PYTHONPATH": str(hooks)}
+    with (
+        LocalLambda(env, timeout_s=WAIT, log_path=log_path) as environment,
+        FrontDoor(environment.invoke, queue_size=8) as door,
+    ):
+        yield Served(environment, door, log_path)
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def test_png_decodes_at_the_requested_size(served: Served) -> None:
+    body = {"prompt": "a red fox", "num_inference_steps": 2, "width": 48, "height": 40, "seed": 3}
+    status, headers, data = http("POST", f"{served.door.url}/", body)
+    assert status == 200
+    assert headers["content-type"] == "image/png"
+    assert png(data).size == (48, 40)
+    assert (headers["x-seed"], headers["x-model-revision"]) == ("3", TEST_REVISION)
+
+
+def test_same_seed_gives_identical_bytes(served: Served) -> None:
+    body = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 1234}
+    first = http("POST", f"{served.door.url}/", body)
+    second = http("POST", f"{served.door.url}/", body)
+    other = http("POST", f"{served.door.url}/", {**body, "seed": 1235})
+    assert first[0] == second[0] == other[0] == 200
+    assert first[2] == second[2]
+    assert first[2] != other[2]
+
+
+def test_direct_invoke_returns_a_json_object(served: Served) -> None:
+    result = served.environment.invoke({"prompt": "a fox", "num_inference_steps": 1, "seed": 5})
+    assert result.ok
+    value = json.loads(result.payload)
+    assert {"image", "seed", "model", "timings"} <= set(value)
+    assert value["seed"] == 5
+    assert value["model"] == {"name": TEST_MODEL_NAME, "revision": TEST_REVISION}
+    assert {"load", "inference", "encode"} <= set(value["timings"])
+    assert png(base64.b64decode(value["image"])).size == (64, 64)
+
+
+def test_function_url_event_through_the_runtime(served: Served) -> None:
+    result = served.environment.invoke(url_event(body={"prompt": "x", "seed": -1}))
+    response = json.loads(result.payload)
+    assert response["statusCode"] == 400
+    assert json.loads(response["body"])["error"]["code"] == "out_of_range"
+
+
+def test_injected_exception_is_500_and_the_next_request_succeeds(served: Served) -> None:
+    loads = served.health()["loads"]
+    status, headers, body = http(
+        "POST", f"{served.door.url}/", {"prompt": INJECTED, "num_inference_steps": 1}
+    )
+    assert status == 500
+    error = json.loads(body)["error"]
+    assert error["code"] == "internal_error"
+    assert error["request_id"] == headers["x-request-id"]
+    assert b"injected" not in body
+    assert b"Traceback" not in body
+    logged = [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]
+    failure = next(line for line in logged if line.get("request_id") == error["request_id"])
+    assert failure["status"] == 500
+    assert "injected failure in generate" in failure["exception"]
+    status, _, data = http("POST", f"{served.door.url}/", {"prompt": "a fox", "num_inference_steps": 1})
+    assert status == 200
+    png(data)
+    assert served.health()["loads"] == loads == 1
+    assert served.environment.starts == 1
+
+
+def test_eight_concurrent_requests_all_get_valid_images(served: Served) -> None:
+    answers: dict[int, tuple[int, dict, bytes]] = {}
+
+    def send(seed: int) -> None:
+        answers[seed] = http(
+            "POST", f"{served.door.url}/", {"prompt": "a fox", "num_inference_steps": 1, "seed": seed}
+        )
+
+    threads = [threading.Thread(target=send, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(answers) == list(range(8))
+    for seed, (status, headers, data) in answers.items():
+        assert status == 200
+        assert headers["x-seed"] == str(seed)
+        assert png(data).size == (64, 64)
+    assert served.health()["loads"] == 1
+
+
+def test_health_through_the_front_door(served: Served) -> None:
+    health = served.health()
+    assert health["model"] == TEST_MODEL_NAME
+    assert health["revision"] == TEST_REVISION
+    assert {"threads", "dtype", "loaded"} <= set(health)
+
+
+def test_missing_current_is_503_until_seeded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    root = tmp_path / "models"
+    env = {"MODEL_ROOT": str(root), "MODEL_NAME": "late"}
+    with (
+        LocalLambda(env, timeout_s=WAIT, log_path=tmp_path / "lambda.log") as environment,
+        FrontDoor(environment.invoke) as door,
+    ):
+        status, _, body = http("POST", f"{door.url}/", {"prompt": "a fox", "num_inference_steps": 1})
+        assert status == 503
+        error = json.loads(body)["error"]
+        assert error["code"] == "model_not_seeded"
+        assert str(root / "late" / "current") in error["message"]
+        seed_release(root, "late", "r9", tiny_model_dir)
+        status, headers, _ = http("POST", f"{door.url}/", {"prompt": "a fox", "num_inference_steps": 1})
+        assert status == 200
+        assert headers["x-model-revision"] == "r9"
+        assert environment.starts == 1
+
+
+def test_init_error_is_reported_and_the_next_invoke_starts_a_fresh_environment(tmp_path: Path) -> None:
+    with LocalLambda(
+        handler="sd_lambda.no_such_module.handler", log_path=tmp_path / "lambda.log"
+    ) as environment:
+        result = environment.invoke({"prompt": "x"})
+        assert result.error_type == "Runtime.ImportModuleError"
+        assert "no_such_module" in result.error["errorMessage"]
+        starts = environment.starts
+        assert environment.invoke({"prompt": "x"}).error_type == "Runtime.ImportModuleError"
+        assert environment.starts == starts + 1
