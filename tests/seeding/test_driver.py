@@ -1,0 +1,337 @@
+"""The operator's side with moto (S3, EC2, IAM, SSM) and botocore's Stubber where moto has no answer."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+
+from sd_lambda.layout import MANIFEST, Manifest
+from sd_lambda.seeding import flow
+from sd_lambda.seeding.errors import SeedError
+from sd_lambda.seeding.payload import program_bytes, program_sha256
+from sd_lambda.seeding.remote import DOCUMENT, run_command, shell_script
+from sd_lambda.seeding.seeder import Seeder
+from sd_lambda.seeding.sources import from_dir
+from sd_lambda.seeding.target import Target
+from sd_lambda.seeding.upload import SHA256_METADATA, check_bucket
+
+from .conftest import REGION, make_model
+
+NAME = "acme--tiny-sd"
+AMI_ID = "ami-12c6146b"  # one of the images moto knows
+COMMAND_ID = "0b5f3c1e-1111-4222-8333-944455556666"
+
+
+class FakeClock:
+    """time.monotonic + time.sleep without waiting: sleeping advances the clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def aws(aws_env: dict[str, str]) -> Iterator[flow.AwsClients]:
+    with mock_aws():
+        yield flow.AwsClients.create(REGION)
+
+
+def _instance(clients: flow.AwsClients, state: str = "stopped") -> str:
+    """A seeder like the stack's: an instance with an instance profile, IMDSv2 required."""
+    iam = boto3.client("iam", region_name=REGION)
+    iam.create_role(RoleName="seeder", AssumeRolePolicyDocument="{}")
+    iam.create_instance_profile(InstanceProfileName="seeder")
+    iam.add_role_to_instance_profile(InstanceProfileName="seeder", RoleName="seeder")
+    instance_id = clients.ec2.run_instances(
+        ImageId=AMI_ID,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.small",
+        IamInstanceProfile={"Name": "seeder"},
+        MetadataOptions={"HttpTokens": "required"},
+    )["Instances"][0]["InstanceId"]
+    if state == "stopped":
+        clients.ec2.stop_instances(InstanceIds=[instance_id])
+    return str(instance_id)
+
+
+def _state(clients: flow.AwsClients, instance_id: str) -> str:
+    reservations = clients.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+
+def _target(clients: flow.AwsClients, instance_id: str = "i-0123456789abcdef0") -> Target:
+    clients.s3.create_bucket(Bucket="weights")
+    return Target(bucket="weights", instance_id=instance_id, region=REGION)
+
+
+# --- upload ----------------------------------------------------------------------------------------
+
+
+def test_upload_writes_objects_then_manifest(aws: flow.AwsClients, tmp_path: Path) -> None:
+    target = _target(aws)
+    release = from_dir(make_model(tmp_path / "m", "v1"))
+    staged = flow.stage_local(aws, target, release, NAME, "r1", progress=False)
+    assert staged.key_prefix == f"models/{NAME}/r1/"
+    assert staged.uploaded == {"uploaded_files": 4, "skipped_files": 0}
+    raw = aws.s3.get_object(Bucket="weights", Key=staged.key_prefix + MANIFEST)["Body"].read()
+    assert hashlib.sha256(raw).hexdigest() == staged.manifest_sha256
+    manifest = Manifest.from_json(raw.decode())
+    assert manifest.files == release.manifest.files
+    assert manifest.source.startswith("dir:")
+    for entry in manifest.files:
+        head = aws.s3.head_object(Bucket="weights", Key=staged.key_prefix + entry.path)
+        assert head["Metadata"][SHA256_METADATA] == entry.sha256
+        assert head["ContentLength"] == entry.size
+        body = aws.s3.get_object(Bucket="weights", Key=staged.key_prefix + entry.path)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry.sha256
+
+
+def test_upload_skips_unchanged_and_keeps_the_manifest(aws: flow.AwsClients, tmp_path: Path) -> None:
+    target = _target(aws)
+    folder = make_model(tmp_path / "m", "v1")
+    first = flow.stage_local(aws, target, from_dir(folder), NAME, "r1", progress=False)
+    again = flow.stage_local(aws, target, from_dir(folder), NAME, "r1", progress=False)
+    assert again.uploaded == {"uploaded_files": 0, "skipped_files": 4}
+    # The manifest's bytes (and so the sha256 the seeder pins) survive a re-run.
+    assert again.manifest_sha256 == first.manifest_sha256
+
+    # An object lost (or replaced) in S3 is uploaded again, and only that one.
+    aws.s3.put_object(Bucket="weights", Key=first.key_prefix + "unet/part1.safetensors", Body=b"x")
+    repaired = flow.stage_local(aws, target, from_dir(folder), NAME, "r1", progress=False)
+    assert repaired.uploaded == {"uploaded_files": 1, "skipped_files": 3}
+
+
+def test_upload_never_overwrites_other_content(aws: flow.AwsClients, tmp_path: Path) -> None:
+    target = _target(aws)
+    flow.stage_local(aws, target, from_dir(make_model(tmp_path / "a", "v1")), NAME, "r1", progress=False)
+    with pytest.raises(SeedError, match="already holds a different revision"):
+        flow.stage_local(aws, target, from_dir(make_model(tmp_path / "b", "v2")), NAME, "r1", progress=False)
+
+
+def test_missing_bucket(aws: flow.AwsClients) -> None:
+    with pytest.raises(SeedError, match="bucket nope does not exist"):
+        check_bucket(aws.s3, "nope")
+
+
+def test_access_denied_names_the_permission(aws_env: dict[str, str]) -> None:
+    s3 = boto3.client("s3", region_name=REGION)
+    with Stubber(s3) as stub:
+        stub.add_client_error("head_bucket", service_error_code="403", http_status_code=403)
+        with pytest.raises(SeedError, match=r"AccessDenied: you need s3:ListBucket on arn:aws:s3:::weights"):
+            check_bucket(s3, "weights")
+    ssm = boto3.client("ssm", region_name=REGION)
+    with Stubber(ssm) as stub:
+        stub.add_client_error(
+            "send_command",
+            service_error_code="AccessDeniedException",
+            service_message="User: arn:aws:iam::1:user/op is not authorized to perform: ssm:SendCommand",
+        )
+        with pytest.raises(SeedError, match=r"AccessDenied: you need ssm:SendCommand on i-1"):
+            run_command(ssm, "i-1", ["true"], execution_timeout=60, comment="c")
+
+
+def test_from_s3_reads_the_uploaded_manifest(aws: flow.AwsClients, tmp_path: Path) -> None:
+    target = _target(aws)
+    staged = flow.stage_local(
+        aws, target, from_dir(make_model(tmp_path / "m", "v1")), NAME, "r1", progress=False
+    )
+    again = flow.stage_s3(aws, f"s3://weights/models/{NAME}/r1/")
+    assert (again.name, again.revision, again.manifest_sha256) == (NAME, "r1", staged.manifest_sha256)
+    with pytest.raises(SeedError, match="manifest.json does not exist"):
+        flow.stage_s3(aws, f"s3://weights/models/{NAME}/r2/")
+
+
+# --- the seeder --------------------------------------------------------------------------------------
+
+
+def _online_stub(client: Any, statuses: list[str | None], instance_id: str) -> Stubber:
+    stub = Stubber(client)
+    for status in statuses:
+        found = [] if status is None else [{"InstanceId": instance_id, "PingStatus": status}]
+        stub.add_response(
+            "describe_instance_information",
+            {"InstanceInformationList": found},
+            {"Filters": [{"Key": "InstanceIds", "Values": [instance_id]}]},
+        )
+    return stub
+
+
+def test_start_wait_online(aws: flow.AwsClients) -> None:
+    instance_id = _instance(aws, "stopped")
+    ssm = boto3.client("ssm", region_name=REGION)
+    clock = FakeClock()
+    seeder = Seeder(aws.ec2, ssm, instance_id, sleep=clock.sleep, clock=clock, log=lambda _: None)
+    assert seeder.ensure_running() is True
+    assert _state(aws, instance_id) == "running"
+    assert seeder.ensure_running() is False  # already running: not ours to stop
+    with _online_stub(ssm, [None, "ConnectionLost", "Online"], instance_id) as stub:
+        seeder.wait_online(timeout=60)
+        stub.assert_no_pending_responses()
+    assert clock.sleeps == [5.0, 5.0]
+    seeder.stop()
+    assert _state(aws, instance_id) in {"stopping", "stopped"}
+
+
+def test_agent_never_online(aws: flow.AwsClients) -> None:
+    ssm = boto3.client("ssm", region_name=REGION)
+    clock = FakeClock()
+    seeder = Seeder(aws.ec2, ssm, "i-1", poll_interval=10, sleep=clock.sleep, clock=clock)
+    with _online_stub(ssm, [None] + ["ConnectionLost"] * 3, "i-1"), pytest.raises(SeedError) as caught:
+        seeder.wait_online(timeout=30)
+    assert "not Online after 30s (status: ConnectionLost)" in str(caught.value)
+    assert clock.now == 30
+
+
+def test_instance_not_found(aws: flow.AwsClients) -> None:
+    seeder = Seeder(aws.ec2, aws.ssm, "i-0123456789abcdef0")
+    with pytest.raises(SeedError, match="seeder instance i-0123456789abcdef0 not found"):
+        seeder.ensure_running()
+
+
+def test_terminated_instance(aws: flow.AwsClients) -> None:
+    instance_id = _instance(aws, "running")
+    aws.ec2.terminate_instances(InstanceIds=[instance_id])
+    with pytest.raises(SeedError, match="is terminated: re-apply the stack"):
+        Seeder(aws.ec2, aws.ssm, instance_id).ensure_running()
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+class SsmWithStubbedAgent:
+    """moto's SSM for everything it does; a Stubber'd client for what only a real agent can answer."""
+
+    def __init__(self, moto_ssm: Any, stubbed: Any) -> None:
+        self.moto_ssm = moto_ssm
+        self.stubbed = stubbed
+
+    def __getattr__(self, name: str) -> Any:
+        if name in {"describe_instance_information", "get_command_invocation"}:
+            return getattr(self.stubbed, name)
+        return getattr(self.moto_ssm, name)
+
+
+def _expected_argv(staged: flow.S3Release) -> list[str]:
+    return [
+        "sync", "--mount", "/mnt/models", "--require-mount", "--name", NAME, "--revision", "r1",
+        "--bucket", "weights", "--s3-prefix", f"models/{NAME}/r1/", "--manifest-sha256", staged.manifest_sha256,
+        "--keep", "3", "--owner", "1000:1000", "--lock-timeout", "0", "--region", REGION,
+    ]  # fmt: skip
+
+
+def test_seed_sends_the_exact_command_and_stops_the_seeder(aws: flow.AwsClients, tmp_path: Path) -> None:
+    instance_id = _instance(aws, "stopped")
+    target = _target(aws, instance_id)
+    staged = flow.stage_local(
+        aws, target, from_dir(make_model(tmp_path / "m", "v1")), NAME, "r1", progress=False
+    )
+    stubbed = boto3.client("ssm", region_name=REGION)
+    result = {"model": NAME, "revision": "r1", "previous": None}
+    with _online_stub(stubbed, ["Online"], instance_id) as stub:
+        stub.add_response("get_command_invocation", {"Status": "InProgress"})
+        stub.add_response(
+            "get_command_invocation",
+            {"Status": "Success", "ResponseCode": 0, "StandardOutputContent": "RESULT " + json.dumps(result)},
+        )
+        clients = flow.AwsClients(aws.s3, aws.ec2, SsmWithStubbedAgent(aws.ssm, stubbed))
+        clock = FakeClock()
+        options = flow.RunOptions(sleep=clock.sleep, clock=clock)
+        assert flow.sync_on_seeder(clients, target, staged, options) == result
+        stub.assert_no_pending_responses()
+    assert _state(aws, instance_id) in {"stopping", "stopped"}
+
+    (command,) = aws.ssm.list_commands()["Commands"]
+    assert command["DocumentName"] == DOCUMENT == "AWS-RunShellScript"
+    assert command["InstanceIds"] == [instance_id]
+    assert command["Parameters"]["executionTimeout"] == ["3600"]
+    assert command["Comment"] == f"sd-lambda seed {NAME}@r1"
+    lines = command["Parameters"]["commands"]
+    assert lines == shell_script(_expected_argv(staged))
+    # The program travels inside the command, byte for byte, with its checksum.
+    encoded = re.search(r"printf '%s' '([A-Za-z0-9+/=]+)'", "\n".join(lines))
+    assert encoded is not None
+    assert base64.b64decode(encoded.group(1)) == program_bytes()
+    assert program_sha256() in lines[4]
+    assert len("\n".join(lines).encode()) < 32 * 1024
+
+
+def test_keep_running_leaves_the_seeder_up(aws: flow.AwsClients, tmp_path: Path) -> None:
+    instance_id = _instance(aws, "stopped")
+    target = _target(aws, instance_id)
+    stubbed = boto3.client("ssm", region_name=REGION)
+    with _online_stub(stubbed, ["Online"], instance_id) as stub:
+        stub.add_response(
+            "get_command_invocation", {"Status": "Success", "StandardOutputContent": "RESULT {}"}
+        )
+        clients = flow.AwsClients(aws.s3, aws.ec2, SsmWithStubbedAgent(aws.ssm, stubbed))
+        flow.rollback(clients, target, NAME, "r1", flow.RunOptions(keep_running=True))
+    assert _state(aws, instance_id) == "running"
+    (command,) = aws.ssm.list_commands()["Commands"]
+    assert command["Parameters"]["commands"][-1].endswith(
+        f"rollback --mount /mnt/models --require-mount --name {NAME} --revision r1 --lock-timeout 0"
+    )
+
+
+def test_command_failure_reports_the_error_tail(
+    aws: flow.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    instance_id = _instance(aws, "running")
+    target = _target(aws, instance_id)
+    stubbed = boto3.client("ssm", region_name=REGION)
+    stderr = (
+        "syncing 4 files\nerror: manifest mismatch: s3://weights/models/x/r1/unet/a.safetensors has sha256 1"
+    )
+    with _online_stub(stubbed, ["Online"], instance_id) as stub:
+        stub.add_client_error("get_command_invocation", service_error_code="InvocationDoesNotExist")
+        stub.add_response(
+            "get_command_invocation", {"Status": "Failed", "ResponseCode": 1, "StandardErrorContent": stderr}
+        )
+        clients = flow.AwsClients(aws.s3, aws.ec2, SsmWithStubbedAgent(aws.ssm, stubbed))
+        clock = FakeClock()
+        with pytest.raises(SeedError) as caught:
+            flow.rollback(clients, target, NAME, "r1", flow.RunOptions(sleep=clock.sleep, clock=clock))
+    assert str(caught.value).startswith("the seeder's run Failed (exit 1): manifest mismatch: s3://weights")
+    assert "  | syncing 4 files" in capsys.readouterr().err
+    assert _state(aws, instance_id) == "running"  # it was running before: not ours to stop
+
+
+def test_command_timeout_cancels(aws_env: dict[str, str]) -> None:
+    ssm = boto3.client("ssm", region_name=REGION)
+    clock = FakeClock()
+    with Stubber(ssm) as stub:
+        stub.add_response("send_command", {"Command": {"CommandId": COMMAND_ID}})
+        for _ in range(9):  # polls at t = 0, 100, ... 800; the deadline is 600 + 60 + 120
+            stub.add_response("get_command_invocation", {"Status": "InProgress"})
+        stub.add_response("cancel_command", {}, {"CommandId": COMMAND_ID, "InstanceIds": ["i-1"]})
+        with pytest.raises(SeedError, match=f"command {COMMAND_ID} on i-1 still InProgress after 60s"):
+            run_command(
+                ssm,
+                "i-1",
+                ["true"],
+                execution_timeout=60,
+                comment="c",
+                poll_interval=100,
+                sleep=clock.sleep,
+                clock=clock,
+            )
+        stub.assert_no_pending_responses()
+    assert clock.now == 800  # gave up at the first poll past delivery + execution timeout + margin
