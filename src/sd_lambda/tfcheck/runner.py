@@ -28,7 +28,8 @@ PROVIDER_EXECUTABLE = "terraform-provider-aws"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[3] / ".cache" / "tfcheck"
 COMMAND_TIMEOUT_SECONDS = 600
 _BACKEND_BLOCK = re.compile(r'^\s*backend\s+"[^"]+"', re.MULTILINE)
-_BACKEND_OVERRIDE_FILE = "_tfcheck_backend_override.tf"
+# Override files merge in file-name order: "zz_" sorts after any other override, so this one wins.
+_BACKEND_OVERRIDE_FILE = "zz_tfcheck_backend_override.tf"
 # Terraform's warning that dev_overrides are active: that is this tool working as designed.
 _EXPECTED_WARNING = "Provider development overrides are in effect"
 
