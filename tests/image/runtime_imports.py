@@ -1,0 +1,75 @@
+"""Run by the image venv's python: which imports of the Lambda's code cannot be satisfied there?
+
+Walks ``sd_lambda.handler`` and every ``sd_lambda`` module it imports (at module level or inside
+functions, so lazy imports on rare paths count too) and prints, as JSON, each external top-level module
+the walk found and whether this interpreter can import it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+
+def imported_names(path: str, package: str) -> set[str]:
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), path)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def source_of(name: str, package_dir: Path) -> tuple[Path, bool] | None:
+    """(file, is_package) for an ``sd_lambda`` module, found without importing anything."""
+    relative = Path(*name.split(".")[1:])
+    if (package_dir / relative / "__init__.py").is_file():
+        return package_dir / relative / "__init__.py", True
+    if relative.parts and (package_dir / relative).with_suffix(".py").is_file():
+        return (package_dir / relative).with_suffix(".py"), False
+    return None  # "from package import name" where name is not a module
+
+
+def main(root: str) -> None:
+    spec = importlib.util.find_spec("sd_lambda")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("sd_lambda is not installed in this interpreter")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    seen: set[str] = set()
+    external: set[str] = set()
+    frontier = [root]
+    while frontier:
+        name = frontier.pop()
+        found = source_of(name, package_dir)
+        if name in seen or found is None:
+            continue
+        seen.add(name)
+        path, is_package = found
+        package = name if is_package else name.rpartition(".")[0]
+        for imported in imported_names(str(path), package):
+            top = imported.split(".")[0]
+            if top == "sd_lambda":
+                frontier.append(imported)
+            elif top and top not in sys.stdlib_module_names and top != "__future__":
+                external.add(top)
+    report = {
+        "package_dir": str(package_dir),
+        "modules": sorted(seen),
+        "external": {top: importlib.util.find_spec(top) is not None for top in sorted(external)},
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "sd_lambda.handler")
