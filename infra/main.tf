@@ -177,5 +177,6 @@ module "lambda" {
 
   kms_key_arn         = local.kms_key_arn
   log_retention_days  = var.log_retention_days
+  create_alarms       = var.create_alarms
   alarm_sns_topic_arn = var.alarm_sns_topic_arn
 }

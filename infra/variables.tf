@@ -149,8 +149,14 @@ variable "log_retention_days" {
   }
 }
 
+variable "create_alarms" {
+  description = "Create CloudWatch alarms on the function's Errors, Throttles and Duration (near the timeout), notifying alarm_sns_topic_arn."
+  type        = bool
+  default     = false
+}
+
 variable "alarm_sns_topic_arn" {
-  description = "SNS topic that receives the Errors, Throttles and Duration alarms. Null: no alarms."
+  description = "SNS topic the alarms notify (create_alarms = true)."
   type        = string
   default     = null
 

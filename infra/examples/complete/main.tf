@@ -26,5 +26,6 @@ module "sd_lambda" {
     SD_MAX_STEPS = "30"
   }
 
+  create_alarms       = true
   alarm_sns_topic_arn = aws_sns_topic.alarms.arn
 }

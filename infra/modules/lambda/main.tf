@@ -264,7 +264,7 @@ data "aws_iam_policy_document" "invoker" {
 ################################################################################
 
 locals {
-  alarms = var.alarm_sns_topic_arn != null && local.create_function ? {
+  alarms = var.create_alarms && local.create_function ? {
     errors = {
       metric    = "Errors"
       statistic = "Sum"
@@ -305,4 +305,11 @@ resource "aws_cloudwatch_metric_alarm" "this" {
   ok_actions          = [var.alarm_sns_topic_arn]
 
   tags = var.tags
+
+  lifecycle {
+    precondition {
+      condition     = var.alarm_sns_topic_arn != null
+      error_message = "create_alarms = true needs alarm_sns_topic_arn."
+    }
+  }
 }

@@ -218,8 +218,14 @@ variable "tracing_mode" {
 # Alarms
 ################################################################################
 
+variable "create_alarms" {
+  description = "Create the Errors, Throttles and Duration alarms (needs alarm_sns_topic_arn). A separate flag because the topic ARN may only be known after apply."
+  type        = bool
+  default     = false
+}
+
 variable "alarm_sns_topic_arn" {
-  description = "SNS topic for the Errors, Throttles and Duration alarms. Null: no alarms."
+  description = "SNS topic the alarms notify (create_alarms = true)."
   type        = string
   default     = null
 }
