@@ -1,0 +1,171 @@
+"""image/Dockerfile and .dockerignore say what the image must be (no Docker engine needed to read them)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "image" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [value for kw, value in self.instructions if kw == keyword]
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """Global ARG defaults and the stages, with continuation lines joined and comments dropped."""
+    logical, current = [], ""
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        current += (
+            " " + stripped.removesuffix("\\").strip() if current else stripped.removesuffix("\\").strip()
+        )
+        if not stripped.endswith("\\"):
+            logical.append(current)
+            current = ""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, value = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.match(r"^(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?$", value, re.IGNORECASE)
+            assert match, line
+            stages.append(Stage(match[1], match[2]))
+        elif not stages:
+            assert keyword == "ARG", f"only ARG may precede FROM: {line}"
+            name, _, default = value.partition("=")
+            global_args[name] = default
+        else:
+            stages[-1].instructions.append((keyword, value))
+    return global_args, stages
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> tuple[dict[str, str], list[Stage]]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+def test_base_is_slim_python_311_pinned_by_digest_build_arg(dockerfile) -> None:
+    global_args, stages = dockerfile
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", global_args["BASE_DIGEST"])
+    assert [stage.base for stage in stages] == ["python:3.11-slim-bookworm@${BASE_DIGEST}"] * len(stages)
+
+
+def test_multi_stage_and_the_runtime_stage_installs_nothing(dockerfile) -> None:
+    _, stages = dockerfile
+    assert len(stages) >= 2
+    runtime = stages[-1]
+    runs = " ".join(runtime.all("RUN"))
+    for tool in ("pip ", "apt-get", "gcc", "make ", "curl", "wget"):
+        assert tool not in runs, f"the runtime stage must not run {tool.strip()}"
+    assert runtime.all("COPY") == [f"--from={stages[0].name} /opt/venv /opt/venv"]
+
+
+def test_torch_comes_from_the_cpu_index_and_the_lock_is_installed_without_resolving(dockerfile) -> None:
+    _, stages = dockerfile
+    build = stages[0]
+    assert f"TORCH_INDEX_URL={CPU_INDEX}" in build.all("ARG")
+    install = " ".join(build.all("RUN"))
+    assert '--index-url "${TORCH_INDEX_URL}"' in install
+    assert "-r /tmp/pypi-requirements.txt" in install
+    assert all("--no-deps" in run for run in build.all("RUN") if "pip install" in run)
+    assert "torch.version.cuda is None" in install
+    assert "cu1" not in DOCKERFILE.read_text()  # no CUDA wheel index anywhere
+    assert "pip check" in install
+
+
+def test_package_is_installed_without_extras(dockerfile) -> None:
+    _, stages = dockerfile
+    package_installs = [run for run in stages[0].all("RUN") if "/tmp/sd-lambda" in run]
+    assert package_installs
+    assert not any("[" in run for run in package_installs)  # no ".[ops]" / ".[dev]"
+
+
+def test_runs_as_non_root_with_the_lambda_entrypoint(dockerfile) -> None:
+    _, stages = dockerfile
+    runtime = stages[-1]
+    users = runtime.all("USER")
+    assert users
+    assert users[-1] not in ("root", "0", "0:0")
+    assert json.loads(runtime.all("ENTRYPOINT")[-1]) == ["python", "-m", "awslambdaric"]
+    assert json.loads(runtime.all("CMD")[-1]) == ["sd_lambda.handler.handler"]
+    assert "HF_HUB_OFFLINE=1" in " ".join(runtime.all("ENV"))
+
+
+def test_healthcheck_skip_has_a_reason() -> None:
+    skips = re.findall(r"checkov:skip=(CKV\w+):(.+)", DOCKERFILE.read_text())
+    assert skips == [(skips[0][0], skips[0][1])]
+    assert skips[0][0] == "CKV_DOCKER_2"
+    assert "Lambda ignores HEALTHCHECK" in skips[0][1]
+
+
+def dockerignore_admits(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path (or one of its parent folders) decides."""
+    admitted = True
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.removeprefix("!").rstrip("/")
+        parts = path.split("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates):
+            admitted = negated
+    return admitted
+
+
+@pytest.fixture(scope="module")
+def ignore_patterns() -> list[str]:
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_build_context_holds_what_the_dockerfile_copies(dockerfile, ignore_patterns) -> None:
+    _, stages = dockerfile
+    sources = [
+        source
+        for stage in stages
+        for copy in stage.all("COPY")
+        if not copy.startswith("--from")
+        for source in copy.split()[:-1]
+    ]
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert dockerignore_admits(source, ignore_patterns), f"{source} is excluded from the build context"
+    assert dockerignore_admits("src/sd_lambda/handler.py", ignore_patterns)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/bin/python",
+        "models/test--tiny-sd/releases/r1/unet/diffusion_pytorch_model.safetensors",
+        ".cache/demo/model.safetensors",
+        "infra/terraform.tfstate",
+        ".image-digest",
+        "tests/conftest.py",
+        ".git/config",
+        "src/sd_lambda/__pycache__/handler.cpython-311.pyc",
+        "src/sd_lambda.egg-info/PKG-INFO",
+    ],
+)
+def test_build_context_leaves_out_weights_state_and_caches(ignore_patterns, path: str) -> None:
+    assert not dockerignore_admits(path, ignore_patterns)
