@@ -148,3 +148,61 @@ def test_bad_data_overrides_are_rejected_before_terraform_runs(overrides: dict, 
 def test_planning_an_empty_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TfCheckError, match=r"has no \*\.tf"):
         plan(tmp_path, {})
+
+
+def _stack_with_state(directory: Path, tag: str) -> tuple[Path, Path]:
+    """A one-resource stack and a state file that already holds that resource (tagged ``Name = old``)."""
+    directory.mkdir()
+    (directory / "main.tf").write_text(
+        'provider "aws" {\n  region = "us-east-1"\n}\n\n'
+        'resource "aws_efs_file_system" "models" {\n'
+        '  creation_token = "tfcheck"\n  encrypted      = true\n'
+        f'  tags = {{\n    Name = "{tag}"\n  }}\n}}\n'
+    )
+    attributes = {
+        "id": "fs-0123456789abcdef0",
+        "arn": "arn:aws:elasticfilesystem:us-east-1:123456789012:file-system/fs-0123456789abcdef0",
+        "creation_token": "tfcheck",
+        "encrypted": True,
+        "region": "us-east-1",
+        "tags": {"Name": "old"},
+        "tags_all": {"Name": "old"},
+    }
+    state = {
+        "version": 4,
+        "terraform_version": "1.15.5",
+        "serial": 1,
+        "lineage": "7e1a3d6c-0000-4000-8000-000000000001",
+        "outputs": {},
+        "resources": [
+            {
+                "mode": "managed",
+                "type": "aws_efs_file_system",
+                "name": "models",
+                "provider": 'provider["registry.terraform.io/hashicorp/aws"]',
+                "instances": [{"schema_version": 0, "attributes": attributes, "sensitive_attributes": []}],
+            }
+        ],
+    }
+    state_file = directory.parent / f"{directory.name}.tfstate"
+    state_file.write_text(json.dumps(state))
+    return directory, state_file
+
+
+def test_existing_state_is_upgraded_refreshed_and_left_alone_when_unchanged(tmp_path: Path) -> None:
+    directory, state = _stack_with_state(tmp_path / "stack", "old")
+    document = plan(directory, {}, state=state)
+    assert plan_summary(document) == [("aws_efs_file_system.models", "no-op")]
+    assert document["prior_state"]["values"]["root_module"]["resources"][0]["values"]["id"] == (
+        "fs-0123456789abcdef0"
+    )
+
+
+def test_changed_tags_plan_an_in_place_update_of_tags_all(tmp_path: Path) -> None:
+    directory, state = _stack_with_state(tmp_path / "stack", "new")
+    document = plan(directory, {}, state=state)
+    (change,) = document["resource_changes"]
+    assert change["change"]["actions"] == ["update"]
+    assert change["change"]["before"]["tags_all"] == {"Name": "old"}
+    assert change["change"]["after"]["tags_all"] == {"Name": "new"}
+    assert change["change"]["after"]["id"] == "fs-0123456789abcdef0"

@@ -14,7 +14,7 @@ from tf.gen import tfplugin_pb2 as pb
 
 from sd_lambda.tfcheck import cty
 from sd_lambda.tfcheck.datasources import World, read_data_source, render_policy_document
-from sd_lambda.tfcheck.planning import ProviderSettings, conform, plan_create
+from sd_lambda.tfcheck.planning import ProviderSettings, conform, plan_change
 from sd_lambda.tfcheck.schema import SchemaError, block_to_pb, load_schema, to_response
 
 
@@ -83,7 +83,7 @@ def test_missing_or_malformed_schema_is_a_clear_error(tmp_path: Path) -> None:
         load_schema(tmp_path / "bad.json")
 
 
-def test_plan_create_marks_unset_computed_attributes_unknown(schema) -> None:
+def test_plan_change_marks_unset_computed_attributes_unknown_on_create(schema) -> None:
     block = schema.resource_block("aws_efs_access_point")
     proposed = {name: None for name in block["attributes"]}
     proposed |= {
@@ -93,7 +93,7 @@ def test_plan_create_marks_unset_computed_attributes_unknown(schema) -> None:
         "root_directory": [{"path": None, "creation_info": []}],
     }
     settings = ProviderSettings(region="eu-west-1", default_tags={"Project": "p", "Name": "default"})
-    planned = plan_create(block, proposed, settings)
+    planned = plan_change(block, None, proposed, proposed, settings)
     assert planned["arn"] == cty.UNKNOWN
     assert planned["id"] == cty.UNKNOWN
     assert planned["file_system_id"] == "fs-1"
@@ -105,7 +105,7 @@ def test_plan_create_marks_unset_computed_attributes_unknown(schema) -> None:
 def test_tags_all_stays_unknown_when_tags_are_unknown(schema) -> None:
     block = schema.resource_block("aws_efs_file_system")
     proposed = {name: None for name in block["attributes"]} | {"tags": cty.UNKNOWN}
-    planned = plan_create(block, proposed, ProviderSettings(default_tags={"a": "b"}))
+    planned = plan_change(block, None, proposed, proposed, ProviderSettings(default_tags={"a": "b"}))
     assert planned["tags_all"] == cty.UNKNOWN
 
 

@@ -77,16 +77,28 @@ def _map_nested(nesting_mode: str, value: Any, function: Callable[[Any], Any]) -
     raise ValueError(f"unknown nesting mode {nesting_mode!r}")
 
 
-def plan_create(block: Block, proposed: dict[str, Any], settings: ProviderSettings) -> dict[str, Any]:
-    """Planned state for a new resource."""
+def plan_change(
+    block: Block,
+    prior: dict[str, Any] | None,
+    proposed: dict[str, Any],
+    config: dict[str, Any],
+    settings: ProviderSettings,
+) -> dict[str, Any]:
+    """Planned state for creating (``prior is None``) or updating a resource.
+
+    Terraform's proposal already carries prior values of computed attributes into an update; what
+    changes with the configuration (``tags_all``, the default ``region``) is derived again here.
+    """
     planned = dict(proposed)
     attributes = block.get("attributes", {})
-    if attributes.get("tags_all", {}).get("computed") and planned.get("tags_all") is None:
+    if attributes.get("tags_all", {}).get("computed") and config.get("tags_all") is None:
         tags = planned.get("tags")
-        if tags is None or is_known(tags):
-            planned["tags_all"] = {**settings.default_tags, **(tags or {})}
-    if attributes.get("region", {}).get("computed") and planned.get("region") is None and settings.region:
+        known = tags is None or is_known(tags)
+        planned["tags_all"] = {**settings.default_tags, **(tags or {})} if known else UNKNOWN
+    if attributes.get("region", {}).get("computed") and config.get("region") is None and settings.region:
         planned["region"] = settings.region
+    if prior is not None:
+        return planned
     return fill_computed(block, planned, lambda _path, _attribute: UNKNOWN)
 
 

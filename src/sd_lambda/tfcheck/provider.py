@@ -36,7 +36,7 @@ from tf.runner import _self_signed_cert
 from sd_lambda.tfcheck import cty
 from sd_lambda.tfcheck.datasources import DataOverrides, World, read_data_source
 from sd_lambda.tfcheck.env import DATA_OVERRIDES_ENV, SCHEMA_ENV
-from sd_lambda.tfcheck.planning import ProviderSettings, conform, plan_create
+from sd_lambda.tfcheck.planning import ProviderSettings, conform, plan_change
 from sd_lambda.tfcheck.schema import DEFAULT_SCHEMA_PATH, ProviderSchema, load_schema, to_response
 
 # go-plugin's handshake cookie for Terraform providers: proves Terraform, not a person, started us.
@@ -132,10 +132,10 @@ class StubProvider(rpc.ProviderServicer):
         proposed = cty.decode(request.proposed_new_state.msgpack)
         if proposed is None:  # destroy
             planned = None
-        elif prior is None:  # create
-            planned = plan_create(self.schema.resource_block(request.type_name), proposed, self.settings)
-        else:  # update: Terraform's proposal already carries prior computed values forward
-            planned = proposed
+        else:
+            block = self.schema.resource_block(request.type_name)
+            config = cty.decode(request.config.msgpack) or {}
+            planned = plan_change(block, prior, proposed, config, self.settings)
         return pb.PlanResourceChange.Response(planned_state=pb.DynamicValue(msgpack=cty.encode(planned)))
 
     def ApplyResourceChange(self, request, context):

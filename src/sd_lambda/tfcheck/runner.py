@@ -267,6 +267,7 @@ def plan(
     data_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     var_files: Sequence[Path] = (),
+    state: Path | None = None,
     workspace: Workspace | None = None,
 ) -> dict[str, Any]:
     """``terraform plan`` + ``terraform show -json`` for ``directory``: the plan document, as a dict.
@@ -274,7 +275,9 @@ def plan(
     ``variables`` go in as a ``.tfvars.json`` file, after ``var_files`` (so they win). ``data_overrides``
     maps a data source type to attribute values it reads back (``{"aws_region": {"region": ...}}``). A
     ``backend`` block is overridden with a throw-away local backend for the duration of the plan.
-    Raises :class:`PlanError` (with diagnostics) when Terraform reports errors.
+    ``state`` plans against an existing (local, v4) state file instead of an empty one, e.g. to see
+    what a change to a deployed stack would do. Raises :class:`PlanError` (with diagnostics) when
+    Terraform reports errors.
     """
     directory = _checked_directory(directory)
     if not _terraform_files(directory):
@@ -294,6 +297,10 @@ def plan(
             plan_file = scratch / "offline.tfplan"
             args = ["plan", "-input=false", "-lock=false", "-no-color", "-json", f"-out={plan_file}"]
             args += [f"-var-file={Path(path).resolve()}" for path in var_files]
+            if state is not None:
+                if not Path(state).is_file():
+                    raise TfCheckError(f"state file {state} does not exist")
+                args.append(f"-state={Path(state).resolve()}")
             args.append(f"-var-file={variables_file}")
             run = workspace.terraform(directory, *args, data_dir=data_dir, data_overrides=data_overrides)
             diagnostics = _json_lines_diagnostics(run.stdout)
