@@ -15,7 +15,6 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-
 from sd_lambda.layout import MANIFEST, Manifest
 from sd_lambda.seeding import flow
 from sd_lambda.seeding.errors import SeedError
@@ -76,6 +75,11 @@ def _instance(clients: flow.AwsClients, state: str = "stopped") -> str:
 def _state(clients: flow.AwsClients, instance_id: str) -> str:
     reservations = clients.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
     return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+
+def _stage(clients: flow.AwsClients, target: Target, tmp_path: Path) -> flow.S3Release:
+    release = from_dir(make_model(tmp_path / "m", "v1"))
+    return flow.stage_local(clients, target, release, NAME, "r1", progress=False)
 
 
 def _target(clients: flow.AwsClients, instance_id: str = "i-0123456789abcdef0") -> Target:
@@ -156,7 +160,7 @@ def test_from_s3_reads_the_uploaded_manifest(aws: flow.AwsClients, tmp_path: Pat
     )
     again = flow.stage_s3(aws, f"s3://weights/models/{NAME}/r1/")
     assert (again.name, again.revision, again.manifest_sha256) == (NAME, "r1", staged.manifest_sha256)
-    with pytest.raises(SeedError, match="manifest.json does not exist"):
+    with pytest.raises(SeedError, match=r"manifest\.json does not exist"):
         flow.stage_s3(aws, f"s3://weights/models/{NAME}/r2/")
 
 
@@ -233,7 +237,8 @@ class SsmWithStubbedAgent:
 def _expected_argv(staged: flow.S3Release) -> list[str]:
     return [
         "sync", "--mount", "/mnt/models", "--require-mount", "--name", NAME, "--revision", "r1",
-        "--bucket", "weights", "--s3-prefix", f"models/{NAME}/r1/", "--manifest-sha256", staged.manifest_sha256,
+        "--bucket", "weights", "--s3-prefix", f"models/{NAME}/r1/",
+        "--manifest-sha256", staged.manifest_sha256,
         "--keep", "3", "--owner", "1000:1000", "--lock-timeout", "0", "--region", REGION,
     ]  # fmt: skip
 

@@ -1,0 +1,176 @@
+"""``sd-lambda seed`` / ``rollback`` end to end against a local AWS (moto's server: S3, EC2, IAM, SSM).
+
+moto's SSM records commands but runs nothing, so a stand-in agent runs each recorded command with
+``/bin/sh`` on this machine (``python3`` = the seeder's Python 3.9), against the same local S3, with a
+temp folder as the EFS mount; botocore's Stubber answers the agent-online question.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from sd_lambda.cli import main
+from sd_lambda.layout import ModelPaths, verify_release
+from sd_lambda.seeding import flow
+
+from .conftest import REGION, SeederProgram, make_model
+
+NAME = "acme--tiny-sd"
+AMI_ID = "ami-12c6146b"  # one of the images moto knows
+
+
+class LocalAgent:
+    """moto's SSM, plus an agent that runs what moto recorded, here, and reports like SSM does."""
+
+    def __init__(self, ssm: Any, env: dict[str, str], instance_id: str) -> None:
+        self.ssm = ssm
+        self.env = env
+        self.invocations: dict[str, dict[str, Any]] = {}
+        self.scripts: list[list[str]] = []
+        self.online = boto3.client("ssm", region_name=REGION)
+        self.stub = Stubber(self.online)
+        self.instance_id = instance_id
+
+    def describe_instance_information(self, **kwargs: Any) -> Any:
+        found = {"InstanceInformationList": [{"InstanceId": self.instance_id, "PingStatus": "Online"}]}
+        self.stub.add_response("describe_instance_information", found, kwargs)
+        with self.stub:
+            return self.online.describe_instance_information(**kwargs)
+
+    def send_command(self, **kwargs: Any) -> Any:
+        sent = self.ssm.send_command(**kwargs)
+        command_id = sent["Command"]["CommandId"]
+        (recorded,) = self.ssm.list_commands(CommandId=command_id)["Commands"]
+        lines = recorded["Parameters"]["commands"]
+        self.scripts.append(lines)
+        # The one adaptation: the temp "EFS" is not a mount point (test_efs_sync covers the refusal).
+        assert " --require-mount " in lines[-1]
+        script = "\n".join(lines).replace(" --require-mount ", " ")
+        done = subprocess.run(
+            ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True, timeout=120
+        )
+        self.invocations[command_id] = {
+            "Status": "Success" if done.returncode == 0 else "Failed",
+            "ResponseCode": done.returncode,
+            "StandardOutputContent": done.stdout,
+            "StandardErrorContent": done.stderr,
+        }
+        return sent
+
+    def get_command_invocation(self, CommandId: str, InstanceId: str) -> Any:
+        assert InstanceId == self.instance_id
+        return self.invocations[CommandId]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ssm, name)
+
+
+@pytest.fixture
+def local_aws(
+    seeder: SeederProgram, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[LocalAgent, list[str]]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    ec2 = boto3.client("ec2", region_name=REGION)
+    iam = boto3.client("iam", region_name=REGION)
+    profile = f"seeder-{tmp_path.name}"
+    iam.create_role(RoleName=profile, AssumeRolePolicyDocument="{}")
+    iam.create_instance_profile(InstanceProfileName=profile)
+    iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=profile)
+    instance_id = ec2.run_instances(
+        ImageId=AMI_ID, MinCount=1, MaxCount=1, IamInstanceProfile={"Name": profile}
+    )["Instances"][0]["InstanceId"]
+    ec2.stop_instances(InstanceIds=[instance_id])
+
+    bin_dir = tmp_path / "bin"  # the seeder's python3
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(seeder.python)
+    env = {**seeder.env, "PATH": f"{bin_dir}{os.pathsep}{seeder.env['PATH']}"}
+    agent = LocalAgent(boto3.client("ssm", region_name=REGION), env, instance_id)
+    real_create = flow.AwsClients.create
+
+    def create(region: str | None) -> flow.AwsClients:
+        clients = real_create(region)
+        return flow.AwsClients(clients.s3, clients.ec2, agent)
+
+    monkeypatch.setattr(flow.AwsClients, "create", create)
+    stack = ["--bucket", seeder.bucket, "--instance-id", instance_id, "--region", REGION]
+    return agent, [*stack, "--mount-path", str(seeder.mount)]
+
+
+def _state(instance_id: str) -> str:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    return str(
+        ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+    )
+
+
+def test_seed_and_rollback(
+    local_aws: tuple[LocalAgent, list[str]],
+    seeder: SeederProgram,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    agent, stack = local_aws
+    paths = ModelPaths(seeder.mount / NAME)
+
+    # 1. a real pipeline from a folder: upload, start the seeder, sync, switch, stop the seeder.
+    seed = ["seed", "--from-dir", str(tiny_model_dir), "--name", NAME, "--revision", "r1", "--no-progress"]
+    assert main([*seed, *stack]) == 0, capsys.readouterr().err
+    assert '"revision": "r1"' in capsys.readouterr().out
+    assert os.readlink(paths.current) == "releases/r1"
+    manifest = verify_release(paths.resolve_current())
+    assert {e.path for e in manifest.files} >= {
+        "model_index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    }
+    release_files = [p for p in paths.release("r1").rglob("*")]
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in release_files} == {(1000, 1000)}
+    assert _state(agent.instance_id) in {"stopping", "stopped"}
+
+    # 2. upload only, then seed what is in S3.
+    v2 = make_model(tmp_path / "v2", "v2")
+    upload = [
+        "seed",
+        "--from-dir",
+        str(v2),
+        "--name",
+        NAME,
+        "--revision",
+        "r2",
+        "--upload-only",
+        "--no-progress",
+    ]
+    assert main([*upload, *stack]) == 0
+    assert len(agent.scripts) == 1  # nothing ran on the seeder
+    url = f"s3://{seeder.bucket}/models/{NAME}/r2/"
+    assert main(["seed", "--from-s3", url, *stack]) == 0, capsys.readouterr().err
+    assert paths.current_revision() == "r2"
+
+    # 3. rollback.
+    assert main(["rollback", "--name", NAME, "--revision", "r1", *stack]) == 0
+    assert paths.current_revision() == "r1"
+    capsys.readouterr()
+
+    # 4. a corrupted object: one-line error, non-zero, current untouched.
+    v3 = make_model(tmp_path / "v3", "v3")
+    assert (
+        main(["seed", "--from-dir", str(v3), "--name", NAME, "--revision", "r3", "--upload-only", *stack])
+        == 0
+    )
+    boto3.client("s3", region_name=REGION).put_object(
+        Bucket=seeder.bucket, Key=f"models/{NAME}/r3/unet/part0.safetensors", Body=b"corrupt"
+    )
+    assert main(["seed", "--from-s3", f"s3://{seeder.bucket}/models/{NAME}/r3/", *stack]) == 1
+    err = capsys.readouterr().err
+    assert "sd-lambda seed: error: the seeder's run Failed (exit 1): manifest mismatch" in err
+    assert "unet/part0.safetensors" in err
+    assert paths.current_revision() == "r1"
+    assert _state(agent.instance_id) in {"stopping", "stopped"}  # stopped on failure too
