@@ -130,7 +130,7 @@ class GenerationRequest(BaseModel):
     decoder: Annotated[
         DecoderName | None,
         Field(description="VAE decoder: tiny is much faster, full is the model's own (finer detail)."),
-        EngineChoice("SD_DEFAULT_DECODER"),
+        EngineChoice("`SD_DEFAULT_DECODER`"),
     ] = None
 
     @field_validator("prompt")

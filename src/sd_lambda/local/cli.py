@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
@@ -93,10 +94,12 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"model     {paths.model_dir} (current -> {paths.current_revision()})")
         print(f"listening {door.url}  (POST / generates, GET /health reports; Ctrl-C stops)")
         print(f'try       curl -X POST {door.url}/ -d \'{{"prompt":"a red fox"}}\' -o fox.png', flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            print("stopping")
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            # Explicit handlers: a shell may start background jobs with SIGINT ignored.
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
+        print("stopping", flush=True)
     return 0
 
 

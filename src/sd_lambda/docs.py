@@ -1,0 +1,115 @@
+"""README tables generated from the code that enforces them: the request fields and the environment.
+
+``python -m sd_lambda.docs`` rewrites the blocks between ``<!-- BEGIN generated: NAME -->`` and
+``<!-- END generated: NAME -->`` in README.md; ``--check`` only reports drift (a test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic.fields import FieldInfo
+
+from sd_lambda.request import (
+    FromModel,
+    GenerationRequest,
+    bounds,
+    choices,
+    default_source,
+    multiple_of,
+    number,
+    setting_max,
+    type_name,
+)
+from sd_lambda.settings import Settings, documented_variables
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def request_table(settings: Settings | None = None) -> str:
+    """One row per ``GenerationRequest`` field: type, what is allowed, default and description."""
+    settings = settings or Settings()
+    rows = ["| field | type | allowed | default | description |", "| --- | --- | --- | --- | --- |"]
+    for name, field in GenerationRequest.model_fields.items():
+        rows.append(
+            f"| `{name}` | {type_name(field)} | {_allowed(field, settings)} | {_default(field)} "
+            f"| {field.description or ''} |"
+        )
+    return "\n".join(rows)
+
+
+def _allowed(field: FieldInfo, settings: Settings) -> str:
+    options = choices(field)
+    if options:
+        return ", ".join(f"`{option}`" for option in options)
+    low, high = bounds(field, settings)
+    text = f"{number(low)} to {number(high)}" if low is not None else f"up to {number(high)}"
+    if type_name(field) == "string":
+        text += " characters"
+    step = multiple_of(field)
+    if step:
+        text += f", multiple of {step}"
+    bound = setting_max(field)
+    if bound is not None:
+        text += f" (max: `{bound.env}`)"
+    return text
+
+
+def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "**required**"
+    source = default_source(field)
+    if isinstance(source, FromModel):
+        return f"{source.doc} (`{source.attribute}`)"
+    if source is not None:
+        return source.doc
+    return f"`{field.default}`"
+
+
+def configuration_table() -> str:
+    rows = ["| variable | default | description |", "| --- | --- | --- |"]
+    rows += [f"| `{env}` | `{default}` | {text} |" for env, default, text in documented_variables()]
+    return "\n".join(rows)
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "request-fields": request_table,
+    "configuration": configuration_table,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every generated block replaced by its current content."""
+    for name, generate in GENERATORS.items():
+        pattern = re.compile(
+            rf"(<!-- BEGIN generated: {re.escape(name)} -->\n).*?(<!-- END generated: {re.escape(name)} -->)",
+            re.DOTALL,
+        )
+        if not pattern.search(text):
+            raise ValueError(f"README has no generated block {name!r}")
+        text = pattern.sub(lambda match, g=generate: f"{match[1]}{g()}\n{match[2]}", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sd_lambda.docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    current = args.readme.read_text()
+    updated = render(current)
+    if args.check:
+        if updated != current:
+            print(f"{args.readme} is out of date: run python -m sd_lambda.docs", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
