@@ -48,6 +48,19 @@ clean: ## Remove caches and build outputs (never anything tracked)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 
+# ---- running the real handler locally (sd_lambda.local) ------------------------------------------------
+# MODEL_DIR: a diffusers folder or an EFS-layout model folder; empty = the tiny test model under .cache/.
+MODEL_DIR ?=
+PORT ?= 8080
+
+.PHONY: demo serve
+
+demo: $(INSTALL_STAMP) ## Tiny model (or MODEL_DIR) -> one request through the real Lambda entrypoint -> demo.png + timings
+	$(BIN)/sd-lambda demo $(if $(MODEL_DIR),--model-dir "$(MODEL_DIR)") --out demo.png
+
+serve: $(INSTALL_STAMP) ## The real handler behind a local function URL on 127.0.0.1:PORT (MODEL_DIR=..., PORT=8080)
+	$(BIN)/sd-lambda serve $(if $(MODEL_DIR),--model-dir "$(MODEL_DIR)") --port "$(PORT)"
+
 .PHONY: validate plan-offline security
 
 validate: $(INSTALL_STAMP) ## terraform fmt -check, then init + validate infra/ and infra/examples/* offline
