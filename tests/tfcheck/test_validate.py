@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,8 @@ def test_validate_reports_each_mistake_at_its_file_and_line(
     assert not result.valid
     assert [(d.filename, d.line, d.summary) for d in result.errors] == [(filename, line, summary)]
     assert detail in result.errors[0].detail
-    assert (
-        result.errors[0]
-        .format(result.directory)
-        .startswith(f"tests/tfcheck/fixtures/{fixture}/{filename}:{line}: error: {summary} — ")
-    )
+    location = os.path.relpath(FIXTURES / fixture / filename)
+    assert result.errors[0].format(result.directory).startswith(f"{location}:{line}: error: {summary} — ")
 
 
 def test_positive_fixture_validates_with_no_diagnostics() -> None:
