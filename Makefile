@@ -15,8 +15,9 @@ CHECKOV_SPEC := checkov>=3.3.30,<4
 # Offline Terraform checks (sd_lambda.tfcheck): the root stack and every example under it.
 TF_ROOT ?= infra
 TF_EXAMPLES = $(patsubst %/,%,$(wildcard $(TF_ROOT)/examples/*/))
-# Example variables for planning the root stack (examples carry their own offline.auto.tfvars).
+# Example variables for planning the root stack, and per example (tests/infra/examples/<example>.tfvars).
 TF_PLAN_VARS ?= $(wildcard tests/infra/offline.tfvars)
+TF_EXAMPLE_VARS_DIR ?= tests/infra/examples
 
 .PHONY: help install test lint format clean
 
@@ -69,7 +70,9 @@ validate: $(INSTALL_STAMP) ## terraform fmt -check, then init + validate infra/ 
 
 plan-offline: $(INSTALL_STAMP) ## terraform plan infra/ and infra/examples/* offline; print addresses + actions
 	$(BIN)/sd-lambda tfcheck plan $(addprefix --var-file ,$(TF_PLAN_VARS)) $(TF_ROOT)
-	$(if $(TF_EXAMPLES),$(BIN)/sd-lambda tfcheck plan $(TF_EXAMPLES),@echo "$(TF_ROOT)/examples: no examples to plan")
+	$(if $(TF_EXAMPLES),,@echo "$(TF_ROOT)/examples: no examples to plan")
+	$(foreach example,$(TF_EXAMPLES),$(BIN)/sd-lambda tfcheck plan \
+		$(addprefix --var-file ,$(wildcard $(TF_EXAMPLE_VARS_DIR)/$(notdir $(example)).tfvars)) $(example) &&) true
 
 $(CHECKOV_STAMP):
 	$(PYTHON) -m venv $(CHECKOV_VENV)
@@ -104,3 +107,26 @@ invoke: $(INSTALL_STAMP) ## Generate one image through the function URL (SigV4):
 	@test -n "$${PROMPT:-}" || { echo 'make invoke: set PROMPT="..." (and optionally URL=, OUT=, ARGS=)' >&2; exit 2; }
 	$(BIN)/sd-lambda generate $(if $(URL),--url "$(URL)",--infra "$(TF_ROOT)") --prompt "$$PROMPT" \
 		--output "$(OUT)" $(ARGS)
+
+# ---- deploying the stack (real AWS; needs `terraform` >= 1.6 on PATH) -----------------------------------
+# REGION (also AWS_REGION for terraform), TFVARS (var files), IMAGE_URI (<repo>@sha256:..., skips the
+# build+push), BACKEND_CONFIG (S3 backend settings file; local state without it), CONFIRM=1 (destroy).
+# Run by `apply` once the repository exists (not $(MAKE): `make -n apply` must not deploy anything).
+PUSH_COMMAND ?= make --no-print-directory build-image push-image
+DEPLOY_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
+	$(if $(BACKEND_CONFIG),--backend-config "$(BACKEND_CONFIG)") $(addprefix --var-file ,$(TFVARS))
+
+.PHONY: plan apply destroy docs-tf
+
+plan: $(INSTALL_STAMP) ## terraform plan infra/ with the image apply would deploy (REGION= TFVARS= IMAGE_URI= BACKEND_CONFIG=)
+	$(BIN)/sd-lambda deploy plan $(DEPLOY_ARGS) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)")
+
+apply: $(INSTALL_STAMP) ## Deploy: ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
+	$(BIN)/sd-lambda deploy apply $(DEPLOY_ARGS) \
+		$(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--push-command "$(PUSH_COMMAND)")
+
+destroy: $(INSTALL_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
+	$(BIN)/sd-lambda deploy destroy $(DEPLOY_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
+
+docs-tf: $(INSTALL_STAMP) ## Regenerate the README's Terraform inputs/outputs tables from infra/
+	$(PY) scripts/gen_tf_docs.py

@@ -156,7 +156,8 @@ def wait_until_ready(lambda_client: Any, function_name: str, timeout_seconds: in
 
 def run_push_command(command: str, repository_url: str) -> None:
     """Run the image build + push (``make push-image``) once the repository exists."""
-    environment = {**os.environ, "ECR_REPOSITORY_URL": repository_url}
+    # Both names: ECR_REPOSITORY_URL for any script, REPOSITORY_URL for `make push-image`.
+    environment = {**os.environ, "ECR_REPOSITORY_URL": repository_url, "REPOSITORY_URL": repository_url}
     print(f"==> pushing the image to {repository_url}: {command}", flush=True)
     try:
         completed = subprocess.run(shlex.split(command), env=environment, check=False)

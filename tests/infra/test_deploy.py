@@ -98,6 +98,7 @@ digest = sys.argv[2]
 state = json.loads((stack / "terraform.tfstate").read_text())
 record.write_text(json.dumps({
     "repository_url": os.environ["ECR_REPOSITORY_URL"],
+    "make_repository_url": os.environ["REPOSITORY_URL"],
     "resources_at_push": sorted(r["type"] + "." + r["name"] for r in state["resources"]),
 }))
 (stack.parent / ".image-digest").write_text(digest + "\\n")
@@ -125,7 +126,7 @@ def test_apply_creates_the_registry_pushes_then_deploys_the_pinned_image(
     outputs = deploy.apply(options, StackTerraform(deploy_stack, env=options.terraform_env))
 
     pushed = json.loads(record.read_text())
-    assert pushed["repository_url"] == REPOSITORY_URL
+    assert pushed["repository_url"] == pushed["make_repository_url"] == REPOSITORY_URL
     assert pushed["resources_at_push"] == ["terraform_data.repository"]  # registry only, then the push
     assert outputs["deployed_image_uri"] == f"{REPOSITORY_URL}@{digest}"
     assert outputs["deployed_memory_size"] == 3008

@@ -1,0 +1,105 @@
+"""Static shape of infra/: module files, no provider blocks, version constraints, documented variables,
+and README tables in sync with the code (scripts/gen_tf_docs.py --check)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+from hcl2.utils import SerializationOptions
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+MODULES = sorted(p for p in (INFRA / "modules").iterdir() if p.is_dir())
+EXAMPLES = sorted(p for p in (INFRA / "examples").iterdir() if p.is_dir())
+GEN_DOCS = REPO / "scripts" / "gen_tf_docs.py"
+_OPTIONS = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
+
+
+def parse(directory: Path) -> dict[str, list[Any]]:
+    merged: dict[str, list[Any]] = {}
+    for path in sorted(directory.glob("*.tf")):
+        with path.open() as handle:
+            for kind, blocks in hcl2.load(handle, serialization_options=_OPTIONS).items():
+                merged.setdefault(kind, []).extend(blocks)
+    return merged
+
+
+def named(blocks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name.strip('"'): body for block in blocks for name, body in block.items()}
+
+
+def test_the_five_modules_exist() -> None:
+    assert [m.name for m in MODULES] == ["efs", "lambda", "network", "seeder", "weights_bucket"]
+    assert [e.name for e in EXAMPLES] == ["complete", "existing-vpc"]
+
+
+@pytest.mark.parametrize("module", [INFRA, *MODULES], ids=lambda p: p.name)
+def test_module_layout_and_constraints(module: Path) -> None:
+    for name in ("main.tf", "variables.tf", "outputs.tf", "versions.tf"):
+        assert (module / name).is_file(), f"{module.name}/{name} missing"
+    config = parse(module)
+    assert "provider" not in config, f"{module.name} declares a provider block"
+    terraform = config["terraform"][0]
+    assert terraform["required_version"] == ">= 1.6"
+    assert terraform["required_providers"][0]["aws"] == {
+        "source": "hashicorp/aws",
+        "version": ">= 6.0, < 7.0",
+    }
+
+
+@pytest.mark.parametrize("module", [INFRA, *MODULES, *EXAMPLES], ids=lambda p: p.name)
+def test_every_variable_is_typed_and_described_and_every_output_described(module: Path) -> None:
+    config = parse(module)
+    for name, body in named(config.get("variable", [])).items():
+        assert body.get("type"), f"{module.name}: variable {name} has no type"
+        assert len(body.get("description", "")) > 10, f"{module.name}: variable {name} has no description"
+    for name, body in named(config.get("output", [])).items():
+        assert len(body.get("description", "")) > 5, f"{module.name}: output {name} has no description"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_have_a_provider_a_readme_and_call_the_root(example: Path) -> None:
+    config = parse(example)
+    assert "aws" in named(config["provider"])
+    assert named(config["module"])["sd_lambda"]["source"] == "../.."
+    assert (example / "README.md").read_text().startswith("# Example")
+
+
+def test_readme_terraform_tables_are_up_to_date() -> None:
+    result = subprocess.run(
+        [sys.executable, str(GEN_DOCS), "--check"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_docs_check_fails_on_a_stale_table(tmp_path: Path) -> None:
+    stale = tmp_path / "README.md"
+    stale.write_text((REPO / "README.md").read_text().replace("| `memory_size` |", "| `memory_mb` |", 1))
+
+    result = subprocess.run(
+        [sys.executable, str(GEN_DOCS), "--check", "--readme", str(stale)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert "out of date: run `make docs-tf`" in result.stderr
+    regenerated = subprocess.run(
+        [sys.executable, str(GEN_DOCS), "--readme", str(stale)], capture_output=True, text=True, check=False
+    )
+    assert regenerated.returncode == 0
+    assert stale.read_text() == (REPO / "README.md").read_text()
+
+
+def test_tables_list_every_root_variable_with_its_default() -> None:
+    readme = (REPO / "README.md").read_text()
+    for name in named(parse(INFRA)["variable"]):
+        assert f"| `{name}` |" in readme
+    assert "| `memory_size` | `number` | `10240` |" in readme
+    assert "| `ssh_ingress_cidrs` | `list(string)` | `[]` |" in readme
