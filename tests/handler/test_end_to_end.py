@@ -203,3 +203,10 @@ def test_init_error_is_reported_and_the_next_invoke_starts_a_fresh_environment(t
         starts = environment.starts
         assert environment.invoke({"prompt": "x"}).error_type == "Runtime.ImportModuleError"
         assert environment.starts == starts + 1
+
+
+def test_a_malformed_setting_fails_init_naming_the_variable(tmp_path: Path) -> None:
+    with LocalLambda({"SD_MAX_STEPS": "many"}, log_path=tmp_path / "lambda.log") as environment:
+        result = environment.invoke({"prompt": "x"})
+    assert result.error_type == "ValueError"
+    assert "SD_MAX_STEPS='many'" in result.error["errorMessage"]
