@@ -318,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.attempts < 1:
         raise CommandError("--attempts must be at least 1")
+    if not args.prompt.strip():
+        raise CommandError("--prompt must not be empty")
     url = args.url or _url_from_stack(args.infra)
     fields = {name: getattr(args, name) for name in REQUEST_FIELDS if name != "prompt"}
     try:
@@ -334,8 +336,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(response.image)
-    note = f" ({response.content_type}; fell back {response.fallback})" if response.fallback else ""
-    print(f"wrote {args.output} ({len(response.image)} bytes){note}")
+    print(f"wrote {args.output} ({response.content_type}, {len(response.image)} bytes)")
     print(response.summary())
     if response.fallback:
         print(

@@ -317,3 +317,57 @@ def test_cli_errors_are_one_line(
     assert err.count("\n") == 1
     assert err.startswith("sd-lambda generate: error: HTTP 403 Forbidden: Forbidden; the caller needs both")
     assert not out.exists()
+
+
+def test_cli_reports_a_format_fallback(
+    server: SigV4Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.replies.append(
+        Reply(
+            200,
+            b"\xff\xd8jpeg",
+            {**IMAGE_HEADERS, "content-type": "image/jpeg", "x-image-fallback": "png->jpeg"},
+        )
+    )
+    out = tmp_path / "big.png"
+    assert main(["generate", "--url", server.url, "--region", REGION, "--prompt", "x", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "image/jpeg" in captured.out
+    assert "re-encoded the image (png->jpeg)" in captured.err
+
+
+def test_cli_reads_the_url_from_the_stack(
+    server: SigV4Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sd_lambda import stack_outputs
+
+    asked: list[tuple[Path, tuple[str, ...]]] = []
+
+    def outputs(infra: Path, required: tuple[str, ...] = ()) -> dict[str, str]:
+        asked.append((infra, tuple(required)))
+        return {"function_url": server.url}
+
+    monkeypatch.setattr(stack_outputs, "read_outputs", outputs)
+    server.replies.append(Reply(200, PNG, IMAGE_HEADERS))
+    out = tmp_path / "x.png"
+    assert main(["generate", "--infra", "infra", "--region", REGION, "--prompt", "x", "-o", str(out)]) == 0
+    assert asked == [(Path("infra"), ("function_url",))]
+    assert out.read_bytes() == PNG
+
+    def no_outputs(infra: Path, required: tuple[str, ...] = ()) -> dict[str, str]:
+        raise stack_outputs.NoOutputsError(
+            "the stack in infra has no outputs: deploy it first (`make apply`)"
+        )
+
+    monkeypatch.setattr(stack_outputs, "read_outputs", no_outputs)
+    capsys.readouterr()
+    assert main(["generate", "--infra", "infra", "--prompt", "x", "-o", str(tmp_path / "y.png")]) == 1
+    assert capsys.readouterr().err == (
+        "sd-lambda generate: error: the stack in infra has no outputs: deploy it first (`make apply`) "
+        "(or pass --url)\n"
+    )
+
+
+def test_cli_refuses_an_empty_prompt(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--url", "https://a.lambda-url.eu-west-1.on.aws/", "--prompt", " "]) == 1
+    assert "--prompt must not be empty" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,56 @@ def test_report_with_cuda_torch_is_refused() -> None:
     report = _report(("torch", "2.13.0", ["nvidia-cudnn-cu12"]), ("nvidia-cudnn-cu12", "9.1", []))
     with pytest.raises(RequirementsError, match="CUDA build"):
         entries_from_report(report, [Requirement("torch==2.13.0")])
+
+
+def test_resolve_asks_pips_resolver_for_a_dry_run_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from sd_lambda.container import requirements
+
+    calls: list[list[str]] = []
+    report = _report(("torch", "2.13.0+cpu", ["filelock"]), ("filelock", "4.2.11", []))
+
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(report), stderr="")
+
+    monkeypatch.setattr(requirements.subprocess, "run", fake_run)
+    entries, environment = requirements.resolve(
+        [Requirement("torch==2.13.0")], python="py", extra_index_urls=["https://download.pytorch.org/whl/cpu"]
+    )
+    command = calls[0]
+    assert command[:3] == ["py", "-m", "pip"]
+    assert {"install", "--dry-run", "--ignore-installed", "--report"} <= set(command)
+    assert command[-1] == "torch==2.13.0"
+    assert "--extra-index-url" in command
+    assert entries == [
+        LockEntry("filelock", "4.2.11", ("torch",)),
+        LockEntry("torch", "2.13.0+cpu", (PROJECT,)),
+    ]
+    assert environment["platform_machine"] == "x86_64"
+
+    def failing_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: No matching distribution")
+
+    monkeypatch.setattr(requirements.subprocess, "run", failing_run)
+    with pytest.raises(RequirementsError, match="No matching distribution"):
+        requirements.resolve([Requirement("torch==2.13.0")])
+
+
+def test_requirements_command_writes_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: list[LockEntry]
+) -> None:
+    from sd_lambda.container import requirements
+
+    environment = {"python_version": "3.11", "platform_system": "Linux", "platform_machine": "x86_64"}
+    monkeypatch.setattr(requirements, "resolve", lambda base, extra_index_urls=(): (lock, environment))
+    out = tmp_path / "image" / "requirements.txt"
+    assert main(["requirements", "--pyproject", str(PYPROJECT), "--output", str(out)]) == 0
+    assert parse(out.read_text()) == lock
+    assert "Resolved for CPython 3.11 on linux/x86_64" in out.read_text()
+
+    drifted = [entry for entry in lock if entry.name != "diffusers"]
+    monkeypatch.setattr(requirements, "resolve", lambda base, extra_index_urls=(): (drifted, environment))
+    assert main(["requirements", "--pyproject", str(PYPROJECT), "--output", str(tmp_path / "other.txt")]) == 1
+    assert not (tmp_path / "other.txt").exists()
