@@ -1,0 +1,133 @@
+"""``sd-lambda seed`` / ``rollback``: stack outputs vs flags, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sd_lambda.cli import main
+from sd_lambda.seeding import target as target_module
+from sd_lambda.seeding.errors import SeedError
+from sd_lambda.seeding.target import Target, resolve_target
+
+from .conftest import make_model
+
+OUTPUTS = {
+    "weights_bucket": "stack-weights",
+    "weights_prefix": "models/",
+    "seeder_instance_id": "i-0stack",
+    "seeder_mount_path": "/mnt/models",
+    "access_point_arn": "arn:aws:elasticfilesystem:eu-west-1:1:access-point/fsap-1",
+    "region": "eu-west-1",
+    "model_name": "segmind--tiny-sd",
+    "function_name": "sd",
+}
+NO_FLAGS = dict.fromkeys(("bucket", "prefix", "instance_id", "mount_path", "region", "model_name"))
+
+
+def test_outputs_fill_what_flags_do_not_give(tmp_path: Path) -> None:
+    calls: list[Path] = []
+
+    def outputs(infra_dir: Path) -> dict[str, Any]:
+        calls.append(infra_dir)
+        return OUTPUTS
+
+    resolved = resolve_target({**NO_FLAGS, "bucket": "mine"}, tmp_path, outputs)
+    assert resolved == Target(
+        bucket="mine",
+        instance_id="i-0stack",
+        prefix="models/",
+        mount_path="/mnt/models",
+        region="eu-west-1",
+        model_name="segmind--tiny-sd",
+    )
+    assert calls == [tmp_path]
+    assert resolved.revision_prefix("x", "r1") == "models/x/r1/"
+
+
+def test_flags_alone_never_read_the_stack(tmp_path: Path) -> None:
+    def outputs(infra_dir: Path) -> dict[str, Any]:
+        raise AssertionError("terraform must not be asked")
+
+    resolved = resolve_target({**NO_FLAGS, "bucket": "b", "instance_id": "i-1"}, tmp_path, outputs)
+    assert (resolved.bucket, resolved.instance_id, resolved.mount_path) == ("b", "i-1", "/mnt/models")
+
+
+def test_unreadable_stack_says_which_flags(tmp_path: Path) -> None:
+    def outputs(infra_dir: Path) -> dict[str, Any]:
+        raise RuntimeError("terraform is not on PATH")
+
+    with pytest.raises(SeedError, match=r"terraform is not on PATH\); pass --bucket --instance-id"):
+        resolve_target(NO_FLAGS, tmp_path, outputs)
+    with pytest.raises(SeedError, match="pass --instance-id"):
+        resolve_target(NO_FLAGS, tmp_path, lambda _: {**OUTPUTS, "seeder_instance_id": None})
+
+
+def test_cli_reads_the_stack_through_stack_outputs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    def read_outputs(infra_dir: Path) -> dict[str, Any]:
+        seen.append(infra_dir)
+        return OUTPUTS
+
+    import sd_lambda.stack_outputs
+
+    monkeypatch.setattr(sd_lambda.stack_outputs, "read_outputs", read_outputs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["seed", "--from-dir", str(empty), "--infra-dir", str(tmp_path)]) == 1
+    assert seen == [tmp_path]
+    assert target_module.OUTPUTS["instance_id"][0] == "seeder_instance_id"
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+STACK = ["--bucket", "b", "--instance-id", "i-1", "--region", "eu-west-1"]
+
+
+def test_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _error(capsys, ["seed", "--from-dir", str(empty), *STACK]) == (
+        f"sd-lambda seed: error: {empty} is not a diffusers pipeline: no model_index.json"
+    )
+    pickled = make_model(tmp_path / "pickled", "v1")
+    (pickled / "unet" / "model.ckpt").write_bytes(b"pickle")
+    assert "pickle weights are refused (convert them to safetensors): unet/model.ckpt" in _error(
+        capsys, ["seed", "--from-dir", str(pickled), *STACK]
+    )
+    assert "expected s3://<bucket>/<prefix>/<name>/<revision>/" in _error(
+        capsys, ["seed", "--from-s3", "s3://b/only", *STACK]
+    )
+    assert "invalid revision '../x'" in _error(
+        capsys, ["rollback", "--name", "m", "--revision", "../x", *STACK]
+    )
+    assert "--keep must be at least 1" in _error(
+        capsys, ["seed", "--from-dir", str(empty), "--keep", "0", *STACK]
+    )
+
+
+def test_bootstrap_script_is_the_same_command(tmp_path: Path) -> None:
+    script = Path(__file__).parents[2] / "scripts" / "bootstrap_efs.py"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script), "--from-dir", str(empty), *STACK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip()
+        == f"sd-lambda seed: error: {empty} is not a diffusers pipeline: no model_index.json"
+    )

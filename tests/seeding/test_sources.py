@@ -1,0 +1,222 @@
+"""Sources: a local folder, and the hub through fakes of ``HfApi.model_info`` / ``snapshot_download``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx2
+import pytest
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+from sd_lambda.layout import MANIFEST, ModelPaths, install_release, verify_release
+from sd_lambda.seeding import sources
+from sd_lambda.seeding.errors import SeedError
+from sd_lambda.seeding.sources import from_dir, from_hub, parse_model_ref, select_hub_files
+
+from .conftest import make_model
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_from_dir_describes_every_file(tmp_path: Path) -> None:
+    folder = make_model(tmp_path / "m", "v1")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "junk").write_text("x")
+    (folder / MANIFEST).write_text("{}")  # an old manifest is not content
+    release = from_dir(folder)
+    assert sorted(release.files) == [
+        "model_index.json",
+        "unet/part0.safetensors",
+        "unet/part1.safetensors",
+        "unet/part2.safetensors",
+    ]
+    assert release.manifest.source == f"dir:{folder.resolve()}"
+    # The default revision names the content: same files, same name; other files, other name.
+    assert from_dir(folder).revision == release.revision
+    assert from_dir(make_model(tmp_path / "other", "v2")).revision != release.revision
+
+
+def test_from_dir_refusals(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SeedError, match=r"not a diffusers pipeline: no model_index\.json"):
+        from_dir(empty)
+    pickled = make_model(tmp_path / "pickled", "v1")
+    (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(SeedError, match=r"pickle weights are refused .*unet/diffusion_pytorch_model\.bin"):
+        from_dir(pickled)
+    linked = make_model(tmp_path / "linked", "v1")
+    (linked / "unet" / "extra.safetensors").symlink_to(linked / "unet" / "part0.safetensors")
+    with pytest.raises(SeedError, match="symlinks are not allowed"):
+        from_dir(linked)
+
+
+def test_parse_model_ref() -> None:
+    assert parse_model_ref("segmind/tiny-sd") == ("segmind/tiny-sd", None)
+    assert parse_model_ref("segmind/tiny-sd@v1.0") == ("segmind/tiny-sd", "v1.0")
+    with pytest.raises(SeedError, match="invalid hub model id"):
+        parse_model_ref("../etc/passwd")
+
+
+REPO_FILES = [
+    "model_index.json",
+    "v1-5-pruned.safetensors",  # a single-file checkpoint: never taken
+    "v1-5-pruned.ckpt",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model-00001-of-00002.safetensors",
+    "text_encoder/model-00002-of-00002.safetensors",
+    "text_encoder/model.safetensors.index.json",
+    "text_encoder/model-00001-of-00002.fp16.safetensors",
+    "text_encoder/model-00002-of-00002.fp16.safetensors",
+    "text_encoder/model.safetensors.index.fp16.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "scheduler/scheduler_config.json",
+    "safety_checker/model.safetensors",  # not a component of this model_index
+]
+COMPONENTS = ["scheduler", "text_encoder", "tokenizer", "unet"]
+
+
+def test_select_plain_weights() -> None:
+    chosen = select_hub_files(REPO_FILES, COMPONENTS, variant=None)
+    assert chosen == {
+        "model_index.json": "model_index.json",
+        "unet/config.json": "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors": "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json": "text_encoder/config.json",
+        "text_encoder/model-00001-of-00002.safetensors": "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors": "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json": "text_encoder/model.safetensors.index.json",
+        "tokenizer/vocab.json": "tokenizer/vocab.json",
+        "tokenizer/merges.txt": "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json": "scheduler/scheduler_config.json",
+    }
+
+
+def test_select_variant_renames_to_plain_names() -> None:
+    chosen = select_hub_files(REPO_FILES, COMPONENTS, variant="fp16")
+    assert (
+        chosen["unet/diffusion_pytorch_model.fp16.safetensors"] == "unet/diffusion_pytorch_model.safetensors"
+    )
+    assert "unet/diffusion_pytorch_model.safetensors" not in chosen
+    assert chosen["text_encoder/model-00002-of-00002.fp16.safetensors"] == (
+        "text_encoder/model-00002-of-00002.safetensors"
+    )
+    assert (
+        chosen["text_encoder/model.safetensors.index.fp16.json"]
+        == "text_encoder/model.safetensors.index.json"
+    )
+    assert len(set(chosen.values())) == len(chosen)
+
+
+def test_select_refuses_pickle_only_components() -> None:
+    with pytest.raises(SeedError, match=r"vae/ has only pickle weights"):
+        select_hub_files(
+            ["model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.bin"], ["vae"], None
+        )
+
+
+class FakeHub:
+    """What the hub would answer for a few repos; each is a local folder of files."""
+
+    def __init__(self, repos: dict[str, Path]) -> None:
+        self.repos = repos
+        self.downloads: list[tuple[str, str, list[str]]] = []
+
+    def error(self, cls: type[Exception], repo: str) -> Exception:
+        response = httpx2.Response(
+            404, request=httpx2.Request("GET", f"https://hub.invalid/api/models/{repo}")
+        )
+        return cls(f"404 Client Error for {repo}", response=response)
+
+    def model_info(self, repo: str, revision: str | None = None) -> Any:
+        if repo == "acme/gated":
+            raise self.error(GatedRepoError, repo)
+        if repo not in self.repos:
+            raise self.error(RepositoryNotFoundError, repo)
+        if revision not in (None, "main", COMMIT):
+            raise self.error(RevisionNotFoundError, repo)
+        files = sorted(
+            p.relative_to(self.repos[repo]).as_posix() for p in self.repos[repo].rglob("*") if p.is_file()
+        )
+        return SimpleNamespace(sha=COMMIT, siblings=[SimpleNamespace(rfilename=f) for f in files])
+
+    def snapshot_download(
+        self, repo: str, *, revision: str, allow_patterns: list[str], local_dir: Path
+    ) -> str:
+        self.downloads.append((repo, revision, allow_patterns))
+        for name in allow_patterns:
+            (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.repos[repo] / name, Path(local_dir) / name)
+        return str(local_dir)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path) -> FakeHub:
+    pipeline = tmp_path / "repo"
+    shutil.copytree(tiny_model_dir, pipeline)
+    decoder = pipeline / "vae_tiny"
+    shutil.move(decoder, tmp_path / "taesd")
+    # An fp16 variant of the unet, and a pickle copy that must never be downloaded.
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copyfile(weights, pipeline / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    (pipeline / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    fake = FakeHub({"acme/tiny-sd": pipeline, "acme/taesd": tmp_path / "taesd"})
+    monkeypatch.setattr(sources, "HfApi", lambda: fake)
+    monkeypatch.setattr(sources, "snapshot_download", fake.snapshot_download)
+    return fake
+
+
+def test_from_hub_downloads_safetensors_only(hub: FakeHub, tmp_path: Path) -> None:
+    release = from_hub("acme/tiny-sd", tmp_path / "work", tiny_decoder="acme/taesd")
+    downloaded = {name for _, _, names in hub.downloads for name in names}
+    assert not any(name.endswith(".bin") for name in downloaded)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" not in downloaded
+    assert all(revision == COMMIT for _, revision, _ in hub.downloads)  # pinned to the resolved commit
+    assert "vae_tiny/diffusion_pytorch_model.safetensors" in release.files
+    assert release.revision == f"{COMMIT[:12]}-tiny{COMMIT[:7]}"
+    assert release.manifest.source == f"hf://acme/tiny-sd@{COMMIT} + vae_tiny=hf://acme/taesd@{COMMIT}"
+
+    # What was downloaded is a pipeline the layout accepts.
+    staged = tmp_path / "staged"
+    for path, local in release.files.items():
+        (staged / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, staged / path)
+    paths = ModelPaths(tmp_path / "efs" / "acme--tiny-sd")
+    install_release(paths, release.revision, staged)
+    assert verify_release(paths.resolve_current()).files == release.manifest.files
+
+
+def test_from_hub_variant(hub: FakeHub, tmp_path: Path) -> None:
+    release = from_hub("acme/tiny-sd@main", tmp_path / "work", variant="fp16")
+    assert release.files["unet/diffusion_pytorch_model.safetensors"].name == (
+        "diffusion_pytorch_model.fp16.safetensors"
+    )
+    assert release.revision == f"{COMMIT[:12]}-fp16"
+    assert (
+        json.loads(release.files["model_index.json"].read_text())["_class_name"] == "StableDiffusionPipeline"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("acme/missing", "model acme/missing not found on the hub (private? set HF_TOKEN)"),
+        ("acme/tiny-sd@nope", "revision 'nope' of acme/tiny-sd does not exist on the hub"),
+        ("acme/gated", "model acme/gated is gated: accept its terms on the hub and set HF_TOKEN"),
+    ],
+)
+def test_hub_errors_are_one_line(hub: FakeHub, tmp_path: Path, ref: str, message: str) -> None:
+    with pytest.raises(SeedError) as caught:
+        from_hub(ref, tmp_path / "work")
+    assert str(caught.value) == message
+    assert hub.downloads == []
