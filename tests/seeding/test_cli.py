@@ -131,3 +131,27 @@ def test_bootstrap_script_is_the_same_command(tmp_path: Path) -> None:
         done.stderr.strip()
         == f"sd-lambda seed: error: {empty} is not a diffusers pipeline: no model_index.json"
     )
+
+
+def _make(*args: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).parents[2]
+    # -o: never (re)build the venv from a test; it is there, the suite runs in it.
+    command = ["make", "--no-print-directory", "-s", "-o", ".venv/.stamp-install", *args]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+
+
+def test_make_targets_reach_the_cli(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    stack = "SEED_ARGS=--bucket b --instance-id i-1 --region eu-west-1"
+    done = _make("seed-models", f"FROM_DIR={empty}", "MODEL=acme/tiny-sd", stack)
+    assert done.returncode != 0
+    assert f"sd-lambda seed: error: {empty} is not a diffusers pipeline: no model_index.json" in done.stderr
+    dry = _make("-n", "seed-models", "MODEL=acme/tiny-sd@main", "REVISION=r1")
+    assert '--model "acme/tiny-sd@main"' in dry.stdout
+    assert '--revision "r1" --infra-dir "infra"' in dry.stdout
+    usage = _make("rollback", "MODEL=acme/tiny-sd")
+    assert usage.returncode != 0
+    assert "make rollback: set REVISION=<release>" in usage.stderr
+    dry = _make("-n", "rollback", "MODEL=acme/tiny-sd", "REVISION=r1")
+    assert 'sd-lambda rollback --name "acme/tiny-sd" --revision "r1"' in dry.stdout
