@@ -133,6 +133,20 @@ def test_process_exit_fails_the_invocation_in_flight(api: RuntimeAPI) -> None:
     assert "137" in result.error["errorMessage"]
 
 
+def test_a_dead_environment_fails_new_invocations_at_once(api: RuntimeAPI) -> None:
+    api.environment_exited(1)
+    assert api.invoke(b"{}", timeout_s=WAIT).error_type == "Runtime.ExitError"
+    api.new_environment()
+    error = {"errorMessage": "bad", "errorType": "Runtime.ImportModuleError"}
+    assert call(api, "POST", f"{PREFIX}/init/error", json.dumps(error).encode())[0] == 202
+    assert api.invoke(b"{}", timeout_s=WAIT).error_type == "Runtime.ImportModuleError"
+    api.new_environment()
+    invoker = Invoker(api)
+    _, headers, _ = call(api, "GET", f"{PREFIX}/invocation/next")
+    call(api, "POST", f"{PREFIX}/invocation/{headers['Lambda-Runtime-Aws-Request-Id']}/response", b"{}")
+    assert invoker.wait().ok
+
+
 def test_timeout_fails_the_invocation(api: RuntimeAPI) -> None:
     result = api.invoke(b"{}", timeout_s=0.05)  # nobody polls /next
     assert result.error_type == "Sandbox.Timedout"

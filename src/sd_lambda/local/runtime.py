@@ -34,6 +34,7 @@ MAX_RESPONSE_BYTES = 6_291_556
 _INVOCATION = re.compile(rf"^{PREFIX}/invocation/(?P<id>[^/]+)/(?P<kind>response|error)$")
 
 log = logging.getLogger(__name__)
+_ALIVE = object()  # the exit status of an environment whose process has not exited
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RuntimeAPI:
         self._current: _Invocation | None = None
         self._closing = False
         self.init_error: dict[str, Any] | None = None
+        self._exit_status: object = _ALIVE
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_class(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -126,6 +128,9 @@ class RuntimeAPI:
         with self._invoke_lock:
             invocation = _Invocation(payload, self.timeout_s if timeout_s is None else timeout_s)
             with self._condition:
+                failure = self._environment_failure(invocation.request_id)
+                if failure is not None:  # the environment is already dead: fail at once, as Lambda does
+                    return failure
                 self._current = invocation
                 self._condition.notify_all()
             if not invocation.done.wait(invocation.timeout_s):
@@ -144,28 +149,31 @@ class RuntimeAPI:
     def environment_exited(self, returncode: int | None) -> None:
         """The function's process ended: the invocation in flight (if any) fails like on AWS."""
         with self._condition:
+            self._exit_status = returncode
             current = self._current
-        if current is None:
-            return
-        if self.init_error is not None:
-            current.finish(self._init_failure(current.request_id))
-        else:
-            message = f"RequestId: {current.request_id} Error: Runtime exited with status {returncode}"
-            current.finish(
-                InvocationResult(
-                    current.request_id, error_type="Runtime.ExitError", error={"errorMessage": message}
-                )
-            )
+            failure = None if current is None else self._environment_failure(current.request_id)
+        if current is not None and failure is not None:
+            current.finish(failure)
 
     def new_environment(self) -> None:
-        """Forget the previous environment's init error before starting a fresh process."""
-        self.init_error = None
+        """A fresh process is starting: forget the previous one's init error and exit."""
+        with self._condition:
+            self.init_error = None
+            self._exit_status = _ALIVE
 
-    def _init_failure(self, request_id: str) -> InvocationResult:
-        error = self.init_error or {}
-        return InvocationResult(
-            request_id, error_type=str(error.get("errorType") or "Runtime.Unknown"), error=error
-        )
+    def _environment_failure(self, request_id: str) -> InvocationResult | None:
+        """Why an invocation cannot run in this environment (init failed, process gone), or None."""
+        if self.init_error is not None:
+            error = self.init_error
+            return InvocationResult(
+                request_id, error_type=str(error.get("errorType") or "Runtime.Unknown"), error=error
+            )
+        if self._exit_status is not _ALIVE:
+            message = f"RequestId: {request_id} Error: Runtime exited with status {self._exit_status}"
+            return InvocationResult(
+                request_id, error_type="Runtime.ExitError", error={"errorMessage": message}
+            )
+        return None
 
     # ---- the runtime side (called by the HTTP handler) ---------------------------------------------
 
@@ -211,11 +219,11 @@ class RuntimeAPI:
         error = _json_object(body)
         if error_type:
             error.setdefault("errorType", error_type)
-        self.init_error = error
         with self._condition:
+            self.init_error = error
             current = self._current
         if current is not None:
-            current.finish(self._init_failure(current.request_id))
+            current.finish(self._environment_failure(current.request_id))  # type: ignore[arg-type]
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
