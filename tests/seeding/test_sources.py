@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx2
 import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -133,9 +132,7 @@ class FakeHub:
         self.downloads: list[tuple[str, str, list[str]]] = []
 
     def error(self, cls: type[Exception], repo: str) -> Exception:
-        response = httpx2.Response(
-            404, request=httpx2.Request("GET", f"https://hub.invalid/api/models/{repo}")
-        )
+        response = SimpleNamespace(headers={}, request=None, status_code=404)  # what the errors read
         return cls(f"404 Client Error for {repo}", response=response)
 
     def model_info(self, repo: str, revision: str | None = None) -> Any:

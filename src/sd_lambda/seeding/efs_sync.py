@@ -217,7 +217,11 @@ class S3Reader:
             code = str(exc.code)
         where = f"s3://{self.bucket}/{key}"
         if exc.code == 403:
-            needed = "kms:Decrypt on the bucket's key" if code.startswith("KMS") else "s3:GetObject"
+            needed = (
+                "kms:Decrypt on the bucket's key"
+                if code.startswith("KMS")
+                else "s3:GetObject (and s3:ListBucket, without which a missing object reads as 403)"
+            )
             return SyncError(f"{code} reading {where}: the seeder's role needs {needed}")
         if exc.code == 404:
             return SyncError(f"{code}: {where} does not exist (was the upload finished?)")

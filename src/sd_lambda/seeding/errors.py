@@ -10,7 +10,9 @@ ACCESS_DENIED_CODES = frozenset(
 # API operation -> the IAM action that authorizes it, where the two differ.
 IAM_ACTIONS: dict[str, str] = {
     "s3:HeadBucket": "s3:ListBucket",
-    "s3:HeadObject": "s3:GetObject",
+    # Without s3:ListBucket a missing object answers 403 instead of 404.
+    "s3:HeadObject": "s3:GetObject (and s3:ListBucket)",
+    "s3:GetObject": "s3:GetObject (and s3:ListBucket)",
     "s3:ListObjectsV2": "s3:ListBucket",
     "s3:CreateMultipartUpload": "s3:PutObject",
     "s3:UploadPart": "s3:PutObject",
