@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from sd_lambda.encoding import MEDIA_TYPES
 from sd_lambda.engine import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
 from sd_lambda.errors import ApiError
 from sd_lambda.settings import Settings
 
 UINT32_MAX = 2**32 - 1
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class EngineChoice:
 DefaultSource = FromModel | RandomSeed | EngineChoice
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 DecoderName = Literal[DECODERS]  # type: ignore[valid-type]
+OutputFormat = Literal[tuple(MEDIA_TYPES)]  # type: ignore[valid-type]
 
 
 class GenerationRequest(BaseModel):
@@ -118,9 +119,7 @@ class GenerationRequest(BaseModel):
         Field(ge=0, le=UINT32_MAX, description="Same seed + same request = the same image."),
         RandomSeed(),
     ] = None
-    output_format: Annotated[
-        Literal["png", "jpeg", "webp"], Field(description="Image encoding of the response.")
-    ] = "png"
+    output_format: Annotated[OutputFormat, Field(description="Image encoding of the response.")] = "png"
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")] = 90
     scheduler: Annotated[
         SchedulerName | None,
