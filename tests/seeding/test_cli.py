@@ -26,7 +26,7 @@ OUTPUTS = {
     "model_name": "segmind--tiny-sd",
     "function_name": "sd",
 }
-NO_FLAGS = dict.fromkeys(("bucket", "prefix", "instance_id", "mount_path", "region", "model_name"))
+NO_FLAGS = dict.fromkeys(target_module.OUTPUTS)
 
 
 def test_outputs_fill_what_flags_do_not_give(tmp_path: Path) -> None:
@@ -44,6 +44,7 @@ def test_outputs_fill_what_flags_do_not_give(tmp_path: Path) -> None:
         mount_path="/mnt/models",
         region="eu-west-1",
         model_name="segmind--tiny-sd",
+        function_name="sd",
     )
     assert calls == [tmp_path]
     assert resolved.revision_prefix("x", "r1") == "models/x/r1/"
@@ -114,6 +115,8 @@ def test_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert "--keep must be at least 1" in _error(
         capsys, ["seed", "--from-dir", str(empty), "--keep", "0", *STACK]
     )
+    warm = ["seed", "--from-dir", str(empty), "--warm", *STACK]
+    assert "--warm needs --function-name" in _error(capsys, warm)
 
 
 def test_bootstrap_script_is_the_same_command(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -12,7 +13,8 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.stub import Stubber
+from botocore.response import StreamingBody
+from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
 from sd_lambda.layout import MANIFEST, Manifest
@@ -340,3 +342,29 @@ def test_command_timeout_cancels(aws_env: dict[str, str]) -> None:
             )
         stub.assert_no_pending_responses()
     assert clock.now == 800  # gave up at the first poll past delivery + execution timeout + margin
+
+
+def _invoke_response(payload: bytes, function_error: str | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "StatusCode": 200,
+        "Payload": StreamingBody(io.BytesIO(payload), len(payload)),
+    }
+    if function_error:
+        response["FunctionError"] = function_error
+    return response
+
+
+def test_warm_invokes_once(aws_env: dict[str, str]) -> None:
+    client = boto3.client("lambda", region_name=REGION)
+    expected = {"FunctionName": "sd", "InvocationType": "RequestResponse", "Payload": ANY}
+    with Stubber(client) as stub:
+        stub.add_response("invoke", _invoke_response(b'{"image": "x", "timings": {"load_ms": 9}}'), expected)
+        assert flow.warm_function(client, "sd") == {"warm_timings": {"load_ms": 9}}
+        stub.add_response(
+            "invoke", _invoke_response(b'{"error": {"message": "model not seeded"}, "statusCode": 503}')
+        )
+        with pytest.raises(SeedError, match="warm-up invoke of sd failed: model not seeded"):
+            flow.warm_function(client, "sd")
+        stub.add_response("invoke", _invoke_response(b'{"errorMessage": "Task timed out"}', "Unhandled"))
+        with pytest.raises(SeedError, match="failed: Task timed out"):
+            flow.warm_function(client, "sd")

@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     seed.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept on EFS (current always)")
     seed.add_argument("--upload-only", action="store_true", help="stop after the upload to S3")
+    seed.add_argument(
+        "--warm", action="store_true", help="afterwards, invoke the function once (loads the model)"
+    )
+    seed.add_argument("--function-name", help="function to warm (output function_name)")
     seed.add_argument("--no-progress", action="store_true", help="no progress bar")
     _stack_arguments(seed)
     seed.set_defaults(func=run_seed)
@@ -82,6 +86,7 @@ def _target(args: argparse.Namespace) -> Any:
         "mount_path": args.mount_path,
         "region": args.region,
         "model_name": None,
+        "function_name": getattr(args, "function_name", None),
     }
     return resolve_target(flags, args.infra_dir)
 
@@ -121,6 +126,8 @@ def run_seed(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise SeedError("--keep must be at least 1")
     target = _target(args)
+    if args.warm and not target.function_name:
+        raise SeedError("--warm needs --function-name (the stack has no function_name output)")
     clients = flow.AwsClients.create(target.region)
     if args.from_s3:
         staged = flow.stage_s3(clients, args.from_s3, args.name)
@@ -144,6 +151,8 @@ def run_seed(args: argparse.Namespace) -> int:
         return 0
     result = flow.sync_on_seeder(clients, target, staged, _options(args))
     print(json.dumps(result, sort_keys=True))
+    if args.warm:
+        print(json.dumps(flow.warm_function(clients.lambda_, target.function_name), sort_keys=True))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,13 +28,15 @@ class AwsClients:
     s3: Any
     ec2: Any
     ssm: Any
+    lambda_: Any = None  # only for --warm
 
     @classmethod
     def create(cls, region: str | None) -> AwsClients:
         import boto3
 
         session = boto3.Session(region_name=region)
-        return cls(session.client("s3"), session.client("ec2"), session.client("ssm"))
+        clients = [session.client(name) for name in ("s3", "ec2", "ssm", "lambda")]
+        return cls(*clients)
 
 
 @dataclass(frozen=True)
@@ -205,3 +208,36 @@ def model_name(explicit: str | None, hub_ref: str | None, target: Target) -> str
     if target.model_name:
         return model_slug(target.model_name)
     raise SeedError("no model name: pass --name (the stack has no model_name output)")
+
+
+# The smallest request the handler accepts as a direct invoke: loads the new revision, one step.
+WARM_REQUEST = {"prompt": "warm-up", "num_inference_steps": 1, "width": 64, "height": 64, "seed": 0}
+
+
+def warm_function(lambda_client: Any, function_name: str) -> dict[str, Any]:
+    """One direct invoke, so one execution environment has loaded the new revision before users come."""
+    from botocore.exceptions import ClientError
+
+    from sd_lambda.seeding.errors import aws_error
+
+    log(f"warming {function_name} with one direct invoke")
+    try:
+        response = lambda_client.invoke(
+            FunctionName=function_name,
+            InvocationType="RequestResponse",
+            Payload=json.dumps(WARM_REQUEST).encode(),
+        )
+    except ClientError as exc:
+        raise aws_error(exc, "lambda", function_name) from exc
+    raw = response["Payload"].read()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        payload = {"errorMessage": raw[:200].decode(errors="replace")}
+    error = payload.get("error") or payload.get("errorMessage")  # the handler's / Lambda's own shape
+    if response.get("FunctionError") or error:
+        detail = error.get("message", error) if isinstance(error, dict) else error
+        raise SeedError(f"the revision is live, but the warm-up invoke of {function_name} failed: {detail}")
+    return {"warm_timings": payload.get("timings")}

@@ -20,6 +20,7 @@ OUTPUTS: dict[str, tuple[str, str]] = {
     "mount_path": ("seeder_mount_path", "--mount-path"),
     "region": ("region", "--region"),
     "model_name": ("model_name", "--name"),
+    "function_name": ("function_name", "--function-name"),
 }
 REQUIRED = ("bucket", "instance_id")
 
@@ -32,6 +33,7 @@ class Target:
     mount_path: str = DEFAULT_MOUNT_PATH
     region: str | None = None
     model_name: str | None = None  # the model folder the function serves
+    function_name: str | None = None  # for --warm
 
     def revision_prefix(self, name: str, revision: str) -> str:
         return (
@@ -73,4 +75,5 @@ def resolve_target(
         mount_path=values["mount_path"] or DEFAULT_MOUNT_PATH,
         region=values["region"],
         model_name=values["model_name"],
+        function_name=values["function_name"],
     )
