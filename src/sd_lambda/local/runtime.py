@@ -238,6 +238,8 @@ def _handler_class(api: RuntimeAPI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.1 keep-alive: the runtime client (libcurl) reuses one connection.
         protocol_version = "HTTP/1.1"
+        # Headers and body go out as separate writes: without TCP_NODELAY, Nagle + delayed ACK adds ~40 ms.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("runtime api: " + format, *args)
