@@ -3,13 +3,13 @@
 ################################################################################
 
 variable "name" {
-  description = "Name prefix of every resource (function, repository, file system, roles...)."
+  description = "Name prefix of every resource (function, repository, file system, roles...), 2-24 characters."
   type        = string
   default     = "sd-lambda"
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,30}$", var.name))
-    error_message = "name must be 2-31 characters: lowercase letters, digits and hyphens, starting with a letter."
+    condition     = can(regex("^[a-z][a-z0-9-]{1,23}$", var.name))
+    error_message = "name must be 2-24 characters (it prefixes IAM role and bucket names, which AWS limits): lowercase letters, digits and hyphens, starting with a letter."
   }
 }
 

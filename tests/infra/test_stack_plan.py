@@ -379,6 +379,7 @@ DIGEST_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda@sha256:" + 
         ({"timeout": 901}, "between 1 and 900"),
         ({"environment_variables": {"MODEL_ROOT": "/tmp"}}, "not MODEL_ROOT or MODEL_NAME"),
         ({"model_name": "../etc"}, "model_name must be a slug"),
+        ({"name": "a-very-long-stack-name-x25"}, "name must be 2-24 characters"),
         (
             {"vpc_id": "vpc-0a1b2c3d4e5f60718", "private_subnet_ids": ["subnet-0a1b2c3d4e5f60001"]},
             "at least two",
@@ -395,6 +396,7 @@ DIGEST_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda@sha256:" + 
         "timeout",
         "env-overrides-contract",
         "model-path",
+        "name-too-long",
         "one-subnet",
     ],
 )

@@ -3,8 +3,8 @@ variable "name" {
   type        = string
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,50}$", var.name))
-    error_message = "name must be 2-51 characters: lowercase letters, digits and hyphens, starting with a letter."
+    condition     = can(regex("^[a-z][a-z0-9-]{1,36}$", var.name))
+    error_message = "name must be 2-37 characters (the IAM role's name prefix is limited to 38): lowercase letters, digits and hyphens, starting with a letter."
   }
 }
 

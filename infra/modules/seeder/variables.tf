@@ -7,6 +7,11 @@ variable "create" {
 variable "name" {
   description = "Name prefix of the instance and its IAM role."
   type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,29}$", var.name))
+    error_message = "name must be 2-30 characters (the IAM role's name prefix is limited to 38): lowercase letters, digits and hyphens, starting with a letter."
+  }
 }
 
 variable "region" {
