@@ -108,7 +108,9 @@ def test_runs_as_non_root_with_the_lambda_entrypoint(dockerfile) -> None:
     assert users[-1] not in ("root", "0", "0:0")
     assert json.loads(runtime.all("ENTRYPOINT")[-1]) == ["python", "-m", "awslambdaric"]
     assert json.loads(runtime.all("CMD")[-1]) == ["sd_lambda.handler.handler"]
-    assert "HF_HUB_OFFLINE=1" in " ".join(runtime.all("ENV"))
+    env = " ".join(runtime.all("ENV"))
+    assert "HF_HUB_OFFLINE=1" in env
+    assert "PYTHONSAFEPATH=1" in env  # the working directory never shadows the venv's packages
 
 
 def test_healthcheck_skip_has_a_reason() -> None:

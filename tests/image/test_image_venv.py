@@ -117,7 +117,13 @@ def test_awslambdaric_serves_the_handler_from_the_image_venv(
     monkeypatch.chdir(tmp_path)
     for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
         monkeypatch.delenv(name, raising=False)
-    env = {"MODEL_ROOT": str(model_root), "MODEL_NAME": TEST_MODEL_NAME, "PYTHONNOUSERSITE": "1"}
+    env = {
+        "MODEL_ROOT": str(model_root),
+        "MODEL_NAME": TEST_MODEL_NAME,
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONSAFEPATH": "1",  # as the image sets it
+        "HF_HUB_OFFLINE": "1",
+    }
     log_path = tmp_path / "lambda.log"
     with LocalLambda(env, python=str(image_python), timeout_s=240, log_path=log_path) as function:
         assert function.command == [str(image_python), "-m", "awslambdaric", "sd_lambda.handler.handler"]
