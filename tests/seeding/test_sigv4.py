@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -125,3 +126,61 @@ def test_no_credentials_is_one_line() -> None:
         SyncError, match="no AWS credentials: none in the environment and no instance profile"
     ):
         chain.get()
+
+
+class FlakyS3(BaseHTTPRequestHandler):
+    """One object; answers per a script: 503 SlowDown, a body cut short, then honest (ranged) GETs."""
+
+    body = bytes(range(256)) * 40
+    script: list[str] = []
+    ranges: list[str | None] = []
+
+    def do_GET(self) -> None:
+        action = self.script.pop(0) if self.script else "ok"
+        self.ranges.append(self.headers.get("Range"))
+        if action == "503":
+            error = b"<Error><Code>SlowDown</Code></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        payload = self.body[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if action == "cut":
+            self.wfile.write(payload[: len(payload) // 3])
+            self.close_connection = True
+            return
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_download_retries_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from sd_lambda.layout import ManifestEntry
+    from sd_lambda.seeding import efs_sync
+
+    monkeypatch.setattr(efs_sync, "BACKOFF_S", 0.0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FlakyS3.script, FlakyS3.ranges = ["503", "cut"], []
+    try:
+        chain = CredentialChain({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+        reader = S3Reader("weights", "eu-west-1", chain, f"http://127.0.0.1:{server.server_address[1]}")
+        entry = ManifestEntry("w.safetensors", len(FlakyS3.body), hashlib.sha256(FlakyS3.body).hexdigest())
+        transferred = reader.download("k", tmp_path / "w.safetensors", entry)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert (tmp_path / "w.safetensors").read_bytes() == FlakyS3.body
+    assert transferred == len(FlakyS3.body)
+    cut_at = len(FlakyS3.body) // 3
+    assert FlakyS3.ranges == [None, None, f"bytes={cut_at}-"]  # resumed where the cut body ended
+    assert not (tmp_path / "w.safetensors.part").exists()

@@ -59,6 +59,7 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 IMDS_ENDPOINT = "http://169.254.169.254"
 CHUNK = 1 << 20
 ATTEMPTS = 4
+BACKOFF_S = 2.0  # doubled per retry
 # Refresh instance-profile credentials this long before they expire (downloads can take a while).
 REFRESH_MARGIN_S = 300
 HTTP_TIMEOUT_S = 60
@@ -66,6 +67,10 @@ HTTP_TIMEOUT_S = 60
 
 class SyncError(Exception):
     """A failure reported as one line; ``current`` has not been touched."""
+
+
+class TransientS3Error(SyncError):
+    """S3 answered 500/503 (SlowDown): worth another try."""
 
 
 def log(message: str) -> None:
@@ -225,6 +230,8 @@ class S3Reader:
             return SyncError(f"{code} reading {where}: the seeder's role needs {needed}")
         if exc.code == 404:
             return SyncError(f"{code}: {where} does not exist (was the upload finished?)")
+        if exc.code in (500, 502, 503, 504):
+            return TransientS3Error(f"HTTP {exc.code} {code} reading {where}")
         return SyncError(f"HTTP {exc.code} {code} reading {where}")
 
     def read(self, key: str) -> bytes:
@@ -250,18 +257,22 @@ class S3Reader:
                 with self.open(key, offset) as response:
                     if offset and response.status != 206:  # no range support: start over
                         digest, offset = hashlib.sha256(), 0
+                    announced, received = response.headers.get("Content-Length"), 0
                     with part.open("ab" if offset else "wb") as out:
                         while chunk := response.read(CHUNK):
                             out.write(chunk)
                             digest.update(chunk)
                             offset += len(chunk)
+                            received += len(chunk)
                             transferred += len(chunk)
+                if announced is not None and received < int(announced):  # cut short: resume from here
+                    raise ConnectionError(f"the connection closed after {received} of {announced} bytes")
                 break
-            except (OSError, http.client.HTTPException) as exc:  # HTTP errors raise SyncError, never retried
+            except (OSError, http.client.HTTPException, TransientS3Error) as exc:  # 403/404: not retried
                 if attempt == ATTEMPTS:
                     raise SyncError(f"reading s3://{self.bucket}/{key} failed: {exc}") from None
                 log(f"  retrying {entry.path} from byte {offset} ({exc})")
-                time.sleep(2**attempt)
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
         if offset != entry.size or digest.hexdigest() != entry.sha256:
             part.unlink(missing_ok=True)
             raise SyncError(
