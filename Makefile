@@ -88,6 +88,8 @@ security: $(CHECKOV_STAMP) ## checkov over infra/ and image/ offline (--skip-dow
 PLATFORM ?= linux/amd64
 IMAGE ?= sd-lambda:local
 DOCKER ?= docker
+# Extra NAME=VALUE build args, e.g. BUILD_ARGS="BASE_DIGEST=sha256:..."
+BUILD_ARGS ?=
 # make invoke: PROMPT (required), URL (default: the stack's function_url output), OUT, ARGS (e.g. "--steps 20").
 OUT ?= out.png
 
@@ -97,7 +99,8 @@ requirements: $(INSTALL_STAMP) ## Regenerate image/requirements.txt (the image's
 	$(BIN)/sd-lambda requirements
 
 build-image: $(INSTALL_STAMP) ## docker build image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE
-	$(BIN)/sd-lambda build-image --platform "$(PLATFORM)" --tag "$(IMAGE)" --docker "$(DOCKER)"
+	$(BIN)/sd-lambda build-image --platform "$(PLATFORM)" --tag "$(IMAGE)" --docker "$(DOCKER)" \
+		$(addprefix --build-arg ,$(BUILD_ARGS))
 
 push-image: $(INSTALL_STAMP) ## Push IMAGE to the stack's ECR repo (tag git-<sha>), write its digest to .image-digest
 	$(BIN)/sd-lambda push-image --image "$(IMAGE)" --docker "$(DOCKER)" \

@@ -371,3 +371,14 @@ def test_cli_reads_the_url_from_the_stack(
 def test_cli_refuses_an_empty_prompt(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--url", "https://a.lambda-url.eu-west-1.on.aws/", "--prompt", " "]) == 1
     assert "--prompt must not be empty" in capsys.readouterr().err
+
+
+def test_session_token_is_sent_and_signed(server: SigV4Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temporary credentials (SSO, assumed roles): the token travels as a signed header."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "test-session-token")
+    server.replies.append(Reply(200, PNG, IMAGE_HEADERS))
+    generate(server.url, "a cat", region=REGION, retry=instant())
+    received = server.received[0]
+    assert received.verdict == "ok"
+    assert received.headers["x-amz-security-token"] == "test-session-token"
+    assert "x-amz-security-token" in received.headers["authorization"]
