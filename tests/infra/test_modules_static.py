@@ -103,3 +103,15 @@ def test_tables_list_every_root_variable_with_its_default() -> None:
         assert f"| `{name}` |" in readme
     assert "| `memory_size` | `number` | `10240` |" in readme
     assert "| `ssh_ingress_cidrs` | `list(string)` | `[]` |" in readme
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: p.name)
+def test_each_module_validates_on_its_own(module: Path) -> None:
+    """Every module is usable without the root stack (terraform-aws-modules style)."""
+    from sd_lambda.tfcheck import validate
+
+    result = validate(module)
+
+    assert result.valid, [d.format(result.directory) for d in result.errors]
+    assert [d.format(result.directory) for d in result.diagnostics] == []  # no warnings either
