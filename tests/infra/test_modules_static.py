@@ -12,6 +12,8 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
+from sd_lambda.tfcheck import validate
+
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 MODULES = sorted(p for p in (INFRA / "modules").iterdir() if p.is_dir())
@@ -109,8 +111,6 @@ def test_tables_list_every_root_variable_with_its_default() -> None:
 @pytest.mark.parametrize("module", MODULES, ids=lambda p: p.name)
 def test_each_module_validates_on_its_own(module: Path) -> None:
     """Every module is usable without the root stack (terraform-aws-modules style)."""
-    from sd_lambda.tfcheck import validate
-
     result = validate(module)
 
     assert result.valid, [d.format(result.directory) for d in result.errors]
