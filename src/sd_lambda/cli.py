@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sd_lambda.local.cli",
     "sd_lambda.deploy",
     "sd_lambda.seeding.cli",
+    "sd_lambda.bench",
 )
 
 

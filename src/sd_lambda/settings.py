@@ -32,6 +32,15 @@ class Settings:
     dtype: str = _env("SD_DTYPE", "auto", "auto (bf16 only with native CPU support), float32 or bfloat16.")
     threads: int = _env("SD_THREADS", 0, "torch intra-op threads; 0 = the CPUs this process may use.")
     default_decoder: str = _env("SD_DEFAULT_DECODER", "auto", "auto (tiny when present), full or tiny.")
+    default_scheduler: str = _env(
+        "SD_DEFAULT_SCHEDULER",
+        "auto",
+        "auto (the model's own; PNDM becomes dpmpp_2m), model, or a scheduler name.",
+    )
+    feature_reuse: int = _env(
+        "SD_FEATURE_REUSE", 1, "Run the full UNet every N calls, reusing deep features between (1 = off)."
+    )
+    malloc_tune: int = _env("SD_MALLOC_TUNE", 1, "1 = keep freed memory in glibc's heap (fewer page faults).")
     max_request_bytes: int = _env(
         "SD_MAX_REQUEST_BYTES", 64 * 1024, "Largest request body accepted (after base64 decoding); else 413."
     )

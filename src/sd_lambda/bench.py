@@ -1,0 +1,325 @@
+"""``sd-lambda bench``: the project's pipeline against the naive one, in one run, on this machine.
+
+Variants (same prompt, seed, size and steps; each run in its own process, alternating):
+  naive    what the source articles do: DiffusionPipeline.from_pretrained, fp32, full VAE,
+           default threads, guidance 7.5, the model's own scheduler;
+  project  the engine the handler uses, like-for-like: same guidance (7.5), same (full) decoder;
+  fast     the engine's user-visible defaults: tiny decoder when the model has one, the guidance the
+           model's configuration asks for (an SD 1.5 model still needs classifier-free guidance).
+Each variant runs under ``--isa native`` and/or ``--isa avx2`` (ATen and oneDNN capped at AVX2, the
+only vector ISA AWS Lambda documents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd_lambda import cpu
+from sd_lambda.bench_worker import RESULT_PREFIX, VARIANTS
+
+ISA_ENV: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+DEFAULT_CACHE = Path(".cache/models")
+NAIVE_GUIDANCE = 7.5
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+# Targets from the performance issue (SD 1.5 architecture, 512x512, 4 steps).
+TARGETS = {"project_speedup": {"avx2": 1.3, "native": 1.8}, "fast_speedup": 3.0}
+TARGET_PEAK_RSS_GB = 5.5
+TARGET_IMPORT_LOAD_SECONDS = 4.0
+WORKER_TIMEOUT_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_dir: Path
+    width: int
+    height: int
+    steps: int
+    repeats: int
+    rounds: int
+    isas: tuple[str, ...]
+    variants: tuple[str, ...] = VARIANTS
+    prompt: str = PROMPT
+    seed: int = 1234
+    guidance_scale: float = NAIVE_GUIDANCE
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time the project's pipeline against the naive diffusers one (one run, one table)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="a diffusers folder (default: the sd15 test model, built once)"
+    )
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where test models are built")
+    parser.add_argument("--isa", choices=["native", "avx2", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round, no repeats")
+    parser.add_argument("--size", type=int, help="image side in pixels (default 512; 256 with --quick)")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default 4; 2 with --quick)")
+    parser.add_argument("--repeats", type=int, help="warm images per process after the first (default 1)")
+    parser.add_argument("--rounds", type=int, help="processes per variant and ISA, alternating (default 2)")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (bench.json)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sd_lambda.cli import CommandError
+
+    quick = args.quick
+    side = args.size or (256 if quick else 512)
+    steps = args.steps or (2 if quick else 4)
+    repeats = args.repeats if args.repeats is not None else (0 if quick else 1)
+    rounds = args.rounds or (1 if quick else 2)
+    if side % 8 or side < 64:
+        raise CommandError(f"--size must be a multiple of 8 and at least 64, got {side}")
+    if steps < 1 or repeats < 0 or rounds < 1:
+        raise CommandError("--steps and --rounds must be >= 1 and --repeats >= 0")
+    if args.model_dir is not None:
+        if not (args.model_dir / "model_index.json").is_file():
+            raise CommandError(f"{args.model_dir} is not a diffusers folder (no model_index.json)")
+        model_dir = args.model_dir
+    else:
+        model_dir = ensure_test_model(args.cache / "sd15")
+    isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
+    config = BenchConfig(model_dir, side, side, steps, repeats, rounds, isas)
+    try:
+        report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except WorkerError as exc:
+        raise CommandError(str(exc)) from exc
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def ensure_test_model(folder: Path, size: str = "sd15") -> Path:
+    """The random-weight test model (sd15: the SD 1.5 architecture, 4.3 GB, half a minute), built once."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    from sd_lambda.testing.models import build_test_model
+
+    staging = folder.with_name(folder.name + ".partial")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    print(f"building the {size} test model in {folder} (once)", file=sys.stderr, flush=True)
+    build_test_model(staging, size)
+    staging.rename(folder)
+    return folder
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def run_worker(config: BenchConfig, variant: str, isa: str) -> dict[str, Any]:
+    spec = {
+        "variant": variant,
+        "isa": isa,
+        "model_dir": str(config.model_dir),
+        "prompt": config.prompt,
+        "seed": config.seed,
+        "steps": config.steps,
+        "width": config.width,
+        "height": config.height,
+        "guidance_scale": config.guidance_scale,
+        "repeats": config.repeats,
+    }
+    env = {**os.environ, **ISA_ENV[isa], **config.extra_env}
+    command = [sys.executable, "-m", "sd_lambda.bench_worker", json.dumps(spec)]
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS, check=False
+    )
+    for line in reversed(completed.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line.removeprefix(RESULT_PREFIX))
+    tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
+    raise WorkerError(f"{variant} ({isa}) worker exited {completed.returncode} without a result: {tail}")
+
+
+def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]:
+    from sd_lambda.flops import count_flops
+
+    load_before = os.getloadavg()
+    started = time.time()
+    flops = count_flops(config.model_dir, config.width, config.height)
+    samples: list[dict[str, Any]] = []
+    for round_index in range(config.rounds):
+        for isa in config.isas:
+            for variant in config.variants:
+                progress(f"round {round_index + 1}/{config.rounds}: {variant} ({isa}) ...")
+                sample = run_worker(config, variant, isa)
+                samples.append({"round": round_index, **sample})
+                progress(f"  {sample['images'][-1]['seconds']:.2f} s/image, {sample['dtype']}")
+    flags = cpu.read_cpu_flags()
+    summary = summarize(samples, flops.to_dict(), flags, cpu.cpu_ghz() or 0.0)
+    return {
+        "config": {**asdict(config), "model_dir": str(config.model_dir)},
+        "machine": {
+            "cpu_flags": sorted(flags & {"avx2", "avx512f", *cpu.NATIVE_BF16_FLAGS}),
+            "ghz": cpu.cpu_ghz(),
+            "cpus": cpu.cpu_budget().cpus,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "flops": flops.to_dict(),
+        "wall_seconds": time.time() - started,
+        "results": summary["results"],
+        "ratios": summary["ratios"],
+        "targets": summary["targets"],
+        "samples": samples,
+    }
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def isa_flags(flags: frozenset[str], isa: str) -> frozenset[str]:
+    """The flags a capped process can use: under avx2 neither AVX-512 nor native bf16."""
+    if isa == "avx2":
+        return frozenset(f for f in flags if not f.startswith("avx512") and f not in cpu.NATIVE_BF16_FLAGS)
+    return flags
+
+
+def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str) -> float:
+    decode = flops["tiny_decode"] if decoder == "tiny" else flops["vae_decode"]
+    unet = flops["unet"] * sample["unet_batch"] * (sample["unet_calls"] - sample.get("reused_calls", 0))
+    return unet + decode + flops["text_encoder"] * sample["text_encoder_calls"]
+
+
+def summarize(
+    samples: list[dict[str, Any]], flops: dict[str, Any], flags: frozenset[str], ghz: float
+) -> dict[str, Any]:
+    results: dict[str, dict[str, Any]] = {}
+    for sample in samples:
+        results.setdefault(f"{sample['isa']}/{sample['variant']}", {"runs": []})["runs"].append(sample)
+    for entry in results.values():
+        runs = entry.pop("runs")
+        first = runs[0]
+        warm = [image for run in runs for image in run["images"][1:]] or [run["images"][0] for run in runs]
+        seconds = _median([image["seconds"] for image in warm])
+        per_call = _median([image["unet_seconds"] / image["unet_calls"] for image in warm])
+        work = _median([image_flops(flops, image, first["decoder"]) for image in warm])
+        peak = cpu.peak_gflops(isa_flags(flags, first["isa"]), first["threads"], ghz, first["dtype"])
+        unet_gflops = flops["unet"] * warm[0]["unet_batch"] / per_call / 1e9
+        entry.update(
+            isa=first["isa"],
+            variant=first["variant"],
+            dtype=first["dtype"],
+            decoder=first["decoder"],
+            scheduler=first["scheduler"],
+            threads=first["threads"],
+            cpu_capability=first["cpu_capability"],
+            unet_calls=warm[0]["unet_calls"],
+            unet_batch=warm[0]["unet_batch"],
+            seconds_per_image=seconds,
+            seconds_per_unet_call=per_call,
+            decode_seconds=_median([image["decode_seconds"] for image in warm]),
+            import_seconds=_median([run["import_seconds"] for run in runs]),
+            load_seconds=_median([run["load_seconds"] for run in runs]),
+            first_image_seconds=_median([run["first_image_seconds"] for run in runs]),
+            peak_rss_gb=max(run["peak_rss_bytes"] for run in runs) / 1e9,
+            image_gflop=work / 1e9,
+            gflops_per_second=work / seconds / 1e9,
+            unet_gflops_per_second=unet_gflops,
+            peak_gflops_per_second=peak,
+            warm_images=len(warm),
+        )
+    ratios: dict[str, dict[str, float]] = {}
+    targets: dict[str, dict[str, Any]] = {}
+    for isa in {entry["isa"] for entry in results.values()}:
+        naive = results.get(f"{isa}/naive")
+        if naive is None:
+            continue
+        ratios[isa] = {}
+        for variant in ("project", "fast"):
+            other = results.get(f"{isa}/{variant}")
+            if other is not None:
+                ratios[isa][f"{variant}_speedup"] = naive["seconds_per_image"] / other["seconds_per_image"]
+        targets[isa] = {}
+        if "project_speedup" in ratios[isa]:
+            want = TARGETS["project_speedup"][isa]
+            targets[isa]["project_speedup"] = _target(ratios[isa]["project_speedup"], want, higher=True)
+        if "fast_speedup" in ratios[isa]:
+            targets[isa]["fast_speedup"] = _target(ratios[isa]["fast_speedup"], TARGETS["fast_speedup"], True)
+    for entry in results.values():
+        if entry["variant"] != "naive":
+            targets.setdefault(entry["isa"], {})[f"{entry['variant']}_peak_rss_gb"] = _target(
+                entry["peak_rss_gb"], TARGET_PEAK_RSS_GB, higher=False
+            )
+            overhead = entry["import_seconds"] + entry["load_seconds"]
+            targets[entry["isa"]][f"{entry['variant']}_import_load_seconds"] = _target(
+                overhead, TARGET_IMPORT_LOAD_SECONDS, higher=False
+            )
+    return {"results": results, "ratios": ratios, "targets": targets}
+
+
+def _target(value: float, want: float, higher: bool) -> dict[str, Any]:
+    met = value >= want if higher else value <= want
+    return {"value": round(value, 3), "target": want, "met": met}
+
+
+COLUMNS = (
+    ("variant", "{isa}/{variant}", 15),
+    ("dtype", "{dtype}", 9),
+    ("decoder", "{decoder}", 7),
+    ("UNet calls", "{unet_calls}x b{unet_batch}", 10),
+    ("s/image", "{seconds_per_image:.2f}", 8),
+    ("s/UNet call", "{seconds_per_unet_call:.2f}", 11),
+    ("decode s", "{decode_seconds:.2f}", 8),
+    ("import s", "{import_seconds:.2f}", 8),
+    ("load s", "{load_seconds:.2f}", 7),
+    ("1st image s", "{first_image_seconds:.2f}", 11),
+    ("peak RSS GB", "{peak_rss_gb:.2f}", 11),
+    ("GFLOP/s (UNet)", "{gflops_per_second:.0f} ({unet_gflops_per_second:.0f})", 14),
+    ("peak", "{peak_gflops_per_second:.0f}", 5),
+)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A Markdown table (it goes into the README as is), then ratios, targets, FLOPs and load."""
+    header = "| " + " | ".join(name for name, _, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("-" * (width + 2) for _, _, width in COLUMNS) + "|"
+    rows = [header, rule]
+    for entry in report["results"].values():
+        rows.append("| " + " | ".join(template.format(**entry) for _, template, _ in COLUMNS) + " |")
+    lines = ["", *rows, ""]
+    for isa, ratios in sorted(report["ratios"].items()):
+        text = ", ".join(f"{name.removesuffix('_speedup')} {value:.2f}x" for name, value in ratios.items())
+        lines.append(f"speed-up vs naive ({isa}): {text}")
+    for isa, checks in sorted(report["targets"].items()):
+        for name, check in checks.items():
+            verdict = "met" if check["met"] else "MISSED"
+            lines.append(f"target {isa}/{name}: {check['value']} (target {check['target']}) {verdict}")
+    flops = report["flops"]
+    tiny = f"{flops['tiny_decode'] / 1e9:.0f}" if flops["tiny_decode"] else "n/a"
+    lines.append(
+        f"FLOPs at {flops['width']}x{flops['height']} (torch FlopCounterMode, meta device): "
+        f"UNet {flops['unet'] / 1e9:.0f} GFLOP per call per batch item, VAE decode "
+        f"{flops['vae_decode'] / 1e9:.0f}, tiny decode {tiny}, text encoder {flops['text_encoder'] / 1e9:.1f}"
+    )
+    machine = report["machine"]
+    before = ", ".join(f"{x:.2f}" for x in machine["loadavg_before"])
+    after = ", ".join(f"{x:.2f}" for x in machine["loadavg_after"])
+    lines.append(
+        f"machine: {machine['cpus']} CPUs at {machine['ghz']} GHz, flags {', '.join(machine['cpu_flags'])}; "
+        f"load average before {before}, after {after}; run took {report['wall_seconds']:.0f} s"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""One benchmark variant in its own process, so its cold start and peak RSS are its own.
+
+Run by ``sd-lambda bench`` as ``python -m sd_lambda.bench_worker '<json spec>'``; prints one JSON line
+(the last line of stdout). Nothing heavy is imported before the clock starts.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("naive", "project", "fast")
+RESULT_PREFIX = "BENCH-RESULT "
+
+
+def _naive(spec: dict[str, Any]) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
+    """What the source articles do: from_pretrained with every default, fp32, full VAE, guidance 7.5."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from sd_lambda.engine import UnetRecorder
+
+    pipe = DiffusionPipeline.from_pretrained(spec["model_dir"])
+    # Measurement only: hooks count UNet calls and time the decode; they do not change the work.
+    recorder = UnetRecorder(pipe.unet)
+    decode_seconds = [0.0]
+    vae_decode = pipe.vae.decode
+
+    def timed_decode(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        output = vae_decode(*args, **kwargs)
+        decode_seconds[0] = time.perf_counter() - started
+        return output
+
+    pipe.vae.decode = timed_decode
+
+    def one_image() -> dict[str, Any]:
+        recorder.reset()
+        pipe(
+            spec["prompt"],
+            num_inference_steps=spec["steps"],
+            guidance_scale=spec["guidance_scale"],
+            width=spec["width"],
+            height=spec["height"],
+            generator=torch.Generator().manual_seed(spec["seed"]),
+        )
+        return {
+            "unet_seconds": recorder.seconds,
+            "unet_calls": recorder.calls,
+            "unet_batch": recorder.batch,
+            "decode_seconds": decode_seconds[0],
+            "text_encoder_calls": 2 if recorder.batch == 2 else 1,
+        }
+
+    info = {"dtype": str(pipe.unet.dtype).removeprefix("torch."), "decoder": "full"}
+    info["scheduler"] = type(pipe.scheduler).__name__
+    return one_image, info
+
+
+def _project(spec: dict[str, Any], fast: bool) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
+    from dataclasses import replace
+
+    from sd_lambda.engine import Engine, GenerationParams
+    from sd_lambda.settings import Settings
+
+    settings = Settings.from_env()
+    if not fast:
+        settings = replace(settings, default_decoder="full")
+    engine = Engine.load(Path(spec["model_dir"]), settings)
+    params = GenerationParams(
+        prompt=spec["prompt"],
+        num_inference_steps=spec["steps"],
+        # Like-for-like keeps the naive guidance; the fast default takes what the model says it needs.
+        guidance_scale=engine.defaults.guidance_scale if fast else spec["guidance_scale"],
+        width=spec["width"],
+        height=spec["height"],
+        seed=spec["seed"],
+    )
+
+    def one_image() -> dict[str, Any]:
+        result = engine.generate(params)
+        return {
+            "unet_seconds": result.timings_ms["unet"] / 1000,
+            "unet_calls": result.stats["unet_calls"],
+            "unet_batch": result.stats["unet_batch"],
+            "decode_seconds": result.timings_ms["decode"] / 1000,
+            "text_encoder_calls": 1 + bool(params.negative_prompt),
+            "reused_calls": result.stats["reused_calls"],
+        }
+
+    info = {
+        "dtype": str(engine.pipeline.unet.dtype).removeprefix("torch."),
+        "decoder": engine.choices.default_decoder,
+        "scheduler": engine.describe()["default_scheduler"],
+        "guidance_scale": params.guidance_scale,
+    }
+    return one_image, info
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    variant = spec["variant"]
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    started = time.perf_counter()
+    import diffusers  # noqa: F401  (what a handler imports at init, for both variants)
+    import torch
+    from diffusers import StableDiffusionPipeline  # noqa: F401
+
+    import sd_lambda.engine  # noqa: F401
+
+    imported = time.perf_counter()
+    one_image, info = _naive(spec) if variant == "naive" else _project(spec, fast=variant == "fast")
+    loaded = time.perf_counter()
+    images = []
+    for _ in range(1 + spec["repeats"]):
+        image_started = time.perf_counter()
+        sample = one_image()
+        sample["seconds"] = time.perf_counter() - image_started
+        images.append(sample)
+    return {
+        "variant": variant,
+        "isa": spec["isa"],
+        "import_seconds": imported - started,
+        "load_seconds": loaded - imported,
+        "first_image_seconds": images[0]["seconds"],
+        "images": images,
+        # Linux reports ru_maxrss in KiB.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **info,
+    }
+
+
+def main(argv: list[str]) -> int:
+    result = run(json.loads(argv[0]))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,58 @@
+"""FLOPs of one call of each pipeline component, counted by torch on the meta device (no weights).
+
+``torch.utils.flop_counter.FlopCounterMode`` counts matmuls and convolutions (2 FLOPs per
+multiply-add), including attention's batched matmuls; elementwise work (norms, activations) is not
+counted, so achieved GFLOP/s derived from these numbers is a slight under-estimate of work done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TINY_DECODER_FOLDER = "vae_tiny"
+
+
+@dataclass(frozen=True)
+class ComponentFlops:
+    """FLOPs at one image size: UNet per call per batch item, decoders per image, text encoder per prompt."""
+
+    width: int
+    height: int
+    unet: int
+    vae_decode: int
+    tiny_decode: int | None
+    text_encoder: int
+
+    def to_dict(self) -> dict[str, int | None]:
+        return asdict(self)
+
+
+def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def counted(run) -> int:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return int(counter.get_total_flops())
+
+    with torch.device("meta"), torch.inference_mode():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir / "vae"))
+        text_config = CLIPTextConfig.from_pretrained(model_dir / "text_encoder")
+        text_encoder = CLIPTextModel(text_config)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        latents = torch.zeros(1, unet.config.in_channels, height // scale, width // scale)
+        context = torch.zeros(1, text_config.max_position_embeddings, unet.config.cross_attention_dim)
+        tokens = torch.zeros(1, text_config.max_position_embeddings, dtype=torch.long)
+        unet_flops = counted(lambda: unet(latents, torch.tensor([1.0]), encoder_hidden_states=context))
+        vae_flops = counted(lambda: vae.decode(latents))
+        text_flops = counted(lambda: text_encoder(tokens))
+        tiny_flops = None
+        if (model_dir / TINY_DECODER_FOLDER).is_dir():
+            tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(model_dir / TINY_DECODER_FOLDER))
+            tiny_flops = counted(lambda: tiny.decode(latents))
+    return ComponentFlops(width, height, unet_flops, vae_flops, tiny_flops, text_flops)
