@@ -1,0 +1,49 @@
+"""`make plan/apply/destroy` hand the right arguments to `sd-lambda deploy` (dry runs: `make -n`)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def dry_run(target: str, *assignments: str) -> str:
+    make = shutil.which("make")
+    assert make, "make is required"
+    result = subprocess.run(
+        [make, "-n", "--no-print-directory", target, *assignments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [line for line in result.stdout.replace("\\\n", " ").splitlines() if "sd-lambda deploy" in line]
+    assert len(lines) == 1, result.stdout
+    return " ".join(lines[0].split())
+
+
+def test_apply_builds_and_pushes_unless_an_image_is_given() -> None:
+    staged = dry_run("apply", "REGION=eu-west-1", "TFVARS=prod.tfvars")
+    assert 'deploy apply --infra-dir "infra" --region "eu-west-1" --var-file prod.tfvars' in staged
+    assert '--push-command "make --no-print-directory build-image push-image"' in staged
+
+    pinned = dry_run("apply", "IMAGE_URI=123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc")
+    assert '--image-uri "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc"' in pinned
+    assert "--push-command" not in pinned
+
+
+def test_plan_passes_the_backend_config() -> None:
+    assert '--backend-config "backend.hcl"' in dry_run("plan", "BACKEND_CONFIG=backend.hcl")
+
+
+@pytest.mark.parametrize(
+    ("confirm", "expect_yes"), [(None, False), ("CONFIRM=1", True), ("CONFIRM=0", False)]
+)
+def test_destroy_confirms_unless_confirm_is_1(confirm: str | None, expect_yes: bool) -> None:
+    line = dry_run("destroy", *([confirm] if confirm else []))
+    assert line.startswith(".venv/bin/sd-lambda deploy destroy")
+    assert line.endswith("--yes") is expect_yes
