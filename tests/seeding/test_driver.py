@@ -368,3 +368,30 @@ def test_warm_invokes_once(aws_env: dict[str, str]) -> None:
         stub.add_response("invoke", _invoke_response(b'{"errorMessage": "Task timed out"}', "Unhandled"))
         with pytest.raises(SeedError, match="failed: Task timed out"):
             flow.warm_function(client, "sd")
+
+
+def test_multipart_upload_with_progress(
+    aws: flow.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    from sd_lambda.seeding.upload import upload_release
+
+    _target(aws)  # creates the bucket
+    folder = make_model(tmp_path / "m", "v1", files=1)
+    big = folder / "unet" / "big.safetensors"
+    big.write_bytes(bytes(range(256)) * (11 * 4096))  # 11 MiB: three 5 MiB parts
+    release = from_dir(folder)
+    small_parts = TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024)
+    report = upload_release(aws.s3, "weights", "models/m/r1/", release, transfer_config=small_parts)
+    head = aws.s3.head_object(Bucket="weights", Key="models/m/r1/unet/big.safetensors")
+    assert head["ETag"].strip('"').endswith("-3")  # really multipart
+    shas = {entry.path: entry.sha256 for entry in release.manifest.files}
+    assert head["Metadata"][SHA256_METADATA] == shas["unet/big.safetensors"]
+    assert report.uploaded_bytes == release.manifest.total_bytes
+    progress = capsys.readouterr().err
+    assert "upload: 100%" in progress
+    assert "11.0M" in progress  # bytes
+    assert "B/s" in progress  # rate
+    again = upload_release(aws.s3, "weights", "models/m/r1/", release, transfer_config=small_parts)
+    assert (again.uploaded_files, again.skipped_files) == (0, 3)

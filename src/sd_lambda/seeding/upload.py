@@ -75,7 +75,13 @@ def _remote_sha256(s3: Any, bucket: str, key: str) -> tuple[str | None, int] | N
 
 
 def upload_release(
-    s3: Any, bucket: str, key_prefix: str, release: LocalRelease, *, progress: bool = True
+    s3: Any,
+    bucket: str,
+    key_prefix: str,
+    release: LocalRelease,
+    *,
+    progress: bool = True,
+    transfer_config: TransferConfig = TRANSFER_CONFIG,
 ) -> UploadReport:
     """Upload every file whose object is missing or differs, then the manifest.
 
@@ -104,7 +110,7 @@ def upload_release(
                     bucket,
                     key,
                     ExtraArgs={"Metadata": {SHA256_METADATA: entry.sha256}},
-                    Config=TRANSFER_CONFIG,
+                    Config=transfer_config,
                     Callback=bar.update,
                 )
             except ClientError as exc:
