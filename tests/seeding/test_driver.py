@@ -153,6 +153,11 @@ def test_access_denied_names_the_permission(aws_env: dict[str, str]) -> None:
         )
         with pytest.raises(SeedError, match=r"AccessDenied: you need ssm:SendCommand on i-1"):
             run_command(ssm, "i-1", ["true"], execution_timeout=60, comment="c")
+    ec2 = boto3.client("ec2", region_name=REGION)
+    with Stubber(ec2) as stub:
+        stub.add_client_error("describe_instances", service_error_code="UnauthorizedOperation")
+        with pytest.raises(SeedError, match=r"AccessDenied: you need ec2:DescribeInstances on i-1"):
+            Seeder(ec2, ssm, "i-1").ensure_running()
 
 
 def test_from_s3_reads_the_uploaded_manifest(aws: flow.AwsClients, tmp_path: Path) -> None:

@@ -138,9 +138,11 @@ class FlakyS3(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         action = self.script.pop(0) if self.script else "ok"
         self.ranges.append(self.headers.get("Range"))
-        if action == "503":
-            error = b"<Error><Code>SlowDown</Code></Error>"
-            self.send_response(503)
+        if action in ("503", "403"):
+            error = (
+                f"<Error><Code>{'SlowDown' if action == '503' else 'AccessDenied'}</Code></Error>".encode()
+            )
+            self.send_response(int(action))
             self.send_header("Content-Length", str(len(error)))
             self.end_headers()
             self.wfile.write(error)
@@ -184,3 +186,24 @@ def test_download_retries_and_resumes(tmp_path: Path, monkeypatch: pytest.Monkey
     cut_at = len(FlakyS3.body) // 3
     assert FlakyS3.ranges == [None, None, f"bytes={cut_at}-"]  # resumed where the cut body ended
     assert not (tmp_path / "w.safetensors.part").exists()
+
+
+def test_access_denied_names_the_seeder_permission(tmp_path: Path) -> None:
+    from sd_lambda.layout import ManifestEntry
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FlakyS3.script, FlakyS3.ranges = ["403"], []
+    try:
+        chain = CredentialChain({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+        reader = S3Reader("weights", "eu-west-1", chain, f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(SyncError) as caught:
+            reader.download("models/k", tmp_path / "w", ManifestEntry("w", 1, "0" * 64))
+    finally:
+        server.shutdown()
+        thread.join()
+    assert str(caught.value).startswith(
+        "AccessDenied reading s3://weights/models/k: the seeder's role needs s3:GetObject"
+    )
+    assert FlakyS3.ranges == [None]  # not retried
