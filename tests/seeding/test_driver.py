@@ -243,7 +243,8 @@ class SsmWithStubbedAgent:
 
 def _expected_argv(staged: flow.S3Release) -> list[str]:
     return [
-        "sync", "--mount", "/mnt/models", "--require-mount", "--name", NAME, "--revision", "r1",
+        "sync", "--mount", "/mnt/models", "--require-mount", "--mount-wait", "300",
+        "--name", NAME, "--revision", "r1",
         "--bucket", "weights", "--s3-prefix", f"models/{NAME}/r1/",
         "--manifest-sha256", staged.manifest_sha256,
         "--keep", "3", "--owner", "1000:1000", "--lock-timeout", "0", "--region", REGION,
@@ -299,7 +300,8 @@ def test_keep_running_leaves_the_seeder_up(aws: flow.AwsClients, tmp_path: Path)
     assert _state(aws, instance_id) == "running"
     (command,) = aws.ssm.list_commands()["Commands"]
     assert command["Parameters"]["commands"][-1].endswith(
-        f"rollback --mount /mnt/models --require-mount --name {NAME} --revision r1 --lock-timeout 0"
+        "rollback --mount /mnt/models --require-mount --mount-wait 300 "
+        f"--name {NAME} --revision r1 --lock-timeout 0"
     )
 
 

@@ -51,8 +51,8 @@ class LocalAgent:
         lines = recorded["Parameters"]["commands"]
         self.scripts.append(lines)
         # The one adaptation: the temp "EFS" is not a mount point (test_efs_sync covers the refusal).
-        assert " --require-mount " in lines[-1]
-        script = "\n".join(lines).replace(" --require-mount ", " ")
+        assert " --require-mount --mount-wait 300 " in lines[-1]
+        script = "\n".join(lines).replace(" --require-mount --mount-wait 300 ", " ")
         done = subprocess.run(
             ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True, timeout=120
         )

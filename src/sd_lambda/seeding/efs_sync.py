@@ -318,12 +318,24 @@ def _check_manifest(manifest: Manifest) -> None:
         raise SyncError(f"the manifest lists no {MODEL_INDEX}: not a diffusers pipeline")
 
 
+def _wait_for_mount(args: argparse.Namespace) -> None:
+    """Never fill the instance's root volume because EFS is not (yet) mounted: on a first boot the
+    SSM agent can be Online before user data has mounted it."""
+    deadline = time.monotonic() + args.mount_wait
+    while not (os.path.isdir(args.mount) and (not args.require_mount or os.path.ismount(args.mount))):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SyncError(
+                f"{args.mount} is not a mounted file system after waiting {args.mount_wait:g}s "
+                "(is EFS mounted? see /var/log/cloud-init-output.log on the seeder)"
+            )
+        time.sleep(min(5.0, remaining))
+
+
 def sync(args: argparse.Namespace) -> dict[str, Any]:
     paths = ModelPaths(Path(args.mount) / check_name(args.name, "model name"))
     revision = check_name(args.revision, "revision")
-    if not Path(args.mount).is_dir() or (args.require_mount and not os.path.ismount(args.mount)):
-        # Never fill the instance's root volume because EFS failed to mount.
-        raise SyncError(f"{args.mount} is not a mounted file system (is EFS mounted?)")
+    _wait_for_mount(args)
     with paths.locked(args.lock_timeout, on_wait=lambda: log(f"waiting for {paths.lock} ...")) as lock:
         downloaded, reused = 0, 0
         if not (paths.release(revision).exists() or paths.release(revision).is_symlink()):
@@ -370,8 +382,9 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
 
 def rollback(args: argparse.Namespace) -> dict[str, Any]:
     paths = ModelPaths(Path(args.mount) / check_name(args.name, "model name"))
-    if not paths.model_dir.is_dir() or (args.require_mount and not os.path.ismount(args.mount)):
-        raise SyncError(f"no model {args.name!r} under {args.mount} (is EFS mounted?)")
+    _wait_for_mount(args)
+    if not paths.model_dir.is_dir():
+        raise SyncError(f"no model {args.name!r} under {args.mount}")
     with paths.locked(args.lock_timeout, on_wait=lambda: log(f"waiting for {paths.lock} ...")) as lock:
         previous = activate_release(paths, check_name(args.revision, "revision"), lock)
     return {
@@ -403,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--revision", required=True)
         sub.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for .lock")
         sub.add_argument("--require-mount", action="store_true", help="fail unless --mount is a mount point")
+        sub.add_argument("--mount-wait", type=float, default=0.0, help="seconds to wait for the mount")
     sync_parser = commands.choices["sync"]
     sync_parser.add_argument("--bucket", required=True)
     sync_parser.add_argument("--s3-prefix", required=True, help="key prefix of this revision's objects")

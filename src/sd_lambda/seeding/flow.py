@@ -18,6 +18,9 @@ from sd_lambda.seeding.sources import LocalRelease, check_pipeline_files
 from sd_lambda.seeding.target import Target
 from sd_lambda.seeding.upload import check_bucket, read_manifest, upload_release
 
+# How long the seeder's program waits for EFS to be mounted (first boot: user data may still run).
+MOUNT_WAIT_S = 300
+
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -170,7 +173,7 @@ def sync_on_seeder(
     argv = [
         "sync",
         "--mount", target.mount_path,
-        "--require-mount",
+        "--require-mount", "--mount-wait", str(MOUNT_WAIT_S),
         "--name", staged.name,
         "--revision", staged.revision,
         "--bucket", staged.bucket,
@@ -191,7 +194,7 @@ def rollback(
     argv = [
         "rollback",
         "--mount", target.mount_path,
-        "--require-mount",
+        "--require-mount", "--mount-wait", str(MOUNT_WAIT_S),
         "--name", check_name(name, "model name"),
         "--revision", check_name(revision, "revision"),
         "--lock-timeout", str(options.lock_timeout),
