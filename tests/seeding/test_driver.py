@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import io
 import json
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -402,3 +404,30 @@ def test_multipart_upload_with_progress(
     assert "B/s" in progress  # rate
     again = upload_release(aws.s3, "weights", "models/m/r1/", release, transfer_config=small_parts)
     assert (again.uploaded_files, again.skipped_files) == (0, 3)
+
+
+def test_program_ships_layout_and_sync_verbatim_and_deterministically() -> None:
+    import zipfile
+
+    import sd_lambda.layout
+    import sd_lambda.seeding.efs_sync
+
+    first = program_bytes()
+    with zipfile.ZipFile(io.BytesIO(first)) as archive:
+        assert archive.read("sd_lambda/layout.py") == Path(sd_lambda.layout.__file__).read_bytes()
+        efs_sync_source = Path(sd_lambda.seeding.efs_sync.__file__).read_bytes()
+        assert archive.read("sd_lambda/seeding/efs_sync.py") == efs_sync_source
+    # The seeder has the standard library and nothing else.
+    for source in (efs_sync_source, Path(sd_lambda.layout.__file__).read_bytes()):
+        tree = ast.parse(source, feature_version=(3, 9))
+        imported = {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert {name.split(".")[0] for name in imported} <= set(sys.stdlib_module_names) | {
+            "__future__",
+            "sd_lambda",
+        }
+        assert {name for name in imported if name.startswith("sd_lambda")} <= {"sd_lambda.layout"}
+    program_bytes.cache_clear()
+    assert program_bytes() == first
