@@ -431,3 +431,18 @@ def test_program_ships_layout_and_sync_verbatim_and_deterministically() -> None:
         assert {name for name in imported if name.startswith("sd_lambda")} <= {"sd_lambda.layout"}
     program_bytes.cache_clear()
     assert program_bytes() == first
+
+
+def test_seeder_started_is_stopped_when_the_agent_never_comes(aws: flow.AwsClients) -> None:
+    instance_id = _instance(aws, "stopped")
+    target = _target(aws, instance_id)
+    stubbed = boto3.client("ssm", region_name=REGION)
+    clock = FakeClock()
+    options = flow.RunOptions(online_timeout=20, poll_interval=10, sleep=clock.sleep, clock=clock)
+    with _online_stub(stubbed, [None, None, None], instance_id) as stub:
+        clients = flow.AwsClients(aws.s3, aws.ec2, SsmWithStubbedAgent(aws.ssm, stubbed))
+        with pytest.raises(SeedError, match="not Online after 20s"):
+            flow.rollback(clients, target, NAME, "r1", options)
+        stub.assert_no_pending_responses()
+    assert _state(aws, instance_id) in {"stopping", "stopped"}
+    assert aws.ssm.list_commands()["Commands"] == []  # nothing was sent

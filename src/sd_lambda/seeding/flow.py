@@ -134,8 +134,9 @@ def stage_s3(clients: AwsClients, url: str, name: str | None = None) -> S3Releas
 def seeder_session(clients: AwsClients, target: Target, options: RunOptions) -> Iterator[Seeder]:
     """The seeder, running and Online for the block; stopped afterwards if this run started it."""
     seeder = Seeder(clients.ec2, clients.ssm, target.instance_id, log=log, **options.timing())
-    started = seeder.ensure_running(options.start_timeout)
+    started = seeder.start_if_stopped(options.start_timeout)
     try:
+        seeder.wait_running(options.start_timeout)
         seeder.wait_online(options.online_timeout)
         yield seeder
     finally:

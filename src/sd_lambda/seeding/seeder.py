@@ -45,23 +45,30 @@ class Seeder:
                 raise SeedError(f"seeder instance {self.instance_id} is {state}, not {wanted}, after waiting")
             self.sleep(self.poll_interval)
 
-    def ensure_running(self, timeout: float = 300) -> bool:
-        """Start the instance if needed; True when this call started it (so it should stop it again)."""
+    def start_if_stopped(self, timeout: float = 300) -> bool:
+        """Ask EC2 to start the instance unless it is running or starting; True if this call started it."""
         state = self.state()
-        if state == "running":
+        if state in {"running", "pending"}:
             return False
         if state in {"terminated", "shutting-down"}:
             raise SeedError(f"seeder instance {self.instance_id} is {state}: re-apply the stack")
         if state == "stopping":
             self._wait_state("stopped", timeout)
-        if state != "pending":
-            self.log(f"starting seeder {self.instance_id}")
-            try:
-                self.ec2.start_instances(InstanceIds=[self.instance_id])
-            except ClientError as exc:
-                raise aws_error(exc, "ec2", self.instance_id) from exc
-        self._wait_state("running", timeout)
+        self.log(f"starting seeder {self.instance_id}")
+        try:
+            self.ec2.start_instances(InstanceIds=[self.instance_id])
+        except ClientError as exc:
+            raise aws_error(exc, "ec2", self.instance_id) from exc
         return True
+
+    def wait_running(self, timeout: float = 300) -> None:
+        self._wait_state("running", timeout)
+
+    def ensure_running(self, timeout: float = 300) -> bool:
+        """Start the instance if needed and wait until it runs; True when this call started it."""
+        started = self.start_if_stopped(timeout)
+        self.wait_running(timeout)
+        return started
 
     def wait_online(self, timeout: float = 600) -> None:
         """Until the SSM agent reports Online; a clear error after ``timeout`` seconds."""
