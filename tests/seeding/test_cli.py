@@ -115,6 +115,10 @@ def test_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert "--keep must be at least 1" in _error(
         capsys, ["seed", "--from-dir", str(empty), "--keep", "0", *STACK]
     )
+    variant = ["seed", "--from-dir", str(empty), "--variant", "fp16", *STACK]
+    assert "apply to --model (hub downloads) only" in _error(capsys, variant)
+    from_s3 = ["seed", "--from-s3", "s3://b/models/m/r1/", "--revision", "r2", *STACK]
+    assert "--from-s3 names the revision itself" in _error(capsys, from_s3)
     warm = ["seed", "--from-dir", str(empty), "--warm", *STACK]
     assert "--warm needs --function-name" in _error(capsys, warm)
 

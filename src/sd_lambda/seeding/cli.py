@@ -125,6 +125,10 @@ def run_seed(args: argparse.Namespace) -> int:
 
     if args.keep < 1:
         raise SeedError("--keep must be at least 1")
+    if not args.model and (args.variant or args.tiny_decoder):
+        raise SeedError("--variant and --tiny-decoder apply to --model (hub downloads) only")
+    if args.from_s3 and args.revision:
+        raise SeedError("--from-s3 names the revision itself (s3://bucket/models/NAME/REVISION/)")
     target = _target(args)
     if args.warm and not target.function_name:
         raise SeedError("--warm needs --function-name (the stack has no function_name output)")
