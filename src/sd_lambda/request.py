@@ -123,8 +123,8 @@ class GenerationRequest(BaseModel):
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")] = 90
     scheduler: Annotated[
         SchedulerName | None,
-        Field(description="Sampler; the model's own scheduler when absent."),
-        EngineChoice("the model's own"),
+        Field(description="Sampler; when absent, `SD_DEFAULT_SCHEDULER` decides (auto: the model's own)."),
+        EngineChoice("`SD_DEFAULT_SCHEDULER`"),
     ] = None
     decoder: Annotated[
         DecoderName | None,
