@@ -142,7 +142,7 @@ class Service:
             return self._error_response(error, log, log.request_id)
 
     def _error_response(self, error: ApiError, log: RequestLog, request_id: str) -> dict[str, Any]:
-        log.add(outcome=error.code)
+        log.add(outcome=error.code, error=error.message)
         body = error.body(request_id if error.status >= 500 else None)
         if log.kind == "direct":
             return {**body, "statusCode": error.status}

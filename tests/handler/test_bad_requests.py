@@ -223,6 +223,7 @@ def test_every_bad_request_logged_its_outcome(warm: LoggedService) -> None:
     warm(url_event(body=with_(seed=-1)))
     line = warm.log_lines()[-1]
     assert (line["status"], line["outcome"], line["kind"]) == (400, "out_of_range", "http")
+    assert line["error"] == "seed must be between 0 and 4294967295, got -1"
 
 
 def test_good_request_after_all_bad_inputs_does_not_reload(warm: LoggedService) -> None:
