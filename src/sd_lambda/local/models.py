@@ -8,10 +8,10 @@ handler resolves it exactly as on EFS.
 
 from __future__ import annotations
 
-import shutil
+import tempfile
 from pathlib import Path
 
-from sd_lambda.layout import Manifest, ModelPaths, model_slug
+from sd_lambda.layout import ModelPaths, install_release, model_slug
 from sd_lambda.testing.models import build_test_model
 
 DEMO_MODEL = "test--tiny-sd"
@@ -50,15 +50,8 @@ def ensure_demo_model(cache_dir: Path) -> ModelPaths:
     paths = ModelPaths(cache_dir.absolute() / "demo-models" / DEMO_MODEL)
     if paths.current.is_symlink() and (paths.current / "model_index.json").is_file():
         return paths
-    staging = paths.staging(DEMO_REVISION)
-    shutil.rmtree(staging, ignore_errors=True)
-    build_test_model(staging, "tiny", seed=0)
-    (staging / "manifest.json").write_text(
-        Manifest.build(staging, source="sd-lambda make-test-model tiny").to_json()
-    )
-    release = paths.release(DEMO_REVISION)
-    shutil.rmtree(release, ignore_errors=True)
-    paths.releases.mkdir(parents=True, exist_ok=True)
-    staging.rename(release)
-    paths.switch_current(DEMO_REVISION)
+    paths.model_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=paths.model_dir, prefix=".build-") as build_dir:
+        model = build_test_model(Path(build_dir) / "model", "tiny", seed=0)
+        install_release(paths, DEMO_REVISION, model, source="sd-lambda make-test-model tiny")
     return paths
