@@ -37,9 +37,10 @@ install: $(INSTALL_STAMP) ## Create .venv and install the package with all extra
 test: $(INSTALL_STAMP) $(CHECKOV_STAMP) ## Run the whole test suite (THE test command; CI runs exactly this)
 	$(BIN)/pytest
 
-lint: $(INSTALL_STAMP) ## ruff check + ruff format --check
+lint: $(INSTALL_STAMP) ## ruff check + ruff format --check + terraform fmt -check (infra/)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/sd-lambda tfcheck fmt $(TF_ROOT)
 
 format: $(INSTALL_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
