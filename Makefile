@@ -153,3 +153,10 @@ seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision: MODEL=own
 rollback: $(INSTALL_STAMP) ## Switch a model's current back to an older release on EFS: MODEL=... REVISION=...
 	@test -n "$(REVISION)" || { echo 'make rollback: set REVISION=<release> (and MODEL=<name or hub id>)' >&2; exit 2; }
 	$(BIN)/sd-lambda rollback $(if $(MODEL),--name "$(MODEL)") --revision "$(REVISION)" $(SEED_STACK_ARGS)
+
+# ---- performance -----------------------------------------------------------------------------------
+.PHONY: bench
+
+BENCH_ARGS ?=
+bench: $(INSTALL_STAMP) ## Time naive diffusers vs the project's pipeline on the sd15 test model (BENCH_ARGS=--quick) -> bench.json
+	$(BIN)/sd-lambda bench $(BENCH_ARGS)

@@ -4,6 +4,8 @@ Variants (same prompt, seed, size and steps; each run in its own process, altern
   naive    what the source articles do: DiffusionPipeline.from_pretrained, fp32, full VAE,
            default threads, guidance 7.5, the model's own scheduler;
   project  the engine the handler uses, like-for-like: same guidance (7.5), same (full) decoder;
+  reuse    project plus DeepCache-style feature reuse every other UNet call (opt-in per request:
+           it changes the image, so it is not a default);
   fast     the engine's user-visible defaults: tiny decoder when the model has one, the guidance the
            model's configuration asks for (an SD 1.5 model still needs classifier-free guidance).
 Each variant runs under ``--isa native`` and/or ``--isa avx2`` (ATen and oneDNN capped at AVX2, the
@@ -200,7 +202,10 @@ def isa_flags(flags: frozenset[str], isa: str) -> frozenset[str]:
 
 def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str) -> float:
     decode = flops["tiny_decode"] if decoder == "tiny" else flops["vae_decode"]
-    unet = flops["unet"] * sample["unet_batch"] * (sample["unet_calls"] - sample.get("reused_calls", 0))
+    reused = sample.get("reused_calls", 0)
+    unet = sample["unet_batch"] * (
+        (sample["unet_calls"] - reused) * flops["unet"] + reused * flops["unet_reused"]
+    )
     return unet + decode + flops["text_encoder"] * sample["text_encoder_calls"]
 
 
@@ -249,7 +254,7 @@ def summarize(
         if naive is None:
             continue
         ratios[isa] = {}
-        for variant in ("project", "fast"):
+        for variant in ("project", "reuse", "fast"):
             other = results.get(f"{isa}/{variant}")
             if other is not None:
                 ratios[isa][f"{variant}_speedup"] = naive["seconds_per_image"] / other["seconds_per_image"]
@@ -312,7 +317,8 @@ def format_report(report: dict[str, Any]) -> str:
     tiny = f"{flops['tiny_decode'] / 1e9:.0f}" if flops["tiny_decode"] else "n/a"
     lines.append(
         f"FLOPs at {flops['width']}x{flops['height']} (torch FlopCounterMode, meta device): "
-        f"UNet {flops['unet'] / 1e9:.0f} GFLOP per call per batch item, VAE decode "
+        f"UNet {flops['unet'] / 1e9:.0f} GFLOP per call per batch item "
+        f"({flops['unet_reused'] / 1e9:.0f} with deep features reused), VAE decode "
         f"{flops['vae_decode'] / 1e9:.0f}, tiny decode {tiny}, text encoder {flops['text_encoder'] / 1e9:.1f}"
     )
     machine = report["machine"]

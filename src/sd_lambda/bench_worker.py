@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("naive", "project", "fast")
+VARIANTS = ("naive", "project", "reuse", "fast")
+FEATURE_REUSE_INTERVAL = 2
 RESULT_PREFIX = "BENCH-RESULT "
 
 
@@ -62,12 +63,13 @@ def _naive(spec: dict[str, Any]) -> tuple[Callable[[], dict[str, Any]], dict[str
     return one_image, info
 
 
-def _project(spec: dict[str, Any], fast: bool) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
+def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
     from dataclasses import replace
 
     from sd_lambda.engine import Engine, GenerationParams
     from sd_lambda.settings import Settings
 
+    fast = variant == "fast"
     settings = Settings.from_env()
     if not fast:
         settings = replace(settings, default_decoder="full")
@@ -80,6 +82,8 @@ def _project(spec: dict[str, Any], fast: bool) -> tuple[Callable[[], dict[str, A
         width=spec["width"],
         height=spec["height"],
         seed=spec["seed"],
+        # "reuse" is "project" plus DeepCache-style feature reuse (opt-in: it changes the image).
+        feature_reuse=FEATURE_REUSE_INTERVAL if variant == "reuse" else None,
     )
 
     def one_image() -> dict[str, Any]:
@@ -98,6 +102,7 @@ def _project(spec: dict[str, Any], fast: bool) -> tuple[Callable[[], dict[str, A
         "decoder": engine.choices.default_decoder,
         "scheduler": engine.describe()["default_scheduler"],
         "guidance_scale": params.guidance_scale,
+        "feature_reuse": params.feature_reuse or settings.feature_reuse,
     }
     return one_image, info
 
@@ -114,7 +119,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import sd_lambda.engine  # noqa: F401
 
     imported = time.perf_counter()
-    one_image, info = _naive(spec) if variant == "naive" else _project(spec, fast=variant == "fast")
+    one_image, info = _naive(spec) if variant == "naive" else _project(spec, variant)
     loaded = time.perf_counter()
     images = []
     for _ in range(1 + spec["repeats"]):

@@ -28,6 +28,7 @@ from sd_lambda import cpu
 from sd_lambda.feature_reuse import FeatureReuse
 from sd_lambda.layout import LayoutError, find_pickle_weights
 from sd_lambda.settings import Settings
+from sd_lambda.weights import cast_releasing_pages
 
 logger = logging.getLogger(__name__)
 
@@ -243,14 +244,17 @@ class Engine:
         torch.set_num_threads(threads)
         dtype, dtype_reason = choose_dtype(settings)
         malloc_tuned = tune_malloc() if settings.malloc_tune else False
+        # Weights stay memory-mapped as stored; a cast releases each source tensor's pages as it goes,
+        # so bf16 from fp32 peaks at about the bf16 size instead of fp32 + bf16.
         pipeline = StableDiffusionPipeline.from_pretrained(
             model_dir,
-            dtype=dtype,
             use_safetensors=True,
             safety_checker=None,
             requires_safety_checker=False,
             low_cpu_mem_usage=True,
         )
+        for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
+            cast_releasing_pages(component, dtype)
         pipeline.set_progress_bar_config(disable=True)
         tiny_decoder = None
         if (model_dir / TINY_DECODER_FOLDER).is_dir():

@@ -15,11 +15,13 @@ TINY_DECODER_FOLDER = "vae_tiny"
 
 @dataclass(frozen=True)
 class ComponentFlops:
-    """FLOPs at one image size: UNet per call per batch item, decoders per image, text encoder per prompt."""
+    """FLOPs at one image size: UNet per call per batch item (full, and with deep features reused),
+    decoders per image, text encoder per prompt."""
 
     width: int
     height: int
     unet: int
+    unet_reused: int
     vae_decode: int
     tiny_decode: int | None
     text_encoder: int
@@ -33,6 +35,8 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_lambda.feature_reuse import FeatureReuse
 
     def counted(run) -> int:
         with FlopCounterMode(display=False) as counter:
@@ -48,11 +52,20 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
         latents = torch.zeros(1, unet.config.in_channels, height // scale, width // scale)
         context = torch.zeros(1, text_config.max_position_embeddings, unet.config.cross_attention_dim)
         tokens = torch.zeros(1, text_config.max_position_embeddings, dtype=torch.long)
-        unet_flops = counted(lambda: unet(latents, torch.tensor([1.0]), encoder_hidden_states=context))
+
+        def unet_call() -> None:
+            unet(latents, torch.tensor([1.0]), encoder_hidden_states=context)
+
+        unet_flops = counted(unet_call)
+        reuse = FeatureReuse(unet)
+        reuse.start(2)
+        unet_call()  # full: fills the cache
+        unet_reused_flops = counted(unet_call)
+        reuse.stop()
         vae_flops = counted(lambda: vae.decode(latents))
         text_flops = counted(lambda: text_encoder(tokens))
         tiny_flops = None
         if (model_dir / TINY_DECODER_FOLDER).is_dir():
             tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(model_dir / TINY_DECODER_FOLDER))
             tiny_flops = counted(lambda: tiny.decode(latents))
-    return ComponentFlops(width, height, unet_flops, vae_flops, tiny_flops, text_flops)
+    return ComponentFlops(width, height, unet_flops, unet_reused_flops, vae_flops, tiny_flops, text_flops)

@@ -1,0 +1,64 @@
+"""Cast memory-mapped weights to another dtype without holding both copies in memory.
+
+diffusers maps safetensors files and converts tensor by tensor, but every page of the mapped file it
+reads stays resident until the whole component is done: converting SD 1.5's 3.4 GB fp32 UNet to bf16
+peaks at 3.4 + 1.7 GB. Here each tensor's source pages are dropped (``MADV_DONTNEED``) right after it
+is converted. That is only done to whole pages inside a just-converted tensor, in mappings of
+``.safetensors`` files: the converted copy is taken first, the pages stay in the page cache, and they
+re-fault from the file if anything reads them again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+from pathlib import Path
+
+import torch
+
+PROC_SELF_MAPS = Path("/proc/self/maps")
+MADV_DONTNEED = 4
+
+
+def file_mapped_ranges(suffix: str = ".safetensors", maps: Path = PROC_SELF_MAPS) -> list[tuple[int, int]]:
+    """Sorted (start, end) address ranges of mappings of files whose name ends in ``suffix``."""
+    ranges = []
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(suffix):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return sorted(ranges)
+
+
+def _inside(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    index = bisect.bisect_right(ranges, (start, float("inf"))) - 1
+    return index >= 0 and ranges[index][0] <= start and end <= ranges[index][1]
+
+
+def cast_releasing_pages(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast floating-point parameters and buffers to ``dtype``; returns the bytes of mapped pages dropped."""
+    ranges = file_mapped_ranges()
+    libc = ctypes.CDLL(None, use_errno=True) if ranges else None
+    page = mmap.PAGESIZE
+    released = 0
+    tensors = [*module.named_parameters(recurse=True), *module.named_buffers(recurse=True)]
+    for _, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            continue
+        old = tensor.data
+        tensor.data = old.to(dtype)
+        if libc is None:
+            continue
+        start, end = old.data_ptr(), old.data_ptr() + old.nbytes
+        first, last = -(-start // page) * page, end // page * page  # whole pages only
+        if last <= first or not _inside(ranges, first, last):
+            continue
+        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
+            released += last - first
+    return released

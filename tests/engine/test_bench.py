@@ -1,0 +1,136 @@
+"""`sd-lambda bench` machinery end to end on the tiny model (subprocess workers), and its arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sd_lambda import bench
+from sd_lambda.cli import main
+
+
+def test_quick_bench_end_to_end_under_avx2(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--model-dir", str(tiny_model_dir), "--size", "64", "--isa", "avx2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"avx2/naive", "avx2/project", "avx2/reuse", "avx2/fast"}
+    for entry in results.values():
+        # The ISA cap reached each worker: ATen ran AVX2 kernels and the engine chose fp32.
+        assert entry["cpu_capability"] == "AVX2"
+        assert entry["dtype"] == "float32"
+        assert entry["seconds_per_image"] > 0
+        assert entry["import_seconds"] > 0
+        assert entry["load_seconds"] > 0
+        assert entry["peak_rss_gb"] > 0
+        assert 0 < entry["gflops_per_second"] <= entry["peak_gflops_per_second"]
+    naive, project, fast = results["avx2/naive"], results["avx2/project"], results["avx2/fast"]
+    assert (naive["scheduler"], naive["unet_calls"], naive["unet_batch"]) == ("PNDMScheduler", 3, 2)
+    assert (project["decoder"], project["unet_calls"], project["unet_batch"]) == ("full", 2, 2)
+    assert fast["decoder"] == "tiny"
+    reuse = results["avx2/reuse"]
+    assert reuse["image_gflop"] < project["image_gflop"]  # its second UNet call reused the deep features
+    assert report["samples"][2]["images"][0]["reused_calls"] == 1
+    ratios = report["ratios"]["avx2"]
+    assert ratios["project_speedup"] == pytest.approx(
+        naive["seconds_per_image"] / project["seconds_per_image"]
+    )
+    assert ratios["fast_speedup"] == pytest.approx(naive["seconds_per_image"] / fast["seconds_per_image"])
+    assert report["targets"]["avx2"]["project_speedup"]["target"] == 1.3
+    assert len(report["machine"]["loadavg_before"]) == len(report["machine"]["loadavg_after"]) == 3
+    assert len(report["samples"]) == 4
+    assert report["flops"]["unet"] > report["flops"]["unet_reused"] > 0
+    assert report["flops"]["tiny_decode"] > 0
+    printed = capsys.readouterr().out
+    assert "| avx2/naive |" in printed
+    assert "speed-up vs naive (avx2): project" in printed
+
+
+def _sample(isa: str, variant: str, seconds: list[float], **extra: Any) -> dict[str, Any]:
+    images = [
+        {"seconds": s, "unet_seconds": s / 2, "unet_calls": 4, "unet_batch": 2, "decode_seconds": s / 4}
+        | {"text_encoder_calls": 1}
+        for s in seconds
+    ]
+    return {
+        "isa": isa,
+        "variant": variant,
+        "images": images,
+        "import_seconds": 1.0,
+        "load_seconds": 2.0,
+        "first_image_seconds": seconds[0],
+        "peak_rss_bytes": 5_000_000_000,
+        "threads": 2,
+        "cpu_capability": "AVX512",
+        "dtype": "float32",
+        "decoder": "full",
+        "scheduler": "X",
+        **extra,
+    }
+
+
+def test_summary_uses_warm_medians_and_checks_targets() -> None:
+    flops = {
+        "unet": 10**9,
+        "unet_reused": 4 * 10**8,
+        "vae_decode": 4 * 10**9,
+        "tiny_decode": 10**8,
+        "text_encoder": 10**7,
+    }
+    samples = [
+        _sample("native", "naive", [99.0, 10.0, 12.0]),  # the first (cold) image is left out of s/image
+        _sample("native", "project", [50.0, 5.0, 4.0]),
+        _sample("native", "fast", [50.0, 2.0, 2.0], decoder="tiny"),
+    ]
+    summary = bench.summarize(samples, flops, frozenset({"avx2", "avx512f"}), ghz=2.0)
+    naive = summary["results"]["native/naive"]
+    assert naive["seconds_per_image"] == 11.0
+    assert naive["first_image_seconds"] == 99.0
+    assert naive["seconds_per_unet_call"] == pytest.approx(11.0 / 2 / 4)
+    assert naive["peak_gflops_per_second"] == pytest.approx(2 * 2.0 * 64)
+    assert naive["image_gflop"] == pytest.approx((4 * 2 * 10**9 + 4 * 10**9 + 10**7) / 1e9)
+    assert summary["ratios"]["native"] == {"project_speedup": 11.0 / 4.5, "fast_speedup": 5.5}
+    targets = summary["targets"]["native"]
+    assert targets["project_speedup"]["met"] is True  # 2.44 >= 1.8
+    assert targets["fast_speedup"]["met"] is True
+    assert targets["project_peak_rss_gb"]["met"] is True  # 5.0 <= 5.5
+    assert targets["project_import_load_seconds"] == {"value": 3.0, "target": 4.0, "met": True}
+    table = bench.format_report(
+        {
+            **summary,
+            "flops": {"width": 64, "height": 64, **flops},
+            "machine": {"cpus": 2, "ghz": 2.0, "cpu_flags": ["avx2"], "loadavg_before": [1, 1, 1]}
+            | {"loadavg_after": [2, 2, 2]},
+            "wall_seconds": 3.0,
+        }
+    )
+    assert "| native/fast | float32 | tiny | 4x b2 | 2.00 |" in table
+
+
+def test_avx2_cap_removes_avx512_and_bf16_flags() -> None:
+    flags = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"})
+    assert bench.isa_flags(flags, "avx2") == {"avx2", "fma"}
+    assert bench.isa_flags(flags, "native") == flags
+
+
+def test_bench_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model-dir", str(tmp_path), "--out", str(tmp_path / "b.json")]) == 1
+    assert "is not a diffusers folder" in capsys.readouterr().err
+    assert main(["bench", "--size", "100", "--model-dir", str(tmp_path)]) == 1
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_test_model_is_built_once(tmp_path: Path) -> None:
+    folder = bench.ensure_test_model(tmp_path / "tiny", size="tiny")
+    assert (folder / "model_index.json").is_file()
+    marker = folder / "untouched"
+    marker.write_text("x")
+    assert bench.ensure_test_model(folder, size="tiny") == folder
+    assert marker.exists()
+    assert not (tmp_path / "tiny.partial").exists()

@@ -1,0 +1,50 @@
+"""Casting memory-mapped safetensors weights releases the source pages and keeps the values."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sd_lambda.weights import cast_releasing_pages, file_mapped_ranges
+
+
+def test_cast_matches_a_plain_cast_and_drops_the_mapped_pages(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.LayerNorm(1024))
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
+    mapped = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.LayerNorm(1024))
+    mapped.load_state_dict(load_file(path), assign=True)
+    assert file_mapped_ranges(), "safetensors should memory-map the file"
+
+    released = cast_releasing_pages(mapped, torch.bfloat16)
+
+    weight_bytes = 512 * 1024 * 4
+    assert weight_bytes - 2 * mmap.PAGESIZE <= released <= sum(p.nbytes for p in reference.parameters())
+    for (name, got), (_, want) in zip(
+        mapped.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        assert got.dtype == torch.bfloat16, name
+        assert torch.equal(got, want.to(torch.bfloat16)), name
+
+
+def test_tensors_outside_mapped_files_are_cast_without_releasing() -> None:
+    module = torch.nn.Linear(256, 256)
+    expected = module.weight.detach().to(torch.bfloat16)
+    assert cast_releasing_pages(module, torch.bfloat16) == 0
+    assert torch.equal(module.weight, expected)
+    assert cast_releasing_pages(module, torch.bfloat16) == 0  # already bf16: nothing to do
+
+
+def test_maps_parser_reads_only_the_matching_files(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f0000000000-7f0000100000 r--p 00000000 fe:00 12 /models/unet/diffusion_pytorch_model.safetensors\n"
+        "7f0000200000-7f0000300000 r-xp 00000000 fe:00 13 /usr/lib/libc.so.6\n"
+        "7f0000400000-7f0000500000 rw-p 00000000 00:00 0\n"
+    )
+    assert file_mapped_ranges(maps=maps) == [(0x7F0000000000, 0x7F0000100000)]
+    assert file_mapped_ranges(maps=tmp_path / "missing") == []
