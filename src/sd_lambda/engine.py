@@ -26,55 +26,18 @@ from PIL import Image
 
 from sd_lambda import cpu
 from sd_lambda.feature_reuse import FeatureReuse
+from sd_lambda.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
 from sd_lambda.layout import LayoutError, find_pickle_weights
 from sd_lambda.settings import Settings
 from sd_lambda.weights import cast_releasing_pages
 
 logger = logging.getLogger(__name__)
 
-# Request-selectable schedulers: public name -> diffusers class name.
-SCHEDULERS: dict[str, str] = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "lcm": "LCMScheduler",
-}
-DECODERS = ("full", "tiny")
 TINY_DECODER_FOLDER = "vae_tiny"
 DEFAULTS_MARKER = "sd-lambda-defaults.json"
 # PNDM (SD 1.x's stock scheduler) spends an extra UNet call warming up; DPM-Solver++ 2M reaches the same
 # quality in fewer steps, so "auto" swaps it in for PNDM models and keeps every other model's own.
 AUTO_SCHEDULER_REPLACES = {"PNDMScheduler": ("dpmpp_2m", 20)}
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    prompt: str
-    num_inference_steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    seed: int
-    negative_prompt: str | None = None
-    scheduler: str | None = None  # a SCHEDULERS key; None = the engine's default
-    decoder: str | None = None  # a DECODERS value; None = the engine's default
-    feature_reuse: int | None = None  # full UNet every N calls (1 = off); None = SD_FEATURE_REUSE
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """Request defaults the model's own configuration implies."""
-
-    width: int
-    height: int
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance_scale > 1
 
 
 @dataclass
