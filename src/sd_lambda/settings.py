@@ -12,9 +12,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.generation import DECODERS, SCHEDULERS
 
-def _env(name: str, default: Any, help: str) -> Any:
-    return field(default=default, metadata={"env": name, "help": help})
+# Lambda caps a synchronous response (and a function URL's request) at 6 MB.
+LAMBDA_PAYLOAD_BYTES = 6_000_000
+
+
+def _env(
+    name: str,
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: int | None = None,
+    le: int | None = None,
+) -> Any:
+    return field(
+        default=default, metadata={"env": name, "help": help, "choices": choices, "ge": ge, "le": le}
+    )
 
 
 @dataclass(frozen=True)
@@ -23,36 +38,70 @@ class Settings:
     model_name: str = _env(
         "MODEL_NAME", "default", "Model folder under MODEL_ROOT (a slug such as segmind--tiny-sd)."
     )
-    max_steps: int = _env("SD_MAX_STEPS", 50, "Upper bound for num_inference_steps.")
-    max_side: int = _env("SD_MAX_SIDE", 1024, "Upper bound for width and height, in pixels.")
+    max_steps: int = _env("SD_MAX_STEPS", 50, "Upper bound for num_inference_steps.", ge=1)
+    max_side: int = _env("SD_MAX_SIDE", 1024, "Upper bound for width and height, in pixels.", ge=8)
     max_pixels: int = _env(
-        "SD_MAX_PIXELS", 768 * 768, "Upper bound for width x height, so one request cannot exhaust memory."
+        "SD_MAX_PIXELS",
+        768 * 768,
+        "Upper bound for width x height, so one request cannot exhaust memory.",
+        ge=64,
     )
-    max_prompt_chars: int = _env("SD_MAX_PROMPT_CHARS", 2000, "Upper bound for prompt length.")
-    dtype: str = _env("SD_DTYPE", "auto", "auto (bf16 only with native CPU support), float32 or bfloat16.")
-    threads: int = _env("SD_THREADS", 0, "torch intra-op threads; 0 = the CPUs this process may use.")
-    default_decoder: str = _env("SD_DEFAULT_DECODER", "auto", "auto (tiny when present), full or tiny.")
+    max_prompt_chars: int = _env("SD_MAX_PROMPT_CHARS", 2000, "Upper bound for prompt length.", ge=1)
+    dtype: str = _env(
+        "SD_DTYPE",
+        "auto",
+        "auto (bf16 only with native CPU support), float32 or bfloat16.",
+        choices=("auto", "float32", "bfloat16"),
+    )
+    threads: int = _env("SD_THREADS", 0, "torch intra-op threads; 0 = the CPUs this process may use.", ge=0)
+    default_decoder: str = _env(
+        "SD_DEFAULT_DECODER", "auto", "auto (tiny when present), full or tiny.", choices=("auto", *DECODERS)
+    )
     default_scheduler: str = _env(
         "SD_DEFAULT_SCHEDULER",
         "auto",
         "auto (the model's own; PNDM becomes dpmpp_2m), model, or a scheduler name.",
+        choices=("auto", "model", *SCHEDULERS),
     )
     feature_reuse: int = _env(
-        "SD_FEATURE_REUSE", 1, "Run the full UNet every N calls, reusing deep features between (1 = off)."
+        "SD_FEATURE_REUSE",
+        1,
+        "Run the full UNet every N calls, reusing deep features between (1 = off).",
+        ge=1,
     )
     malloc_tune: int = _env(
         "SD_MALLOC_TUNE",
         0,
         "1 = keep freed memory in glibc's heap: faster decode, ~1.3 GB more peak RSS.",
+        ge=0,
+        le=1,
     )
     max_request_bytes: int = _env(
-        "SD_MAX_REQUEST_BYTES", 64 * 1024, "Largest request body accepted (after base64 decoding); else 413."
+        "SD_MAX_REQUEST_BYTES",
+        64 * 1024,
+        "Largest request body accepted (after base64 decoding); else 413.",
+        ge=1024,
+        le=LAMBDA_PAYLOAD_BYTES,
     )
     max_response_bytes: int = _env(
         "SD_MAX_RESPONSE_BYTES",
-        6_000_000,
+        LAMBDA_PAYLOAD_BYTES,
         "Largest response the handler returns (Lambda caps responses at 6 MB); else a fallback or 413.",
+        ge=1024,
+        le=LAMBDA_PAYLOAD_BYTES,
     )
+
+    def __post_init__(self) -> None:
+        """Refuse a value outside its declared choices or range, naming the environment variable."""
+        for f in fields(self):
+            value, env = getattr(self, f.name), f.metadata["env"]
+            choices, low, high = f.metadata["choices"], f.metadata["ge"], f.metadata["le"]
+            if choices is not None and value not in choices:
+                raise ValueError(f"{env}={value!r} is not one of {', '.join(choices)}")
+            if low is not None and value < low:
+                raise ValueError(f"{env}={value!r} is below the minimum {low}")
+            if high is not None and value > high:
+                raise ValueError(f"{env}={value!r} is above the maximum {high}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
