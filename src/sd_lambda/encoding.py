@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sd_lambda.errors import ApiError
+from sd_lambda.generation import MEDIA_TYPES
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Room for the JSON envelope and headers around the base64 body.
 ENVELOPE_BYTES = 8 * 1024
 FALLBACK_FORMAT = "jpeg"

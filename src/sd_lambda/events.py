@@ -73,20 +73,42 @@ def _too_large(limit: int) -> ApiError:
 def decode_json(body: bytes) -> Any:
     """The body as JSON; NaN/Infinity literals pass through here and are refused by validation."""
     try:
-        return json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "the body is not UTF-8 text") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400,
             "invalid_json",
             f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body's JSON is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's int digit limit
+        raise ApiError(400, "invalid_json", f"the body's JSON cannot be read: {exc}") from None
 
 
 def wants_json(request: HttpRequest) -> bool:
-    accept = request.headers.get("accept", "")
-    return any(part.split(";")[0].strip() == "application/json" for part in accept.split(","))
+    """``Accept`` names application/json with a non-zero q, at least as high as any image type's."""
+    weights: dict[str, float] = {}
+    for part in request.headers.get("accept", "").split(","):
+        media, *params = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        weights[media.lower()] = max(quality, weights.get(media.lower(), 0.0))
+    json_q = weights.get("application/json", 0.0)
+    image_q = max(
+        (q for media, q in weights.items() if media.startswith("image/") or media == "*/*"), default=0
+    )
+    return json_q > 0 and json_q >= image_q
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:

@@ -130,6 +130,14 @@ CASES: list[tuple[str, dict[str, Any], int, str, str | None]] = [
     ("unknown scheduler", url_event(body=with_(scheduler="karras")), 400, "invalid_choice", "scheduler"),
     ("unknown decoder", url_event(body=with_(decoder="huge")), 400, "invalid_choice", "decoder"),
     ("invalid JSON", url_event(body='{"prompt": "x",'), 400, "invalid_json", None),
+    ("JSON nested 20,000 deep", url_event(body="[" * 20_000), 400, "invalid_json", None),
+    (
+        "5,000-digit integer",
+        url_event(body='{"prompt": "x", "seed": ' + "9" * 5000 + "}"),
+        400,
+        "invalid_json",
+        None,
+    ),
     ("not UTF-8", url_event(body=b"\xff\xfe{}", base64_body=True), 400, "invalid_json", None),
     (
         "invalid base64",
