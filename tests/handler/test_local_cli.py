@@ -110,3 +110,12 @@ def test_check_reports_drift(tmp_path: Path) -> None:
     assert docs.main(["--readme", str(readme)]) == 0
     assert "| `prompt_old` |" not in readme.read_text()
     assert readme.read_text() == docs.render(original)
+
+
+def test_a_folder_name_that_cannot_be_a_revision_is_a_clear_error(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    alias = tmp_path / "My Model"
+    alias.symlink_to(tiny_model_dir, target_is_directory=True)
+    with pytest.raises(ModelDirError, match="invalid model name 'My Model'"):
+        as_efs_layout(alias, tmp_path / "cache")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from sd_lambda.layout import ModelPaths, install_release, model_slug
+from sd_lambda.layout import LayoutError, ModelPaths, install_release, model_slug
 from sd_lambda.testing.models import build_test_model
 
 DEMO_MODEL = "test--tiny-sd"
@@ -33,7 +33,10 @@ def as_efs_layout(model_dir: Path, cache_dir: Path) -> ModelPaths:
             f"{model_dir} is neither a diffusers folder (model_index.json) "
             "nor an EFS-layout model folder (current -> releases/<revision>)"
         )
-    revision = model_slug(model_dir.name)
+    try:
+        revision = model_slug(model_dir.name)
+    except LayoutError as exc:
+        raise ModelDirError(f"{exc}; rename the folder or link it under such a name") from None
     wrapped = ModelPaths(cache_dir.absolute() / "local-models" / revision)
     wrapped.releases.mkdir(parents=True, exist_ok=True)
     release = wrapped.releases / revision
