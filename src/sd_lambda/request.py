@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from sd_lambda.encoding import MEDIA_TYPES
-from sd_lambda.engine import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
 from sd_lambda.errors import ApiError
+from sd_lambda.generation import DECODERS, MEDIA_TYPES, SCHEDULERS, GenerationParams, ModelDefaults
 from sd_lambda.settings import Settings
 
 UINT32_MAX = 2**32 - 1
@@ -70,6 +78,8 @@ class EngineChoice:
 
 
 DefaultSource = FromModel | RandomSeed | EngineChoice
+# width x height, checked in the request when both are given and again once defaults fill the gaps.
+PIXEL_BUDGET = SettingMax("max_pixels")
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 DecoderName = Literal[DECODERS]  # type: ignore[valid-type]
 OutputFormat = Literal[tuple(MEDIA_TYPES)]  # type: ignore[valid-type]
@@ -104,13 +114,17 @@ class GenerationRequest(BaseModel):
     ] = None
     width: Annotated[
         int | None,
-        Field(ge=8, multiple_of=8, description="Image width in pixels; width x height <= SD_MAX_PIXELS."),
+        Field(
+            ge=8, multiple_of=8, description=f"Image width in pixels; width x height <= {PIXEL_BUDGET.env}."
+        ),
         SettingMax("max_side"),
         FromModel("width"),
     ] = None
     height: Annotated[
         int | None,
-        Field(ge=8, multiple_of=8, description="Image height in pixels; width x height <= SD_MAX_PIXELS."),
+        Field(
+            ge=8, multiple_of=8, description=f"Image height in pixels; width x height <= {PIXEL_BUDGET.env}."
+        ),
         SettingMax("max_side"),
         FromModel("height"),
     ] = None
@@ -142,7 +156,7 @@ class GenerationRequest(BaseModel):
     @field_validator("*")
     @classmethod
     def _within_settings(cls, value: Any, info: ValidationInfo) -> Any:
-        settings = (info.context or {}).get("settings") or Settings()
+        settings = _settings(info)
         bound = setting_max(cls.model_fields[info.field_name or ""])
         if bound is None or value is None:
             return value
@@ -152,6 +166,35 @@ class GenerationRequest(BaseModel):
         if not isinstance(value, str) and value > limit:
             raise PydanticCustomError("above_setting", "too large", {"limit": limit, "env": bound.env})
         return value
+
+    @model_validator(mode="after")
+    def _within_pixel_budget(self, info: ValidationInfo) -> GenerationRequest:
+        # Both given: refuse now, before any model is loaded. One missing: resolve() checks with the default.
+        width, height = self.width, self.height
+        if width is not None and height is not None and width * height > PIXEL_BUDGET.limit(_settings(info)):
+            raise PydanticCustomError(
+                "too_many_pixels", "over the pixel budget", {"width": width, "height": height}
+            )
+        return self
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    settings = (info.context or {}).get("settings")
+    if not isinstance(settings, Settings):
+        # Validating against made-up limits would accept what the operator forbade: refuse instead.
+        raise TypeError("GenerationRequest needs context={'settings': Settings}; use parse_request()")
+    return settings
+
+
+def pixel_budget_error(width: int, height: int, settings: Settings, field: str) -> ApiError:
+    budget = PIXEL_BUDGET.limit(settings)
+    return ApiError(
+        400,
+        "too_many_pixels",
+        f"{width}x{height} is {width * height} pixels; the budget is {budget} "
+        f"({PIXEL_BUDGET.env}, about {math.isqrt(budget)} squared)",
+        field,
+    )
 
 
 # ---- reading the declaration ----------------------------------------------------------------------
@@ -258,6 +301,9 @@ def _to_api_error(exc: ValidationError, settings: Settings) -> ApiError:
     name = str(error["loc"][0]) if error["loc"] else None
     kind = error["type"]
     value = error.get("input")
+    if kind == "too_many_pixels":
+        context = error.get("ctx") or {}
+        return pixel_budget_error(context["width"], context["height"], settings, "width")
     if name is None:  # the whole body: not an object
         return ApiError(400, "not_an_object", f"the request must be a JSON object, got {_json_type(value)}")
     field = GenerationRequest.model_fields[name]
@@ -312,32 +358,62 @@ def parse_request(data: Any, settings: Settings) -> GenerationRequest:
 # ---- defaults ------------------------------------------------------------------------------------
 
 
+def model_default_problems(model_defaults: ModelDefaults, settings: Settings) -> dict[str, str]:
+    """Field -> why the model's own default for it breaks this function's limits (checked once, at load)."""
+    from_model = {
+        name: getattr(model_defaults, source.attribute)
+        for name, field in GenerationRequest.model_fields.items()
+        if isinstance(source := default_source(field), FromModel)
+    }
+    problems: dict[str, str] = {}
+    for name, value in from_model.items():
+        try:
+            parse_request({"prompt": "x", name: value}, settings)
+        except ApiError as error:
+            problems[name] = error.message
+    if not problems:  # each fits alone; together they may not (the pixel budget)
+        try:
+            parse_request({"prompt": "x", **from_model}, settings)
+        except ApiError as error:
+            problems.update({name: error.message for name in ("width", "height")})
+    return problems
+
+
 def resolve(
     request: GenerationRequest,
     model_defaults: ModelDefaults,
     settings: Settings,
     schedulers: tuple[str, ...] = tuple(SCHEDULERS),
     decoders: tuple[str, ...] = DECODERS,
+    default_problems: Mapping[str, str] | None = None,
 ) -> GenerationParams:
-    """Fill every absent field from its declared source; check what only the loaded model can tell."""
+    """Fill every absent field from its declared source; check what only the loaded model can tell.
+
+    ``default_problems`` (from ``model_default_problems``) are model defaults this function's limits
+    refuse: a request that relies on one gets 503 ``model_config``, since only an operator can fix it.
+    """
     values: dict[str, Any] = {}
     for name, field in GenerationRequest.model_fields.items():
         value = getattr(request, name)
         source = default_source(field)
         if value is None and isinstance(source, FromModel):
+            problem = (default_problems or {}).get(name)
+            if problem is not None:
+                raise ApiError(
+                    503,
+                    "model_config",
+                    f"the model's default {name} does not fit this function's limits ({problem}); "
+                    f"the operator must raise the limit or change the model's defaults. Meanwhile, "
+                    f"pass {name} explicitly",
+                    name,
+                )
             value = getattr(model_defaults, source.attribute)
         elif value is None and isinstance(source, RandomSeed):
             value = secrets.randbelow(UINT32_MAX + 1)
         values[name] = value
     width, height = values["width"], values["height"]
-    if width * height > settings.max_pixels:
-        raise ApiError(
-            400,
-            "too_many_pixels",
-            f"{width}x{height} is {width * height} pixels; the budget is {settings.max_pixels} "
-            f"(SD_MAX_PIXELS, about {math.isqrt(settings.max_pixels)} squared)",
-            "width" if request.width is not None else "height",
-        )
+    if width * height > PIXEL_BUDGET.limit(settings):
+        raise pixel_budget_error(width, height, settings, "width" if request.width is not None else "height")
     for name, available in (("scheduler", schedulers), ("decoder", decoders)):
         if values[name] is not None and values[name] not in available:
             raise ApiError(

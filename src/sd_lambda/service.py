@@ -161,21 +161,34 @@ class Service:
 
     def _generate(self, data: Any, log: RequestLog) -> Generated:
         request = parse_request(data, self.settings)
-        warm = self.predictor.warm()
-        log.add(revision=self.predictor.revision, load_ms=round(warm.load_ms, 1), cold=warm.load_ms > 0)
-        engine = warm.engine
-        params = resolve(request, engine.defaults, self.settings, engine.schedulers, engine.decoders)
-        log.add(
-            steps=params.num_inference_steps,
-            width=params.width,
-            height=params.height,
-            seed=params.seed,
-            scheduler=params.scheduler,
-            decoder=params.decoder,
-        )
-        generate_started = time.perf_counter()
-        result = engine.generate(params)
-        inference_ms = _ms(generate_started)
+        with self.predictor.exclusive() as warm:
+            log.add(revision=self.predictor.revision, load_ms=round(warm.load_ms, 1), cold=warm.load_ms > 0)
+            if warm.load_ms > 0 and self.predictor.default_problems:
+                self.logger.error(
+                    "the model's defaults do not fit this function's limits: requests relying on them "
+                    "get 503 model_config until a limit (SD_*) or the model's defaults change",
+                    extra={"default_problems": self.predictor.default_problems},
+                )
+            engine = warm.engine
+            params = resolve(
+                request,
+                engine.defaults,
+                self.settings,
+                engine.schedulers,
+                engine.decoders,
+                self.predictor.default_problems,
+            )
+            log.add(
+                steps=params.num_inference_steps,
+                width=params.width,
+                height=params.height,
+                seed=params.seed,
+                scheduler=params.scheduler,
+                decoder=params.decoder,
+            )
+            generate_started = time.perf_counter()
+            result = engine.generate(params)
+            inference_ms = _ms(generate_started)
         encode_started = time.perf_counter()
         encoded = encode_within(
             result.image, request.output_format, request.quality, self.settings.max_response_bytes
