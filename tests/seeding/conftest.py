@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sysconfig
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,16 @@ def _find_seeder_python() -> str:
 @pytest.fixture(scope="session")
 def seeder_python() -> str:
     return _find_seeder_python()
+
+
+@pytest.fixture(scope="session")
+def aws_cli() -> str:
+    """The AWS CLI the seeder's program calls (Amazon Linux 2023 ships v2; the dev extra installs v1, whose
+    ``aws s3 cp`` is the same and which honours AWS_ENDPOINT_URL too)."""
+    found = Path(sysconfig.get_path("scripts")) / "aws"
+    if not os.access(found, os.X_OK):
+        pytest.fail(f"no AWS CLI at {found}: install the dev extra (pip install -e '.[dev]', awscli)")
+    return str(found)
 
 
 @pytest.fixture(scope="session")
@@ -156,13 +167,38 @@ class SeederProgram:
         )
 
 
+def seeder_env(
+    tmp_path: Path, aws_cli: str | None, s3_endpoint: str, aws_env: dict[str, str]
+) -> dict[str, str]:
+    """The environment the program (and the AWS CLI it runs) sees: ``aws`` on PATH unless ``aws_cli`` is
+    None, the local S3 as endpoint, test keys, and nothing from this machine's AWS config or its IMDS."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if aws_cli is not None and not (bin_dir / "aws").exists():
+        (bin_dir / "aws").symlink_to(aws_cli)
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": str(tmp_path),
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        **aws_env,
+    }
+
+
 @pytest.fixture
 def seeder(
-    tmp_path: Path, seeder_python: str, s3_endpoint: str, aws_env: dict[str, str], bucket: Bucket
+    tmp_path: Path,
+    seeder_python: str,
+    aws_cli: str,
+    s3_endpoint: str,
+    aws_env: dict[str, str],
+    bucket: Bucket,
 ) -> SeederProgram:
     mount = tmp_path / "efs"
     mount.mkdir()
-    env = {"PATH": os.environ.get("PATH", ""), "AWS_ENDPOINT_URL": s3_endpoint, **aws_env}
+    env = seeder_env(tmp_path, aws_cli, s3_endpoint, aws_env)
     program = write_program(tmp_path / "efs-sync.pyz")
     return SeederProgram(seeder_python, program, env, mount, bucket.name)
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import ast
-import base64
 import hashlib
 import io
 import json
-import re
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,17 @@ from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
-from sd_lambda.layout import MANIFEST, Manifest
+from sd_lambda.layout import MANIFEST, LayoutError, Manifest, check_name
 from sd_lambda.seeding import flow
 from sd_lambda.seeding.errors import SeedError
-from sd_lambda.seeding.payload import program_bytes, program_sha256
+from sd_lambda.seeding.payload import (
+    PROGRAM_FOLDER,
+    ShippedProgram,
+    program_bytes,
+    program_key,
+    program_sha256,
+    ship_program,
+)
 from sd_lambda.seeding.remote import DOCUMENT, run_command, shell_script
 from sd_lambda.seeding.seeder import Seeder
 from sd_lambda.seeding.sources import from_dir
@@ -280,13 +286,67 @@ def test_seed_sends_the_exact_command_and_stops_the_seeder(aws: flow.AwsClients,
     assert command["Parameters"]["executionTimeout"] == ["3600"]
     assert command["Comment"] == f"sd-lambda seed {NAME}@r1"
     lines = command["Parameters"]["commands"]
-    assert lines == shell_script(_expected_argv(staged))
-    # The program travels inside the command, byte for byte, with its checksum.
-    encoded = re.search(r"printf '%s' '([A-Za-z0-9+/=]+)'", "\n".join(lines))
-    assert encoded is not None
-    assert base64.b64decode(encoded.group(1)) == program_bytes()
-    assert program_sha256() in lines[4]
-    assert len("\n".join(lines).encode()) < 32 * 1024
+    key = f"models/.sd-lambda/efs-sync-{program_sha256()[:16]}.pyz"
+    program = ShippedProgram("weights", key, program_sha256(), uploaded=True)
+    assert lines == shell_script(program, _expected_argv(staged), REGION)
+    # The program is in the bucket, byte for byte, under the prefix the seeder's role may read ...
+    shipped = aws.s3.get_object(Bucket="weights", Key=key)
+    assert shipped["Body"].read() == program_bytes()
+    assert shipped["Metadata"][SHA256_METADATA] == program_sha256()
+    # ... and the command fetches it with the AWS CLI, checks the full sha256 and runs it.
+    assert lines == [
+        "set -eu",
+        'work="$(mktemp -d /tmp/sd-lambda-efs-sync.XXXXXXXX)"',
+        "trap 'rm -rf \"$work\"' EXIT",
+        'program="$work/efs-sync.pyz"',
+        f'aws s3 cp s3://weights/{key} "$program" --only-show-errors --region {REGION}',
+        f"echo '{program_sha256()}  '\"$program\" | sha256sum -c --quiet -",
+        'python3 "$program" ' + shlex.join(_expected_argv(staged)),
+    ]
+    assert len("\n".join(lines).encode()) < 2048
+
+
+def test_program_is_shipped_once_per_version(aws: flow.AwsClients) -> None:
+    _target(aws)  # creates the bucket
+    first = ship_program(aws.s3, "weights", "models/")
+    assert (first.key, first.uploaded) == (program_key("models/"), True)
+    assert first.url == f"s3://weights/models/.sd-lambda/efs-sync-{program_sha256()[:16]}.pyz"
+    assert ship_program(aws.s3, "weights", "models/").uploaded is False  # same bytes: skipped
+    aws.s3.put_object(Bucket="weights", Key=first.key, Body=b"not the program")
+    assert ship_program(aws.s3, "weights", "models/").uploaded is True  # damaged: replaced
+    assert aws.s3.get_object(Bucket="weights", Key=first.key)["Body"].read() == program_bytes()
+    # Under the weights prefix (a bucket-root prefix too), in a folder no model name can take.
+    assert Target("b", "i", prefix="weights").key_prefix == "weights/"
+    assert program_key(Target("b", "i", prefix="").key_prefix).startswith(".sd-lambda/efs-sync-")
+    with pytest.raises(LayoutError, match="invalid model name"):
+        check_name(PROGRAM_FOLDER, "model name")
+
+
+def test_seeder_role_may_read_the_program() -> None:
+    """The seeder module grants s3:GetObject on ``<bucket>/<weights_prefix>*``: the program key is inside."""
+    import hcl2
+    from hcl2.utils import SerializationOptions
+
+    module = Path(__file__).parents[2] / "infra" / "modules" / "seeder"
+    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
+
+    def load(name: str) -> dict[str, Any]:
+        with (module / name).open() as handle:
+            return dict(hcl2.load(handle, serialization_options=options))
+
+    documents = [
+        d["aws_iam_policy_document"]["this"]
+        for d in load("main.tf")["data"]
+        if "aws_iam_policy_document" in d and "this" in d["aws_iam_policy_document"]
+    ]
+    (policy,) = documents
+    readable = [r for st in policy["statement"] if "s3:GetObject" in st["actions"] for r in st["resources"]]
+    assert readable == ["${var.weights_bucket_arn}/${var.weights_prefix}*"]
+    (prefix,) = [
+        v["weights_prefix"]["default"] for v in load("variables.tf")["variable"] if "weights_prefix" in v
+    ]
+    assert prefix == "models/"
+    assert program_key(Target("b", "i", prefix=prefix).key_prefix).startswith(prefix)
 
 
 def test_keep_running_leaves_the_seeder_up(aws: flow.AwsClients, tmp_path: Path) -> None:

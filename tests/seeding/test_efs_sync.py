@@ -50,7 +50,11 @@ def test_resume_after_interrupted_run(seeder: SeederProgram, bucket: Bucket, tmp
     bucket.put_folder(v2, NAME, "r2", skip="unet/part2.safetensors")
     failed = seeder.run("sync", NAME, "r2")
     assert failed.returncode == 1
-    assert "does not exist" in failed.stderr
+    (error,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    missing = f"s3://{bucket.name}/models/{NAME}/r2/unet/part2.safetensors"
+    assert error.startswith(f"error: {missing} does not exist (upload not finished, or another bucket?)")
+    assert "[aws exit 1: " in error  # the AWS CLI's own words, on the same line
+    assert "(404)" in error
     paths = _paths(seeder)
     assert paths.current_revision() == "r1"
     assert not paths.release("r2").exists()
@@ -58,18 +62,23 @@ def test_resume_after_interrupted_run(seeder: SeederProgram, bucket: Bucket, tmp
         p.relative_to(paths.staging("r2")).as_posix() for p in paths.staging("r2").rglob("*.safetensors")
     }
     assert staged == {"unet/part0.safetensors", "unet/part1.safetensors"}
-    # ... and killed half-way through another file: a .part with its first half.
+    # ... and killed half-way through another file: its .part, and the AWS CLI's own temporary file.
     weights = (v2 / "unet" / "part2.safetensors").read_bytes()
-    (paths.staging("r2") / "unet" / "part2.safetensors.part").write_bytes(weights[: len(weights) // 2])
+    leftovers = [paths.staging("r2") / "unet" / f"part2.safetensors.part{tail}" for tail in ("", ".3fA9c0De")]
+    for leftover in leftovers:
+        leftover.write_bytes(weights[: len(weights) // 2])
 
     bucket.put(f"models/{NAME}/r2/unet/part2.safetensors", weights)
     resumed = seeder.run("sync", NAME, "r2")
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.result["reused_files"] == 3  # model_index.json, part0, part1
-    assert resumed.result["downloaded_bytes"] == len(weights) - len(weights) // 2
+    assert resumed.result["reused_files"] == 3  # model_index.json, part0, part1: verified, not fetched
+    assert resumed.result["downloaded_bytes"] == len(weights)  # the interrupted file, whole
     assert resumed.result["previous"] == "r1"
     assert paths.current_revision() == "r2"
     assert (paths.resolve_current() / "unet" / "part2.safetensors").read_bytes() == weights
+    # The leftovers were dropped, not carried into the release (verify_release refuses unlisted files).
+    verify_release(paths.release("r2"))
+    assert not [p for p in paths.release("r2").rglob("*") if ".part" in p.name]
 
 
 def test_corrupted_object_never_switches(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """``sd-lambda seed`` / ``rollback`` end to end against a local AWS (moto's server: S3, EC2, IAM, SSM).
 
 moto's SSM records commands but runs nothing, so a stand-in agent runs each recorded command with
-``/bin/sh`` on this machine (``python3`` = the seeder's Python 3.9), against the same local S3, with a
-temp folder as the EFS mount; botocore's Stubber answers the agent-online question.
+``/bin/sh`` on this machine (``python3`` = the seeder's Python 3.9, ``aws`` = the dev extra's AWS CLI),
+against the same local S3, with a temp folder as the EFS mount: the command fetches the program the
+driver put in the bucket, checks its sha256 and runs it. botocore's Stubber answers the agent-online
+question.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from botocore.stub import Stubber
 from sd_lambda.cli import main
 from sd_lambda.layout import ModelPaths, verify_release
 from sd_lambda.seeding import flow
+from sd_lambda.seeding.payload import program_key
 
 from .conftest import REGION, SeederProgram, make_model
 
@@ -50,6 +53,8 @@ class LocalAgent:
         (recorded,) = self.ssm.list_commands(CommandId=command_id)["Commands"]
         lines = recorded["Parameters"]["commands"]
         self.scripts.append(lines)
+        # What the agent gets is a short script: the program itself comes from S3.
+        assert len("\n".join(lines).encode()) < 2048
         # The one adaptation: the temp "EFS" is not a mount point (test_efs_sync covers the refusal).
         assert " --require-mount --mount-wait 300 " in lines[-1]
         script = "\n".join(lines).replace(" --require-mount --mount-wait 300 ", " ")
@@ -88,7 +93,7 @@ def local_aws(
     )["Instances"][0]["InstanceId"]
     ec2.stop_instances(InstanceIds=[instance_id])
 
-    bin_dir = tmp_path / "bin"  # the seeder's python3
+    bin_dir = tmp_path / "agent-bin"  # the seeder's python3 (its aws: the seeder fixture's PATH)
     bin_dir.mkdir()
     (bin_dir / "python3").symlink_to(seeder.python)
     env = {**seeder.env, "PATH": f"{bin_dir}{os.pathsep}{seeder.env['PATH']}"}
@@ -124,7 +129,11 @@ def test_seed_and_rollback(
     # 1. a real pipeline from a folder: upload, start the seeder, sync, switch, stop the seeder.
     seed = ["seed", "--from-dir", str(tiny_model_dir), "--name", NAME, "--revision", "r1", "--no-progress"]
     assert main([*seed, *stack]) == 0, capsys.readouterr().err
-    assert '"revision": "r1"' in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert '"revision": "r1"' in out
+    program = f"s3://{seeder.bucket}/{program_key('models/')}"
+    assert f"sync program {program} (uploaded)" in err
+    assert f"aws s3 cp {program} " in agent.scripts[0][4]
     assert os.readlink(paths.current) == "releases/r1"
     manifest = verify_release(paths.resolve_current())
     assert {e.path for e in manifest.files} >= {
@@ -154,10 +163,10 @@ def test_seed_and_rollback(
     assert main(["seed", "--from-s3", url, *stack]) == 0, capsys.readouterr().err
     assert paths.current_revision() == "r2"
 
-    # 3. rollback.
+    # 3. rollback (the program is in the bucket already: not uploaded again).
     assert main(["rollback", "--name", NAME, "--revision", "r1", *stack]) == 0
     assert paths.current_revision() == "r1"
-    capsys.readouterr()
+    assert f"sync program {program} (already there)" in capsys.readouterr().err
 
     # 4. a corrupted object: one-line error, non-zero, current untouched.
     v3 = make_model(tmp_path / "v3", "v3")

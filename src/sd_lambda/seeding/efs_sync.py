@@ -1,38 +1,33 @@
 """The seeder's side of seeding: S3 -> ``.staging-<revision>`` -> verified release -> ``current``.
 
-Runs on the seeder instance (Amazon Linux 2023: ``python3`` 3.9, standard library only), shipped there
-inside the SSM command as a zip application together with ``sd_lambda/layout.py`` verbatim (see
+Runs on the seeder instance (Amazon Linux 2023: ``python3`` 3.9, standard library only). The driver
+puts it in the weights bucket as a zip application together with ``sd_lambda/layout.py`` verbatim (see
 ``sd_lambda.seeding.payload``), so the layout logic is one piece of code on both sides.
 
     python3 program.pyz sync --mount /mnt/models --name N --revision R --bucket B --s3-prefix P
     python3 program.pyz rollback --mount /mnt/models --name N --revision R
 
-``sync`` holds ``<name>/.lock`` throughout, downloads every manifest file into the staging folder
-(files already there and verified are kept, ``.part`` files resume with a ranged GET), then hands over to
-``layout.publish_release``: verify -> fix ownership -> rename into releases/ -> switch -> prune. Any
+``sync`` holds ``<name>/.lock`` throughout, downloads every manifest file into the staging folder (files
+already there and verified are kept, so an interrupted run continues where it stopped), then hands over
+to ``layout.publish_release``: verify -> fix ownership -> rename into releases/ -> switch -> prune. Any
 failure exits non-zero before ``current`` changes. The last stdout line is ``RESULT {json}``.
 
-S3 is read with a small SigV4 GET client: the instance has no boto3. Credentials come from the
-environment, else from the instance profile through IMDSv2; ``AWS_ENDPOINT_URL(_S3)`` overrides the
-endpoint (tests point it at a local S3).
+S3 is read with the AWS CLI (``aws s3 cp``, shipped with Amazon Linux 2023; ``--aws-cli`` names another
+executable): it brings the instance-profile credentials (IMDSv2), signing, retries, parallel ranged
+downloads of large objects and ``AWS_ENDPOINT_URL(_S3)`` (tests point it at a local S3). This program
+checks every byte it gets against the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import hmac
-import http.client
 import json
 import os
+import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,234 +50,87 @@ from sd_lambda.layout import (
 )
 
 RESULT_PREFIX = "RESULT "
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-IMDS_ENDPOINT = "http://169.254.169.254"
-CHUNK = 1 << 20
-ATTEMPTS = 4
-BACKOFF_S = 2.0  # doubled per retry
-# Refresh instance-profile credentials this long before they expire (downloads can take a while).
-REFRESH_MARGIN_S = 300
-HTTP_TIMEOUT_S = 60
+DEFAULT_AWS_CLI = "aws"
+# Downloads land here first and take the file's name only once verified.
+PART_SUFFIX = ".part"
+STDERR_TAIL_CHARS = 400
+ACCESS_DENIED_MARKS = ("AccessDenied", "(403)", "Forbidden", "KMS")
+NOT_FOUND_MARKS = ("NoSuchKey", "NoSuchBucket", "(404)", "does not exist", "Not Found")
 
 
 class SyncError(Exception):
     """A failure reported as one line; ``current`` has not been touched."""
 
 
-class TransientS3Error(SyncError):
-    """S3 answered 500/503 (SlowDown): worth another try."""
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# --- credentials -------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str
-    token: str | None = None
-    expires_at: float | None = None  # epoch seconds
+class AwsCli:
+    """``aws s3 cp`` of single objects from one bucket; failures become one-line SyncErrors."""
 
-
-def _imds(endpoint: str, path: str, token: str | None = None, method: str = "GET") -> str:
-    headers = (
-        {"X-aws-ec2-metadata-token": token} if token else {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}
-    )
-    request = urllib.request.Request(endpoint.rstrip("/") + path, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return response.read().decode()
-
-
-class CredentialChain:
-    """The environment's keys, else the instance profile's (IMDSv2 only), refreshed before expiry."""
-
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
-        self.environ = dict(os.environ if environ is None else environ)
-        self.imds_endpoint = self.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", IMDS_ENDPOINT)
-        self._cached: Credentials | None = None
-
-    def get(self) -> Credentials:
-        key, secret = self.environ.get("AWS_ACCESS_KEY_ID"), self.environ.get("AWS_SECRET_ACCESS_KEY")
-        if key and secret:
-            return Credentials(key, secret, self.environ.get("AWS_SESSION_TOKEN") or None)
-        cached = self._cached
-        if cached is None or (cached.expires_at or 0) - time.time() < REFRESH_MARGIN_S:
-            self._cached = cached = self._from_instance_profile()
-        return cached
-
-    def _from_instance_profile(self) -> Credentials:
-        base = "/latest/meta-data/iam/security-credentials/"
-        try:
-            token = _imds(self.imds_endpoint, "/latest/api/token", method="PUT")
-            role = _imds(self.imds_endpoint, base, token).split()[0]
-            data = json.loads(_imds(self.imds_endpoint, base + role, token))
-        except (OSError, ValueError, IndexError) as exc:
-            raise SyncError(
-                f"no AWS credentials: none in the environment and no instance profile ({exc})"
-            ) from None
-        expires = datetime.strptime(data["Expiration"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)  # noqa: UP017
-        return Credentials(
-            data["AccessKeyId"], data["SecretAccessKey"], data.get("Token"), expires.timestamp()
-        )
-
-    def region(self) -> str:
-        for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-            if self.environ.get(name):
-                return self.environ[name]
-        try:
-            token = _imds(self.imds_endpoint, "/latest/api/token", method="PUT")
-            return _imds(self.imds_endpoint, "/latest/meta-data/placement/region", token)
-        except OSError as exc:
-            raise SyncError(f"no AWS region: pass --region ({exc})") from None
-
-
-# --- SigV4 for S3 GET --------------------------------------------------------------------------
-
-
-def _hmac(key: bytes, message: str) -> bytes:
-    return hmac.new(key, message.encode(), hashlib.sha256).digest()
-
-
-def sign_s3_get(
-    url: str, credentials: Credentials, region: str, now: datetime, extra: dict[str, str] | None = None
-) -> dict[str, str]:
-    """Headers that authorize ``GET url`` with Signature Version 4 (service ``s3``, empty body)."""
-    parts = urllib.parse.urlsplit(url)
-    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
-    headers = {"host": parts.netloc, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": amz_date}
-    if credentials.token:
-        headers["x-amz-security-token"] = credentials.token
-    signed = sorted(headers)
-    query = "&".join(
-        f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
-        for k, v in sorted(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    )
-    canonical = "\n".join(
-        [
-            "GET",
-            parts.path or "/",
-            query,
-            "".join(f"{name}:{headers[name].strip()}\n" for name in signed),
-            ";".join(signed),
-            EMPTY_SHA256,
-        ]
-    )
-    scope = f"{amz_date[:8]}/{region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(("AWS4" + credentials.secret_key).encode(), amz_date[:8])
-    for part in (region, "s3", "aws4_request"):
-        key = _hmac(key, part)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
-        f"SignedHeaders={';'.join(signed)}, Signature={signature}"
-    )
-    del headers["host"]  # urllib sends it from the URL
-    headers.update(extra or {})
-    return headers
-
-
-class S3Reader:
-    """Just enough S3 for the seeder: signed GETs of whole objects or their tails."""
-
-    def __init__(self, bucket: str, region: str, credentials: CredentialChain, endpoint_url: str | None):
-        self.bucket = bucket
-        self.region = region
-        self.credentials = credentials
-        if endpoint_url:  # a custom endpoint (tests): path-style, like the SDKs do
-            self.base = endpoint_url.rstrip("/") + "/" + urllib.parse.quote(bucket)
-        elif "." in bucket:  # dots break virtual-hosted TLS names
-            self.base = f"https://s3.{region}.amazonaws.com/{urllib.parse.quote(bucket)}"
-        else:
-            self.base = f"https://{bucket}.s3.{region}.amazonaws.com"
+    executable: str
+    bucket: str
+    region: str | None = None
 
     def url(self, key: str) -> str:
-        return self.base + "/" + urllib.parse.quote(key, safe="/-_.~")
-
-    def open(self, key: str, offset: int = 0) -> http.client.HTTPResponse:
-        extra = {"range": f"bytes={offset}-"} if offset else {}
-        url = self.url(key)
-        headers = sign_s3_get(url, self.credentials.get(), self.region, datetime.now(timezone.utc), extra)  # noqa: UP017
-        try:
-            return urllib.request.urlopen(
-                urllib.request.Request(url, headers=headers), timeout=HTTP_TIMEOUT_S
-            )
-        except urllib.error.HTTPError as exc:
-            raise self._explain(exc, key) from None
-
-    def _explain(self, exc: urllib.error.HTTPError, key: str) -> SyncError:
-        body = exc.read(4096)
-        try:
-            code = ElementTree.fromstring(body).findtext("Code") or str(exc.code)
-        except ElementTree.ParseError:
-            code = str(exc.code)
-        where = f"s3://{self.bucket}/{key}"
-        if exc.code == 403:
-            needed = (
-                "kms:Decrypt on the bucket's key"
-                if code.startswith("KMS")
-                else "s3:GetObject (and s3:ListBucket, without which a missing object reads as 403)"
-            )
-            return SyncError(f"{code} reading {where}: the seeder's role needs {needed}")
-        if exc.code == 404:
-            return SyncError(f"{code}: {where} does not exist (was the upload finished?)")
-        if exc.code in (500, 502, 503, 504):
-            return TransientS3Error(f"HTTP {exc.code} {code} reading {where}")
-        return SyncError(f"HTTP {exc.code} {code} reading {where}")
+        return f"s3://{self.bucket}/{key}"
 
     def read(self, key: str) -> bytes:
-        with self.open(key) as response:
-            return response.read()
+        return self._copy(key, "-")
 
-    def download(self, key: str, target: Path, entry: ManifestEntry) -> int:
-        """Fetch ``key`` into ``target`` through ``target.part``; returns the bytes transferred."""
-        part = target.with_name(target.name + ".part")
-        digest, offset = hashlib.sha256(), 0
-        if part.is_file() and not part.is_symlink() and part.stat().st_size <= entry.size:
-            with part.open("rb") as existing:
-                while chunk := existing.read(CHUNK):
-                    digest.update(chunk)
-                    offset += len(chunk)
-        else:
-            part.unlink(missing_ok=True)
-        transferred = 0
-        for attempt in range(1, ATTEMPTS + 1):
-            if offset == entry.size:
-                break
-            try:
-                with self.open(key, offset) as response:
-                    if offset and response.status != 206:  # no range support: start over
-                        digest, offset = hashlib.sha256(), 0
-                    announced, received = response.headers.get("Content-Length"), 0
-                    with part.open("ab" if offset else "wb") as out:
-                        while chunk := response.read(CHUNK):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            offset += len(chunk)
-                            received += len(chunk)
-                            transferred += len(chunk)
-                if announced is not None and received < int(announced):  # cut short: resume from here
-                    raise ConnectionError(f"the connection closed after {received} of {announced} bytes")
-                break
-            except (OSError, http.client.HTTPException, TransientS3Error) as exc:  # 403/404: not retried
-                if attempt == ATTEMPTS:
-                    raise SyncError(f"reading s3://{self.bucket}/{key} failed: {exc}") from None
-                log(f"  retrying {entry.path} from byte {offset} ({exc})")
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
-        if offset != entry.size or digest.hexdigest() != entry.sha256:
-            part.unlink(missing_ok=True)
+    def download(self, key: str, destination: Path) -> None:
+        self._copy(key, str(destination))
+
+    def _copy(self, key: str, destination: str) -> bytes:
+        argv = [self.executable, "s3", "cp", self.url(key), destination, "--only-show-errors"]
+        if self.region:
+            argv += ["--region", self.region]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+        except OSError as exc:
             raise SyncError(
-                f"manifest mismatch: s3://{self.bucket}/{key} has "
-                f"{'sha256 ' + digest.hexdigest()[:12] if offset == entry.size else f'{offset} bytes'}"
-                f", the manifest says {entry.sha256[:12] if offset == entry.size else entry.size}"
-                " (corrupted or replaced object); nothing was switched"
+                f"cannot run the AWS CLI {self.executable!r} ({exc.strerror or exc}): "
+                "install it or pass --aws-cli PATH"
+            ) from None
+        if done.returncode != 0:
+            raise self._explain(key, done.returncode, done.stderr.decode(errors="replace"))
+        return done.stdout
+
+    def _explain(self, key: str, returncode: int, stderr: str) -> SyncError:
+        tail = " ".join(stderr.split())[-STDERR_TAIL_CHARS:] or "no error output"
+        where = self.url(key)
+        if any(mark in stderr for mark in ACCESS_DENIED_MARKS):
+            needed = (
+                "kms:Decrypt on the bucket's key"
+                if "KMS" in stderr
+                else "s3:GetObject (and s3:ListBucket, without which a missing object reads as 403)"
             )
-        os.replace(part, target)
-        return transferred
+            what = f"AccessDenied reading {where}: the seeder's role needs {needed}"
+        elif any(mark in stderr for mark in NOT_FOUND_MARKS):
+            what = f"{where} does not exist (upload not finished, or another bucket?)"
+        else:
+            what = f"reading {where} failed"
+        return SyncError(f"{what} [aws exit {returncode}: {tail}]")
+
+
+def fetch(cli: AwsCli, key: str, target: Path, entry: ManifestEntry) -> None:
+    """Download ``key`` to ``target`` through ``target.part``; only bytes that match ``entry`` stay."""
+    part = target.with_name(target.name + PART_SUFFIX)
+    part.unlink(missing_ok=True)
+    cli.download(key, part)
+    size = part.stat().st_size if part.is_file() and not part.is_symlink() else -1
+    digest = sha256_file(part) if size == entry.size else None
+    if digest != entry.sha256:
+        part.unlink(missing_ok=True)
+        found = f"sha256 {digest[:12]}" if digest else f"{size} bytes"
+        expected = entry.sha256[:12] if digest else entry.size
+        raise SyncError(
+            f"manifest mismatch: {cli.url(key)} has {found}, the manifest says {expected} "
+            "(corrupted or replaced object); nothing was switched"
+        )
+    os.replace(part, target)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -298,8 +146,8 @@ def _matches(path: Path, entry: ManifestEntry) -> bool:
 
 
 def _tidy_staging(staging: Path, manifest: Manifest) -> None:
-    """Refuse symlinks; drop files neither listed nor a resumable ``.part`` of a listed file."""
-    keep = {MANIFEST} | {e.path for e in manifest.files} | {e.path + ".part" for e in manifest.files}
+    """Refuse symlinks; drop every file the manifest does not list (partial downloads of a killed run)."""
+    keep = {MANIFEST} | {e.path for e in manifest.files}
     for directory, dirs, files in os.walk(staging):
         for name in dirs + files:
             path = Path(directory) / name
@@ -339,9 +187,7 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
     with paths.locked(args.lock_timeout, on_wait=lambda: log(f"waiting for {paths.lock} ...")) as lock:
         downloaded, reused = 0, 0
         if not (paths.release(revision).exists() or paths.release(revision).is_symlink()):
-            chain = CredentialChain()
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            s3 = S3Reader(args.bucket, args.region or chain.region(), chain, endpoint)
+            s3 = AwsCli(args.aws_cli, args.bucket, args.region)
             prefix = args.s3_prefix.rstrip("/") + "/"
             raw = s3.read(prefix + MANIFEST)
             if args.manifest_sha256 and hashlib.sha256(raw).hexdigest() != args.manifest_sha256:
@@ -363,7 +209,8 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
                 if _matches(target, entry):
                     reused += 1
                     continue
-                downloaded += s3.download(prefix + entry.path, target, entry)
+                fetch(s3, prefix + entry.path, target, entry)
+                downloaded += entry.size
                 log(f"  {entry.path} ({entry.size} bytes)")
         result = publish_release(
             paths, revision, lock, keep=args.keep, owner=args.owner, manifest_sha256=args.manifest_sha256
@@ -420,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync_parser = commands.choices["sync"]
     sync_parser.add_argument("--bucket", required=True)
     sync_parser.add_argument("--s3-prefix", required=True, help="key prefix of this revision's objects")
-    sync_parser.add_argument("--region", default=None)
+    sync_parser.add_argument("--region", default=None, help="the bucket's region (default: the CLI's)")
+    sync_parser.add_argument(
+        "--aws-cli", default=DEFAULT_AWS_CLI, help="the AWS CLI executable (default: aws on PATH)"
+    )
     sync_parser.add_argument("--manifest-sha256", default=None, help="sha256 of the uploaded manifest.json")
     sync_parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept when pruning")
     sync_parser.add_argument(

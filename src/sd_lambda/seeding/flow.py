@@ -12,6 +12,7 @@ from typing import Any
 
 from sd_lambda.layout import DEFAULT_KEEP, LAMBDA_OWNER, MANIFEST, check_name, model_slug
 from sd_lambda.seeding.errors import SeedError
+from sd_lambda.seeding.payload import ship_program
 from sd_lambda.seeding.remote import run_command, shell_script
 from sd_lambda.seeding.seeder import Seeder
 from sd_lambda.seeding.sources import LocalRelease, check_pipeline_files
@@ -146,15 +147,24 @@ def seeder_session(clients: AwsClients, target: Target, options: RunOptions) -> 
             log(f"seeder {target.instance_id} left running (--keep-running)")
 
 
+def bucket_region(clients: AwsClients, target: Target) -> str | None:
+    """The region the seeder's AWS CLI talks to: the stack's, else this session's (the CLI on an instance
+    does not reliably infer it)."""
+    return target.region or clients.s3.meta.region_name
+
+
 def _run(
     clients: AwsClients, target: Target, argv: list[str], comment: str, options: RunOptions
 ) -> dict[str, Any]:
+    # Before the seeder starts: a bucket this operator cannot write fails fast, with nothing to stop.
+    program = ship_program(clients.s3, target.bucket, target.key_prefix)
+    log(f"sync program {program.url} ({'uploaded' if program.uploaded else 'already there'})")
     with seeder_session(clients, target, options):
         log(f"running on {target.instance_id} via SSM: {comment}")
         invocation = run_command(
             clients.ssm,
             target.instance_id,
-            shell_script(argv),
+            shell_script(program, argv, bucket_region(clients, target)),
             execution_timeout=options.execution_timeout,
             comment=comment,
             **options.timing(),
@@ -184,8 +194,9 @@ def sync_on_seeder(
         "--owner", "{}:{}".format(*LAMBDA_OWNER),
         "--lock-timeout", str(options.lock_timeout),
     ]  # fmt: skip
-    if target.region:
-        argv += ["--region", target.region]
+    region = bucket_region(clients, target)
+    if region:
+        argv += ["--region", region]
     return _run(clients, target, argv, f"sd-lambda seed {staged.name}@{staged.revision}", options)
 
 

@@ -1,7 +1,9 @@
 """The program the seeder runs: ``efs_sync`` and ``layout`` verbatim, packed as a zip application.
 
-The bytes are deterministic (fixed timestamps and order), so the same package version always sends the
-same program, and tests run exactly these bytes with the seeder's Python.
+The bytes are deterministic (fixed timestamps and order), so the same package version always ships the
+same program, and tests run exactly these bytes with the seeder's Python. The driver puts it in the
+weights bucket under the weights prefix (which the seeder's role may read), named by its sha256:
+``<prefix>.sd-lambda/efs-sync-<sha256[:16]>.pyz``; the SSM command fetches it and checks the full sha256.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import sd_lambda
+from sd_lambda.seeding.upload import put_if_changed
 
 PACKAGE_DIR = Path(sd_lambda.__file__).parent
 # (path inside the zip, source file or None for an empty package marker)
@@ -23,6 +28,8 @@ MEMBERS: tuple[tuple[str, Path | None], ...] = (
     ("sd_lambda/seeding/efs_sync.py", PACKAGE_DIR / "seeding" / "efs_sync.py"),
 )
 MAIN = "import sys\n\nfrom sd_lambda.seeding.efs_sync import main\n\nsys.exit(main())\n"
+# Next to the model folders; a model's name starts with a letter or digit, so never this.
+PROGRAM_FOLDER = ".sd-lambda"
 
 
 @cache
@@ -46,3 +53,29 @@ def program_sha256() -> str:
 def write_program(path: Path) -> Path:
     path.write_bytes(program_bytes())
     return path
+
+
+def program_key(key_prefix: str) -> str:
+    """The program's key under the weights prefix (``models/``, or empty for the bucket's root)."""
+    return f"{key_prefix}{PROGRAM_FOLDER}/efs-sync-{program_sha256()[:16]}.pyz"
+
+
+@dataclass(frozen=True)
+class ShippedProgram:
+    """The program in S3, where the seeder fetches it from."""
+
+    bucket: str
+    key: str
+    sha256: str
+    uploaded: bool  # False: it was already there, byte for byte
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def ship_program(s3: Any, bucket: str, key_prefix: str) -> ShippedProgram:
+    """Put the program in the bucket, unless an earlier run already did."""
+    key = program_key(key_prefix)
+    uploaded = put_if_changed(s3, bucket, key, program_bytes(), "application/zip")
+    return ShippedProgram(bucket, key, program_sha256(), uploaded)

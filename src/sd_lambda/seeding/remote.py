@@ -1,12 +1,12 @@
 """Run the sync program on the seeder through SSM Run Command (``AWS-RunShellScript``), never SSH.
 
-The command carries the program itself (zip application, base64) and its sha256, so the instance needs
-nothing but ``python3``, ``base64`` and ``sha256sum`` (all on Amazon Linux 2023) and an S3 read role.
+The command is a short POSIX sh script: fetch the program from S3 with the AWS CLI (where the driver put
+it, see ``sd_lambda.seeding.payload``), check its sha256, run it with ``python3``. The instance needs
+only what Amazon Linux 2023 ships (``aws``, ``sha256sum``, ``python3``) and its S3 read role.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import shlex
@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from sd_lambda.seeding.efs_sync import RESULT_PREFIX
 from sd_lambda.seeding.errors import SeedError, aws_error
-from sd_lambda.seeding.payload import program_bytes, program_sha256
+from sd_lambda.seeding.payload import ShippedProgram
 
 DOCUMENT = "AWS-RunShellScript"
 DELIVERY_TIMEOUT_S = 600  # SendCommand TimeoutSeconds: how long the command may wait for the agent
@@ -28,15 +28,17 @@ TERMINAL = frozenset({"Success", "Failed", "Cancelled", "TimedOut", "Cancelling"
 TAIL_LINES = 15
 
 
-def shell_script(argv: Sequence[str]) -> list[str]:
-    """POSIX sh lines that unpack the program, check its sha256, and run ``python3 program ARGV``."""
-    encoded = base64.b64encode(program_bytes()).decode()
+def shell_script(program: ShippedProgram, argv: Sequence[str], region: str | None) -> list[str]:
+    """POSIX sh lines that fetch the program, check its sha256, and run ``python3 program ARGV``."""
+    fetch = ["aws", "s3", "cp", program.url, "--only-show-errors", *(["--region", region] if region else [])]
     return [
         "set -eu",
-        'program="$(mktemp /tmp/sd-lambda-efs-sync.XXXXXXXX)"',
-        "trap 'rm -f \"$program\"' EXIT",
-        f"printf '%s' '{encoded}' | base64 -d > \"$program\"",
-        f"echo '{program_sha256()}  '\"$program\" | sha256sum -c --quiet -",
+        # A private folder (0700): nothing else on the instance can swap the program after the check.
+        'work="$(mktemp -d /tmp/sd-lambda-efs-sync.XXXXXXXX)"',
+        "trap 'rm -rf \"$work\"' EXIT",
+        'program="$work/efs-sync.pyz"',
+        f'{shlex.join(fetch[:4])} "$program" {shlex.join(fetch[4:])}',
+        f"echo '{program.sha256}  '\"$program\" | sha256sum -c --quiet -",
         'python3 "$program" ' + shlex.join(argv),
     ]
 

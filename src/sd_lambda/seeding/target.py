@@ -35,12 +35,13 @@ class Target:
     model_name: str | None = None  # the model folder the function serves
     function_name: str | None = None  # for --warm
 
+    @property
+    def key_prefix(self) -> str:
+        """The weights prefix as keys start with it (``models/``; empty for the bucket's root)."""
+        return f"{self.prefix.rstrip('/')}/" if self.prefix.strip("/") else ""
+
     def revision_prefix(self, name: str, revision: str) -> str:
-        return (
-            f"{self.prefix.rstrip('/')}/{name}/{revision}/"
-            if self.prefix.strip("/")
-            else f"{name}/{revision}/"
-        )
+        return f"{self.key_prefix}{name}/{revision}/"
 
 
 def _read_outputs(infra_dir: Path) -> dict[str, Any]:

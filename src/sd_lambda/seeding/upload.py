@@ -74,6 +74,25 @@ def _remote_sha256(s3: Any, bucket: str, key: str) -> tuple[str | None, int] | N
     return head.get("Metadata", {}).get(SHA256_METADATA), int(head["ContentLength"])
 
 
+def is_unchanged(s3: Any, bucket: str, key: str, sha256: str, size: int) -> bool:
+    """The object at ``key`` has this size and carries this sha256 (so it need not be uploaded again)."""
+    return _remote_sha256(s3, bucket, key) == (sha256, size)
+
+
+def put_if_changed(s3: Any, bucket: str, key: str, body: bytes, content_type: str) -> bool:
+    """Put ``body`` (with its sha256 in metadata) unless the object is already this; True if it was put."""
+    sha256 = hashlib.sha256(body).hexdigest()
+    if is_unchanged(s3, bucket, key, sha256, len(body)):
+        return False
+    try:
+        s3.put_object(
+            Bucket=bucket, Key=key, Body=body, ContentType=content_type, Metadata={SHA256_METADATA: sha256}
+        )
+    except ClientError as exc:
+        raise aws_error(exc, "s3", f"s3://{bucket}/{key}") from exc
+    return True
+
+
 def upload_release(
     s3: Any,
     bucket: str,
@@ -93,11 +112,11 @@ def upload_release(
             f"s3://{bucket}/{key_prefix} already holds a different revision with this name: "
             "choose another --revision"
         )
-    todo = []
-    for entry in release.manifest.files:
-        remote = _remote_sha256(s3, bucket, key_prefix + entry.path)
-        if remote != (entry.sha256, entry.size):
-            todo.append(entry)
+    todo = [
+        entry
+        for entry in release.manifest.files
+        if not is_unchanged(s3, bucket, key_prefix + entry.path, entry.sha256, entry.size)
+    ]
     total = sum(entry.size for entry in todo)
     with tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload", disable=not progress
