@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
+import math
 import random
 import re
 import sys
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sd_lambda.request import GenerationRequest, choices, type_name
+
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 900.0  # Lambda's maximum run time: a response cannot take longer
@@ -32,20 +36,10 @@ FORBIDDEN_HINT = (
     "the caller needs both lambda:InvokeFunctionUrl and lambda:InvokeFunction on the function "
     "(and the function's resource policy must allow them); also check --region and the clock"
 )
-# The request fields the function accepts, with the client's spelling where it is shorter.
-REQUEST_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "seed",
-    "output_format",
-    "quality",
-    "scheduler",
-    "decoder",
-)
+# The request fields the function accepts: read from the function's own request model.
+REQUEST_FIELDS = tuple(GenerationRequest.model_fields)
+# The CLI's shorter spelling of some fields; every other field is --<name-with-dashes>.
+FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "output_format": "--format"}
 
 
 class InvokeError(Exception):
@@ -178,6 +172,11 @@ class FunctionUrlClient:
         parts = urlsplit(self.url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise InvokeError(f"{self.url!r} is not an http(s) URL")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise InvokeError(
+                f"refusing http:// to {parts.hostname}: the signed request and any session token would "
+                "travel in clear text; use https (plain http is only for loopback test servers)"
+            )
         self.region = self.region or region_from_url(self.url)
         if self.region is None:
             raise InvokeError(
@@ -193,7 +192,12 @@ class FunctionUrlClient:
         """POST ``payload`` as JSON; (body, lower-cased headers, attempts) of the successful response."""
         import requests
 
-        body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        try:
+            body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except ValueError:
+            raise InvokeError(
+                "the request holds NaN or infinity; the function accepts finite numbers only"
+            ) from None
         base_headers = {"Content-Type": "application/json", "Accept": accept}
         last_failure = ""
         for attempt in range(1, self.retry.attempts + 1):
@@ -219,6 +223,15 @@ class FunctionUrlClient:
             if attempt < self.retry.attempts:
                 self.retry.sleep(self.retry.delay(attempt, retry_after))
         raise InvokeError(f"gave up after {self.retry.attempts} attempts; last: {last_failure}")
+
+
+def is_loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) -> InvokeError:
@@ -295,17 +308,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="the function URL (https://<id>.lambda-url.<region>.on.aws/)")
     where.add_argument("--infra", type=Path, help="read the URL from this Terraform stack's outputs")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", dest="negative_prompt")
-    parser.add_argument("--steps", dest="num_inference_steps", type=int)
-    parser.add_argument("--guidance", dest="guidance_scale", type=float)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--scheduler")
-    parser.add_argument("--decoder", choices=("full", "tiny"))
-    parser.add_argument("--format", dest="output_format", choices=("png", "jpeg", "webp"))
-    parser.add_argument("--quality", type=int)
+    add_request_options(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="where to save the image")
     parser.add_argument("--region", help="signing region (default: parsed from the URL)")
     parser.add_argument("--profile", help="AWS profile (default: botocore's default chain)")
@@ -313,14 +316,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a float that JSON can carry (no NaN, no infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+_ARG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": finite_float, "string": str}
+
+
+def add_request_options(parser: argparse.ArgumentParser) -> None:
+    """One option per request field, with the field's own type, choices and description."""
+    for name, spec in GenerationRequest.model_fields.items():
+        parser.add_argument(
+            FLAGS.get(name, "--" + name.replace("_", "-")),
+            dest=name,
+            type=_ARG_TYPES[type_name(spec)],
+            choices=choices(spec),
+            required=spec.is_required(),
+            help=spec.description,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from sd_lambda.cli import CommandError
+    from sd_lambda.stack_outputs import output_for_command
 
     if args.attempts < 1:
         raise CommandError("--attempts must be at least 1")
     if not args.prompt.strip():
         raise CommandError("--prompt must not be empty")
-    url = args.url or _url_from_stack(args.infra)
+    url = args.url or output_for_command(args.infra, "function_url", "--url")
     fields = {name: getattr(args, name) for name in REQUEST_FIELDS if name != "prompt"}
     try:
         credentials = default_credentials(args.profile)
@@ -344,13 +375,3 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _url_from_stack(infra: Path) -> str:
-    from sd_lambda.cli import CommandError
-    from sd_lambda.stack_outputs import StackError, read_outputs
-
-    try:
-        return str(read_outputs(infra, required=("function_url",))["function_url"])
-    except StackError as exc:
-        raise CommandError(f"{exc} (or pass --url)") from None

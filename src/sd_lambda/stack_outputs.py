@@ -164,3 +164,14 @@ def read_outputs(infra_dir: Path = DEFAULT_INFRA_DIR, required: Iterable[str] = 
             "run `make apply` (with an image) first"
         )
     return outputs
+
+
+def output_for_command(infra_dir: Path, name: str, alternative: str) -> str:
+    """One output for a CLI command: any StackError becomes a one-line CommandError naming
+    ``alternative`` (e.g. ``--url``), the flag that avoids reading the stack."""
+    from sd_lambda.cli import CommandError
+
+    try:
+        return str(read_outputs(infra_dir, required=(name,))[name])
+    except StackError as exc:
+        raise CommandError(f"{exc} (or pass {alternative})") from None

@@ -238,9 +238,43 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     assert RetryPolicy(random=lambda: 0.0).delay(1, retry_after=3) == 3  # Retry-After is honoured
 
 
-def test_default_timeouts() -> None:
-    assert FunctionUrlClient("https://abc.lambda-url.eu-west-1.on.aws/").timeout == (10, 900)
-    assert (CONNECT_TIMEOUT_S, READ_TIMEOUT_S) == (10.0, 900.0)
+class RecordingSession:
+    """A requests.Session stand-in that records what ``post`` was given and answers 200."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, object]] = []
+
+    def post(self, url: str, **kwargs: object) -> requests.Response:
+        self.calls.append({"url": url, **kwargs})
+        response = requests.Response()
+        response.status_code, response._content = 200, PNG
+        response.headers.update(IMAGE_HEADERS)
+        return response
+
+
+def test_requests_use_the_default_timeouts() -> None:
+    session = RecordingSession()
+    result = generate("https://abc.lambda-url.eu-west-1.on.aws/", "a cat", session=session, retry=instant())
+    assert result.image == PNG
+    assert session.calls[0]["timeout"] == (10.0, 900.0) == (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+    assert session.calls[0]["allow_redirects"] is False
+
+
+def test_plain_http_is_only_for_loopback() -> None:
+    for url in ("http://abc.lambda-url.eu-west-1.on.aws/", "http://10.0.0.5:8080/", "http://example.com/"):
+        with pytest.raises(InvokeError, match="refusing http://"):
+            FunctionUrlClient(url, region=REGION)
+    for url in ("http://127.0.0.1:8080/", "http://localhost:9000/", "http://[::1]:80/", "http://127.8.0.1/"):
+        assert FunctionUrlClient(url, region=REGION).region == REGION
+
+
+def test_non_finite_numbers_are_refused_before_sending() -> None:
+    session = RecordingSession()
+    with pytest.raises(InvokeError, match="NaN or infinity"):
+        generate(
+            "https://abc.lambda-url.eu-west-1.on.aws/", "x", guidance_scale=float("nan"), session=session
+        )
+    assert session.calls == []
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -366,6 +400,50 @@ def test_cli_reads_the_url_from_the_stack(
         "sd-lambda generate: error: the stack in infra has no outputs: deploy it first (`make apply`) "
         "(or pass --url)\n"
     )
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "Infinity", "lots"])
+def test_cli_refuses_non_finite_guidance_in_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = "https://a.lambda-url.eu-west-1.on.aws/"
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--url", url, "--prompt", "x", "--guidance", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --guidance: {value!r} is not a" in err
+    assert "Traceback" not in err
+
+
+def test_cli_options_are_the_request_fields() -> None:
+    import argparse
+
+    from sd_lambda.client import register
+    from sd_lambda.generation import DECODERS, MEDIA_TYPES, SCHEDULERS
+    from sd_lambda.request import GenerationRequest
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    generate_parser = parser._subparsers._group_actions[0].choices["generate"]  # type: ignore[union-attr]
+    actions = {action.dest: action for action in generate_parser._actions}
+    assert set(GenerationRequest.model_fields) <= set(actions)
+    assert tuple(actions["scheduler"].choices) == tuple(SCHEDULERS)
+    assert tuple(actions["decoder"].choices) == DECODERS
+    assert tuple(actions["output_format"].choices) == tuple(MEDIA_TYPES)
+    assert actions["prompt"].required
+    assert actions["num_inference_steps"].option_strings == ["--steps"]
+    assert actions["num_inference_steps"].type is int
+
+
+def test_client_and_request_model_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sd_lambda.client, sd_lambda.request; "
+        "heavy = sorted({'torch', 'diffusers', 'PIL'} & set(sys.modules)); "
+        "print(heavy); sys.exit(bool(heavy))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
 def test_cli_refuses_an_empty_prompt(capsys: pytest.CaptureFixture[str]) -> None:

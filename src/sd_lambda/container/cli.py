@@ -76,6 +76,7 @@ def docker_cli(binary: str) -> Docker:
 
 def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
     from sd_lambda.container.docker import DEFAULT_DOCKERFILE, DEFAULT_PLATFORM, PLATFORMS
+    from sd_lambda.deploy import DEFAULT_DIGEST_FILE
 
     build = subparsers.add_parser(
         "build-image",
@@ -104,7 +105,7 @@ def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
         "--infra", type=Path, default=Path("infra"), help="stack whose ecr_repository_url to use"
     )
     push.add_argument("--tag", help="remote tag (default: git-<sha>, plus -dirty-<time> for a dirty tree)")
-    push.add_argument("--digest-file", type=Path, default=Path(".image-digest"))
+    push.add_argument("--digest-file", type=Path, default=DEFAULT_DIGEST_FILE)
     push.add_argument("--docker", default="docker", help="docker CLI to run")
     push.set_defaults(func=run_push_image)
 
@@ -143,9 +144,12 @@ def run_push_image(args: argparse.Namespace) -> int:
     from sd_lambda.cli import CommandError
     from sd_lambda.container import registry
     from sd_lambda.container.docker import DockerFailed, DockerUnavailable
+    from sd_lambda.stack_outputs import output_for_command
 
     try:
-        repository = registry.Repository.parse(args.repository_url or _repository_from_stack(args.infra))
+        repository = registry.Repository.parse(
+            args.repository_url or output_for_command(args.infra, "ecr_repository_url", "--repository-url")
+        )
         tag = args.tag or registry.image_tag(registry.git_state())
         ecr = boto3.client("ecr", region_name=repository.region)
         result = registry.push(docker_cli(args.docker), ecr, args.image, repository, tag)
@@ -163,13 +167,3 @@ def run_push_image(args: argparse.Namespace) -> int:
     print(result.reference)
     print(f"wrote {args.digest_file}")
     return 0
-
-
-def _repository_from_stack(infra: Path) -> str:
-    from sd_lambda.cli import CommandError
-    from sd_lambda.stack_outputs import StackError, read_outputs
-
-    try:
-        return str(read_outputs(infra, required=("ecr_repository_url",))["ecr_repository_url"])
-    except StackError as exc:
-        raise CommandError(f"{exc} (or pass --repository-url)") from None

@@ -21,7 +21,6 @@ from typing import Any
 
 from sd_lambda.container.docker import Docker, require_engine
 
-DEFAULT_DIGEST_FILE = Path(".image-digest")
 REPOSITORY_URL = re.compile(
     r"^(?P<registry>(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?)"
     r"/(?P<name>[a-z0-9][a-z0-9._/-]*)$"
