@@ -200,13 +200,15 @@ def isa_flags(flags: frozenset[str], isa: str) -> frozenset[str]:
     return flags
 
 
+def unet_flops(flops: dict[str, Any], sample: dict[str, Any]) -> float:
+    reused = sample.get("reused_calls", 0)
+    full = sample["unet_calls"] - reused
+    return sample["unet_batch"] * (full * flops["unet"] + reused * flops["unet_reused"])
+
+
 def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str) -> float:
     decode = flops["tiny_decode"] if decoder == "tiny" else flops["vae_decode"]
-    reused = sample.get("reused_calls", 0)
-    unet = sample["unet_batch"] * (
-        (sample["unet_calls"] - reused) * flops["unet"] + reused * flops["unet_reused"]
-    )
-    return unet + decode + flops["text_encoder"] * sample["text_encoder_calls"]
+    return unet_flops(flops, sample) + decode + flops["text_encoder"] * sample["text_encoder_calls"]
 
 
 def summarize(
@@ -223,7 +225,7 @@ def summarize(
         per_call = _median([image["unet_seconds"] / image["unet_calls"] for image in warm])
         work = _median([image_flops(flops, image, first["decoder"]) for image in warm])
         peak = cpu.peak_gflops(isa_flags(flags, first["isa"]), first["threads"], ghz, first["dtype"])
-        unet_gflops = flops["unet"] * warm[0]["unet_batch"] / per_call / 1e9
+        unet_gflops = _median([unet_flops(flops, image) / image["unet_seconds"] for image in warm]) / 1e9
         entry.update(
             isa=first["isa"],
             variant=first["variant"],
@@ -235,6 +237,7 @@ def summarize(
             unet_calls=warm[0]["unet_calls"],
             unet_batch=warm[0]["unet_batch"],
             seconds_per_image=seconds,
+            cpu_seconds_per_image=_median([image.get("cpu_seconds", float("nan")) for image in warm]),
             seconds_per_unet_call=per_call,
             decode_seconds=_median([image["decode_seconds"] for image in warm]),
             import_seconds=_median([run["import_seconds"] for run in runs]),
@@ -287,6 +290,7 @@ COLUMNS = (
     ("decoder", "{decoder}", 7),
     ("UNet calls", "{unet_calls}x b{unet_batch}", 10),
     ("s/image", "{seconds_per_image:.2f}", 8),
+    ("CPU s/image", "{cpu_seconds_per_image:.1f}", 11),
     ("s/UNet call", "{seconds_per_unet_call:.2f}", 11),
     ("decode s", "{decode_seconds:.2f}", 8),
     ("import s", "{import_seconds:.2f}", 8),

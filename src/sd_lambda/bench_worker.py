@@ -107,6 +107,11 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
     return one_image, info
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     variant = spec["variant"]
     if variant not in VARIANTS:
@@ -123,9 +128,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     loaded = time.perf_counter()
     images = []
     for _ in range(1 + spec["repeats"]):
-        image_started = time.perf_counter()
+        cpu_started, image_started = _cpu_seconds(), time.perf_counter()
         sample = one_image()
         sample["seconds"] = time.perf_counter() - image_started
+        # CPU time of this process: a contention check (wall time inflates when other work shares the CPUs).
+        sample["cpu_seconds"] = _cpu_seconds() - cpu_started
         images.append(sample)
     return {
         "variant": variant,

@@ -55,7 +55,7 @@ def test_quick_bench_end_to_end_under_avx2(
 def _sample(isa: str, variant: str, seconds: list[float], **extra: Any) -> dict[str, Any]:
     images = [
         {"seconds": s, "unet_seconds": s / 2, "unet_calls": 4, "unet_batch": 2, "decode_seconds": s / 4}
-        | {"text_encoder_calls": 1}
+        | {"text_encoder_calls": 1, "cpu_seconds": 2 * s}
         for s in seconds
     ]
     return {
@@ -94,6 +94,9 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
     assert naive["first_image_seconds"] == 99.0
     assert naive["seconds_per_unet_call"] == pytest.approx(11.0 / 2 / 4)
     assert naive["peak_gflops_per_second"] == pytest.approx(2 * 2.0 * 64)
+    assert naive["cpu_seconds_per_image"] == 22.0
+    # 4 calls x batch 2 x 1 GFLOP over each warm image's UNet seconds (5 and 6), median of the two
+    assert naive["unet_gflops_per_second"] == pytest.approx((8 / 5 + 8 / 6) / 2)
     assert naive["image_gflop"] == pytest.approx((4 * 2 * 10**9 + 4 * 10**9 + 10**7) / 1e9)
     assert summary["ratios"]["native"] == {"project_speedup": 11.0 / 4.5, "fast_speedup": 5.5}
     targets = summary["targets"]["native"]
@@ -110,7 +113,7 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
             "wall_seconds": 3.0,
         }
     )
-    assert "| native/fast | float32 | tiny | 4x b2 | 2.00 |" in table
+    assert "| native/fast | float32 | tiny | 4x b2 | 2.00 | 4.0 |" in table
 
 
 def test_avx2_cap_removes_avx512_and_bf16_flags() -> None:
