@@ -299,8 +299,12 @@ def test_seed_sends_the_exact_command_and_stops_the_seeder(aws: flow.AwsClients,
         'work="$(mktemp -d /tmp/sd-lambda-efs-sync.XXXXXXXX)"',
         "trap 'rm -rf \"$work\"' EXIT",
         'program="$work/efs-sync.pyz"',
-        f'aws s3 cp s3://weights/{key} "$program" --only-show-errors --region {REGION}',
-        f"echo '{program_sha256()}  '\"$program\" | sha256sum -c --quiet -",
+        f'aws s3 cp s3://weights/{key} "$program" --only-show-errors --region {REGION} || '
+        f"{{ echo 'error: cannot fetch the sync program s3://weights/{key} (the seeder role needs "
+        "s3:GetObject on it)' >&2; exit 1; }",
+        f"echo '{program_sha256()}  '\"$program\" | sha256sum -c --quiet - || "
+        f"{{ echo 'error: s3://weights/{key} is not the program this driver shipped (sha256 mismatch); "
+        "nothing ran' >&2; exit 1; }",
         'python3 "$program" ' + shlex.join(_expected_argv(staged)),
     ]
     assert len("\n".join(lines).encode()) < 2048

@@ -21,7 +21,8 @@ from botocore.stub import Stubber
 from sd_lambda.cli import main
 from sd_lambda.layout import ModelPaths, verify_release
 from sd_lambda.seeding import flow
-from sd_lambda.seeding.payload import program_key
+from sd_lambda.seeding.payload import program_bytes, program_key, program_sha256
+from sd_lambda.seeding.upload import SHA256_METADATA
 
 from .conftest import REGION, SeederProgram, make_model
 
@@ -183,3 +184,28 @@ def test_seed_and_rollback(
     assert "unet/part0.safetensors" in err
     assert paths.current_revision() == "r1"
     assert _state(agent.instance_id) in {"stopping", "stopped"}  # stopped on failure too
+
+
+def test_a_replaced_program_never_runs(
+    local_aws: tuple[LocalAgent, list[str]], seeder: SeederProgram, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone swapped the program in S3 for other bytes (same size, forged sha256 metadata, so the driver
+    does not upload it again): the command's sha256 check refuses it before python3 runs anything."""
+    agent, stack = local_aws
+    marker = seeder.mount / "forged-program-ran"
+    forged = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n#".encode()
+    forged = forged.ljust(len(program_bytes()), b"x")
+    key = program_key("models/")
+    boto3.client("s3", region_name=REGION).put_object(
+        Bucket=seeder.bucket, Key=key, Body=forged, Metadata={SHA256_METADATA: program_sha256()}
+    )
+    assert main(["rollback", "--name", NAME, "--revision", "r1", *stack]) == 1
+    err = capsys.readouterr().err
+    assert f"sync program s3://{seeder.bucket}/{key} (already there)" in err
+    assert (
+        f"error: the seeder's run Failed (exit 1): s3://{seeder.bucket}/{key} is not the program this driver "
+        "shipped (sha256 mismatch); nothing ran"
+    ) in err
+    assert len(agent.scripts) == 1
+    assert not marker.exists()
+    assert _state(agent.instance_id) in {"stopping", "stopped"}

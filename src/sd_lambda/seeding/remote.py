@@ -31,14 +31,20 @@ TAIL_LINES = 15
 def shell_script(program: ShippedProgram, argv: Sequence[str], region: str | None) -> list[str]:
     """POSIX sh lines that fetch the program, check its sha256, and run ``python3 program ARGV``."""
     fetch = ["aws", "s3", "cp", program.url, "--only-show-errors", *(["--region", region] if region else [])]
+
+    def fail(message: str) -> str:  # the driver reports the last ``error:`` line
+        return f"{{ echo {shlex.quote('error: ' + message)} >&2; exit 1; }}"
+
     return [
         "set -eu",
         # A private folder (0700): nothing else on the instance can swap the program after the check.
         'work="$(mktemp -d /tmp/sd-lambda-efs-sync.XXXXXXXX)"',
         "trap 'rm -rf \"$work\"' EXIT",
         'program="$work/efs-sync.pyz"',
-        f'{shlex.join(fetch[:4])} "$program" {shlex.join(fetch[4:])}',
-        f"echo '{program.sha256}  '\"$program\" | sha256sum -c --quiet -",
+        f'{shlex.join(fetch[:4])} "$program" {shlex.join(fetch[4:])} || '
+        + fail(f"cannot fetch the sync program {program.url} (the seeder role needs s3:GetObject on it)"),
+        f"echo '{program.sha256}  '\"$program\" | sha256sum -c --quiet - || "
+        + fail(f"{program.url} is not the program this driver shipped (sha256 mismatch); nothing ran"),
         'python3 "$program" ' + shlex.join(argv),
     ]
 
