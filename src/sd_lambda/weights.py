@@ -41,18 +41,26 @@ def _inside(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
     return index >= 0 and ranges[index][0] <= start and end <= ranges[index][1]
 
 
-def cast_releasing_pages(module: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Cast floating-point parameters and buffers to ``dtype``; returns the bytes of mapped pages dropped."""
+def cast_releasing_pages(module: torch.nn.Module, dtype: torch.dtype, channels_last: bool = False) -> int:
+    """Cast floating-point parameters and buffers to ``dtype`` (and 4-d ones to channels_last when asked),
+    in one copy per tensor; returns the bytes of mapped pages dropped."""
     ranges = file_mapped_ranges()
     libc = ctypes.CDLL(None, use_errno=True) if ranges else None
     page = mmap.PAGESIZE
     released = 0
     tensors = [*module.named_parameters(recurse=True), *module.named_buffers(recurse=True)]
     for _, tensor in tensors:
-        if not tensor.is_floating_point() or tensor.dtype == dtype:
+        if not tensor.is_floating_point():
+            continue
+        relayout = channels_last and tensor.dim() == 4
+        if relayout and not tensor.is_contiguous(memory_format=torch.channels_last):
+            new = tensor.data.to(dtype=dtype, memory_format=torch.channels_last)
+        elif tensor.dtype != dtype:
+            new = tensor.data.to(dtype)
+        else:
             continue
         old = tensor.data
-        tensor.data = old.to(dtype)
+        tensor.data = new
         if libc is None:
             continue
         start, end = old.data_ptr(), old.data_ptr() + old.nbytes

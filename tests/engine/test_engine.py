@@ -240,6 +240,13 @@ def test_dtype_follows_the_cpu_unless_overridden(monkeypatch: pytest.MonkeyPatch
         choose_dtype(Settings(dtype="fp8"), native)
 
 
+def test_decoders_are_channels_last_and_the_unet_is_not(engine: Engine) -> None:
+    channels_last = torch.channels_last
+    assert engine.pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=channels_last)
+    assert engine.tiny_decoder.decoder.layers[0].weight.is_contiguous(memory_format=channels_last)
+    assert engine.pipeline.unet.conv_in.weight.is_contiguous()
+
+
 def test_describe_reports_the_choices(engine: Engine) -> None:
     described = engine.describe()
     assert described["dtype"] == "float32"

@@ -48,3 +48,16 @@ def test_maps_parser_reads_only_the_matching_files(tmp_path: Path) -> None:
     )
     assert file_mapped_ranges(maps=maps) == [(0x7F0000000000, 0x7F0000100000)]
     assert file_mapped_ranges(maps=tmp_path / "missing") == []
+
+
+def test_channels_last_relayout_in_the_same_copy(tmp_path: Path) -> None:
+    conv = torch.nn.Conv2d(64, 128, 3)
+    path = tmp_path / "conv.safetensors"
+    save_file({k: v.contiguous() for k, v in conv.state_dict().items()}, path)
+    expected = conv.weight.detach().clone()
+    conv.load_state_dict(load_file(path), assign=True)
+    assert cast_releasing_pages(conv, torch.float32, channels_last=True) > 0
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.dtype == torch.float32
+    assert torch.equal(conv.weight, expected)
+    assert conv.bias.dim() == 1  # not 4-d: left as it was
