@@ -4,6 +4,10 @@ The function needs an image pinned by digest, and the image needs the ECR reposi
 ``apply`` breaks that loop in stages: a targeted apply of the repository, then the image (``--image-uri``
 or the digest ``make push-image`` leaves in ``.image-digest``), then the full apply with
 ``image_uri = <repo>@sha256:<digest>``, then a wait until Lambda reports the function Active.
+
+Without a new image, ``plan`` and ``apply`` keep the one the function runs (the ``image_uri`` output).
+A plan that would still delete or replace the live function (which also changes its URL) is refused
+unless ``--allow-function-delete`` is given.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,8 @@ REGISTRY_TARGETS: tuple[str, ...] = (
     "module.lambda.aws_ecr_lifecycle_policy.this",
     "module.lambda.aws_ecr_repository_policy.this",
 )
+# The live function: a plan that deletes (or replaces) it needs --allow-function-delete.
+FUNCTION_ADDRESS = "module.lambda.aws_lambda_function.this[0]"
 DEFAULT_DIGEST_FILE = Path(".image-digest")
 WAIT_POLL_SECONDS = 5
 DEFAULT_WAIT_SECONDS = 900
@@ -43,10 +50,14 @@ class Stack(Protocol):
     """What the driver needs from Terraform (:class:`~sd_lambda.stack_outputs.StackTerraform`)."""
 
     def init(self, backend_config: Path | None = None) -> None: ...
-    def plan(self, variables: Mapping[str, Any], var_files: Sequence[Path] = ()) -> None: ...
+    def plan(
+        self, variables: Mapping[str, Any], var_files: Sequence[Path] = (), out: Path | None = None
+    ) -> None: ...
+    def show_plan(self, plan_file: Path) -> dict[str, Any]: ...
     def apply(
         self, variables: Mapping[str, Any], var_files: Sequence[Path] = (), targets: Sequence[str] = ()
     ) -> None: ...
+    def apply_plan(self, plan_file: Path) -> None: ...
     def destroy(self, variables: Mapping[str, Any], var_files: Sequence[Path] = ()) -> None: ...
     def outputs(self) -> dict[str, Any]: ...
 
@@ -71,6 +82,8 @@ class DeployOptions:
     var_files: tuple[Path, ...] = ()
     variables: dict[str, str] = field(default_factory=dict)
     registry_targets: tuple[str, ...] = REGISTRY_TARGETS
+    function_address: str = FUNCTION_ADDRESS
+    allow_function_delete: bool = False
     wait_seconds: int = DEFAULT_WAIT_SECONDS
 
     @property
@@ -122,6 +135,30 @@ def read_digest(digest_file: Path) -> str:
     return match.group(0)
 
 
+def check_image_region(image: PinnedImage, stack_region: str | None) -> None:
+    """Lambda pulls images only from ECR in the function's own region."""
+    if stack_region and image.region != stack_region:
+        raise StackError(
+            f"image {image.uri} is in region {image.region} but the stack deploys to {stack_region}: "
+            "Lambda only runs images from ECR in its own region; push it to the stack's ecr_repository_url"
+        )
+
+
+def refuse_function_deletion(plan_document: Mapping[str, Any], options: DeployOptions) -> None:
+    """A clear error when the saved plan deletes or replaces the live function, unless allowed."""
+    if options.allow_function_delete:
+        return
+    for change in plan_document.get("resource_changes", []):
+        actions = change.get("change", {}).get("actions", [])
+        if change.get("address") == options.function_address and "delete" in actions:
+            verb = "replace" if "create" in actions else "delete"
+            raise StackError(
+                f"refusing to {verb} the live function ({options.function_address}); its function URL "
+                "would change. Pass an image (IMAGE_URI=, or push one), or allow it with "
+                "--allow-function-delete (ALLOW_FUNCTION_DELETE=1)"
+            )
+
+
 def verify_image(ecr: Any, image: PinnedImage) -> None:
     """Fail early, with the repository named, when the digest is not in the registry."""
     try:
@@ -171,18 +208,30 @@ def _repository_url(stack: Stack) -> str | None:
     return stack.outputs().get("ecr_repository_url")
 
 
-def _image_from_digest(stack: Stack, options: DeployOptions) -> str | None:
+def _image_from_digest(repository_url: str | None, options: DeployOptions) -> str | None:
     """``<repo>@<digest>`` when both the repository and a digest file exist, else None."""
-    repository_url = _repository_url(stack)
     if repository_url is None or not Path(options.digest_file).is_file():
         return None
     return f"{repository_url}@{read_digest(options.digest_file)}"
+
+
+def _stack_region(options: DeployOptions, outputs: Mapping[str, Any]) -> str | None:
+    return options.region or outputs.get("region")
+
+
+def _plan_checked(
+    stack: Stack, variables: Mapping[str, Any], options: DeployOptions, plan_file: Path
+) -> None:
+    """Save the plan to ``plan_file`` and refuse it if it deletes the live function."""
+    stack.plan(variables, options.var_files, out=plan_file)
+    refuse_function_deletion(stack.show_plan(plan_file), options)
 
 
 def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_client) -> dict[str, Any]:
     """Registry first, then the image, then everything, then wait until Active. Returns the outputs."""
     variables = options.terraform_variables
     stack.init(options.backend_config)
+    deployed = stack.outputs()  # before the targeted apply, which may leave unrelated outputs stale
 
     print("==> stage 1/3: the ECR repository (targeted apply)", flush=True)
     stack.apply(variables, options.var_files, targets=options.registry_targets)
@@ -191,15 +240,22 @@ def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_c
         raise StackError("the targeted apply left no ecr_repository_url output")
 
     image_uri = options.image_uri
-    if image_uri is None:
-        if options.push_command:
-            run_push_command(options.push_command, repository_url)
+    if image_uri is None and options.push_command:
+        run_push_command(options.push_command, repository_url)
         image_uri = f"{repository_url}@{read_digest(options.digest_file)}"
-    image = parse_pinned_image(image_uri)
+    if image_uri is None:
+        image_uri = _image_from_digest(repository_url, options) or deployed.get("image_uri")
+    if image_uri is None:
+        read_digest(options.digest_file)  # raises: how to get an image
+    image = parse_pinned_image(str(image_uri))
+    check_image_region(image, _stack_region(options, deployed))
     verify_image(clients("ecr", image.region), image)
 
     print(f"==> stage 2/3: the full stack with image_uri={image.uri}", flush=True)
-    stack.apply({**variables, "image_uri": image.uri}, options.var_files)
+    with tempfile.TemporaryDirectory(prefix="sd-lambda-plan-") as scratch:
+        plan_file = Path(scratch) / "stack.tfplan"
+        _plan_checked(stack, {**variables, "image_uri": image.uri}, options, plan_file)
+        stack.apply_plan(plan_file)
     outputs = stack.outputs()
     function_name = outputs.get("function_name")
     if not function_name:
@@ -213,18 +269,30 @@ def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_c
 
 
 def plan(options: DeployOptions, stack: Stack) -> str | None:
-    """Plan with the image that ``apply`` would deploy; without one, plan everything but the function."""
+    """Plan with the image that ``apply`` would deploy (IMAGE_URI, the pushed digest, or the deployed one).
+
+    Without any image it plans everything but the function, and refuses if that deletes a live one.
+    """
     stack.init(options.backend_config)
-    image_uri = options.image_uri or _image_from_digest(stack, options)
+    deployed = stack.outputs()
+    image_uri = (
+        options.image_uri
+        or _image_from_digest(deployed.get("ecr_repository_url"), options)
+        or deployed.get("image_uri")
+    )
     variables = options.terraform_variables
     if image_uri is not None:
-        variables["image_uri"] = parse_pinned_image(image_uri).uri
+        image = parse_pinned_image(image_uri)
+        check_image_region(image, _stack_region(options, deployed))
+        variables["image_uri"] = image.uri
     else:
         print(
-            "==> no image yet (no IMAGE_URI, no repository + .image-digest): planning without the function",
+            "==> no image yet (no IMAGE_URI, no repository + .image-digest, none deployed): "
+            "planning without the function",
             flush=True,
         )
-    stack.plan(variables, options.var_files)
+    with tempfile.TemporaryDirectory(prefix="sd-lambda-plan-") as scratch:
+        _plan_checked(stack, variables, options, Path(scratch) / "stack.tfplan")
     return image_uri
 
 
@@ -277,6 +345,7 @@ def _options(args: argparse.Namespace) -> DeployOptions:
         backend_config=args.backend_config or None,
         var_files=tuple(args.var_file),
         variables=dict(args.var),
+        allow_function_delete=getattr(args, "allow_function_delete", False),
         wait_seconds=getattr(args, "wait_seconds", DEFAULT_WAIT_SECONDS),
     )
 
@@ -320,6 +389,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for action in (apply_parser, plan_parser):
         action.add_argument("--image-uri", help="<repo>@sha256:<digest>; default: repo + --digest-file")
         action.add_argument("--digest-file", type=Path, default=DEFAULT_DIGEST_FILE, help="from push-image")
+        action.add_argument(
+            "--allow-function-delete",
+            action="store_true",
+            help="let the plan delete or replace the live function (its URL changes)",
+        )
     apply_parser.add_argument("--push-command", help="builds and pushes the image once the repository exists")
     apply_parser.add_argument(
         "--wait-seconds", type=int, default=DEFAULT_WAIT_SECONDS, help="bound on the wait for Active"

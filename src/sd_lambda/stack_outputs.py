@@ -96,8 +96,26 @@ class StackTerraform:
             options["backend_config"] = [str(Path(backend_config).resolve())]
         self._checked("init", input=False, **options)
 
-    def plan(self, variables: Mapping[str, Any], var_files: Sequence[Path] = ()) -> None:
-        self._checked("plan", input=False, **_variable_options(variables, var_files))
+    def plan(
+        self, variables: Mapping[str, Any], var_files: Sequence[Path] = (), out: Path | None = None
+    ) -> None:
+        """``terraform plan``; with ``out``, saved for :meth:`show_plan` and :meth:`apply_plan`."""
+        options = _variable_options(variables, var_files)
+        if out is not None:
+            options["out"] = str(Path(out).resolve())
+        self._checked("plan", input=False, **options)
+
+    def show_plan(self, plan_file: Path) -> dict[str, Any]:
+        """``terraform show -json <plan_file>``: the saved plan's resource changes, values, outputs."""
+        stdout = self._checked("show", str(Path(plan_file).resolve()), capture=True, json=IsFlagged)
+        try:
+            return json.loads(stdout)
+        except ValueError as exc:
+            raise StackError(f"terraform show -json {plan_file} did not print JSON") from exc
+
+    def apply_plan(self, plan_file: Path) -> None:
+        """``terraform apply <plan_file>``: exactly the changes that plan showed, nothing re-planned."""
+        self._checked("apply", str(Path(plan_file).resolve()), input=False)
 
     def apply(
         self, variables: Mapping[str, Any], var_files: Sequence[Path] = (), targets: Sequence[str] = ()

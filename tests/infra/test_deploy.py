@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:
 REGION = "us-east-1"
 REPOSITORY_URL = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda"
 FIXTURE_TARGETS = ("terraform_data.repository",)
+FIXTURE_FUNCTION = "terraform_data.function[0]"
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -56,11 +57,12 @@ def create_function_in_moto(image_uri: str, name: str = "sd-lambda") -> None:
 
 
 class FakeStack:
-    """Records Terraform calls; outputs come from what has been 'applied'."""
+    """Records Terraform calls; outputs come from what has been 'applied'; plans show ``planned_changes``."""
 
     def __init__(self, outputs_after_full_apply: dict[str, Any] | None = None) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.applied_outputs: dict[str, Any] = {}
+        self.planned_changes: list[dict[str, Any]] = []
         self.full_outputs = outputs_after_full_apply or {
             "ecr_repository_url": REPOSITORY_URL,
             "function_name": "sd-lambda",
@@ -71,8 +73,20 @@ class FakeStack:
     def init(self, backend_config: Path | None = None) -> None:
         self.calls.append(("init", {"backend_config": backend_config}))
 
-    def plan(self, variables: dict[str, Any], var_files: tuple[Path, ...] = ()) -> None:
+    def plan(
+        self, variables: dict[str, Any], var_files: tuple[Path, ...] = (), out: Path | None = None
+    ) -> None:
         self.calls.append(("plan", {"variables": dict(variables)}))
+        self.plan_file = out
+
+    def show_plan(self, plan_file: Path) -> dict[str, Any]:
+        assert plan_file == self.plan_file
+        return {"resource_changes": self.planned_changes}
+
+    def apply_plan(self, plan_file: Path) -> None:
+        assert plan_file == self.plan_file
+        self.calls.append(("apply_plan", {"variables": self.calls[-1][1]["variables"]}))
+        self.applied_outputs = dict(self.full_outputs)
 
     def apply(
         self, variables: dict[str, Any], var_files: tuple[Path, ...] = (), targets: tuple[str, ...] = ()
@@ -158,10 +172,10 @@ def test_apply_with_image_uri_skips_the_push_and_pins_that_image(aws: None) -> N
 
     deploy.apply(options, stack)
 
-    assert stack.names == ["init", "apply", "apply"]
+    assert stack.names == ["init", "apply", "plan", "apply_plan"]
     assert stack.calls[1][1]["targets"] == deploy.REGISTRY_TARGETS
     assert "image_uri" not in stack.calls[1][1]["variables"]
-    assert stack.calls[2][1] == {"variables": {"image_uri": f"{REPOSITORY_URL}@{digest}"}, "targets": ()}
+    assert stack.calls[3][1] == {"variables": {"image_uri": f"{REPOSITORY_URL}@{digest}"}}
 
 
 @pytest.mark.parametrize(
@@ -179,7 +193,7 @@ def test_apply_refuses_unpinned_images_before_the_full_apply(image_uri: str) -> 
     with pytest.raises(StackError, match="not an ECR image pinned by digest"):
         deploy.apply(DeployOptions(image_uri=image_uri), stack)
 
-    assert [c for c in stack.calls if c[0] == "apply" and not c[1]["targets"]] == []
+    assert "apply_plan" not in stack.names
 
 
 def test_apply_refuses_a_digest_the_registry_does_not_have(aws: None, tmp_path: Path) -> None:
@@ -268,6 +282,7 @@ def test_plan_without_an_image_plans_everything_but_the_function(tmp_path: Path)
 
     assert deploy.plan(DeployOptions(region="eu-west-1", digest_file=tmp_path / "none"), stack) is None
     assert stack.calls[-1] == ("plan", {"variables": {"region": "eu-west-1"}})
+    assert "apply_plan" not in stack.names
 
 
 def test_plan_uses_the_pushed_digest_once_the_registry_exists(tmp_path: Path) -> None:
@@ -329,3 +344,131 @@ def test_cli_rejects_a_tagged_image_with_one_line(
 
     assert code == 1
     assert "tags like :latest are refused" in capfd.readouterr().err.splitlines()[-1]
+
+
+################################################################################
+# Keeping the live function: the deployed image is reused, deleting it needs a flag
+################################################################################
+
+DEPLOYED = {
+    "ecr_repository_url": REPOSITORY_URL,
+    "function_name": "sd-lambda",
+    "image_uri": f"{REPOSITORY_URL}@{DIGEST}",
+    "region": REGION,
+}
+DELETE_FUNCTION = {"address": deploy.FUNCTION_ADDRESS, "change": {"actions": ["delete"]}}
+
+
+def test_plan_without_a_new_image_keeps_the_deployed_one(tmp_path: Path) -> None:
+    stack = FakeStack()
+    stack.applied_outputs = dict(DEPLOYED)
+
+    image_uri = deploy.plan(DeployOptions(digest_file=tmp_path / "none"), stack)
+
+    assert image_uri == f"{REPOSITORY_URL}@{DIGEST}"
+    assert stack.calls[-1] == ("plan", {"variables": {"image_uri": f"{REPOSITORY_URL}@{DIGEST}"}})
+
+
+def test_apply_without_a_new_image_redeploys_the_deployed_one(aws: None, tmp_path: Path) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    stack = FakeStack({**DEPLOYED, "image_uri": f"{REPOSITORY_URL}@{digest}"})
+    stack.applied_outputs = {**DEPLOYED, "image_uri": f"{REPOSITORY_URL}@{digest}"}
+
+    deploy.apply(DeployOptions(digest_file=tmp_path / "none", wait_seconds=10), stack)
+
+    assert stack.names == ["init", "apply", "plan", "apply_plan"]
+    assert stack.calls[-1][1]["variables"] == {"image_uri": f"{REPOSITORY_URL}@{digest}"}
+
+
+@pytest.mark.parametrize(("actions", "verb"), [(["delete"], "delete"), (["delete", "create"], "replace")])
+def test_plan_that_deletes_the_live_function_is_refused_unless_allowed(
+    tmp_path: Path, actions: list[str], verb: str
+) -> None:
+    stack = FakeStack()
+    stack.planned_changes = [{"address": deploy.FUNCTION_ADDRESS, "change": {"actions": actions}}]
+
+    with pytest.raises(StackError) as refused:
+        deploy.plan(DeployOptions(digest_file=tmp_path / "none"), stack)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"refusing to {verb} the live function (module.lambda.aws_lambda_function")
+    assert "--allow-function-delete (ALLOW_FUNCTION_DELETE=1)" in message
+    deploy.plan(DeployOptions(digest_file=tmp_path / "none", allow_function_delete=True), stack)
+
+
+def test_apply_never_applies_a_plan_that_deletes_the_live_function(aws: None) -> None:
+    digest = push_image_to_moto()
+    stack = FakeStack()
+    stack.planned_changes = [
+        {"address": "module.lambda.aws_lambda_function_url.this[0]", "change": {"actions": ["update"]}},
+        {"address": deploy.FUNCTION_ADDRESS, "change": {"actions": ["create", "delete"]}},
+    ]
+
+    with pytest.raises(StackError, match="refusing to replace the live function"):
+        deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}"), stack)
+
+    assert stack.names == ["init", "apply", "plan"]  # planned, never applied
+
+
+def test_image_from_another_region_than_the_stack_is_refused(tmp_path: Path) -> None:
+    stack = FakeStack()
+    stack.applied_outputs = dict(DEPLOYED)  # region us-east-1
+    elsewhere = f"123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd-lambda@{DIGEST}"
+
+    with pytest.raises(StackError, match=r"is in region eu-west-1 but the stack deploys to us-east-1"):
+        deploy.plan(DeployOptions(image_uri=elsewhere), stack)
+    with pytest.raises(StackError, match=r"is in region eu-west-1 but the stack deploys to ap-south-1"):
+        deploy.apply(DeployOptions(image_uri=elsewhere, region="ap-south-1"), stack)
+    assert "plan" not in stack.names
+
+
+def test_real_plan_without_an_image_keeps_the_function_of_the_fixture_stack(
+    terraform_on_path: Path, deploy_stack: Path, aws: None
+) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    deploy.apply(
+        DeployOptions(infra_dir=deploy_stack, image_uri=f"{REPOSITORY_URL}@{digest}", **_fixture()),
+        StackTerraform(deploy_stack),
+    )
+
+    image_uri = deploy.plan(
+        DeployOptions(infra_dir=deploy_stack, digest_file=deploy_stack / "none", **_fixture()),
+        StackTerraform(deploy_stack),
+    )
+
+    assert image_uri == f"{REPOSITORY_URL}@{digest}"  # planned with it: the function stays
+
+
+def test_real_plan_that_would_delete_the_function_is_refused_with_one_line(
+    terraform_on_path: Path, deploy_stack: Path, aws: None, capfd: pytest.CaptureFixture
+) -> None:
+    # A stack applied before it had the image_uri output: nothing tells the driver which image runs.
+    main_tf = deploy_stack / "main.tf"
+    text = main_tf.read_text()
+    start = text.index('output "image_uri" {')
+    main_tf.write_text(text[:start] + text[text.index("}", start) + 1 :])
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    deploy.apply(
+        DeployOptions(infra_dir=deploy_stack, image_uri=f"{REPOSITORY_URL}@{digest}", **_fixture()),
+        StackTerraform(deploy_stack),
+    )
+    capfd.readouterr()
+    options = DeployOptions(infra_dir=deploy_stack, digest_file=deploy_stack / "none", **_fixture())
+
+    with pytest.raises(StackError) as refused:
+        deploy.plan(options, StackTerraform(deploy_stack))
+
+    assert str(refused.value).startswith("refusing to delete the live function (terraform_data.function[0])")
+    allowed = DeployOptions(
+        infra_dir=deploy_stack, digest_file=deploy_stack / "none", allow_function_delete=True, **_fixture()
+    )
+    assert deploy.plan(allowed, StackTerraform(deploy_stack)) is None
+    assert StackTerraform(deploy_stack).outputs()["deployed_image_uri"] == f"{REPOSITORY_URL}@{digest}"
+
+
+def _fixture() -> dict[str, Any]:
+    return {"registry_targets": FIXTURE_TARGETS, "function_address": FIXTURE_FUNCTION}

@@ -47,3 +47,10 @@ def test_destroy_confirms_unless_confirm_is_1(confirm: str | None, expect_yes: b
     line = dry_run("destroy", *([confirm] if confirm else []))
     assert line.startswith(".venv/bin/sd-lambda deploy destroy")
     assert line.endswith("--yes") is expect_yes
+
+
+@pytest.mark.parametrize("target", ["plan", "apply"])
+def test_allow_function_delete_is_passed_only_when_1(target: str) -> None:
+    assert dry_run(target, "ALLOW_FUNCTION_DELETE=1").endswith("--allow-function-delete")
+    assert "--allow-function-delete" not in dry_run(target)
+    assert "--allow-function-delete" not in dry_run(target, "ALLOW_FUNCTION_DELETE=0")
