@@ -114,7 +114,8 @@ invoke: $(INSTALL_STAMP) ## Generate one image through the function URL (SigV4):
 
 # ---- deploying the stack (real AWS; needs `terraform` >= 1.6 on PATH) -----------------------------------
 # REGION (also AWS_REGION for terraform), TFVARS (var files), IMAGE_URI (<repo>@sha256:..., skips the
-# build+push), BACKEND_CONFIG (S3 backend settings file; local state without it), CONFIRM=1 (destroy).
+# build+push), BACKEND_CONFIG (S3 backend settings file; local state without it), CONFIRM=1 (destroy),
+# ALLOW_FUNCTION_DELETE=1 (let plan/apply delete or replace the live function).
 # Run by `apply` once the repository exists (not $(MAKE): `make -n apply` must not deploy anything).
 PUSH_COMMAND ?= make --no-print-directory build-image push-image
 DEPLOY_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
@@ -123,11 +124,13 @@ DEPLOY_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
 .PHONY: plan apply destroy docs-tf
 
 plan: $(INSTALL_STAMP) ## terraform plan infra/ with the image apply would deploy (REGION= TFVARS= IMAGE_URI= BACKEND_CONFIG=)
-	$(BIN)/sd-lambda deploy plan $(DEPLOY_ARGS) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)")
+	$(BIN)/sd-lambda deploy plan $(DEPLOY_ARGS) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)") \
+		$(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-delete)
 
 apply: $(INSTALL_STAMP) ## Deploy: ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
 	$(BIN)/sd-lambda deploy apply $(DEPLOY_ARGS) \
-		$(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--push-command "$(PUSH_COMMAND)")
+		$(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--push-command "$(PUSH_COMMAND)") \
+		$(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-delete)
 
 destroy: $(INSTALL_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
 	$(BIN)/sd-lambda deploy destroy $(DEPLOY_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
