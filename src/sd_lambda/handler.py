@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 
 from sd_lambda.predictor import Predictor
 from sd_lambda.service import Service
@@ -26,6 +27,8 @@ from sd_lambda.settings import Settings
 
 SETTINGS = Settings.from_env()
 logger = Logger(service="sd-lambda")
+# The package's own stdlib loggers (the engine's load-time choices) write the same JSON lines.
+copy_config_to_registered_loggers(source_logger=logger, include={"sd_lambda"})
 PREDICTOR = Predictor(SETTINGS)
 SERVICE = Service(SETTINGS, PREDICTOR, logger)
 

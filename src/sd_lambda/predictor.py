@@ -89,6 +89,7 @@ class Predictor:
             return Warm(self._engine, 0.0)
         started = time.perf_counter()
         release = self.resolve()
+        _quiet_progress_bars()
         try:
             engine = self._loader(release.folder, self.settings)
         except (LayoutError, OSError, ValueError, SafetensorError) as exc:
@@ -139,6 +140,17 @@ class Predictor:
             "dtype": self.settings.dtype,
             "threads": torch.get_num_threads(),
         }
+
+
+def _quiet_progress_bars() -> None:
+    """The function's log is JSON lines: no tqdm bars from diffusers' or transformers' loading."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _brief(exc: BaseException, limit: int = 300) -> str:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from conftest import TEST_MODEL_NAME, TEST_REVISION, seed_release
 from PIL import Image
 
 from sd_lambda.local.frontdoor import FrontDoor
+from sd_lambda.local.httpio import fetch
 from sd_lambda.local.launcher import LocalLambda
 
 from .conftest import url_event
@@ -29,15 +29,25 @@ WAIT = 300  # an upper bound for a request on a busy two-core machine, never a p
 INJECTED = "raise an injected failure"
 # Test-only: the function's interpreter imports this at start-up because it is on PYTHONPATH, so the
 # failure is injected into the real process without any hook in production code.
+BLOCKING = "wait for the test to release me"
+# For BLOCKING, generate touches `entered` and then opens the FIFO `release` for reading, which blocks
+# until the test opens it for writing: the test decides when the invocation ends, no timing involved.
 SITECUSTOMIZE = f"""
+import pathlib
+
 import sd_lambda.engine as engine
 
 _generate = engine.Engine.generate
+_hooks = pathlib.Path(__file__).parent
 
 
 def generate(self, params):
     if params.prompt == {INJECTED!r}:
         raise RuntimeError("injected failure in generate")
+    if params.prompt == {BLOCKING!r}:
+        (_hooks / "entered").touch()
+        with open(_hooks / "release") as fifo:
+            fifo.read()
     return _generate(self, params)
 
 
@@ -48,18 +58,13 @@ engine.Engine.generate = generate
 def http(
     method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, dict, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+    return fetch(method, url, json.dumps(body).encode() if body is not None else None, headers, WAIT)
 
 
 class Served:
     def __init__(self, environment: LocalLambda, door: FrontDoor, log_path: Path) -> None:
         self.environment, self.door, self.log_path = environment, door, log_path
+        self.hooks = log_path.parent
 
     def health(self) -> dict[str, Any]:
         status, _, body = http("GET", f"{self.door.url}/health")
@@ -71,6 +76,7 @@ class Served:
 def served(module_model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     hooks = tmp_path_factory.mktemp("hooks")
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    os.mkfifo(hooks / "release")
     log_path = hooks / "lambda.log"
     env = {"MODEL_ROOT": str(module_model_root), "MODEL_NAME": TEST_MODEL_NAME, "PYTHONPATH": str(hooks)}
     with (
@@ -165,6 +171,53 @@ def test_eight_concurrent_requests_all_get_valid_images(served: Served) -> None:
         assert headers["x-seed"] == str(seed)
         assert png(data).size == (64, 64)
     assert served.health()["loads"] == 1
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds, for at most WAIT seconds."""
+    pause = threading.Event()
+    for _ in range(WAIT * 20):
+        if condition():
+            return
+        pause.wait(0.05)
+    raise AssertionError("condition not reached")
+
+
+def test_a_full_queue_answers_429_through_the_real_entrypoint(served: Served) -> None:
+    answers: dict[str, tuple[int, dict, bytes]] = {}
+
+    def send(name: str, prompt: str) -> None:
+        answers[name] = http("POST", f"{door.url}/", {"prompt": prompt, "num_inference_steps": 1})
+
+    with FrontDoor(served.environment.invoke, queue_size=1) as door:
+        busy = threading.Thread(target=send, args=("busy", BLOCKING))
+        busy.start()
+        wait_until((served.hooks / "entered").exists)  # the function is inside generate
+        queued = threading.Thread(target=send, args=("queued", "a fox"))
+        queued.start()
+        wait_until(lambda: door.waiting == 1)  # the second request waits in the queue
+        status, headers, body = http("POST", f"{door.url}/", {"prompt": "one too many"})
+        assert status == 429
+        assert int(headers["retry-after"]) >= 1
+        assert json.loads(body)["error"]["code"] == "queue_full"
+        with open(served.hooks / "release", "w") as fifo:  # let the function finish
+            fifo.write("go")
+        (served.hooks / "entered").unlink()
+        busy.join(WAIT)
+        queued.join(WAIT)
+    assert answers["busy"][0] == answers["queued"][0] == 200
+    png(answers["busy"][2])
+    png(answers["queued"][2])
+    assert served.environment.starts == 1
+
+
+def test_cold_start_log_has_no_progress_bars_and_engine_lines_are_json(served: Served) -> None:
+    assert served.health()["loaded"]
+    text = served.log_path.read_text()
+    assert "Loading pipeline components" not in text
+    assert "it/s]" not in text
+    logged = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert any(line["message"].startswith("engine threads=") for line in logged)
 
 
 def test_health_through_the_front_door(served: Served) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
+import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 
 from sd_lambda.local.frontdoor import FrontDoor, HttpResult, function_url_event
+from sd_lambda.local.httpio import fetch
+from sd_lambda.local.launcher import LocalLambda
 from sd_lambda.local.runtime import MAX_RESPONSE_BYTES, PREFIX, InvocationResult, RuntimeAPI
 
 WAIT = 30  # seconds; an upper bound for things that happen at once, never a pace
@@ -210,12 +213,7 @@ def test_results_map_back_to_http_like_a_function_url() -> None:
 
 
 def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    return fetch("POST", url, body, headers, timeout=WAIT)
 
 
 class BlockingInvoke:
@@ -279,3 +277,83 @@ def test_front_door_refuses_oversized_bodies_before_invoking() -> None:
 def test_front_door_rejects_a_zero_queue() -> None:
     with pytest.raises(ValueError, match="queue_size"):
         FrontDoor(BlockingInvoke(), queue_size=0)
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` bytes as they are (malformed on purpose) and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def test_front_door_answers_a_non_numeric_content_length_with_400() -> None:
+    invoke = BlockingInvoke()
+    invoke.release.set()
+    with FrontDoor(invoke) as door:
+        reply = raw_exchange(door.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n{}")
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert b"Content-Length 'ten' is not a byte count" in reply
+    assert invoke.events == []
+
+
+def test_front_door_reads_chunked_bodies_and_limits_them() -> None:
+    invoke = BlockingInvoke()
+    invoke.release.set()
+    with FrontDoor(invoke, max_request_bytes=1000) as door:
+        connection = HTTPConnection("127.0.0.1", door.port, timeout=WAIT)
+        connection.request(
+            "POST",
+            "/",
+            body=iter([b'{"prompt":', b' "a fox"}']),
+            headers={"content-type": "application/json"},
+            encode_chunked=True,
+        )
+        assert connection.getresponse().read() == b"done"
+        connection.close()
+        too_big = raw_exchange(
+            door.port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n" + b"x" * 2000,
+        )
+    assert too_big.startswith(b"HTTP/1.1 413")
+    assert json.loads(invoke.events[0]["body"]) == {"prompt": "a fox"}
+    assert len(invoke.events) == 1
+
+
+def test_runtime_api_reads_chunked_responses(api: RuntimeAPI) -> None:
+    invoker = Invoker(api)
+    _, headers, _ = call(api, "GET", f"{PREFIX}/invocation/next")
+    connection = HTTPConnection(api.address, timeout=WAIT)
+    path = f"{PREFIX}/invocation/{headers['Lambda-Runtime-Aws-Request-Id']}/response"
+    connection.request("POST", path, body=iter([b'{"a":', b" 1}"]), encode_chunked=True)
+    assert connection.getresponse().status == 202
+    connection.close()
+    assert invoker.wait().payload == b'{"a": 1}'
+
+
+def test_the_function_inherits_only_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    leaked = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "token",
+        "AWS_PROFILE": "admin",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://169.254.170.2/creds",
+        "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/token",
+        "GITHUB_TOKEN": "ghp_example",
+    }
+    for name, value in {**leaked, "SD_DTYPE": "float32", "HF_HOME": "/tmp/hf", "LANG": "C.UTF-8"}.items():
+        monkeypatch.setenv(name, value)
+    with LocalLambda({"MODEL_NAME": "m"}, command=[sys.executable, "-c", "pass"]) as environment:
+        env = environment.environment()
+    assert not set(leaked) & set(env)
+    assert (env["SD_DTYPE"], env["HF_HOME"], env["LANG"], env["MODEL_NAME"]) == (
+        "float32",
+        "/tmp/hf",
+        "C.UTF-8",
+        "m",
+    )
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["AWS_LAMBDA_RUNTIME_API"] == environment.runtime.address
+    assert env["_HANDLER"] == "sd_lambda.handler.handler"

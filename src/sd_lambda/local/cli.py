@@ -8,13 +8,12 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from sd_lambda.layout import ModelPaths
 from sd_lambda.local.frontdoor import FrontDoor
+from sd_lambda.local.httpio import fetch
 from sd_lambda.local.launcher import LocalLambda
 from sd_lambda.local.models import ModelDirError, as_efs_layout, ensure_demo_model
 
@@ -103,16 +102,6 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    request.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=3600) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from sd_lambda.cli import CommandError
 
@@ -129,7 +118,9 @@ def run_demo(args: argparse.Namespace) -> int:
     with environment, _front_door(environment, 0, 1) as door:
         for label in ("cold", "warm"):
             started = time.perf_counter()
-            status, headers, data = _post(f"{door.url}/", body)
+            status, headers, data = fetch(
+                "POST", f"{door.url}/", json.dumps(body).encode(), {"content-type": "application/json"}, 3600
+            )
             seconds = time.perf_counter() - started
             if status != 200:
                 raise CommandError(

@@ -21,10 +21,11 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from sd_lambda.local.httpio import BodyError, LocalHandler, LocalServer
 from sd_lambda.local.runtime import InvocationResult
 
 # A function URL refuses request payloads over 6 MB before the function runs.
@@ -148,8 +149,7 @@ class FrontDoor:
             maxsize=queue_size
         )
         self._seconds_per_invocation = 1.0
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_class(self))
-        self._server.daemon_threads = True
+        self._server = LocalServer(("127.0.0.1", port), _handler_class(self))
         self._threads: list[threading.Thread] = []
 
     @property
@@ -242,31 +242,23 @@ class FrontDoor:
 
 
 def _handler_class(door: FrontDoor) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out as separate writes: without TCP_NODELAY, Nagle + delayed ACK adds ~40 ms.
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.info("front door: " + format, *args)
+    class Handler(LocalHandler):
+        log_name = "front door"
+        log_level = logging.INFO
 
         def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > door.max_request_bytes:
-                result = HttpResult.json(
-                    413, {"Message": f"Request must be smaller than {door.max_request_bytes} bytes"}
+            try:
+                body = self.read_body(door.max_request_bytes)
+            except BodyError as error:
+                message = (
+                    f"Request must be smaller than {door.max_request_bytes} bytes"
+                    if error.status == 413
+                    else error.message
                 )
-                self.close_connection = True  # the unread body must not be parsed as the next request
+                result = HttpResult.json(error.status, {"Message": message})
             else:
-                body = self.rfile.read(length) if length else b""
                 result = door.handle(self.command, self.path, list(self.headers.items()), body)
-            self.send_response(result.status)
-            for name, value in result.headers:
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(result.body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(result.body)
+            self.send(result.status, result.headers, result.body)
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve
 

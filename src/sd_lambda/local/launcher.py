@@ -5,7 +5,8 @@
 Lambda sets, exactly the command the container image runs. ``python`` is a parameter so the same
 environment can run from another virtualenv (the image's). When the process exits (a crash, an init
 error, or a timeout, after which Lambda discards an environment) the next ``invoke`` starts a fresh one:
-a new cold start, as on AWS. Operator AWS credentials are not passed to the function.
+a new cold start, as on AWS. The process inherits only ``INHERITED`` and the function's settings
+from the caller's environment: never the operator's AWS credentials.
 """
 
 from __future__ import annotations
@@ -20,10 +21,31 @@ from pathlib import Path
 from typing import IO, Any
 
 from sd_lambda.local.runtime import InvocationResult, RuntimeAPI
+from sd_lambda.settings import documented_variables
 
 ENTRYPOINT = "sd_lambda.handler.handler"
-# Never hand the operator's credentials to code that, on AWS, runs with its own execution role.
-_WITHHELD = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+# What the function's process inherits from the operator's environment: what the interpreter,
+# awslambdaric and the libraries need to run, plus the function's own settings. Everything else (AWS
+# credentials and profiles, container credential URIs, tokens of any other tool) stays behind, as
+# on AWS, where the function runs with only its execution role.
+INHERITED = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "TZ",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "LD_LIBRARY_PATH",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "AWS_REGION",
+    }
+)
 
 
 class LocalLambda:
@@ -53,7 +75,8 @@ class LocalLambda:
         self._lock = threading.Lock()
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _WITHHELD}
+        settings = {name for name, _, _ in documented_variables()}
+        env = {k: v for k, v in os.environ.items() if k in INHERITED or k in settings}
         env.update(
             {
                 "AWS_LAMBDA_RUNTIME_API": self.runtime.address,

@@ -25,8 +25,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from sd_lambda.local.httpio import BodyError, LocalHandler, LocalServer
 
 PREFIX = "/2018-06-01/runtime"
 # Lambda's limit for a synchronous response, as its Runtime API enforces it.
@@ -93,8 +95,7 @@ class RuntimeAPI:
         self._closing = False
         self.init_error: dict[str, Any] | None = None
         self._exit_status: object = _ALIVE
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_class(self))
-        self._server.daemon_threads = True
+        self._server = LocalServer(("127.0.0.1", port), _handler_class(self))
         self._thread: threading.Thread | None = None
 
     @property
@@ -235,36 +236,17 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 def _handler_class(api: RuntimeAPI) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        # HTTP/1.1 keep-alive: the runtime client (libcurl) reuses one connection.
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out as separate writes: without TCP_NODELAY, Nagle + delayed ACK adds ~40 ms.
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("runtime api: " + format, *args)
+    class Handler(LocalHandler):
+        log_name = "runtime api"
 
         def _send(
             self, status: HTTPStatus, body: dict[str, Any], headers: dict[str, str] | None = None
         ) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-                self.rfile.readline()
-                return b"".join(chunks)
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send(
+                status,
+                [*(headers or {}).items(), ("Content-Type", "application/json")],
+                json.dumps(body).encode(),
+            )
 
         def do_GET(self) -> None:
             if self.path != f"{PREFIX}/invocation/next":
@@ -286,7 +268,13 @@ def _handler_class(api: RuntimeAPI) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(invocation.payload)
 
         def do_POST(self) -> None:
-            body = self._body()
+            try:
+                body = self.read_body()
+            except BodyError as error:
+                self._send(
+                    HTTPStatus(error.status), {"errorMessage": error.message, "errorType": "InvalidBody"}
+                )
+                return
             error_type = self.headers.get("Lambda-Runtime-Function-Error-Type")
             if self.path == f"{PREFIX}/init/error":
                 api._init_error(body, error_type)
