@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "image" / "requirements.txt"
+TORCH_LOCK = ROOT / "image" / "requirements-torch.txt"
 # python:3.11-slim-bookworm, uncompressed (linux/amd64): about 125 MB on Docker Hub's listing; counted
 # generously here because no Docker engine is available to measure it.
 BASE_IMAGE_ESTIMATE_BYTES = 160_000_000
@@ -57,7 +58,9 @@ def image_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run([sys.executable, "-m", "venv", str(venv)], env=env)
     python = venv / "bin" / "python"
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-deps"]
-    _run([*pip, "--only-binary=:all:", "-r", str(LOCK)], env=env)
+    # As the Dockerfile: torch in its own step, then PyPI; every file checked against the locks' hashes.
+    _run([*pip, "--require-hashes", "--only-binary=:all:", "-r", str(TORCH_LOCK)], env=env)
+    _run([*pip, "--require-hashes", "--only-binary=:all:", "-r", str(LOCK)], env=env)
     wheel_dir = tmp_path_factory.mktemp("image-wheel")
     # Build from a copy of exactly what .dockerignore lets into the build context.
     context = tmp_path_factory.mktemp("image-context")
@@ -76,7 +79,9 @@ def image_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_venv_holds_exactly_the_lock_and_the_package(image_python: Path) -> None:
     listed = _run([str(image_python), "-m", "pip", "list", "--format=json"], env=_isolated_env()).stdout
     installed = {item["name"].lower().replace("_", "-"): item["version"] for item in json.loads(listed)}
-    expected = {entry.name: entry.version for entry in parse(LOCK.read_text())}
+    expected = {
+        entry.name: entry.version for entry in [*parse(LOCK.read_text()), *parse(TORCH_LOCK.read_text())]
+    }
     assert installed.pop("sd-lambda") == "0.1.0"
     installed.pop("pip")
     assert installed == expected
@@ -94,7 +99,8 @@ def test_lock_provenance_matches_the_installed_metadata(image_python: Path) -> N
         "{c(d.metadata['Name']): d.requires or [] for d in m.distributions()}}))\n"
     )
     report = json.loads(_run([str(image_python), "-c", script], env=_isolated_env()).stdout)
-    assert unsupported_via(parse(LOCK.read_text()), report["requires"], report["env"]) == []
+    locked = [*parse(LOCK.read_text()), *parse(TORCH_LOCK.read_text())]
+    assert unsupported_via(locked, report["requires"], report["env"]) == []
 
 
 def test_runtime_code_imports_only_what_the_image_installs(image_python: Path, tmp_path: Path) -> None:

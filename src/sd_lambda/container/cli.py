@@ -11,24 +11,35 @@ if TYPE_CHECKING:
 
 DEFAULT_PYPROJECT = Path("pyproject.toml")
 DEFAULT_LOCK = Path("image/requirements.txt")
+DEFAULT_TORCH_LOCK = Path("image/requirements-torch.txt")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "requirements",
-        help="regenerate (or --check) image/requirements.txt from pyproject's base dependencies",
-        description="Resolve pyproject's base dependencies with pip and write the image's pinned lock.",
+        help="regenerate (or --check) the image's hash-pinned locks from pyproject's base dependencies",
+        description="Resolve pyproject's base dependencies with `uv pip compile --generate-hashes` and write "
+        "image/requirements.txt (PyPI) and image/requirements-torch.txt (the CPU build of torch).",
     )
     parser.add_argument("--pyproject", type=Path, default=DEFAULT_PYPROJECT)
     parser.add_argument("--output", type=Path, default=DEFAULT_LOCK)
+    parser.add_argument("--torch-output", type=Path, default=DEFAULT_TORCH_LOCK)
     parser.add_argument(
-        "--check", action="store_true", help="only verify the existing lock against pyproject (offline)"
+        "--check", action="store_true", help="only verify the existing locks against pyproject (offline)"
     )
     parser.add_argument(
         "--torch-index-url",
         action="append",
         default=[],
-        help="extra index to resolve the CPU torch build from (e.g. https://download.pytorch.org/whl/cpu)",
+        help="index to resolve the CPU torch build from (default, unless --find-links: "
+        "https://download.pytorch.org/whl/cpu)",
+    )
+    parser.add_argument(
+        "--find-links",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder holding the CPU torch wheel, for machines that cannot reach PyTorch's index",
     )
     parser.set_defaults(func=run_requirements)
     register_image_commands(subparsers)
@@ -43,22 +54,31 @@ def run_requirements(args: argparse.Namespace) -> int:
     dependencies = requirements.ProjectDependencies.from_pyproject(args.pyproject)
     try:
         if args.check:
-            if not args.output.is_file():
-                raise CommandError(f"{args.output} not found: run `make requirements`")
-            problems = requirements.check(requirements.parse(args.output.read_text()), dependencies)
+            missing = [str(path) for path in (args.output, args.torch_output) if not path.is_file()]
+            if missing:
+                raise CommandError(f"{', '.join(missing)} not found: run `make requirements`")
+            pypi = requirements.parse(args.output.read_text())
+            torch = requirements.parse(args.torch_output.read_text())
+            problems = requirements.check([*pypi, *torch], dependencies)
+            problems += requirements.check_split(pypi, torch)
             if problems:
-                raise CommandError(f"{args.output} is out of date: {'; '.join(problems)}")
-            print(f"{args.output} matches {args.pyproject}")
+                raise CommandError(f"the image locks are out of date: {'; '.join(problems)}")
+            print(f"{args.output} and {args.torch_output} match {args.pyproject}")
             return 0
-        entries, environment = requirements.resolve(dependencies.base, extra_index_urls=args.torch_index_url)
+        index_urls = args.torch_index_url or ([] if args.find_links else [requirements.DEFAULT_TORCH_INDEX])
+        entries = requirements.resolve(
+            dependencies.base, extra_index_urls=index_urls, find_links=args.find_links
+        )
     except requirements.RequirementsError as exc:
         raise CommandError(str(exc)) from exc
     problems = requirements.check(entries, dependencies)
     if problems:
         raise CommandError(f"the resolution does not satisfy pyproject: {'; '.join(problems)}")
+    pypi, torch = requirements.split(entries)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(requirements.render(entries, environment))
-    print(f"wrote {len(entries)} pinned packages to {args.output}")
+    args.output.write_text(requirements.render(pypi))
+    args.torch_output.write_text(requirements.render(torch, requirements.TORCH_HEADER))
+    print(f"wrote {len(pypi)} hash-pinned packages to {args.output} and torch to {args.torch_output}")
     return 0
 
 
