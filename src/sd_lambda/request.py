@@ -371,11 +371,12 @@ def model_default_problems(model_defaults: ModelDefaults, settings: Settings) ->
             parse_request({"prompt": "x", name: value}, settings)
         except ApiError as error:
             problems[name] = error.message
-    if not problems:  # each fits alone; together they may not (the pixel budget)
+    size = {name: from_model[name] for name in ("width", "height") if name in from_model}
+    if len(size) == 2 and not problems.keys() & size.keys():  # each fits alone; together (the budget)?
         try:
-            parse_request({"prompt": "x", **from_model}, settings)
+            parse_request({"prompt": "x", **size}, settings)
         except ApiError as error:
-            problems.update({name: error.message for name in ("width", "height")})
+            problems.update({name: error.message for name in size})
     return problems
 
 

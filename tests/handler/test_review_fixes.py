@@ -161,3 +161,14 @@ def test_two_requests_never_generate_at_the_same_time(settings: Settings) -> Non
 )
 def test_accept_header_q_values(accept: str, expected: bool) -> None:
     assert wants_json(HttpRequest("POST", "/", {"accept": accept}, b"")) is expected
+
+
+def test_model_default_problems_names_every_default_outside_the_limits() -> None:
+    from sd_lambda.generation import ModelDefaults
+    from sd_lambda.request import model_default_problems
+
+    assert model_default_problems(ModelDefaults(512, 512, 1, 0.0), Settings()) == {}
+    problems = model_default_problems(ModelDefaults(1024, 1024, 60, 7.5), Settings())
+    assert set(problems) == {"num_inference_steps", "width", "height"}
+    assert "SD_MAX_PIXELS" in problems["width"]
+    assert set(model_default_problems(ModelDefaults(2048, 1024), Settings())) == {"width"}
