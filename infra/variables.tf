@@ -173,7 +173,7 @@ variable "ecr_force_delete" {
 }
 
 variable "ecr_keep_images" {
-  description = "Number of most recent images the ECR lifecycle policy keeps."
+  description = "How many untagged images the ECR lifecycle policy keeps (older untagged ones expire). Tagged images, such as the git-<sha> images the function runs, never expire."
   type        = number
   default     = 10
 
@@ -249,24 +249,24 @@ variable "create_ssm_endpoints" {
 }
 
 variable "seeder_https_egress_cidrs" {
-  description = "Extra IPv4 CIDRs the seeder may reach on 443 (existing endpoints, a NAT path) when create_ssm_endpoints = false."
+  description = "Extra CIDRs (IPv4 up to /8, IPv6 up to /16 wide) the seeder may reach on 443, e.g. the VPC CIDR of existing SSM endpoints; required with create_ssm_endpoints = false."
   type        = list(string)
   default     = []
 
   validation {
-    condition     = alltrue([for cidr in var.seeder_https_egress_cidrs : can(cidrnetmask(cidr))])
-    error_message = "seeder_https_egress_cidrs must be IPv4 CIDR blocks."
+    condition     = alltrue([for cidr in var.seeder_https_egress_cidrs : can(cidrsubnet(cidr, 0, 0)) && try(cidrsubnet(cidr, 0, 0) == cidr && tonumber(split("/", cidr)[1]) >= (strcontains(cidr, ":") ? 16 : 8), false)])
+    error_message = "seeder_https_egress_cidrs must be canonical CIDR blocks (host bits zero, e.g. 203.0.113.0/24) of at most /8 (IPv4) or /16 (IPv6) in size: 0.0.0.0/0 and ::/0 are rejected, and so are wide ranges that add up to them."
   }
 }
 
 variable "ssh_ingress_cidrs" {
-  description = "CIDRs allowed to SSH to the seeder. Empty (default): no port 22 at all; use SSM Session Manager."
+  description = "CIDRs (IPv4 up to /8, IPv6 up to /16 wide) allowed to SSH to the seeder. Empty (default): no port 22 at all; use SSM Session Manager."
   type        = list(string)
   default     = []
 
   validation {
-    condition     = alltrue([for cidr in var.ssh_ingress_cidrs : can(cidrnetmask(cidr)) && !contains(["0.0.0.0/0", "::/0"], cidr)])
-    error_message = "ssh_ingress_cidrs must be specific IPv4 CIDR blocks; 0.0.0.0/0 and ::/0 are rejected."
+    condition     = alltrue([for cidr in var.ssh_ingress_cidrs : can(cidrsubnet(cidr, 0, 0)) && try(cidrsubnet(cidr, 0, 0) == cidr && tonumber(split("/", cidr)[1]) >= (strcontains(cidr, ":") ? 16 : 8), false)])
+    error_message = "ssh_ingress_cidrs must be canonical CIDR blocks (host bits zero, e.g. 203.0.113.0/24) of at most /8 (IPv4) or /16 (IPv6) in size: 0.0.0.0/0 and ::/0 are rejected, and so are wide ranges that add up to them."
   }
 }
 

@@ -88,6 +88,17 @@ variable "create_s3_endpoint" {
   default     = true
 }
 
+variable "s3_endpoint_bucket_arns" {
+  description = "Buckets the S3 gateway endpoint of a new VPC may read (with the AL2023 repository and SSM agent buckets). Empty: the endpoint's default full-access policy. Ignored for an existing VPC."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for arn in var.s3_endpoint_bucket_arns : can(regex("^arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", arn))])
+    error_message = "s3_endpoint_bucket_arns must be S3 bucket ARNs (arn:aws:s3:::<bucket>)."
+  }
+}
+
 variable "create_ssm_endpoints" {
   description = "Create ssm, ssmmessages and ec2messages interface endpoints (in the seeder's subnet) so SSM reaches the seeder without internet access. Disable when the VPC already has them or a NAT."
   type        = bool
@@ -95,24 +106,24 @@ variable "create_ssm_endpoints" {
 }
 
 variable "seeder_https_egress_cidrs" {
-  description = "Extra IPv4 CIDRs the seeder may reach on 443, e.g. existing endpoints or a NAT path when create_ssm_endpoints = false."
+  description = "Extra CIDRs (IPv4 up to /8, IPv6 up to /16 wide) the seeder may reach on 443, e.g. the VPC CIDR of existing SSM endpoints; required with create_ssm_endpoints = false."
   type        = list(string)
   default     = []
 
   validation {
-    condition     = alltrue([for cidr in var.seeder_https_egress_cidrs : can(cidrnetmask(cidr))])
-    error_message = "seeder_https_egress_cidrs must be IPv4 CIDR blocks."
+    condition     = alltrue([for cidr in var.seeder_https_egress_cidrs : can(cidrsubnet(cidr, 0, 0)) && try(cidrsubnet(cidr, 0, 0) == cidr && tonumber(split("/", cidr)[1]) >= (strcontains(cidr, ":") ? 16 : 8), false)])
+    error_message = "seeder_https_egress_cidrs must be canonical CIDR blocks (host bits zero, e.g. 203.0.113.0/24) of at most /8 (IPv4) or /16 (IPv6) in size: 0.0.0.0/0 and ::/0 are rejected, and so are wide ranges that add up to them."
   }
 }
 
 variable "ssh_ingress_cidrs" {
-  description = "CIDRs allowed to reach the seeder on port 22. Empty (default): no SSH; use SSM Session Manager."
+  description = "CIDRs (IPv4 up to /8, IPv6 up to /16 wide) allowed to reach the seeder on port 22. Empty (default): no SSH; use SSM Session Manager."
   type        = list(string)
   default     = []
 
   validation {
-    condition     = alltrue([for cidr in var.ssh_ingress_cidrs : can(cidrnetmask(cidr)) && !contains(["0.0.0.0/0", "::/0"], cidr)])
-    error_message = "ssh_ingress_cidrs must be specific IPv4 CIDR blocks; 0.0.0.0/0 and ::/0 are rejected."
+    condition     = alltrue([for cidr in var.ssh_ingress_cidrs : can(cidrsubnet(cidr, 0, 0)) && try(cidrsubnet(cidr, 0, 0) == cidr && tonumber(split("/", cidr)[1]) >= (strcontains(cidr, ":") ? 16 : 8), false)])
+    error_message = "ssh_ingress_cidrs must be canonical CIDR blocks (host bits zero, e.g. 203.0.113.0/24) of at most /8 (IPv4) or /16 (IPv6) in size: 0.0.0.0/0 and ::/0 are rejected, and so are wide ranges that add up to them."
   }
 }
 
