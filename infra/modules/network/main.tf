@@ -2,6 +2,10 @@ data "aws_region" "current" {
   region = var.region
 }
 
+data "aws_partition" "current" {}
+
+data "aws_caller_identity" "current" {}
+
 data "aws_availability_zones" "available" {
   count = var.create_vpc && length(var.availability_zones) == 0 ? 1 : 0
 
@@ -31,8 +35,9 @@ locals {
   private_subnet_ids = var.create_vpc ? aws_subnet.private[*].id : var.private_subnet_ids
   route_table_ids    = var.create_vpc ? aws_route_table.private[*].id : var.private_route_table_ids
 
-  create_s3_endpoint = var.create_s3_endpoint && (var.create_vpc || length(var.private_route_table_ids) > 0)
-  ssm_services       = var.create_ssm_endpoints ? toset(["ssm", "ssmmessages", "ec2messages"]) : toset([])
+  create_s3_endpoint   = var.create_s3_endpoint && (var.create_vpc || length(var.private_route_table_ids) > 0)
+  restrict_s3_endpoint = local.create_s3_endpoint && var.create_vpc && length(var.s3_endpoint_bucket_arns) > 0
+  ssm_services         = var.create_ssm_endpoints ? toset(["ssm", "ssmmessages", "ec2messages"]) : toset([])
 }
 
 ################################################################################
@@ -114,6 +119,19 @@ data "aws_iam_policy_document" "flow_logs_assume" {
       type        = "Service"
       identifiers = ["vpc-flow-logs.amazonaws.com"]
     }
+
+    # Only flow logs of this account, in this region, may use the role (confused-deputy guard).
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [data.aws_caller_identity.current.account_id]
+    }
+
+    condition {
+      test     = "ArnLike"
+      variable = "aws:SourceArn"
+      values   = ["arn:${data.aws_partition.current.partition}:ec2:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:vpc-flow-log/*"]
+    }
   }
 }
 
@@ -130,10 +148,10 @@ data "aws_iam_policy_document" "flow_logs" {
   count = var.create_vpc && var.enable_flow_logs ? 1 : 0
 
   statement {
+    # DescribeLogGroups is left out: it only works on log-group:* and the role never needs it here.
     actions = [
       "logs:CreateLogStream",
       "logs:PutLogEvents",
-      "logs:DescribeLogGroups",
       "logs:DescribeLogStreams",
     ]
     resources = ["${aws_cloudwatch_log_group.flow_logs[0].arn}:*"]
@@ -227,118 +245,110 @@ resource "aws_security_group" "endpoints" {
   }
 }
 
-resource "aws_vpc_security_group_ingress_rule" "efs_from_lambda" {
-  region                       = var.region
-  security_group_id            = aws_security_group.efs.id
-  description                  = "NFS from the Lambda function"
-  ip_protocol                  = "tcp"
-  from_port                    = 2049
-  to_port                      = 2049
-  referenced_security_group_id = aws_security_group.lambda.id
+# Every rule is its own resource (no inline rules), one resource per direction. A rule names exactly one
+# peer: another group of this stack, the S3 prefix list, or an operator-supplied CIDR. Rules with
+# `enabled = false` belong to resources this configuration does not create.
+locals {
+  ingress_rules = {
+    efs_from_lambda = {
+      security_group_id            = aws_security_group.efs.id
+      description                  = "NFS from the Lambda function"
+      port                         = 2049
+      referenced_security_group_id = aws_security_group.lambda.id
+    }
+    efs_from_seeder = {
+      security_group_id            = aws_security_group.efs.id
+      description                  = "NFS from the seeder"
+      port                         = 2049
+      referenced_security_group_id = aws_security_group.seeder.id
+    }
+    endpoints_from_seeder = {
+      enabled                      = var.create_ssm_endpoints
+      security_group_id            = one(aws_security_group.endpoints[*].id)
+      description                  = "HTTPS from the seeder's SSM agent"
+      port                         = 443
+      referenced_security_group_id = aws_security_group.seeder.id
+    }
+  }
 
-  tags = var.tags
+  egress_rules = {
+    lambda_to_efs = {
+      security_group_id            = aws_security_group.lambda.id
+      description                  = "NFS to the EFS mount targets"
+      port                         = 2049
+      referenced_security_group_id = aws_security_group.efs.id
+    }
+    seeder_to_efs = {
+      security_group_id            = aws_security_group.seeder.id
+      description                  = "NFS to the EFS mount targets"
+      port                         = 2049
+      referenced_security_group_id = aws_security_group.efs.id
+    }
+    seeder_to_s3 = {
+      security_group_id = aws_security_group.seeder.id
+      description       = "HTTPS to S3 (weights bucket, Amazon Linux repositories) through the gateway endpoint"
+      port              = 443
+      prefix_list_id    = data.aws_ec2_managed_prefix_list.s3.id
+    }
+    seeder_to_endpoints = {
+      enabled                      = var.create_ssm_endpoints
+      security_group_id            = aws_security_group.seeder.id
+      description                  = "HTTPS to the SSM interface endpoints"
+      port                         = 443
+      referenced_security_group_id = one(aws_security_group.endpoints[*].id)
+    }
+  }
+
+  # Operator-supplied CIDRs, keyed by the CIDR so adding one never touches the others.
+  ssh_ingress_rules = {
+    for cidr in var.ssh_ingress_cidrs : "seeder_ssh ${cidr}" => {
+      security_group_id = aws_security_group.seeder.id
+      description       = "SSH from ${cidr} (operator-supplied)"
+      port              = 22
+      cidr              = cidr
+    }
+  }
+
+  https_egress_rules = {
+    for cidr in var.seeder_https_egress_cidrs : "seeder_https ${cidr}" => {
+      security_group_id = aws_security_group.seeder.id
+      description       = "HTTPS to ${cidr} (operator-supplied)"
+      port              = 443
+      cidr              = cidr
+    }
+  }
 }
 
-resource "aws_vpc_security_group_ingress_rule" "efs_from_seeder" {
-  region                       = var.region
-  security_group_id            = aws_security_group.efs.id
-  description                  = "NFS from the seeder"
-  ip_protocol                  = "tcp"
-  from_port                    = 2049
-  to_port                      = 2049
-  referenced_security_group_id = aws_security_group.seeder.id
-
-  tags = var.tags
-}
-
-resource "aws_vpc_security_group_egress_rule" "lambda_to_efs" {
-  region                       = var.region
-  security_group_id            = aws_security_group.lambda.id
-  description                  = "NFS to the EFS mount targets"
-  ip_protocol                  = "tcp"
-  from_port                    = 2049
-  to_port                      = 2049
-  referenced_security_group_id = aws_security_group.efs.id
-
-  tags = var.tags
-}
-
-resource "aws_vpc_security_group_egress_rule" "seeder_to_efs" {
-  region                       = var.region
-  security_group_id            = aws_security_group.seeder.id
-  description                  = "NFS to the EFS mount targets"
-  ip_protocol                  = "tcp"
-  from_port                    = 2049
-  to_port                      = 2049
-  referenced_security_group_id = aws_security_group.efs.id
-
-  tags = var.tags
-}
-
-resource "aws_vpc_security_group_egress_rule" "seeder_to_s3" {
-  region            = var.region
-  security_group_id = aws_security_group.seeder.id
-  description       = "HTTPS to S3 (weights bucket, Amazon Linux repositories) through the gateway endpoint"
-  ip_protocol       = "tcp"
-  from_port         = 443
-  to_port           = 443
-  prefix_list_id    = data.aws_ec2_managed_prefix_list.s3.id
-
-  tags = var.tags
-}
-
-resource "aws_vpc_security_group_egress_rule" "seeder_to_endpoints" {
-  count = var.create_ssm_endpoints ? 1 : 0
-
-  region                       = var.region
-  security_group_id            = aws_security_group.seeder.id
-  description                  = "HTTPS to the SSM interface endpoints"
-  ip_protocol                  = "tcp"
-  from_port                    = 443
-  to_port                      = 443
-  referenced_security_group_id = aws_security_group.endpoints[0].id
-
-  tags = var.tags
-}
-
-resource "aws_vpc_security_group_egress_rule" "seeder_https_extra" {
-  for_each = toset(var.seeder_https_egress_cidrs)
-
-  region            = var.region
-  security_group_id = aws_security_group.seeder.id
-  description       = "HTTPS to ${each.value} (operator-supplied)"
-  ip_protocol       = "tcp"
-  from_port         = 443
-  to_port           = 443
-  cidr_ipv4         = each.value
-
-  tags = var.tags
-}
-
-resource "aws_vpc_security_group_ingress_rule" "endpoints_from_seeder" {
-  count = var.create_ssm_endpoints ? 1 : 0
+resource "aws_vpc_security_group_ingress_rule" "this" {
+  for_each = merge({ for key, rule in local.ingress_rules : key => rule if try(rule.enabled, true) }, local.ssh_ingress_rules)
 
   region                       = var.region
-  security_group_id            = aws_security_group.endpoints[0].id
-  description                  = "HTTPS from the seeder's SSM agent"
+  security_group_id            = each.value.security_group_id
+  description                  = each.value.description
   ip_protocol                  = "tcp"
-  from_port                    = 443
-  to_port                      = 443
-  referenced_security_group_id = aws_security_group.seeder.id
+  from_port                    = each.value.port
+  to_port                      = each.value.port
+  referenced_security_group_id = try(each.value.referenced_security_group_id, null)
+  prefix_list_id               = try(each.value.prefix_list_id, null)
+  cidr_ipv4                    = try(strcontains(each.value.cidr, ":") ? null : each.value.cidr, null)
+  cidr_ipv6                    = try(strcontains(each.value.cidr, ":") ? each.value.cidr : null, null)
 
   tags = var.tags
 }
 
-resource "aws_vpc_security_group_ingress_rule" "seeder_ssh" {
-  for_each = toset(var.ssh_ingress_cidrs)
+resource "aws_vpc_security_group_egress_rule" "this" {
+  for_each = merge({ for key, rule in local.egress_rules : key => rule if try(rule.enabled, true) }, local.https_egress_rules)
 
-  region            = var.region
-  security_group_id = aws_security_group.seeder.id
-  description       = "SSH from ${each.value} (operator-supplied)"
-  ip_protocol       = "tcp"
-  from_port         = 22
-  to_port           = 22
-  cidr_ipv4         = each.value
+  region                       = var.region
+  security_group_id            = each.value.security_group_id
+  description                  = each.value.description
+  ip_protocol                  = "tcp"
+  from_port                    = each.value.port
+  to_port                      = each.value.port
+  referenced_security_group_id = try(each.value.referenced_security_group_id, null)
+  prefix_list_id               = try(each.value.prefix_list_id, null)
+  cidr_ipv4                    = try(strcontains(each.value.cidr, ":") ? null : each.value.cidr, null)
+  cidr_ipv6                    = try(strcontains(each.value.cidr, ":") ? each.value.cidr : null, null)
 
   tags = var.tags
 }
@@ -355,8 +365,48 @@ resource "aws_vpc_endpoint" "s3" {
   service_name      = "com.amazonaws.${data.aws_region.current.region}.s3"
   vpc_endpoint_type = "Gateway"
   route_table_ids   = local.route_table_ids
+  policy            = local.restrict_s3_endpoint ? data.aws_iam_policy_document.s3_endpoint[0].json : null
 
   tags = merge(var.tags, { Name = "${var.name}-s3" })
+}
+
+# In a VPC of its own the gateway endpoint is the only way to S3, so it may reach only what the stack
+# reads: the weights bucket (weights and the seeding program) and the AWS buckets that dnf (Amazon Linux
+# 2023 repositories) and the SSM agent download from. An existing VPC's route tables serve other
+# workloads too, so there the endpoint keeps the default full-access policy.
+data "aws_iam_policy_document" "s3_endpoint" {
+  count = local.restrict_s3_endpoint ? 1 : 0
+
+  statement {
+    sid       = "ReadStackBuckets"
+    actions   = ["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"]
+    resources = flatten([for arn in var.s3_endpoint_bucket_arns : [arn, "${arn}/*"]])
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
+
+  statement {
+    sid     = "AmazonLinuxAndSsmAgentDownloads"
+    actions = ["s3:GetObject"]
+    resources = [
+      for bucket in [
+        "al2023-repos-${data.aws_region.current.region}-de612dc2",
+        "amazon-ssm-${data.aws_region.current.region}",
+        "amazon-ssm-packages-${data.aws_region.current.region}",
+        "aws-ssm-${data.aws_region.current.region}",
+        "aws-ssm-document-attachments-${data.aws_region.current.region}",
+        "${data.aws_region.current.region}-birdwatcher-prod",
+      ] : "arn:${data.aws_partition.current.partition}:s3:::${bucket}/*"
+    ]
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
 }
 
 # Interface endpoints cost per hour and per zone, and only the seeder uses them: one subnet is enough.

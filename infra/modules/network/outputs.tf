@@ -8,6 +8,11 @@ output "private_subnet_ids" {
   value       = local.private_subnet_ids
 }
 
+output "private_subnets_by_key" {
+  description = "The private subnet ids keyed by availability zone (new VPC) or by subnet id (existing VPC): keys known at plan time, for for_each."
+  value       = var.create_vpc ? zipmap(local.azs, aws_subnet.private[*].id) : { for id in var.private_subnet_ids : id => id }
+}
+
 output "lambda_security_group_id" {
   description = "Security group of the function's network interfaces."
   value       = aws_security_group.lambda.id
@@ -19,8 +24,18 @@ output "efs_security_group_id" {
 }
 
 output "seeder_security_group_id" {
-  description = "Security group of the seeder instance."
+  description = "Security group of the seeder instance, available once the seeder's network paths (routes, S3 and SSM endpoints, rules) exist."
   value       = aws_security_group.seeder.id
+
+  # The seeder installs packages and registers with SSM at its first boot: whatever launches it with
+  # this group must wait for the paths it uses then.
+  depends_on = [
+    aws_route_table_association.private,
+    aws_vpc_endpoint.s3,
+    aws_vpc_endpoint.ssm,
+    aws_vpc_security_group_egress_rule.this,
+    aws_vpc_security_group_ingress_rule.this,
+  ]
 }
 
 output "endpoints_security_group_id" {
