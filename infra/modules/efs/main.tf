@@ -11,11 +11,11 @@ resource "aws_efs_file_system" "this" {
 }
 
 resource "aws_efs_mount_target" "this" {
-  count = length(var.subnet_ids)
+  for_each = var.subnets
 
   region          = var.region
   file_system_id  = aws_efs_file_system.this.id
-  subnet_id       = var.subnet_ids[count.index]
+  subnet_id       = each.value
   security_groups = var.security_group_ids
 }
 

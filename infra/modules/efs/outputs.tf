@@ -25,8 +25,8 @@ output "access_point_arn" {
 }
 
 output "mount_target_ids" {
-  description = "Ids of the mount targets."
-  value       = aws_efs_mount_target.this[*].id
+  description = "Ids of the mount targets, by the keys of var.subnets."
+  value       = { for key, target in aws_efs_mount_target.this : key => target.id }
 }
 
 output "dns_name" {

@@ -15,13 +15,13 @@ variable "tags" {
   default     = {}
 }
 
-variable "subnet_ids" {
-  description = "Subnets that get a mount target (one per availability zone)."
-  type        = list(string)
+variable "subnets" {
+  description = "Subnets that get a mount target (one per availability zone), keyed by a name known at plan time (the zone, or the subnet id), so adding or removing one never renumbers the others."
+  type        = map(string)
 
   validation {
-    condition     = length(var.subnet_ids) >= 1
-    error_message = "subnet_ids needs at least one subnet."
+    condition     = length(var.subnets) >= 1
+    error_message = "subnets needs at least one subnet."
   }
 }
 
