@@ -2,7 +2,10 @@ locals {
   create_function = var.image_uri != null
   repository_name = coalesce(var.repository_name, var.name)
   log_group_name  = "/aws/lambda/${var.name}"
-  function_arn    = "arn:${data.aws_partition.current.partition}:lambda:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:function:${var.name}"
+  # Built from names, not read from the resources: the IAM policies below name the function and its log
+  # group before either exists, and the function itself depends on those policies.
+  function_arn  = "arn:${data.aws_partition.current.partition}:lambda:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:function:${var.name}"
+  log_group_arn = "arn:${data.aws_partition.current.partition}:logs:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:log-group:${local.log_group_name}"
 
   environment = merge(var.environment_variables, {
     MODEL_ROOT = var.local_mount_path
@@ -44,12 +47,14 @@ resource "aws_ecr_lifecycle_policy" "this" {
   region     = var.region
   repository = aws_ecr_repository.this.name
 
+  # Only untagged images expire. Every pushed image is tagged (git-<sha>) and tags are immutable, so the
+  # digest the function runs keeps its tag and can never be expired under it by a count of newer pushes.
   policy = jsonencode({
     rules = [{
       rulePriority = 1
-      description  = "Keep the last ${var.repository_keep_images} images"
+      description  = "Keep the last ${var.repository_keep_images} untagged images"
       selection = {
-        tagStatus   = "any"
+        tagStatus   = "untagged"
         countType   = "imageCountMoreThan"
         countNumber = var.repository_keep_images
       }
@@ -113,10 +118,11 @@ resource "aws_iam_role" "this" {
   tags = var.tags
 }
 
-# Network interfaces in the VPC and CloudWatch Logs: the AWS managed policy Lambda documents for this.
-resource "aws_iam_role_policy_attachment" "vpc_access" {
+# Network interfaces in the VPC. Logging is granted inline below, on this function's log group only
+# (AWSLambdaVPCAccessExecutionRole would also allow writing to every log group of the account).
+resource "aws_iam_role_policy_attachment" "eni_management" {
   role       = aws_iam_role.this.name
-  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AWSLambdaENIManagementAccess"
 }
 
 resource "aws_iam_role_policy_attachment" "xray" {
@@ -127,6 +133,12 @@ resource "aws_iam_role_policy_attachment" "xray" {
 }
 
 data "aws_iam_policy_document" "this" {
+  statement {
+    sid       = "WriteOwnLogs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${local.log_group_arn}:*"]
+  }
+
   statement {
     sid       = "ReadModelsThroughAccessPoint"
     actions   = ["elasticfilesystem:ClientMount"]
@@ -146,6 +158,14 @@ data "aws_iam_policy_document" "this" {
       sid       = "DecryptEnvironment"
       actions   = ["kms:Decrypt"]
       resources = [statement.value]
+
+      # Lambda decrypts the environment with this function's ARN as encryption context: the role can
+      # decrypt nothing else with the stack's key (EFS data, weights, logs).
+      condition {
+        test     = "StringEquals"
+        variable = "kms:EncryptionContext:aws:lambda:FunctionArn"
+        values   = [local.function_arn]
+      }
     }
   }
 }
@@ -225,7 +245,7 @@ resource "aws_lambda_function" "this" {
   depends_on = [
     aws_cloudwatch_log_group.this,
     aws_iam_role_policy.this,
-    aws_iam_role_policy_attachment.vpc_access,
+    aws_iam_role_policy_attachment.eni_management,
     aws_ecr_repository_policy.this,
   ]
 }
@@ -252,10 +272,18 @@ data "aws_iam_policy_document" "invoker" {
     }
   }
 
+  # Only as part of a function URL request: holders cannot call the Invoke API directly and so bypass
+  # what the URL path enforces (AWS_IAM auth type, the request size limits).
   statement {
-    sid       = "InvokeFunction"
+    sid       = "InvokeFunctionThroughUrl"
     actions   = ["lambda:InvokeFunction"]
     resources = [local.function_arn]
+
+    condition {
+      test     = "Bool"
+      variable = "lambda:InvokedViaFunctionUrl"
+      values   = ["true"]
+    }
   }
 }
 

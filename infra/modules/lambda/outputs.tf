@@ -18,6 +18,11 @@ output "function_arn" {
   value       = try(aws_lambda_function.this[0].arn, null)
 }
 
+output "image_uri" {
+  description = "Image the function runs, pinned by digest (null until image_uri is set). The deploy driver keeps it when no new image is given."
+  value       = try(aws_lambda_function.this[0].image_uri, null)
+}
+
 output "function_url" {
   description = "IAM-authenticated (SigV4) URL of the function (null until image_uri is set)."
   value       = try(aws_lambda_function_url.this[0].function_url, null)

@@ -37,7 +37,7 @@ variable "repository_force_delete" {
 }
 
 variable "repository_keep_images" {
-  description = "How many most recent images the ECR lifecycle policy keeps (older ones are expired)."
+  description = "How many untagged images the ECR lifecycle policy keeps (older untagged ones expire). Tagged images, such as the git-<sha> images the function runs, never expire."
   type        = number
   default     = 10
 
