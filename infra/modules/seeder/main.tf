@@ -3,7 +3,9 @@ locals {
     var.ami_ssm_parameter,
     "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-${var.architecture}",
   )
-  bucket_name = element(split(":", var.weights_bucket_arn), 5)
+
+  # Graviton families carry a "g" after the generation number (t4g, m7gd, c7gn, hpc7g); a1 is the first.
+  instance_architecture = can(regex("^(a1|[a-z]+[0-9]+g[a-z0-9-]*)\\.", var.instance_type)) ? "arm64" : "x86_64"
 }
 
 data "aws_partition" "current" {}
@@ -86,10 +88,11 @@ data "aws_iam_policy_document" "this" {
       actions   = ["kms:Decrypt"]
       resources = [statement.value]
 
+      # The context is the bucket's ARN with an S3 bucket key, the object's ARN without one.
       condition {
         test     = "StringLike"
         variable = "kms:EncryptionContext:aws:s3:arn"
-        values   = ["arn:${data.aws_partition.current.partition}:s3:::${local.bucket_name}*"]
+        values   = [var.weights_bucket_arn, "${var.weights_bucket_arn}/${var.weights_prefix}*"]
       }
     }
   }
@@ -162,5 +165,10 @@ resource "aws_instance" "this" {
     # A new AL2023 release must not replace a seeded, stopped instance; replace it on purpose with
     # `terraform apply -replace=...` when you want the new AMI.
     ignore_changes = [ami]
+
+    precondition {
+      condition     = local.instance_architecture == var.architecture
+      error_message = "The seeder's instance_type ${var.instance_type} runs ${local.instance_architecture} but its AMI architecture is ${var.architecture}: set them to match (e.g. t3.small with x86_64, t4g.small with arm64)."
+    }
   }
 }
