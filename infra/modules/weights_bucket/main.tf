@@ -1,4 +1,12 @@
-data "aws_partition" "current" {}
+# Always read, whatever var.create says, so it carries the check a count = 0 bucket would never run.
+data "aws_partition" "current" {
+  lifecycle {
+    precondition {
+      condition     = var.create || var.bucket_name != null
+      error_message = "With create = false (root stack: create_weights_bucket = false), bucket_name (root stack: weights_bucket_name) must name the existing bucket."
+    }
+  }
+}
 
 locals {
   bucket_name = var.create ? aws_s3_bucket.this[0].id : var.bucket_name
@@ -17,13 +25,6 @@ resource "aws_s3_bucket" "this" {
   force_destroy = var.force_destroy
 
   tags = var.tags
-
-  lifecycle {
-    precondition {
-      condition     = var.create || var.bucket_name != null
-      error_message = "With create = false, bucket_name must name the existing bucket."
-    }
-  }
 }
 
 resource "aws_s3_bucket_ownership_controls" "this" {
