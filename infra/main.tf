@@ -19,6 +19,15 @@ data "aws_caller_identity" "current" {}
 
 data "aws_region" "current" {
   region = var.region
+
+  # A check across variables lives on this always-present object: before Terraform 1.9 a validation
+  # block may only refer to its own variable. (The weights bucket module checks its own inputs.)
+  lifecycle {
+    precondition {
+      condition     = !var.create_seeder || var.create_ssm_endpoints || length(var.seeder_https_egress_cidrs) > 0
+      error_message = "The seeder is only reachable through SSM: with create_ssm_endpoints = false, set seeder_https_egress_cidrs to where the VPC's existing SSM endpoints (or NAT path) are, or set create_seeder = false."
+    }
+  }
 }
 
 ################################################################################
@@ -35,7 +44,8 @@ resource "aws_kms_key" "this" {
 
   # A key policy always applies to "this key", hence Resource "*". The account statement delegates
   # access to IAM policies (the function and seeder roles get kms:Decrypt there); CloudWatch Logs needs
-  # its own statement to encrypt the stack's log groups.
+  # its own statement to encrypt the stack's log groups, CloudWatch alarms one to publish to SNS topics
+  # encrypted with this key.
   policy = jsonencode({
     Version = "2012-10-17"
     Statement = [
@@ -44,6 +54,15 @@ resource "aws_kms_key" "this" {
         Effect    = "Allow"
         Principal = { AWS = "arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:root" }
         Action    = "kms:*"
+        Resource  = "*"
+      },
+      {
+        # Alarms publishing to an SNS topic encrypted with this key (the AWS managed aws/sns key cannot
+        # grant CloudWatch this, so such a topic would never receive the alarms).
+        Sid       = "CloudWatchAlarmsToEncryptedTopics"
+        Effect    = "Allow"
+        Principal = { Service = "cloudwatch.amazonaws.com" }
+        Action    = ["kms:Decrypt", "kms:GenerateDataKey*"]
         Resource  = "*"
       },
       {
@@ -92,6 +111,7 @@ module "network" {
 
   create_ssm_endpoints      = var.create_ssm_endpoints
   seeder_https_egress_cidrs = var.seeder_https_egress_cidrs
+  s3_endpoint_bucket_arns   = [module.weights_bucket.bucket_arn]
   ssh_ingress_cidrs         = var.ssh_ingress_cidrs
 
   enable_flow_logs        = var.enable_flow_logs
@@ -117,7 +137,7 @@ module "efs" {
   name               = "${var.name}-models"
   region             = var.region
   tags               = local.tags
-  subnet_ids         = module.network.private_subnet_ids
+  subnets            = module.network.private_subnets_by_key
   security_group_ids = [module.network.efs_security_group_id]
   kms_key_arn        = local.kms_key_arn
   access_point_path  = "/models"

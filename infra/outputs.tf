@@ -11,6 +11,11 @@ output "function_name" {
   value       = module.lambda.function_name
 }
 
+output "image_uri" {
+  description = "Image the function runs, pinned by digest (null until image_uri is set); `make plan/apply` reuse it when no new image is given."
+  value       = module.lambda.image_uri
+}
+
 output "ecr_repository_url" {
   description = "ECR repository to push the function image to."
   value       = module.lambda.repository_url

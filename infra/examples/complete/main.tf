@@ -2,10 +2,12 @@ provider "aws" {
   region = var.region
 }
 
-# Alarms go to a topic of this example; subscribe an address to it after apply.
+# Alarms go to a topic of this example; subscribe an address to it after apply. It is encrypted with the
+# stack's key, whose policy lets CloudWatch publish; with the AWS managed alias/aws/sns key CloudWatch
+# could not, and the alarms would never arrive.
 resource "aws_sns_topic" "alarms" {
   name              = "${var.name}-alarms"
-  kms_master_key_id = "alias/aws/sns"
+  kms_master_key_id = module.sd_lambda.kms_key_arn
 
   tags = var.tags
 }

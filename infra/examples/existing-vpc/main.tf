@@ -15,6 +15,8 @@ module "sd_lambda" {
   private_route_table_ids = var.private_route_table_ids
   create_ssm_endpoints    = var.create_ssm_endpoints
 
+  seeder_https_egress_cidrs = var.seeder_https_egress_cidrs
+
   create_weights_bucket = var.weights_bucket_name == null
   weights_bucket_name   = var.weights_bucket_name
 

@@ -31,6 +31,12 @@ variable "create_ssm_endpoints" {
   default     = true
 }
 
+variable "seeder_https_egress_cidrs" {
+  description = "Where the seeder reaches the VPC's existing SSM endpoints on 443 (e.g. the VPC CIDR); required when create_ssm_endpoints = false."
+  type        = list(string)
+  default     = []
+}
+
 variable "weights_bucket_name" {
   description = "Existing bucket holding the weights under models/. Null: create one."
   type        = string
