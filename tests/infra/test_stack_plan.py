@@ -15,6 +15,7 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
+from sd_lambda.deploy import FUNCTION_ADDRESS, REGISTRY_TARGETS
 from sd_lambda.tfcheck import PlanError, plan
 from sd_lambda.tfcheck.schema import load_schema
 
@@ -91,6 +92,27 @@ def lean_plan() -> dict[str, Any]:
             "create_ssm_endpoints": False,
             "enable_flow_logs": False,
             "image_uri": tfvars(ROOT_VARS)["image_uri"],
+        },
+    )
+
+
+KMS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+WEIGHTS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/66666666-2222-3333-4444-555555555555"
+
+
+@pytest.fixture(scope="module")
+def known_arns_plan() -> dict[str, Any]:
+    """Only the image set, plus a given key and an existing bucket: the IAM documents render at plan time."""
+    return plan(
+        INFRA,
+        {
+            "name": "sd-iam",
+            "region": "eu-west-1",
+            "kms_key_arn": KMS_KEY,
+            "create_weights_bucket": False,
+            "weights_bucket_name": "acme-weights",
+            "weights_bucket_kms_key_arn": WEIGHTS_KEY,
+            "image_uri": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd-iam@sha256:" + "a" * 64,
         },
     )
 
@@ -353,7 +375,15 @@ def test_existing_vpc_example_adds_only_its_own_network_pieces(existing_vpc_plan
 
 
 def test_complete_example_wires_alarms_to_its_topic(complete_plan: dict[str, Any]) -> None:
-    assert one(complete_plan, "aws_sns_topic")["kms_master_key_id"] == "alias/aws/sns"
+    # The stack's key, whose policy lets CloudWatch publish (alias/aws/sns cannot: alarms never arrive).
+    topic = next(
+        r for r in complete_plan["configuration"]["root_module"]["resources"] if r["type"] == "aws_sns_topic"
+    )
+    assert topic["expressions"]["kms_master_key_id"]["references"][0] == "module.sd_lambda.kms_key_arn"
+    statements = {s["Sid"]: s for s in json.loads(one(complete_plan, "aws_kms_key")["policy"])["Statement"]}
+    alarms = statements["CloudWatchAlarmsToEncryptedTopics"]
+    assert alarms["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert set(alarms["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
     assert len(resources(complete_plan, "aws_cloudwatch_metric_alarm")) == 3
     tags = tfvars(INFRA / "examples" / "complete" / "variables.tf")
     assert tags  # the example's variables parse; its default tags are checked by the tag test
@@ -384,6 +414,13 @@ DIGEST_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda@sha256:" + 
             {"vpc_id": "vpc-0a1b2c3d4e5f60718", "private_subnet_ids": ["subnet-0a1b2c3d4e5f60001"]},
             "at least two",
         ),
+        ({"create_weights_bucket": False}, "bucket_name (root stack: weights_bucket_name) must name"),
+        ({"create_ssm_endpoints": False}, "with create_ssm_endpoints = false, set seeder_https_egress_cidrs"),
+        ({"seeder_instance_type": "t4g.small"}, "t4g.small runs arm64 but its AMI architecture is x86_64"),
+        (
+            {"seeder_instance_type": "t3.small", "seeder_architecture": "arm64"},
+            "t3.small runs x86_64 but its AMI architecture is arm64",
+        ),
     ],
     ids=[
         "latest-tag",
@@ -398,6 +435,10 @@ DIGEST_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda@sha256:" + 
         "model-path",
         "name-too-long",
         "one-subnet",
+        "existing-bucket-without-name",
+        "seeder-unreachable-without-ssm-endpoints",
+        "graviton-type-x86-ami",
+        "x86-type-arm-ami",
     ],
 )
 def test_validations_reject_bad_input(variables: dict[str, Any], message: str) -> None:
@@ -405,3 +446,457 @@ def test_validations_reject_bad_input(variables: dict[str, Any], message: str) -
         plan(INFRA, variables)
     errors = " ".join(f"{d.summary} {d.detail}" for d in caught.value.diagnostics if d.severity == "error")
     assert message in " ".join(errors.split())
+
+
+# Wide or non-canonical ranges that slipped through a "not 0.0.0.0/0" check: together or alone they open
+# the port to (nearly) the whole internet.
+BYPASS_CIDRS = [
+    ["10.0.0.0/0"],
+    ["0.0.0.0/1", "128.0.0.0/1"],
+    ["10.1.2.3/8"],
+    ["2001:db8::/8"],
+    ["::/1", "8000::/1"],
+    ["203.0.113.0"],
+    ["not-a-cidr"],
+]
+CIDR_ENTRY_POINTS = {
+    "root": (INFRA, {}),
+    "network-module": (INFRA / "modules" / "network", {"name": "sd-net"}),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(CIDR_ENTRY_POINTS))
+@pytest.mark.parametrize("cidrs", BYPASS_CIDRS, ids=lambda c: ",".join(c))
+def test_wide_or_malformed_cidrs_are_rejected_at_both_entry_points(entry: str, cidrs: list[str]) -> None:
+    directory, base = CIDR_ENTRY_POINTS[entry]
+
+    with pytest.raises(PlanError) as caught:
+        plan(directory, {**base, "ssh_ingress_cidrs": cidrs, "seeder_https_egress_cidrs": cidrs})
+
+    # Each variable is validated on its own: both must report.
+    errors = " ".join(f"{d.summary} {d.detail}" for d in caught.value.diagnostics if d.severity == "error")
+    for variable in ("ssh_ingress_cidrs", "seeder_https_egress_cidrs"):
+        assert f"{variable} must be canonical CIDR blocks" in " ".join(errors.split())
+
+
+def test_root_and_network_module_validate_cidrs_identically() -> None:
+    """Terraform cannot share a validation block: the root repeats the module's, and must not drift."""
+
+    def validations(directory: Path) -> dict[str, Any]:
+        found = {}
+        for path in directory.glob("variables.tf"):
+            for block in tfvars(path)["variable"]:
+                for name, body in block.items():
+                    if name.strip('"') in ("ssh_ingress_cidrs", "seeder_https_egress_cidrs"):
+                        found[name.strip('"')] = body["validation"]
+        return found
+
+    root = validations(INFRA)
+    assert set(root) == {"ssh_ingress_cidrs", "seeder_https_egress_cidrs"}
+    assert root == validations(INFRA / "modules" / "network")
+
+
+def test_specific_ipv4_and_ipv6_cidrs_become_rules_of_the_right_family() -> None:
+    document = plan(
+        INFRA / "modules" / "network",
+        {
+            "name": "sd-net",
+            "ssh_ingress_cidrs": ["203.0.113.0/24", "2001:db8:1234::/48"],
+            "seeder_https_egress_cidrs": ["10.0.0.0/8"],
+        },
+    )
+
+    ssh = {
+        (r["values"]["cidr_ipv4"], r["values"]["cidr_ipv6"])
+        for r in resources(document, "aws_vpc_security_group_ingress_rule")
+        if r["values"]["from_port"] == 22
+    }
+    assert ssh == {("203.0.113.0/24", None), (None, "2001:db8:1234::/48")}
+    https = [
+        r["values"]
+        for r in resources(document, "aws_vpc_security_group_egress_rule")
+        if r["values"].get("cidr_ipv4")
+    ]
+    assert [(h["cidr_ipv4"], h["from_port"], h["to_port"]) for h in https] == [("10.0.0.0/8", 443, 443)]
+
+
+def test_existing_vpc_without_new_ssm_endpoints_reaches_the_given_cidrs(tmp_path: Path) -> None:
+    document = plan(
+        INFRA / "examples" / "existing-vpc",
+        {"create_ssm_endpoints": False, "seeder_https_egress_cidrs": ["10.20.0.0/16"]},
+        var_files=[EXAMPLE_VARS / "existing-vpc.tfvars"],
+    )
+
+    assert {r["values"]["vpc_endpoint_type"] for r in resources(document, "aws_vpc_endpoint")} == {"Gateway"}
+    egress = [r["values"] for r in resources(document, "aws_vpc_security_group_egress_rule")]
+    assert [(e["cidr_ipv4"], e["from_port"]) for e in egress if e.get("cidr_ipv4")] == [("10.20.0.0/16", 443)]
+    assert resources(document, "aws_instance")
+
+
+def test_existing_vpc_example_without_ssm_endpoints_or_cidrs_is_refused() -> None:
+    with pytest.raises(PlanError) as caught:
+        plan(
+            INFRA / "examples" / "existing-vpc",
+            {"create_ssm_endpoints": False},
+            var_files=[EXAMPLE_VARS / "existing-vpc.tfvars"],
+        )
+    assert "set seeder_https_egress_cidrs" in " ".join(d.detail for d in caught.value.diagnostics)
+
+
+def test_weights_bucket_module_refuses_create_false_without_a_name() -> None:
+    with pytest.raises(PlanError) as caught:
+        plan(INFRA / "modules" / "weights_bucket", {"create": False})
+
+    errors = [d for d in caught.value.diagnostics if d.severity == "error"]
+    assert len(errors) == 1, [e.detail for e in errors]  # the precondition, not an interpolation error
+    assert "bucket_name (root stack: weights_bucket_name) must name the existing bucket" in errors[0].detail
+
+
+################################################################################
+# IAM, encryption and network wiring, statement by statement
+################################################################################
+
+
+def data_values(document: dict[str, Any], address: str) -> dict[str, Any]:
+    """A data source's values: read at plan time (prior_state) or deferred to apply (the planned read)."""
+
+    def walk(module: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield from module.get("resources", [])
+        for child in module.get("child_modules", []):
+            yield from walk(child)
+
+    for resource in walk(document.get("prior_state", {}).get("values", {}).get("root_module", {})):
+        if resource["address"] == address:
+            return resource["values"]
+    return next(c["change"]["after"] for c in document["resource_changes"] if c["address"] == address)
+
+
+def statements(document: dict[str, Any], address: str) -> dict[str, dict[str, Any]]:
+    """The ``statement`` blocks of an aws_iam_policy_document by sid; unknown values are None."""
+    result = {}
+    for statement in data_values(document, address)["statement"]:
+        result[statement["sid"]] = {
+            "effect": statement.get("effect") or "Allow",
+            "actions": set(statement["actions"] or []),
+            "resources": statement["resources"],
+            "principals": {p["type"]: p["identifiers"] for p in statement.get("principals") or []},
+            "conditions": {c["variable"]: (c["test"], c["values"]) for c in statement.get("condition") or []},
+        }
+    return result
+
+
+def module_config(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return document["configuration"]["root_module"]["module_calls"][name]
+
+
+def config_resource(module: dict[str, Any], address: str) -> dict[str, Any]:
+    return next(r for r in module["module"]["resources"] if r["address"] == address)
+
+
+def references(expression: dict[str, Any]) -> list[str]:
+    return expression.get("references", [])
+
+
+def test_function_role_writes_only_its_log_group_and_decrypts_only_its_environment(
+    known_arns_plan: dict[str, Any],
+) -> None:
+    policy = statements(known_arns_plan, "module.lambda.data.aws_iam_policy_document.this")
+    assert set(policy) == {"WriteOwnLogs", "ReadModelsThroughAccessPoint", "DecryptEnvironment"}
+    assert policy["WriteOwnLogs"]["actions"] == {"logs:CreateLogStream", "logs:PutLogEvents"}
+    assert policy["WriteOwnLogs"]["resources"] == [
+        "arn:aws:logs:eu-west-1:123456789012:log-group:/aws/lambda/sd-iam:*"
+    ]
+    assert policy["ReadModelsThroughAccessPoint"]["actions"] == {"elasticfilesystem:ClientMount"}
+    assert set(policy["ReadModelsThroughAccessPoint"]["conditions"]) == {"elasticfilesystem:AccessPointArn"}
+    decrypt = policy["DecryptEnvironment"]
+    assert (decrypt["actions"], decrypt["resources"]) == ({"kms:Decrypt"}, [KMS_KEY])
+    assert decrypt["conditions"] == {
+        "kms:EncryptionContext:aws:lambda:FunctionArn": (
+            "StringEquals",
+            ["arn:aws:lambda:eu-west-1:123456789012:function:sd-iam"],
+        )
+    }
+    attached = {
+        r["values"]["policy_arn"] for r in resources(known_arns_plan, "aws_iam_role_policy_attachment")
+    }
+    assert "arn:aws:iam::aws:policy/service-role/AWSLambdaENIManagementAccess" in attached
+    assert not [
+        arn for arn in attached if "AWSLambdaVPCAccessExecutionRole" in arn or "BasicExecution" in arn
+    ]
+    lambda_module = module_config(known_arns_plan, "lambda")
+    mount = config_resource(lambda_module, "data.aws_iam_policy_document.this")["expressions"]["statement"][1]
+    assert references(mount["resources"])[0] == "var.file_system_arn"
+    assert references(mount["condition"][0]["values"])[0] == "var.access_point_arn"
+
+
+def test_seeder_role_reads_only_the_weights_prefix_and_writes_efs_through_the_access_point(
+    known_arns_plan: dict[str, Any],
+) -> None:
+    policy = statements(known_arns_plan, "module.seeder.data.aws_iam_policy_document.this")
+    assert set(policy) == {"ListWeightsPrefix", "ReadWeights", "WriteEfsThroughAccessPoint", "DecryptWeights"}
+    assert policy["ListWeightsPrefix"]["resources"] == ["arn:aws:s3:::acme-weights"]
+    assert policy["ListWeightsPrefix"]["conditions"] == {"s3:prefix": ("StringLike", ["models/", "models/*"])}
+    assert policy["ReadWeights"]["resources"] == ["arn:aws:s3:::acme-weights/models/*"]
+    assert policy["ReadWeights"]["actions"] == {"s3:GetObject", "s3:GetObjectVersion"}
+    assert policy["WriteEfsThroughAccessPoint"]["actions"] == {
+        "elasticfilesystem:ClientMount",
+        "elasticfilesystem:ClientWrite",
+    }
+    decrypt = policy["DecryptWeights"]
+    assert decrypt["resources"] == [WEIGHTS_KEY]
+    assert decrypt["conditions"] == {
+        "kms:EncryptionContext:aws:s3:arn": (
+            "StringLike",
+            ["arn:aws:s3:::acme-weights", "arn:aws:s3:::acme-weights/models/*"],
+        )
+    }
+    attached = {
+        r["values"]["policy_arn"] for r in resources(known_arns_plan, "aws_iam_role_policy_attachment")
+    }
+    assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in attached
+
+
+def test_efs_policy_denies_plain_nfs_and_grants_mount_and_write_to_the_two_roles(
+    known_arns_plan: dict[str, Any],
+) -> None:
+    policy = statements(known_arns_plan, "module.efs.data.aws_iam_policy_document.this")
+    deny = policy["DenyInsecureTransport"]
+    assert (deny["effect"], deny["actions"]) == ("Deny", {"*"})
+    assert deny["conditions"] == {"aws:SecureTransport": ("Bool", ["false"])}
+    assert policy["ReadOnlyThroughAccessPoint"]["actions"] == {"elasticfilesystem:ClientMount"}
+    assert policy["ReadWriteThroughAccessPoint"]["actions"] == {
+        "elasticfilesystem:ClientMount",
+        "elasticfilesystem:ClientWrite",
+    }
+    wiring = module_config(known_arns_plan, "efs")["expressions"]
+    assert references(wiring["read_only_role_arns"])[0] == "module.lambda.role_arn"
+    assert "module.seeder.role_arn" in references(wiring["read_write_role_arns"])
+
+
+def test_invoker_policy_allows_invoke_only_through_the_iam_function_url(
+    function_plan: dict[str, Any],
+) -> None:
+    document = json.loads(function_plan["planned_values"]["outputs"]["invoker_policy_json"]["value"])
+    by_sid = {s["Sid"]: s for s in document["Statement"]}
+    assert set(by_sid) == {"InvokeFunctionUrl", "InvokeFunctionThroughUrl"}
+    assert by_sid["InvokeFunctionUrl"]["Action"] == "lambda:InvokeFunctionUrl"
+    assert by_sid["InvokeFunctionUrl"]["Condition"] == {
+        "StringEquals": {"lambda:FunctionUrlAuthType": "AWS_IAM"}
+    }
+    assert by_sid["InvokeFunctionThroughUrl"]["Action"] == "lambda:InvokeFunction"
+    assert by_sid["InvokeFunctionThroughUrl"]["Condition"] == {
+        "Bool": {"lambda:InvokedViaFunctionUrl": "true"}
+    }
+    function_name = one(function_plan, "aws_lambda_function")["function_name"]
+    for statement in document["Statement"]:
+        assert statement["Effect"] == "Allow"
+        assert statement["Resource"].endswith(f":function:{function_name}")
+
+
+def test_stack_key_policy_admits_the_account_logs_and_alarms_only(root_defaults_plan: dict[str, Any]) -> None:
+    policy = json.loads(one(root_defaults_plan, "aws_kms_key")["policy"])
+    by_sid = {s["Sid"]: s for s in policy["Statement"]}
+    assert set(by_sid) == {
+        "AccountAdministration",
+        "CloudWatchLogsForThisAccount",
+        "CloudWatchAlarmsToEncryptedTopics",
+    }
+    assert by_sid["AccountAdministration"]["Principal"] == {"AWS": "arn:aws:iam::123456789012:root"}
+    logs = by_sid["CloudWatchLogsForThisAccount"]
+    assert logs["Principal"] == {"Service": "logs.us-east-1.amazonaws.com"}
+    assert logs["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"] == (
+        "arn:aws:logs:us-east-1:123456789012:log-group:*"
+    )
+    assert by_sid["CloudWatchAlarmsToEncryptedTopics"]["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert "kms:*" not in by_sid["CloudWatchAlarmsToEncryptedTopics"]["Action"]
+
+
+def test_log_groups_keep_logs_for_the_retention_and_encrypt_them(known_arns_plan: dict[str, Any]) -> None:
+    groups = {
+        r["values"]["name"]: r["values"] for r in resources(known_arns_plan, "aws_cloudwatch_log_group")
+    }
+    assert set(groups) == {"/aws/lambda/sd-iam", "/aws/vpc-flow-logs/sd-iam"}
+    for group in groups.values():
+        assert group["retention_in_days"] == 365
+        assert group["kms_key_id"] == KMS_KEY
+    function = one(known_arns_plan, "aws_lambda_function")
+    assert function["logging_config"][0]["log_group"] == "/aws/lambda/sd-iam"
+    assert function["kms_key_arn"] == KMS_KEY
+
+
+def test_function_defaults_are_10240_mb_900_s_and_2_concurrent(known_arns_plan: dict[str, Any]) -> None:
+    function = one(known_arns_plan, "aws_lambda_function")
+    assert (function["memory_size"], function["timeout"], function["reserved_concurrent_executions"]) == (
+        10240,
+        900,
+        2,
+    )
+    assert function["architectures"] == ["x86_64"]
+
+
+def test_weights_bucket_is_versioned_kms_encrypted_private_and_tls_only(root_plan: dict[str, Any]) -> None:
+    versioning = one(root_plan, "aws_s3_bucket_versioning")["versioning_configuration"]
+    assert versioning[0]["status"] == "Enabled"
+    rule = one(root_plan, "aws_s3_bucket_server_side_encryption_configuration")["rule"][0]
+    assert rule["apply_server_side_encryption_by_default"][0]["sse_algorithm"] == "aws:kms"
+    assert rule["bucket_key_enabled"] is True
+    block = one(root_plan, "aws_s3_bucket_public_access_block")
+    assert all(
+        block[key] is True
+        for key in (
+            "block_public_acls",
+            "block_public_policy",
+            "ignore_public_acls",
+            "restrict_public_buckets",
+        )
+    )
+    assert one(root_plan, "aws_s3_bucket_ownership_controls")["rule"] == [
+        {"object_ownership": "BucketOwnerEnforced"}
+    ]
+    tls = statements(root_plan, "module.weights_bucket.data.aws_iam_policy_document.this[0]")
+    deny = tls["DenyInsecureTransport"]
+    assert (deny["effect"], deny["actions"], deny["principals"]) == ("Deny", {"s3:*"}, {"*": ["*"]})
+    assert deny["conditions"] == {"aws:SecureTransport": ("Bool", ["false"])}
+
+
+def test_security_group_rules_connect_exactly_the_intended_groups(root_plan: dict[str, Any]) -> None:
+    ingress = {r["index"]: r["values"] for r in resources(root_plan, "aws_vpc_security_group_ingress_rule")}
+    egress = {r["index"]: r["values"] for r in resources(root_plan, "aws_vpc_security_group_egress_rule")}
+    assert set(ingress) == {
+        "efs_from_lambda",
+        "efs_from_seeder",
+        "endpoints_from_seeder",
+        "seeder_ssh 203.0.113.0/24",
+    }
+    assert set(egress) == {"lambda_to_efs", "seeder_to_efs", "seeder_to_s3", "seeder_to_endpoints"}
+    ports = {
+        key: (v["from_port"], v["to_port"], v["ip_protocol"]) for key, v in {**ingress, **egress}.items()
+    }
+    assert ports == {
+        "efs_from_lambda": (2049, 2049, "tcp"),
+        "efs_from_seeder": (2049, 2049, "tcp"),
+        "endpoints_from_seeder": (443, 443, "tcp"),
+        "seeder_ssh 203.0.113.0/24": (22, 22, "tcp"),
+        "lambda_to_efs": (2049, 2049, "tcp"),
+        "seeder_to_efs": (2049, 2049, "tcp"),
+        "seeder_to_s3": (443, 443, "tcp"),
+        "seeder_to_endpoints": (443, 443, "tcp"),
+    }
+    assert all(v["description"] for v in [*ingress.values(), *egress.values()])
+    assert (
+        egress["seeder_to_s3"]["prefix_list_id"]
+        == data_values(root_plan, "module.network.data.aws_ec2_managed_prefix_list.s3")["id"]
+    )
+    # Group ids are unknown until apply: which group each rule joins is read from the module's source.
+    network = tfvars(INFRA / "modules" / "network" / "main.tf")
+    rules = {k: v for block in network["locals"] for k, v in block.items()}
+    wiring = {
+        key: (
+            rule["security_group_id"],
+            rule.get("referenced_security_group_id") or rule.get("prefix_list_id"),
+        )
+        for key, rule in {**rules["ingress_rules"], **rules["egress_rules"]}.items()
+    }
+    assert wiring == {
+        "efs_from_lambda": ("${aws_security_group.efs.id}", "${aws_security_group.lambda.id}"),
+        "efs_from_seeder": ("${aws_security_group.efs.id}", "${aws_security_group.seeder.id}"),
+        "endpoints_from_seeder": (
+            "${one(aws_security_group.endpoints[*].id)}",
+            "${aws_security_group.seeder.id}",
+        ),
+        "lambda_to_efs": ("${aws_security_group.lambda.id}", "${aws_security_group.efs.id}"),
+        "seeder_to_efs": ("${aws_security_group.seeder.id}", "${aws_security_group.efs.id}"),
+        "seeder_to_s3": ("${aws_security_group.seeder.id}", "${data.aws_ec2_managed_prefix_list.s3.id}"),
+        "seeder_to_endpoints": (
+            "${aws_security_group.seeder.id}",
+            "${one(aws_security_group.endpoints[*].id)}",
+        ),
+    }
+
+
+def test_seeder_launches_only_after_its_network_paths_exist(root_plan: dict[str, Any]) -> None:
+    network = module_config(root_plan, "network")["module"]["outputs"]["seeder_security_group_id"]
+    assert set(network["depends_on"]) >= {
+        "aws_route_table_association.private",
+        "aws_vpc_endpoint.s3",
+        "aws_vpc_endpoint.ssm",
+        "aws_vpc_security_group_egress_rule.this",
+    }
+    seeder = module_config(root_plan, "seeder")["expressions"]["security_group_ids"]
+    assert references(seeder)[0] == "module.network.seeder_security_group_id"
+
+
+def test_new_vpc_s3_endpoint_reads_only_the_weights_bucket_and_aws_package_buckets(
+    known_arns_plan: dict[str, Any],
+) -> None:
+    policy = statements(known_arns_plan, "module.network.data.aws_iam_policy_document.s3_endpoint[0]")
+    assert policy["ReadStackBuckets"]["resources"] == [
+        "arn:aws:s3:::acme-weights",
+        "arn:aws:s3:::acme-weights/*",
+    ]
+    assert policy["ReadStackBuckets"]["actions"] == {"s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"}
+    downloads = policy["AmazonLinuxAndSsmAgentDownloads"]
+    assert downloads["actions"] == {"s3:GetObject"}
+    assert "arn:aws:s3:::al2023-repos-eu-west-1-de612dc2/*" in downloads["resources"]
+    assert all(arn.endswith("/*") and "eu-west-1" in arn for arn in downloads["resources"])
+    endpoint = next(
+        r["values"]
+        for r in resources(known_arns_plan, "aws_vpc_endpoint")
+        if r["values"]["vpc_endpoint_type"] == "Gateway"
+    )
+    rendered = json.loads(endpoint["policy"])
+    assert {s["Sid"] for s in rendered["Statement"]} == {
+        "ReadStackBuckets",
+        "AmazonLinuxAndSsmAgentDownloads",
+    }
+
+
+def test_existing_vpc_s3_endpoint_keeps_the_default_policy(existing_vpc_plan: dict[str, Any]) -> None:
+    gateway = next(
+        c
+        for c in existing_vpc_plan["resource_changes"]
+        if c["type"] == "aws_vpc_endpoint" and c["change"]["after"]["vpc_endpoint_type"] == "Gateway"
+    )
+    assert gateway["change"]["after"].get("policy") is None  # left for AWS: full access
+    assert "module.sd_lambda.module.network.data.aws_iam_policy_document.s3_endpoint[0]" not in {
+        c["address"] for c in existing_vpc_plan["resource_changes"]
+    }
+
+
+def test_flow_logs_role_trusts_only_this_accounts_flow_logs(root_defaults_plan: dict[str, Any]) -> None:
+    trust = statements(root_defaults_plan, "module.network.data.aws_iam_policy_document.flow_logs_assume[0]")
+    (statement,) = trust.values()
+    assert statement["principals"] == {"Service": ["vpc-flow-logs.amazonaws.com"]}
+    assert statement["conditions"] == {
+        "aws:SourceAccount": ("StringEquals", ["123456789012"]),
+        "aws:SourceArn": ("ArnLike", ["arn:aws:ec2:us-east-1:123456789012:vpc-flow-log/*"]),
+    }
+    write = statements(root_defaults_plan, "module.network.data.aws_iam_policy_document.flow_logs[0]")
+    (logs,) = write.values()
+    assert logs["actions"] == {"logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"}
+
+
+def test_ecr_lifecycle_expires_only_untagged_images(any_plan: dict[str, Any]) -> None:
+    rules = json.loads(one(any_plan, "aws_ecr_lifecycle_policy")["policy"])["rules"]
+    assert [r["selection"]["tagStatus"] for r in rules] == ["untagged"]
+
+
+def test_mount_targets_are_keyed_by_zone_or_subnet(
+    root_plan: dict[str, Any], existing_vpc_plan: dict[str, Any]
+) -> None:
+    zones = sorted(s["values"]["availability_zone"] for s in resources(root_plan, "aws_subnet"))
+    assert sorted(r["index"] for r in resources(root_plan, "aws_efs_mount_target")) == zones
+    assert len(zones) == 2
+    configured = tfvars(EXAMPLE_VARS / "existing-vpc.tfvars")["private_subnet_ids"]
+    existing = {
+        r["index"]: r["values"]["subnet_id"] for r in resources(existing_vpc_plan, "aws_efs_mount_target")
+    }
+    assert existing == {subnet: subnet for subnet in configured}
+
+
+def test_deploy_driver_addresses_exist_in_the_stack(root_plan: dict[str, Any]) -> None:
+    addresses = {c["address"] for c in root_plan["resource_changes"]}
+    assert set(REGISTRY_TARGETS) <= addresses
+    assert FUNCTION_ADDRESS in addresses
+    assert "image_uri" in root_plan["planned_values"]["outputs"]
+    assert root_plan["planned_values"]["outputs"]["image_uri"]["value"] == tfvars(ROOT_VARS)["image_uri"]
