@@ -48,10 +48,7 @@ def _default(body: dict[str, Any]) -> str:
     value = body["default"]
     if value is None:
         return "`null`"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, str):
-        return f"`{json.dumps(value)}`"
+    # JSON spells strings, numbers, lists, maps and booleans (true/false) as HCL does.
     return f"`{json.dumps(value)}`"
 
 
