@@ -472,3 +472,18 @@ def test_real_plan_that_would_delete_the_function_is_refused_with_one_line(
 
 def _fixture() -> dict[str, Any]:
     return {"registry_targets": FIXTURE_TARGETS, "function_address": FIXTURE_FUNCTION}
+
+
+@pytest.mark.parametrize(("flag", "allowed"), [([], False), (["--allow-function-delete"], True)])
+@pytest.mark.parametrize("action", ["plan", "apply"])
+def test_cli_passes_allow_function_delete(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, action: str, flag: list[str], allowed: bool
+) -> None:
+    seen: list[DeployOptions] = []
+    monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
+    monkeypatch.setattr(deploy, action, lambda options, stack, *rest: seen.append(options))
+
+    assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *flag]) == 0
+
+    assert seen[0].allow_function_delete is allowed
+    assert seen[0].function_address == deploy.FUNCTION_ADDRESS

@@ -900,3 +900,12 @@ def test_deploy_driver_addresses_exist_in_the_stack(root_plan: dict[str, Any]) -
     assert FUNCTION_ADDRESS in addresses
     assert "image_uri" in root_plan["planned_values"]["outputs"]
     assert root_plan["planned_values"]["outputs"]["image_uri"]["value"] == tfvars(ROOT_VARS)["image_uri"]
+
+
+def test_moved_rules_land_on_planned_addresses(root_plan: dict[str, Any]) -> None:
+    """A typo in a moved block's target would silently recreate that rule on upgrade."""
+    moved = tfvars(INFRA / "modules" / "network" / "moved.tf")["moved"]
+    planned = {c["address"] for c in root_plan["resource_changes"]}
+    targets = {f"module.network.{block['to']}".replace("${", "").replace("}", "") for block in moved}
+    assert len(targets) == 7
+    assert targets <= planned, targets - planned
