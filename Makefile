@@ -19,7 +19,7 @@ TF_EXAMPLES = $(patsubst %/,%,$(wildcard $(TF_ROOT)/examples/*/))
 TF_PLAN_VARS ?= $(wildcard tests/infra/offline.tfvars)
 TF_EXAMPLE_VARS_DIR ?= tests/infra/examples
 
-.PHONY: help install test lint format clean
+.PHONY: help install test lint format docs clean
 
 help: ## List every target with a one-line description
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,10 @@ lint: $(INSTALL_STAMP) ## ruff check + ruff format --check + terraform fmt -chec
 format: $(INSTALL_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+docs: $(INSTALL_STAMP) ## Regenerate every generated README table (request fields, environment, make targets, Terraform)
+	$(PY) -m sd_lambda.docs
+	$(PY) scripts/gen_tf_docs.py
 
 clean: ## Remove caches and build outputs (never anything tracked)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

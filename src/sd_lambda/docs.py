@@ -1,4 +1,4 @@
-"""README tables generated from the code that enforces them: the request fields and the environment.
+"""README tables generated from the code that enforces them: request fields, environment, make targets.
 
 ``python -m sd_lambda.docs`` rewrites the blocks between ``<!-- BEGIN generated: NAME -->`` and
 ``<!-- END generated: NAME -->`` in README.md; ``--check`` only reports drift (a test runs it).
@@ -27,7 +27,11 @@ from sd_lambda.request import (
 )
 from sd_lambda.settings import Settings, documented_variables
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+MAKEFILE = REPO / "Makefile"
+# `target: prerequisites ## description` — the same lines `make help` prints.
+MAKE_TARGET = re.compile(r"^([A-Za-z0-9_-]+):[^=]*?## (.+)$", re.MULTILINE)
 
 
 def request_table(settings: Settings | None = None) -> str:
@@ -76,9 +80,19 @@ def configuration_table() -> str:
     return "\n".join(rows)
 
 
+def make_targets_table(makefile: Path = MAKEFILE) -> str:
+    """One row per documented Makefile target, in Makefile order (the source `make help` reads)."""
+    rows = ["| target | what it does |", "| --- | --- |"]
+    for target, description in MAKE_TARGET.findall(makefile.read_text()):
+        escaped = description.strip().replace("|", r"\|")
+        rows.append(f"| `make {target}` | {escaped} |")
+    return "\n".join(rows)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "request-fields": request_table,
     "configuration": configuration_table,
+    "make-targets": make_targets_table,
 }
 
 
