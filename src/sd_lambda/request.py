@@ -137,7 +137,10 @@ class GenerationRequest(BaseModel):
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")] = 90
     scheduler: Annotated[
         SchedulerName | None,
-        Field(description="Sampler; when absent, `SD_DEFAULT_SCHEDULER` decides (auto: the model's own)."),
+        Field(
+            description="Sampler; when absent, `SD_DEFAULT_SCHEDULER` decides "
+            "(auto: the model's own, except PNDM, which becomes dpmpp_2m)."
+        ),
         EngineChoice("`SD_DEFAULT_SCHEDULER`"),
     ] = None
     decoder: Annotated[
