@@ -247,6 +247,17 @@ def test_decoders_are_channels_last_and_the_unet_is_not(engine: Engine) -> None:
     assert engine.pipeline.unet.conv_in.weight.is_contiguous()
 
 
+def test_vae_encoder_is_freed_and_the_full_decoder_still_works(engine: Engine) -> None:
+    vae = engine.pipeline.vae
+    assert vae.encoder is None
+    assert vae.quant_conv is None
+    assert not any(name.startswith(("encoder.", "quant_conv.")) for name, _ in vae.named_parameters())
+    assert sum(p.numel() for p in vae.parameters()) > 0  # the decoder half is still there
+    image = engine.generate(params(decoder="full")).image
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 0
+
+
 def test_describe_reports_the_choices(engine: Engine) -> None:
     described = engine.describe()
     assert described["dtype"] == "float32"
