@@ -1,0 +1,121 @@
+"""2x nearest-neighbour upsampling then a 3x3 convolution, computed without materialising the upsample.
+
+In ``conv3x3(upsample2x(x))`` every output pixel sees only 2x2 distinct pixels of ``x``: its three
+kernel rows fall on two input rows, which rows depending on whether the output row is even or odd
+(and likewise for columns). So the output's four phases (even/odd row x even/odd column) are four
+2x2 convolutions of ``x`` with kernels made of summed 3x3 taps, computed here as one convolution with
+four times the output channels and then interleaved. That is 16 multiply-adds per input pixel and
+channel pair instead of 36, with the same terms summed in a different order. In SD 1.5 the
+upsampling convolutions are 28% of the VAE decoder's FLOPs and 8% of the UNet's.
+
+Row phase 0 (output row 2m) reads input rows m-1 and m with taps (w0, w1 + w2); phase 1 (row 2m+1)
+reads rows m and m+1 with taps (w0 + w1, w2). Columns are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.upsampling import Upsample2D
+
+# Rows: (phase, tap) of a folded 2-tap kernel; columns: the 3 taps of the original kernel.
+_FOLD_1D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+# Its exact left inverse: w0 = phase 0 tap 0, w1 = phase 0 tap 1 - w2, w2 = phase 1 tap 1.
+_UNFOLD_1D = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def _phase_major(matrix_2d: torch.Tensor) -> torch.Tensor:
+    """Rows of a kron product, (row phase, row tap, col phase, col tap) -> (row phase, col phase, taps)."""
+    return matrix_2d.reshape(2, 2, 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(16, -1)
+
+
+# One matrix product folds every 3x3 kernel at once: (out * in, 9) @ (9, 16).
+_FOLD = _phase_major(torch.kron(_FOLD_1D, _FOLD_1D)).T.contiguous()
+_UNFOLD = _phase_major(torch.kron(_UNFOLD_1D, _UNFOLD_1D).T).contiguous()
+
+
+def fold_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) kernel -> (out * 4, in, 2, 2): output channel ``4 * o + 2 * row phase + col phase``."""
+    out_channels, in_channels = weight.shape[:2]
+    folded = weight.reshape(-1, 9) @ _FOLD.to(weight.dtype)  # sums of at most four taps
+    folded = folded.view(out_channels, in_channels, 4, 4).transpose(1, 2)
+    return folded.reshape(4 * out_channels, in_channels, 2, 2)
+
+
+def unfold_kernel(folded: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``fold_kernel``: the original (out, in, 3, 3) kernel."""
+    out_channels, in_channels = folded.shape[0] // 4, folded.shape[1]
+    phases = folded.reshape(out_channels, 4, in_channels, 4).transpose(1, 2).reshape(-1, 16)
+    return (phases @ _UNFOLD.to(folded.dtype)).view(out_channels, in_channels, 3, 3)
+
+
+class FoldedUpsample2D(torch.nn.Module):
+    """Drop-in for a diffusers ``Upsample2D`` (nearest 2x, 3x3 conv, padding 1) holding only the folded
+    kernel. An ``output_size`` other than twice the input (odd latent sizes in the UNet) takes the
+    original path, with the 3x3 kernel rebuilt for that call."""
+
+    def __init__(self, upsample: Upsample2D) -> None:
+        super().__init__()
+        conv = upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
+        self.channels = upsample.channels
+        self.out_channels = conv.out_channels
+        with torch.no_grad():
+            self.weight = torch.nn.Parameter(fold_kernel(conv.weight), requires_grad=False)
+            bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        batch, _, height, width = hidden_states.shape
+        if output_size is not None and tuple(output_size) != (2 * height, 2 * width):
+            upsampled = F.interpolate(hidden_states, size=output_size, mode="nearest")
+            bias = None if self.bias is None else self.bias[::4]
+            return F.conv2d(upsampled, unfold_kernel(self.weight), bias, padding=1)
+        phases = F.conv2d(hidden_states, self.weight, self.bias, padding=1)  # (N, 4C, H + 1, W + 1)
+        channels = self.out_channels
+        # By strides, as the convolution decides: 1x1 inputs are "contiguous" in both formats.
+        channels_last = hidden_states.stride(1) == 1 and hidden_states.stride(3) == hidden_states.shape[1]
+        # Interleave in the input's memory format, so the next layer gets the layout it was tuned for.
+        if channels_last:
+            out = phases.new_empty(batch, height, 2, width, 2, channels)
+            target = out.permute(0, 2, 4, 5, 1, 3)  # (N, row phase, col phase, C, H, W) view
+        else:
+            out = phases.new_empty(batch, channels, height, 2, width, 2)
+            target = out.permute(0, 3, 5, 1, 2, 4)
+        split = phases.unflatten(1, (channels, 2, 2))
+        for row in (0, 1):
+            for col in (0, 1):
+                target[:, row, col] = split[:, :, row, col, row : row + height, col : col + width]
+        if channels_last:
+            return out.view(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
+        return out.view(batch, channels, 2 * height, 2 * width)
+
+
+def foldable(module: torch.nn.Module) -> bool:
+    if type(module) is not Upsample2D or not module.use_conv or module.use_conv_transpose:
+        return False
+    if not module.interpolate or module.norm is not None:
+        return False
+    conv = module.conv if module.name == "conv" else module.Conv2d_0
+    return (
+        isinstance(conv, torch.nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def fold_upsamplers(model: torch.nn.Module) -> int:
+    """Replace every foldable ``Upsample2D`` in ``model``; returns how many were replaced."""
+    targets = [name for name, module in model.named_modules() if name and foldable(module)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, FoldedUpsample2D(getattr(parent, child)))
+    return len(targets)
