@@ -27,11 +27,11 @@ from PIL import Image
 from sd_lambda import cpu
 from sd_lambda.feature_reuse import FeatureReuse
 from sd_lambda.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
-from sd_lambda.inplace_activations import silu_in_place
+from sd_lambda.in_place import decoder_in_place
 from sd_lambda.layout import LayoutError, find_pickle_weights
 from sd_lambda.settings import Settings
 from sd_lambda.upsample_fold import fold_upsamplers
-from sd_lambda.weights import cast_releasing_pages
+from sd_lambda.weights import cast_releasing_pages, release_mapped_pages
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +228,9 @@ class Engine:
         )
         drop_vae_encoder(pipeline.vae)
         # Before the cast, so the summed taps are rounded once, to the runtime dtype.
-        folded_upsamplers = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
-        silu_in_place(pipeline.vae)
+        replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
+        release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
+        decoder_in_place(pipeline.vae.decoder)
         # Decoders are convolutions over full-resolution images: channels_last lets oneDNN skip layout
         # reorders there. The UNet measured no faster with it and cost a weight copy, so it stays NCHW.
         for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
@@ -254,7 +255,7 @@ class Engine:
             default_scheduler=default_scheduler,
             scheduler_reason=scheduler_reason,
             malloc_tuned=malloc_tuned,
-            folded_upsamplers=folded_upsamplers,
+            folded_upsamplers=len(replaced),
         )
         engine = cls(
             pipeline,

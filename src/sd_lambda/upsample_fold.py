@@ -111,11 +111,14 @@ def foldable(module: torch.nn.Module) -> bool:
     )
 
 
-def fold_upsamplers(model: torch.nn.Module) -> int:
-    """Replace every foldable ``Upsample2D`` in ``model``; returns how many were replaced."""
+def fold_upsamplers(model: torch.nn.Module) -> list[Upsample2D]:
+    """Replace every foldable ``Upsample2D`` in ``model``; returns the replaced modules (their weights
+    are no longer used)."""
     targets = [name for name, module in model.named_modules() if name and foldable(module)]
+    replaced = []
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, FoldedUpsample2D(getattr(parent, child)))
-    return len(targets)
+        replaced.append(getattr(parent, child))
+        setattr(parent, child, FoldedUpsample2D(replaced[-1]))
+    return replaced

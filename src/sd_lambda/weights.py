@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -41,13 +42,39 @@ def _inside(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
     return index >= 0 and ranges[index][0] <= start and end <= ranges[index][1]
 
 
+class MappedPageReleaser:
+    """Drops the resident pages of tensors that live in ``.safetensors`` file mappings once they are no
+    longer used (``MADV_DONTNEED`` on whole pages inside each tensor). A no-op without such mappings."""
+
+    def __init__(self) -> None:
+        self._ranges = file_mapped_ranges()
+        self._libc = ctypes.CDLL(None, use_errno=True) if self._ranges else None
+        self.released = 0
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if self._libc is None:
+            return
+        page = mmap.PAGESIZE
+        start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+        first, last = -(-start // page) * page, end // page * page  # whole pages only
+        if last <= first or not _inside(self._ranges, first, last):
+            return
+        if self._libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
+            self.released += last - first
+
+
+def release_mapped_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop the mapped pages of tensors that were replaced; returns the bytes dropped."""
+    releaser = MappedPageReleaser()
+    for tensor in tensors:
+        releaser.release(tensor)
+    return releaser.released
+
+
 def cast_releasing_pages(module: torch.nn.Module, dtype: torch.dtype, channels_last: bool = False) -> int:
     """Cast floating-point parameters and buffers to ``dtype`` (and 4-d ones to channels_last when asked),
     in one copy per tensor; returns the bytes of mapped pages dropped."""
-    ranges = file_mapped_ranges()
-    libc = ctypes.CDLL(None, use_errno=True) if ranges else None
-    page = mmap.PAGESIZE
-    released = 0
+    releaser = MappedPageReleaser()
     tensors = [*module.named_parameters(recurse=True), *module.named_buffers(recurse=True)]
     for _, tensor in tensors:
         if not tensor.is_floating_point():
@@ -61,12 +88,5 @@ def cast_releasing_pages(module: torch.nn.Module, dtype: torch.dtype, channels_l
             continue
         old = tensor.data
         tensor.data = new
-        if libc is None:
-            continue
-        start, end = old.data_ptr(), old.data_ptr() + old.nbytes
-        first, last = -(-start // page) * page, end // page * page  # whole pages only
-        if last <= first or not _inside(ranges, first, last):
-            continue
-        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
-            released += last - first
-    return released
+        releaser.release(old)
+    return releaser.released

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_lambda.weights import cast_releasing_pages, file_mapped_ranges
+from sd_lambda.weights import cast_releasing_pages, file_mapped_ranges, release_mapped_pages
 
 
 def test_cast_matches_a_plain_cast_and_drops_the_mapped_pages(tmp_path: Path) -> None:
@@ -61,3 +61,13 @@ def test_channels_last_relayout_in_the_same_copy(tmp_path: Path) -> None:
     assert conv.weight.dtype == torch.float32
     assert torch.equal(conv.weight, expected)
     assert conv.bias.dim() == 1  # not 4-d: left as it was
+
+
+def test_replaced_tensors_have_their_mapped_pages_dropped_and_still_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    original = {"a": torch.randn(256, 1024), "b": torch.randn(8)}
+    save_file(original, path)
+    mapped = load_file(path)
+    assert release_mapped_pages([mapped["a"]]) >= mapped["a"].nbytes - 2 * mmap.PAGESIZE
+    assert release_mapped_pages([torch.randn(256, 1024)]) == 0  # not in a mapping: untouched
+    assert torch.equal(mapped["a"], original["a"])  # dropped pages fault back in from the file
