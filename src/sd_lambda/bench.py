@@ -155,6 +155,19 @@ def run_worker(config: BenchConfig, variant: str, isa: str) -> dict[str, Any]:
     raise WorkerError(f"{variant} ({isa}) worker exited {completed.returncode} without a result: {tail}")
 
 
+def run_order(config: BenchConfig) -> list[tuple[int, str, str]]:
+    """(round, isa, variant) in run order. Each round starts one variant later, so no variant always
+    runs first after the previous ISA's processes (or the model build), where the machine may be in a
+    different state; medians over rounds then see every variant in every position."""
+    order = []
+    variants = list(config.variants)
+    for round_index in range(config.rounds):
+        shift = round_index % len(variants)
+        for isa in config.isas:
+            order += [(round_index, isa, variant) for variant in variants[shift:] + variants[:shift]]
+    return order
+
+
 def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]:
     from sd_lambda.flops import count_flops
 
@@ -162,13 +175,11 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
     started = time.time()
     flops = count_flops(config.model_dir, config.width, config.height)
     samples: list[dict[str, Any]] = []
-    for round_index in range(config.rounds):
-        for isa in config.isas:
-            for variant in config.variants:
-                progress(f"round {round_index + 1}/{config.rounds}: {variant} ({isa}) ...")
-                sample = run_worker(config, variant, isa)
-                samples.append({"round": round_index, **sample})
-                progress(f"  {sample['images'][-1]['seconds']:.2f} s/image, {sample['dtype']}")
+    for round_index, isa, variant in run_order(config):
+        progress(f"round {round_index + 1}/{config.rounds}: {variant} ({isa}) ...")
+        sample = run_worker(config, variant, isa)
+        samples.append({"round": round_index, **sample})
+        progress(f"  {sample['images'][-1]['seconds']:.2f} s/image, {sample['dtype']}")
     flags = cpu.read_cpu_flags()
     summary = summarize(samples, flops.to_dict(), flags, cpu.cpu_ghz() or 0.0)
     return {

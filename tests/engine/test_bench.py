@@ -137,3 +137,15 @@ def test_test_model_is_built_once(tmp_path: Path) -> None:
     assert bench.ensure_test_model(folder, size="tiny") == folder
     assert marker.exists()
     assert not (tmp_path / "tiny.partial").exists()
+
+
+def test_each_round_starts_one_variant_later() -> None:
+    config = bench.BenchConfig(Path("m"), 64, 64, 1, 0, 3, ("native", "avx2"), variants=("a", "b", "c"))
+    order = bench.run_order(config)
+    assert len(order) == 3 * 2 * 3
+    firsts = [variant for (round_index, isa, variant) in order[::3]]
+    assert firsts == ["a", "a", "b", "b", "c", "c"]
+    for round_index in range(3):
+        for isa in ("native", "avx2"):
+            ran = [v for (r, i, v) in order if (r, i) == (round_index, isa)]
+            assert sorted(ran) == ["a", "b", "c"]
