@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("naive", "project", "reuse", "fast")
+VARIANTS = ("naive", "project", "reuse", "fast", "fast_lcm")
 FEATURE_REUSE_INTERVAL = 2
 RESULT_PREFIX = "BENCH-RESULT "
 
@@ -69,7 +69,7 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
     from sd_lambda.engine import Engine, GenerationParams
     from sd_lambda.settings import Settings
 
-    fast = variant == "fast"
+    fast = variant in ("fast", "fast_lcm")
     settings = Settings.from_env()
     if not fast:
         settings = replace(settings, default_decoder="full")

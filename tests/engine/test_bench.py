@@ -17,10 +17,10 @@ def test_quick_bench_end_to_end_under_avx2(
 ) -> None:
     out = tmp_path / "bench.json"
     argv = ["bench", "--quick", "--model-dir", str(tiny_model_dir), "--size", "64", "--isa", "avx2"]
-    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {"avx2/naive", "avx2/project", "avx2/reuse", "avx2/fast"}
+    assert set(results) == {f"avx2/{v}" for v in ("naive", "project", "reuse", "fast", "fast_lcm")}
     for entry in results.values():
         # The ISA cap reached each worker: ATen ran AVX2 kernels and the engine chose fp32.
         assert entry["cpu_capability"] == "AVX2"
@@ -33,7 +33,18 @@ def test_quick_bench_end_to_end_under_avx2(
     naive, project, fast = results["avx2/naive"], results["avx2/project"], results["avx2/fast"]
     assert (naive["scheduler"], naive["unet_calls"], naive["unet_batch"]) == ("PNDMScheduler", 3, 2)
     assert (project["decoder"], project["unet_calls"], project["unet_batch"]) == ("full", 2, 2)
-    assert fast["decoder"] == "tiny"
+    assert (fast["decoder"], fast["unet_batch"]) == ("tiny", 2)  # the tiny SD 1.5 model needs guidance
+    # Same weights with an LCM scheduler: the model allows no guidance, so one batch item per call.
+    lcm = results["avx2/fast_lcm"]
+    assert (lcm["scheduler"], lcm["decoder"], lcm["unet_calls"], lcm["unet_batch"]) == (
+        "LCMScheduler",
+        "tiny",
+        2,
+        1,
+    )
+    lcm_dir = Path(report["config"]["lcm_model_dir"])
+    assert (lcm_dir / "unet").resolve() == (tiny_model_dir / "unet").resolve()  # shared, not copied
+    assert "PNDMScheduler" in (tiny_model_dir / "model_index.json").read_text()  # the original is untouched
     reuse = results["avx2/reuse"]
     assert reuse["image_gflop"] < project["image_gflop"]  # its second UNet call reused the deep features
     assert report["samples"][2]["images"][0]["reused_calls"] == 1
@@ -42,9 +53,11 @@ def test_quick_bench_end_to_end_under_avx2(
         naive["seconds_per_image"] / project["seconds_per_image"]
     )
     assert ratios["fast_speedup"] == pytest.approx(naive["seconds_per_image"] / fast["seconds_per_image"])
+    assert ratios["fast_lcm_speedup"] == pytest.approx(naive["seconds_per_image"] / lcm["seconds_per_image"])
+    assert report["targets"]["avx2"]["fast_lcm_speedup"]["target"] == 3.0
     assert report["targets"]["avx2"]["project_speedup"]["target"] == 1.3
     assert len(report["machine"]["loadavg_before"]) == len(report["machine"]["loadavg_after"]) == 3
-    assert len(report["samples"]) == 4
+    assert len(report["samples"]) == 5
     assert report["flops"]["unet"] > report["flops"]["unet_reused"] > 0
     assert report["flops"]["tiny_decode"] > 0
     printed = capsys.readouterr().out
