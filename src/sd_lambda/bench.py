@@ -249,15 +249,21 @@ def isa_flags(flags: frozenset[str], isa: str) -> frozenset[str]:
     return flags
 
 
-def unet_flops(flops: dict[str, Any], sample: dict[str, Any]) -> float:
+def unet_flops(flops: dict[str, Any], sample: dict[str, Any], engine: bool) -> float:
+    suffix = "_engine" if engine else ""
     reused = sample.get("reused_calls", 0)
     full = sample["unet_calls"] - reused
-    return sample["unet_batch"] * (full * flops["unet"] + reused * flops["unet_reused"])
+    per_call, per_reused_call = flops["unet" + suffix], flops["unet_reused" + suffix]
+    return sample["unet_batch"] * (full * per_call + reused * per_reused_call)
 
 
-def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str) -> float:
-    decode = flops["tiny_decode"] if decoder == "tiny" else flops["vae_decode"]
-    return unet_flops(flops, sample) + decode + flops["text_encoder"] * sample["text_encoder_calls"]
+def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str, engine: bool) -> float:
+    """What the variant computed: naive runs stock diffusers modules, the others the engine's."""
+    if decoder == "tiny":
+        decode = flops["tiny_decode"]
+    else:
+        decode = flops["vae_decode_engine" if engine else "vae_decode"]
+    return unet_flops(flops, sample, engine) + decode + flops["text_encoder"] * sample["text_encoder_calls"]
 
 
 def summarize(
@@ -272,9 +278,11 @@ def summarize(
         warm = [image for run in runs for image in run["images"][1:]] or [run["images"][0] for run in runs]
         seconds = _median([image["seconds"] for image in warm])
         per_call = _median([image["unet_seconds"] / image["unet_calls"] for image in warm])
-        work = _median([image_flops(flops, image, first["decoder"]) for image in warm])
+        engine = first["variant"] != "naive"
+        work = _median([image_flops(flops, image, first["decoder"], engine) for image in warm])
         peak = cpu.peak_gflops(isa_flags(flags, first["isa"]), first["threads"], ghz, first["dtype"])
-        unet_gflops = _median([unet_flops(flops, image) / image["unet_seconds"] for image in warm]) / 1e9
+        unet_rates = [unet_flops(flops, image, engine) / image["unet_seconds"] for image in warm]
+        unet_gflops = _median(unet_rates) / 1e9
         entry.update(
             isa=first["isa"],
             variant=first["variant"],
@@ -373,7 +381,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"FLOPs at {flops['width']}x{flops['height']} (torch FlopCounterMode, meta device): "
         f"UNet {flops['unet'] / 1e9:.0f} GFLOP per call per batch item "
         f"({flops['unet_reused'] / 1e9:.0f} with deep features reused), VAE decode "
-        f"{flops['vae_decode'] / 1e9:.0f}, tiny decode {tiny}, text encoder {flops['text_encoder'] / 1e9:.1f}"
+        f"{flops['vae_decode'] / 1e9:.0f}, tiny decode {tiny}, "
+        f"text encoder {flops['text_encoder'] / 1e9:.1f}; "
+        f"the engine's, upsample convolutions folded: UNet {flops['unet_engine'] / 1e9:.0f} "
+        f"({flops['unet_reused_engine'] / 1e9:.0f} reused), VAE decode {flops['vae_decode_engine'] / 1e9:.0f}"
     )
     lines.append(
         "nominal peak = threads x the clock /proc/cpuinfo reports x FLOPs per cycle (2 FMA pipes: 64 "

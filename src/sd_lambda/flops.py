@@ -3,6 +3,8 @@
 ``torch.utils.flop_counter.FlopCounterMode`` counts matmuls and convolutions (2 FLOPs per
 multiply-add), including attention's batched matmuls; elementwise work (norms, activations) is not
 counted, so achieved GFLOP/s derived from these numbers is a slight under-estimate of work done.
+The ``*_engine`` counts are what the engine computes: its upsample convolutions are folded
+(``sd_lambda.upsample_fold``), the same result from fewer multiply-adds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ TINY_DECODER_FOLDER = "vae_tiny"
 @dataclass(frozen=True)
 class ComponentFlops:
     """FLOPs at one image size: UNet per call per batch item (full, and with deep features reused),
-    decoders per image, text encoder per prompt."""
+    decoders per image, text encoder per prompt; stock diffusers modules, and the engine's."""
 
     width: int
     height: int
@@ -25,6 +27,9 @@ class ComponentFlops:
     vae_decode: int
     tiny_decode: int | None
     text_encoder: int
+    unet_engine: int
+    unet_reused_engine: int
+    vae_decode_engine: int
 
     def to_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -37,6 +42,7 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sd_lambda.feature_reuse import FeatureReuse
+    from sd_lambda.upsample_fold import fold_upsamplers
 
     def counted(run) -> int:
         with FlopCounterMode(display=False) as counter:
@@ -56,16 +62,35 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
         def unet_call() -> None:
             unet(latents, torch.tensor([1.0]), encoder_hidden_states=context)
 
-        unet_flops = counted(unet_call)
+        def unet_calls() -> tuple[int, int]:
+            full = counted(unet_call)
+            reuse.start(2)
+            unet_call()  # full: fills the cache
+            reused = counted(unet_call)
+            reuse.stop()
+            return full, reused
+
         reuse = FeatureReuse(unet)
-        reuse.start(2)
-        unet_call()  # full: fills the cache
-        unet_reused_flops = counted(unet_call)
-        reuse.stop()
+        unet_flops, unet_reused_flops = unet_calls()
         vae_flops = counted(lambda: vae.decode(latents))
+        fold_upsamplers(unet)
+        fold_upsamplers(vae)
+        unet_engine_flops, unet_reused_engine_flops = unet_calls()
+        vae_engine_flops = counted(lambda: vae.decode(latents))
         text_flops = counted(lambda: text_encoder(tokens))
         tiny_flops = None
         if (model_dir / TINY_DECODER_FOLDER).is_dir():
             tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(model_dir / TINY_DECODER_FOLDER))
             tiny_flops = counted(lambda: tiny.decode(latents))
-    return ComponentFlops(width, height, unet_flops, unet_reused_flops, vae_flops, tiny_flops, text_flops)
+    return ComponentFlops(
+        width,
+        height,
+        unet_flops,
+        unet_reused_flops,
+        vae_flops,
+        tiny_flops,
+        text_flops,
+        unet_engine_flops,
+        unet_reused_engine_flops,
+        vae_engine_flops,
+    )

@@ -39,7 +39,7 @@ _UNFOLD = _phase_major(torch.kron(_UNFOLD_1D, _UNFOLD_1D).T).contiguous()
 def fold_kernel(weight: torch.Tensor) -> torch.Tensor:
     """(out, in, 3, 3) kernel -> (out * 4, in, 2, 2): output channel ``4 * o + 2 * row phase + col phase``."""
     out_channels, in_channels = weight.shape[:2]
-    folded = weight.reshape(-1, 9) @ _FOLD.to(weight.dtype)  # sums of at most four taps
+    folded = weight.reshape(-1, 9) @ _FOLD.to(weight)  # sums of at most four taps
     folded = folded.view(out_channels, in_channels, 4, 4).transpose(1, 2)
     return folded.reshape(4 * out_channels, in_channels, 2, 2)
 
@@ -48,7 +48,7 @@ def unfold_kernel(folded: torch.Tensor) -> torch.Tensor:
     """Inverse of ``fold_kernel``: the original (out, in, 3, 3) kernel."""
     out_channels, in_channels = folded.shape[0] // 4, folded.shape[1]
     phases = folded.reshape(out_channels, 4, in_channels, 4).transpose(1, 2).reshape(-1, 16)
-    return (phases @ _UNFOLD.to(folded.dtype)).view(out_channels, in_channels, 3, 3)
+    return (phases @ _UNFOLD.to(folded)).view(out_channels, in_channels, 3, 3)
 
 
 class FoldedUpsample2D(torch.nn.Module):

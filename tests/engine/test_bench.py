@@ -59,6 +59,9 @@ def test_quick_bench_end_to_end_under_avx2(
     assert len(report["machine"]["loadavg_before"]) == len(report["machine"]["loadavg_after"]) == 3
     assert len(report["samples"]) == 5
     assert report["flops"]["unet"] > report["flops"]["unet_reused"] > 0
+    flops = report["flops"]
+    assert flops["unet"] > flops["unet_engine"] > flops["unet_reused_engine"] > 0
+    assert report["flops"]["vae_decode"] > report["flops"]["vae_decode_engine"] > 0
     assert report["flops"]["tiny_decode"] > 0
     printed = capsys.readouterr().out
     assert "| avx2/naive |" in printed
@@ -95,6 +98,9 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
         "vae_decode": 4 * 10**9,
         "tiny_decode": 10**8,
         "text_encoder": 10**7,
+        "unet_engine": 9 * 10**8,
+        "unet_reused_engine": 3 * 10**8,
+        "vae_decode_engine": 3 * 10**9,
     }
     samples = [
         _sample("native", "naive", [99.0, 10.0, 12.0]),  # the first (cold) image is left out of s/image
@@ -111,6 +117,9 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
     # 4 calls x batch 2 x 1 GFLOP over each warm image's UNet seconds (5 and 6), median of the two
     assert naive["unet_gflops_per_second"] == pytest.approx((8 / 5 + 8 / 6) / 2)
     assert naive["image_gflop"] == pytest.approx((4 * 2 * 10**9 + 4 * 10**9 + 10**7) / 1e9)
+    # The engine's variants are counted with the engine's (folded) FLOPs, not the stock modules'.
+    project = summary["results"]["native/project"]
+    assert project["image_gflop"] == pytest.approx((4 * 2 * 9 * 10**8 + 3 * 10**9 + 10**7) / 1e9)
     assert summary["ratios"]["native"] == {"project_speedup": 11.0 / 4.5, "fast_speedup": 5.5}
     targets = summary["targets"]["native"]
     assert targets["project_speedup"]["met"] is True  # 2.44 >= 1.8
