@@ -282,7 +282,7 @@ class Engine:
             "on" if self.defaults.uses_guidance else "off",
         )
         logger.info(
-            "engine memory: channels_last decoders with in-place SiLU, NCHW UNet, %d upsample+conv pairs"
+            "engine memory: channels_last decoders, in-place VAE resnets, NCHW UNet, %d upsample+conv pairs"
             " folded, glibc heap kept=%s, load %.2fs",
             c.folded_upsamplers,
             c.malloc_tuned,
