@@ -22,8 +22,6 @@ from diffusers.models.upsampling import Upsample2D
 
 # Rows: (phase, tap) of a folded 2-tap kernel; columns: the 3 taps of the original kernel.
 _FOLD_1D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-# Its exact left inverse: w0 = phase 0 tap 0, w1 = phase 0 tap 1 - w2, w2 = phase 1 tap 1.
-_UNFOLD_1D = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def _phase_major(matrix_2d: torch.Tensor) -> torch.Tensor:
@@ -33,7 +31,6 @@ def _phase_major(matrix_2d: torch.Tensor) -> torch.Tensor:
 
 # One matrix product folds every 3x3 kernel at once: (out * in, 9) @ (9, 16).
 _FOLD = _phase_major(torch.kron(_FOLD_1D, _FOLD_1D)).T.contiguous()
-_UNFOLD = _phase_major(torch.kron(_UNFOLD_1D, _UNFOLD_1D).T).contiguous()
 
 
 def fold_kernel(weight: torch.Tensor) -> torch.Tensor:
@@ -44,23 +41,19 @@ def fold_kernel(weight: torch.Tensor) -> torch.Tensor:
     return folded.reshape(4 * out_channels, in_channels, 2, 2)
 
 
-def unfold_kernel(folded: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``fold_kernel``: the original (out, in, 3, 3) kernel."""
-    out_channels, in_channels = folded.shape[0] // 4, folded.shape[1]
-    phases = folded.reshape(out_channels, 4, in_channels, 4).transpose(1, 2).reshape(-1, 16)
-    return (phases @ _UNFOLD.to(folded)).view(out_channels, in_channels, 3, 3)
-
-
 class FoldedUpsample2D(torch.nn.Module):
-    """Drop-in for a diffusers ``Upsample2D`` (nearest 2x, 3x3 conv, padding 1) holding only the folded
-    kernel. An ``output_size`` other than twice the input (odd latent sizes in the UNet) takes the
-    original path, with the 3x3 kernel rebuilt for that call."""
+    """Drop-in for a diffusers ``Upsample2D`` (nearest 2x, 3x3 conv, padding 1). An ``output_size`` other
+    than twice the input (odd latent sizes in the UNet) takes the original path with the original
+    kernel. That kernel is kept as a plain attribute, not a parameter: casts leave it as loaded (in the
+    engine, memory-mapped with its pages dropped, so it costs memory only when an odd size needs it)
+    and each such call casts it to the input's dtype, as the stock module's cast would have."""
 
     def __init__(self, upsample: Upsample2D) -> None:
         super().__init__()
         conv = upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
         self.channels = upsample.channels
         self.out_channels = conv.out_channels
+        self.stock_kernel = (conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
         with torch.no_grad():
             self.weight = torch.nn.Parameter(fold_kernel(conv.weight), requires_grad=False)
             bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
@@ -70,10 +63,12 @@ class FoldedUpsample2D(torch.nn.Module):
         self, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         batch, _, height, width = hidden_states.shape
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
         if output_size is not None and tuple(output_size) != (2 * height, 2 * width):
             upsampled = F.interpolate(hidden_states, size=output_size, mode="nearest")
-            bias = None if self.bias is None else self.bias[::4]
-            return F.conv2d(upsampled, unfold_kernel(self.weight), bias, padding=1)
+            weight, bias = (None if t is None else t.to(hidden_states.dtype) for t in self.stock_kernel)
+            return F.conv2d(upsampled, weight, bias, padding=1)
         phases = F.conv2d(hidden_states, self.weight, self.bias, padding=1)  # (N, 4C, H + 1, W + 1)
         channels = self.out_channels
         # By strides, as the convolution decides: 1x1 inputs are "contiguous" in both formats.

@@ -10,7 +10,7 @@ from diffusers.models.upsampling import Upsample2D
 from sd_lambda.engine import Engine
 from sd_lambda.generation import GenerationParams
 from sd_lambda.settings import Settings
-from sd_lambda.upsample_fold import FoldedUpsample2D, fold_kernel, fold_upsamplers, unfold_kernel
+from sd_lambda.upsample_fold import FoldedUpsample2D, fold_kernel, fold_upsamplers
 
 
 def upsample(channels: int = 6, out_channels: int = 5, bias: bool = True, seed: int = 0) -> Upsample2D:
@@ -18,11 +18,10 @@ def upsample(channels: int = 6, out_channels: int = 5, bias: bool = True, seed: 
     return Upsample2D(channels, use_conv=True, out_channels=out_channels, bias=bias).eval()
 
 
-def test_unfold_recovers_the_kernel_and_fold_matches_a_hand_computed_phase() -> None:
+def test_fold_matches_a_hand_computed_phase() -> None:
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     folded = fold_kernel(weight)
     assert folded.shape == (12, 2, 2, 2)  # output channel 4 * o + 2 * row phase + col phase
-    torch.testing.assert_close(unfold_kernel(folded), weight)
     # Phase (row 1, col 0), output channel 0: rows (w0 + w1, w2), columns (w0, w1 + w2).
     w = weight[0]
     expected = torch.stack(
@@ -62,6 +61,29 @@ def test_explicit_output_sizes_match_including_odd_ones(output_size: tuple[int, 
         )
 
 
+def test_odd_sizes_in_bf16_match_the_stock_module_cast_to_bf16() -> None:
+    original = upsample()
+    folded = FoldedUpsample2D(original)
+    stock = original.to(torch.bfloat16)
+    folded.to(torch.bfloat16)
+    x = torch.randn(1, 6, 9, 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x, (17, 15)), stock(x, output_size=(17, 15)), rtol=0, atol=0)
+        assert folded(x, 16).shape == (1, 5, 16, 16)  # an int size means both sides, as in F.interpolate
+
+
+def test_a_conv_named_conv2d_0_folds_too() -> None:
+    torch.manual_seed(0)
+    original = Upsample2D(6, use_conv=True, name="Conv2d_0").eval()
+    x = torch.randn(1, 6, 5, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(FoldedUpsample2D(original)(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+class _CustomUpsample(Upsample2D):
+    pass
+
+
 def test_only_nearest_upsample_with_a_3x3_conv_is_replaced() -> None:
     model = torch.nn.ModuleDict(
         {
@@ -70,14 +92,17 @@ def test_only_nearest_upsample_with_a_3x3_conv_is_replaced() -> None:
             "transpose": Upsample2D(4, use_conv_transpose=True),
             "no_interpolate": Upsample2D(4, use_conv=True, interpolate=False),
             "five": Upsample2D(4, use_conv=True, kernel_size=5, padding=2),
+            "normed": Upsample2D(4, use_conv=True, norm_type="ln_norm", eps=1e-5, elementwise_affine=True),
+            "subclass": _CustomUpsample(4, use_conv=True),
         }
     )
     assert len(fold_upsamplers(model)) == 2
     assert isinstance(model["conv"], FoldedUpsample2D)
     assert isinstance(model["blocks"][0], FoldedUpsample2D)
     assert type(model["blocks"][1]) is Upsample2D
-    assert all(type(model[name]) is Upsample2D for name in ("transpose", "no_interpolate", "five"))
-    assert not any(name.endswith("conv.weight") for name, _ in model["conv"].named_parameters())
+    assert all(type(model[name]) is Upsample2D for name in ("transpose", "no_interpolate", "five", "normed"))
+    assert type(model["subclass"]) is _CustomUpsample  # its forward may differ: left alone
+    assert [name for name, _ in model["conv"].named_parameters()] == ["weight", "bias"]  # folded only
 
 
 @pytest.fixture(scope="module")
