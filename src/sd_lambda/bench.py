@@ -43,6 +43,7 @@ TARGETS = {"project_speedup": {"avx2": 1.3, "native": 1.8}, "fast_speedup": 3.0}
 TARGET_PEAK_RSS_GB = 5.5
 TARGET_IMPORT_LOAD_SECONDS = 4.0
 WORKER_TIMEOUT_SECONDS = 3600
+LCM_VIEW_MARKER = ".sd-lambda-bench-lcm-view"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model_dir = ensure_test_model(args.cache / "sd15")
     isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
-    lcm_dir = lcm_view(model_dir, args.cache / f"{model_dir.resolve().name}-lcm")
+    lcm_dir = lcm_view(model_dir, args.cache / "lcm-views" / model_dir.resolve().name)
     config = BenchConfig(model_dir, side, side, steps, repeats, rounds, isas, lcm_model_dir=lcm_dir)
     try:
         report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -141,16 +142,26 @@ def ensure_test_model(folder: Path, size: str = "sd15") -> Path:
 
 def lcm_view(model_dir: Path, folder: Path) -> Path:
     """``model_dir`` with its scheduler swapped for LCMScheduler: every other entry is a symlink to the
-    original, so the weights are shared, not copied. Rebuilt on every call (it is cheap)."""
+    original, so the weights are shared, not copied. Rebuilt on every call (it is cheap); an existing
+    ``folder`` is replaced only if it is such a view. The model's own defaults marker is left out, so
+    the engine derives the LCM defaults (no classifier-free guidance) as it would for an LCM model."""
     from diffusers import LCMScheduler
 
+    from sd_lambda.cli import CommandError
+    from sd_lambda.engine import DEFAULTS_MARKER
+
     if folder.exists():
+        if not (folder / LCM_VIEW_MARKER).is_file():
+            raise CommandError(
+                f"{folder} exists and is not a bench LCM view; move it or pass another --cache"
+            )
         import shutil
 
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    (folder / LCM_VIEW_MARKER).write_text(f"LCM-scheduler view of {model_dir.resolve()}\n")
     for entry in model_dir.resolve().iterdir():
-        if entry.name not in ("scheduler", "model_index.json"):
+        if entry.name not in ("scheduler", "model_index.json", DEFAULTS_MARKER):
             (folder / entry.name).symlink_to(entry)
     config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     LCMScheduler.from_config(config).save_pretrained(folder / "scheduler")
@@ -192,7 +203,7 @@ def run_worker(config: BenchConfig, variant: str, isa: str) -> dict[str, Any]:
 def run_order(config: BenchConfig) -> list[tuple[int, str, str]]:
     """(round, isa, variant) in run order. Each round starts one variant later, so no variant always
     runs first after the previous ISA's processes (or the model build), where the machine may be in a
-    different state; medians over rounds then see every variant in every position."""
+    different state (with as many rounds as variants, every variant runs in every position)."""
     order = []
     variants = list(config.variants)
     for round_index in range(config.rounds):

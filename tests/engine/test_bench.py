@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sd_lambda import bench
-from sd_lambda.cli import main
+from sd_lambda.cli import CommandError, main
+from sd_lambda.engine import DEFAULTS_MARKER
 
 
 def test_quick_bench_end_to_end_under_avx2(
@@ -171,3 +173,21 @@ def test_each_round_starts_one_variant_later() -> None:
         for isa in ("native", "avx2"):
             ran = [v for (r, i, v) in order if (r, i) == (round_index, isa)]
             assert sorted(ran) == ["a", "b", "c"]
+
+
+def test_lcm_view_drops_the_defaults_marker_and_replaces_only_views(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / DEFAULTS_MARKER).write_text(json.dumps({"guidance_scale": 7.5}))
+    view = bench.lcm_view(model, tmp_path / "views" / "model")
+    assert not (view / DEFAULTS_MARKER).exists()  # the model's CFG defaults would override LCM's
+    assert json.loads((view / "model_index.json").read_text())["scheduler"] == ["diffusers", "LCMScheduler"]
+    assert bench.lcm_view(model, view) == view  # a view is rebuilt in place
+    keep = tmp_path / "someone-elses"
+    keep.mkdir()
+    (keep / "weights").write_text("x")
+    with pytest.raises(CommandError, match="not a bench LCM view"):
+        bench.lcm_view(model, keep)
+    assert (keep / "weights").read_text() == "x"
