@@ -63,6 +63,7 @@ class RuntimeChoices:
     scheduler_reason: str
     malloc_tuned: bool
     folded_upsamplers: int = 0
+    in_place_decoder_modules: int = 0
 
 
 class UnetRecorder:
@@ -230,7 +231,7 @@ class Engine:
         # Before the cast, so the summed taps are rounded once, to the runtime dtype.
         replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
         release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
-        decoder_in_place(pipeline.vae.decoder)
+        in_place = decoder_in_place(pipeline.vae.decoder)
         # Decoders are convolutions over full-resolution images: channels_last lets oneDNN skip layout
         # reorders there. The UNet measured no faster with it and cost a weight copy, so it stays NCHW.
         for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
@@ -256,6 +257,7 @@ class Engine:
             scheduler_reason=scheduler_reason,
             malloc_tuned=malloc_tuned,
             folded_upsamplers=len(replaced),
+            in_place_decoder_modules=in_place,
         )
         engine = cls(
             pipeline,
@@ -282,8 +284,9 @@ class Engine:
             "on" if self.defaults.uses_guidance else "off",
         )
         logger.info(
-            "engine memory: channels_last decoders, in-place VAE resnets, NCHW UNet, %d upsample+conv pairs"
-            " folded, glibc heap kept=%s, load %.2fs",
+            "engine memory: channels_last decoders, %d VAE decoder modules in place, NCHW UNet,"
+            " %d upsample+conv pairs folded, glibc heap kept=%s, load %.2fs",
+            c.in_place_decoder_modules,
             c.folded_upsamplers,
             c.malloc_tuned,
             self.load_seconds,

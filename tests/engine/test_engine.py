@@ -254,6 +254,7 @@ def test_vae_encoder_is_freed_and_the_full_decoder_still_works(engine: Engine) -
     assert not any(name.startswith(("encoder.", "quant_conv.")) for name, _ in vae.named_parameters())
     assert sum(p.numel() for p in vae.parameters()) > 0  # the decoder half is still there
     assert vae.decoder.conv_act.inplace
+    assert engine.choices.in_place_decoder_modules > 1  # the resnets and conv_act
     image = engine.generate(params(decoder="full")).image
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 0

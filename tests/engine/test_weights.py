@@ -71,3 +71,19 @@ def test_replaced_tensors_have_their_mapped_pages_dropped_and_still_read_back(tm
     assert release_mapped_pages([mapped["a"]]) >= mapped["a"].nbytes - 2 * mmap.PAGESIZE
     assert release_mapped_pages([torch.randn(256, 1024)]) == 0  # not in a mapping: untouched
     assert torch.equal(mapped["a"], original["a"])  # dropped pages fault back in from the file
+
+
+def test_only_whole_pages_inside_the_tensor_are_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    # Neighbours share pages at a's edges; a's interior is whole pages of its own.
+    save_file({"a": torch.randn(3 * 1024 + 5), "b": torch.randn(16), "c": torch.randn(16)}, path)
+    mapped = load_file(path)
+    neighbours = ("b", "c")
+    for name in neighbours:
+        mapped[name].add_(100.0)  # a private (copy-on-write) page: dropping it would lose this write
+    released = release_mapped_pages([mapped["a"]])
+    assert 0 < released <= mapped["a"].nbytes
+    assert released % mmap.PAGESIZE == 0
+    for name in neighbours:
+        assert bool((mapped[name] > 50).all()), name
+    assert release_mapped_pages([mapped["b"]]) == 0  # smaller than a page: nothing whole to drop
