@@ -55,7 +55,9 @@ class FoldedUpsample2D(torch.nn.Module):
         self.out_channels = conv.out_channels
         self.stock_kernel = (conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
         with torch.no_grad():
-            self.weight = torch.nn.Parameter(fold_kernel(conv.weight), requires_grad=False)
+            # Summed in fp32 whatever the stored dtype, so each folded tap is rounded once.
+            folded = fold_kernel(conv.weight.float()).to(conv.weight.dtype)
+            self.weight = torch.nn.Parameter(folded, requires_grad=False)
             bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
             self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
