@@ -325,7 +325,7 @@ def summarize(
         if naive is None:
             continue
         ratios[isa] = {}
-        for variant in ("project", "reuse", "fast", "fast_lcm"):
+        for variant in (v for v in VARIANTS if v != "naive"):
             other = results.get(f"{isa}/{variant}")
             if other is not None:
                 ratios[isa][f"{variant}_speedup"] = naive["seconds_per_image"] / other["seconds_per_image"]

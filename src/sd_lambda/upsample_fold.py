@@ -41,6 +41,11 @@ def fold_kernel(weight: torch.Tensor) -> torch.Tensor:
     return folded.reshape(4 * out_channels, in_channels, 2, 2)
 
 
+def _conv_of(upsample: Upsample2D) -> torch.nn.Module | None:
+    """diffusers names the conv ``conv`` or, in older checkpoints' layout, ``Conv2d_0``."""
+    return upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
+
+
 class FoldedUpsample2D(torch.nn.Module):
     """Drop-in for a diffusers ``Upsample2D`` (nearest 2x, 3x3 conv, padding 1). An ``output_size`` other
     than twice the input (odd latent sizes in the UNet) takes the original path with the original
@@ -50,7 +55,7 @@ class FoldedUpsample2D(torch.nn.Module):
 
     def __init__(self, upsample: Upsample2D) -> None:
         super().__init__()
-        conv = upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
+        conv = _conv_of(upsample)
         self.channels = upsample.channels
         self.out_channels = conv.out_channels
         self.stock_kernel = (conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
@@ -96,7 +101,7 @@ def foldable(module: torch.nn.Module) -> bool:
         return False
     if not module.interpolate or module.norm is not None:
         return False
-    conv = module.conv if module.name == "conv" else module.Conv2d_0
+    conv = _conv_of(module)
     return (
         isinstance(conv, torch.nn.Conv2d)
         and conv.kernel_size == (3, 3)
