@@ -28,14 +28,13 @@ from sd_lambda import cpu
 from sd_lambda.feature_reuse import FeatureReuse
 from sd_lambda.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
 from sd_lambda.in_place import decoder_in_place
-from sd_lambda.layout import LayoutError, find_pickle_weights
+from sd_lambda.layout import TINY_DECODER_FOLDER, LayoutError, find_pickle_weights
 from sd_lambda.settings import Settings
 from sd_lambda.upsample_fold import fold_upsamplers
 from sd_lambda.weights import cast_releasing_pages, release_mapped_pages
 
 logger = logging.getLogger(__name__)
 
-TINY_DECODER_FOLDER = "vae_tiny"
 DEFAULTS_MARKER = "sd-lambda-defaults.json"
 # PNDM (SD 1.x's stock scheduler) spends an extra UNet call warming up; DPM-Solver++ 2M reaches the same
 # quality in fewer steps, so "auto" swaps it in for PNDM models and keeps every other model's own.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TINY_DECODER_FOLDER = "vae_tiny"
+from sd_lambda.layout import TINY_DECODER_FOLDER
 
 
 @dataclass(frozen=True)

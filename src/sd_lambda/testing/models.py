@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import torch
 
+from sd_lambda.layout import TINY_DECODER_FOLDER
+
 Size = Literal["tiny", "sd15"]
 TOKENIZER_MAX_LENGTH = 77
-TINY_DECODER_FOLDER = "vae_tiny"
 
 # Stable Diffusion 1.5's scheduler configuration (PNDM, scaled-linear betas).
 SD15_SCHEDULER = {
