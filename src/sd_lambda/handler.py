@@ -1,7 +1,8 @@
 """The Lambda entrypoint: ``python -m awslambdaric sd_lambda.handler.handler`` (what the image runs).
 
 Set up once, predict many. Importing this module (Lambda's init phase, capped at 10 s) reads the
-settings and builds the logger and an empty ``PREDICTOR``; the model itself is loaded by the first
+settings, starts reading the current revision's weights in the background (``PREFETCH``), and builds
+the logger and an empty ``PREDICTOR``; the model itself is loaded by the first
 request that needs it and then kept warm for every later invocation of this execution environment.
 
 Stable names (the image and the local runtime rely on them):
@@ -12,24 +13,31 @@ Stable names (the image and the local runtime rely on them):
   ``error`` + ``statusCode``).
 - ``PREDICTOR``: the warm model holder; ``PREDICTOR.loads`` counts model loads in this environment.
 - ``SETTINGS``: ``Settings.from_env()``; a malformed variable fails init with the variable's name.
+- ``PREFETCH``: the background read of ``current``'s weights started at init (None when off or unseeded).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger
-from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
-
-from sd_lambda.predictor import Predictor
-from sd_lambda.service import Service
+from sd_lambda.prefetch import prefetch_current
 from sd_lambda.settings import Settings
 
 SETTINGS = Settings.from_env()
+# Started before the imports below, which spend seconds of CPU (torch, diffusers, transformers) while
+# the disk sits idle: reading the weights (from EFS on Lambda) overlaps them. SD_PREFETCH=0 turns it off.
+PREFETCH = prefetch_current(SETTINGS)
+
+from aws_lambda_powertools import Logger  # noqa: E402  (after the prefetch has started, see above)
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers  # noqa: E402
+
+from sd_lambda.predictor import Predictor  # noqa: E402
+from sd_lambda.service import Service  # noqa: E402
+
 logger = Logger(service="sd-lambda")
 # The package's own stdlib loggers (the engine's load-time choices) write the same JSON lines.
 copy_config_to_registered_loggers(source_logger=logger, include={"sd_lambda"})
-PREDICTOR = Predictor(SETTINGS)
+PREDICTOR = Predictor(SETTINGS, prefetch=PREFETCH)
 SERVICE = Service(SETTINGS, PREDICTOR, logger)
 
 

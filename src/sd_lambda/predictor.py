@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from sd_lambda.engine import Engine
 from sd_lambda.errors import ApiError
 from sd_lambda.layout import LayoutError, ModelNotSeededError, ModelPaths
+from sd_lambda.prefetch import WeightPrefetch
 from sd_lambda.request import model_default_problems
 from sd_lambda.settings import Settings
 
@@ -55,8 +56,12 @@ class Predictor:
     ``Engine`` is not thread-safe (and Lambda sends one invocation at a time anyway).
     """
 
-    def __init__(self, settings: Settings, loader: Loader = Engine.load) -> None:
+    def __init__(
+        self, settings: Settings, loader: Loader = Engine.load, prefetch: WeightPrefetch | None = None
+    ) -> None:
         self.settings = settings
+        # The init's background read of the weights (sd_lambda.prefetch), reported by health().
+        self.prefetch = prefetch
         self.paths = ModelPaths(settings.model_dir)
         self._loader = loader
         self._lock = threading.Lock()
@@ -130,6 +135,8 @@ class Predictor:
             "loaded": self.loaded,
             "loads": self.loads,
         }
+        if self.prefetch is not None:
+            state["prefetch"] = self.prefetch.describe()
         if self._engine is not None:
             problems = {"default_problems": self.default_problems} if self.default_problems else {}
             return {**state, "revision": self.revision, **self._engine.describe(), **problems}

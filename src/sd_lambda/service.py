@@ -163,6 +163,8 @@ class Service:
         request = parse_request(data, self.settings)
         with self.predictor.exclusive() as warm:
             log.add(revision=self.predictor.revision, load_ms=round(warm.load_ms, 1), cold=warm.load_ms > 0)
+            if warm.load_ms > 0 and self.predictor.prefetch is not None:
+                log.add(prefetch=self.predictor.prefetch.describe())
             if warm.load_ms > 0 and self.predictor.default_problems:
                 self.logger.error(
                     "the model's defaults do not fit this function's limits: requests relying on them "

@@ -76,6 +76,13 @@ class Settings:
         ge=0,
         le=1,
     )
+    prefetch: int = _env(
+        "SD_PREFETCH",
+        1,
+        "1 = read the current revision's weights into the page cache during init, overlapping the imports.",
+        ge=0,
+        le=1,
+    )
     max_request_bytes: int = _env(
         "SD_MAX_REQUEST_BYTES",
         64 * 1024,

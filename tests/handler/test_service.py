@@ -13,6 +13,7 @@ from PIL import Image
 from sd_lambda.engine import Engine
 from sd_lambda.layout import ModelPaths
 from sd_lambda.predictor import Predictor
+from sd_lambda.prefetch import prefetch_current
 from sd_lambda.settings import Settings
 
 from .conftest import LoggedService, body_json, url_event
@@ -115,6 +116,22 @@ def test_model_loads_lazily_once_and_keeps_its_revision(
     assert service.predictor.loads == 1
     fresh = LoggedService(Settings(model_root=root, model_name="m"))
     assert fresh(REQUEST)["model"]["revision"] == "r2"  # a new environment picks up the switch
+
+
+def test_the_cold_request_logs_how_far_the_prefetch_got(model_root: Path) -> None:
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    prefetch = prefetch_current(settings)
+    assert prefetch is not None
+    assert prefetch.wait(60)
+    service = LoggedService(settings, Predictor(settings, prefetch=prefetch))
+    service(url_event(body=REQUEST))
+    service(url_event(body=REQUEST))
+    cold, warm = service.log_lines()[-2:]
+    assert cold["cold"] is True
+    assert cold["prefetch"]["state"] == "done"
+    assert cold["prefetch"]["read_bytes"] == prefetch.total_bytes
+    assert warm["cold"] is False
+    assert "prefetch" not in warm
 
 
 def seed_release_into(paths: ModelPaths, revision: str, source: Path) -> None:

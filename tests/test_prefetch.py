@@ -1,0 +1,186 @@
+"""The init's background read of the model's weights (sd_lambda.prefetch) and where the handler starts it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import TEST_MODEL_NAME, TEST_REVISION
+
+from sd_lambda.predictor import Predictor
+from sd_lambda.prefetch import (
+    WeightPrefetch,
+    memory_available,
+    prefetch_current,
+    prefetch_model,
+    weight_files,
+)
+from sd_lambda.settings import Settings
+
+WAIT_SECONDS = 60
+
+
+def _meminfo(tmp_path: Path, available_kib: int) -> Path:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {available_kib} kB\n")
+    return meminfo
+
+
+def test_weight_files_are_the_engines_safetensors_in_the_order_it_touches_them(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, symlinks=True)
+    (model / "safety_checker").mkdir()
+    (model / "safety_checker" / "model.safetensors").write_bytes(b"never loaded")
+    files = weight_files(model)
+    assert [path.parent.name for path in files] == ["text_encoder", "vae", "vae_tiny", "unet"]
+    assert all(path.suffix == ".safetensors" for path in files)
+    # A symlinked component (the bench's LCM view) is followed.
+    view = tmp_path / "view"
+    view.mkdir()
+    (view / "unet").symlink_to(model / "unet")
+    assert weight_files(view) == [view / "unet" / files[-1].name]
+
+
+def test_prefetch_reads_every_byte_in_the_background(tiny_model_dir: Path) -> None:
+    prefetch = prefetch_model(tiny_model_dir)
+    assert prefetch.wait(WAIT_SECONDS)
+    described = prefetch.describe()
+    expected = sum(path.stat().st_size for path in weight_files(tiny_model_dir))
+    assert described["state"] == "done"
+    assert described["files"] == 4
+    assert described["bytes"] == described["read_bytes"] == expected
+    assert "reason" not in described
+
+
+def test_without_sendfile_to_a_file_the_prefetch_reads_through_a_buffer(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_sendfile(*args: object) -> int:
+        raise OSError(errno.EINVAL, "sendfile needs a socket here")
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    prefetch = prefetch_model(tiny_model_dir)
+    assert prefetch.wait(WAIT_SECONDS)
+    assert prefetch.state == "done"
+    assert prefetch.bytes_read == prefetch.total_bytes > 0
+
+
+def test_prefetch_is_skipped_when_the_weights_would_not_fit_in_memory(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    total = sum(path.stat().st_size for path in weight_files(tiny_model_dir))
+    roomy = prefetch_model(tiny_model_dir, _meminfo(tmp_path, available_kib=4 * total // 1024 + 1))
+    assert roomy.wait(WAIT_SECONDS)
+    assert roomy.state == "done"
+    tight = prefetch_model(tiny_model_dir, _meminfo(tmp_path, available_kib=total // 1024))
+    assert tight.wait(0)  # never started
+    described = tight.describe()
+    assert (described["state"], described["read_bytes"]) == ("skipped", 0)
+    assert "available" in described["reason"]
+
+
+def test_memory_available_reads_meminfo_and_tolerates_its_absence(tmp_path: Path) -> None:
+    assert memory_available(_meminfo(tmp_path, available_kib=2048)) == 2048 * 1024
+    assert memory_available(tmp_path / "missing") is None
+    (tmp_path / "odd").write_text("MemAvailable: lots\n")
+    assert memory_available(tmp_path / "odd") is None
+
+
+def test_an_unreadable_file_ends_the_pass_with_its_name_and_no_exception(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    readable = tmp_path / "a.safetensors"
+    readable.write_bytes(b"x" * 1000)
+    missing = tmp_path / "gone.safetensors"
+    never_reached = tmp_path / "z.safetensors"
+    never_reached.write_bytes(b"y" * 10)
+    prefetch = WeightPrefetch([readable, missing, never_reached]).start()
+    assert prefetch.wait(WAIT_SECONDS)
+    described = prefetch.describe()
+    assert described["state"] == "failed"
+    assert described["read_bytes"] == 1000
+    assert "gone.safetensors" in described["reason"]
+
+
+def test_a_cancelled_prefetch_stops_reading(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x" * 100)
+    prefetch = WeightPrefetch([weights])
+    prefetch.cancel()
+    assert prefetch.state == "not started"
+    assert prefetch.start().wait(WAIT_SECONDS)
+    assert (prefetch.state, prefetch.bytes_read) == ("cancelled", 0)
+
+
+def test_prefetch_current_reads_the_current_release_unless_switched_off(
+    model_root: Path, tmp_path: Path
+) -> None:
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    prefetch = prefetch_current(settings)
+    assert prefetch is not None
+    assert prefetch.wait(WAIT_SECONDS)
+    release = model_root / TEST_MODEL_NAME / "releases" / TEST_REVISION
+    assert prefetch.files == weight_files(release)
+    assert prefetch.state == "done"
+    assert prefetch_current(Settings.from_env({"MODEL_ROOT": str(model_root), "SD_PREFETCH": "0"})) is None
+    # Not seeded yet: nothing to read; the first request reports model_not_seeded as before.
+    assert prefetch_current(Settings(model_root=tmp_path / "empty", model_name=TEST_MODEL_NAME)) is None
+
+
+def test_health_reports_the_prefetch(model_root: Path) -> None:
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    prefetch = prefetch_current(settings)
+    assert prefetch is not None
+    assert prefetch.wait(WAIT_SECONDS)
+    health = Predictor(settings, prefetch=prefetch).health()
+    assert health["prefetch"]["state"] == "done"
+    assert health["prefetch"]["read_bytes"] == prefetch.total_bytes > 0
+    assert "prefetch" not in Predictor(settings).health()
+
+
+def test_the_handler_starts_the_prefetch_before_it_imports_torch(model_root: Path) -> None:
+    """The overlap is the point: by the time torch (then diffusers) is imported, the read has begun."""
+    probe = textwrap.dedent(
+        """
+        import json, sys
+
+        seen = {}
+
+        class TorchWatch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" and "torch" not in seen:
+                    handler = sys.modules.get("sd_lambda.handler")
+                    seen["torch"] = getattr(handler, "PREFETCH", None) is not None
+                return None
+
+        sys.meta_path.insert(0, TorchWatch())
+        import sd_lambda.handler as handler
+
+        assert handler.PREFETCH.wait(60)
+        print(json.dumps({"prefetch_before_torch": seen.get("torch"), **handler.PREFETCH.describe()}))
+        """
+    )
+    env = {**os.environ, "MODEL_ROOT": str(model_root), "MODEL_NAME": TEST_MODEL_NAME}
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["prefetch_before_torch"] is True
+    assert report["state"] == "done"
+    assert report["read_bytes"] == report["bytes"] > 0
+
+
+@pytest.mark.parametrize("value", ["2", "-1"])
+def test_sd_prefetch_accepts_only_0_or_1(value: str) -> None:
+    with pytest.raises(ValueError, match="SD_PREFETCH"):
+        Settings.from_env({"SD_PREFETCH": value})
