@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_lambda import cpu
-from sd_lambda.bench_worker import RESULT_PREFIX, VARIANTS
+from sd_lambda.bench_worker import EXTRA_VARIANTS, RESULT_PREFIX, VARIANTS
 
 ISA_ENV: dict[str, dict[str, str]] = {
     "native": {},
@@ -44,6 +44,9 @@ TARGET_PEAK_RSS_GB = 5.5
 TARGET_IMPORT_LOAD_SECONDS = 4.0
 WORKER_TIMEOUT_SECONDS = 3600
 LCM_VIEW_MARKER = ".sd-lambda-bench-lcm-view"
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+# --cold without --variants: naive against the fast default with and without the weight prefetch.
+COLD_VARIANTS = ("naive", "fast", "fast_no_prefetch")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class BenchConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     # The fast_lcm variant's model: the same weights with an LCM scheduler (see ``lcm_view``).
     lcm_model_dir: Path | None = None
+    # Drop the page cache before each process: a cold start, the model and the libraries read from disk.
+    cold: bool = False
 
     def model_for(self, variant: str) -> Path:
         if variant == "fast_lcm":
@@ -88,6 +93,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="num_inference_steps (default 4; 2 with --quick)")
     parser.add_argument("--repeats", type=int, help="warm images per process after the first (default 1)")
     parser.add_argument("--rounds", type=int, help="processes per variant and ISA, alternating (default 2)")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: tuple(text.split(",")),
+        help=f"comma-separated, from {', '.join(VARIANTS + EXTRA_VARIANTS)} (default: {','.join(VARIANTS)}; "
+        f"with --cold: {','.join(COLD_VARIANTS)}); speed-ups need naive",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help=f"drop the page cache before each process (root: writes {DROP_CACHES})",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (bench.json)")
     parser.set_defaults(func=run)
 
@@ -110,9 +126,21 @@ def run(args: argparse.Namespace) -> int:
         model_dir = args.model_dir
     else:
         model_dir = ensure_test_model(args.cache / "sd15")
+    variants = args.variants or (COLD_VARIANTS if args.cold else VARIANTS)
+    unknown = [name for name in variants if name not in VARIANTS + EXTRA_VARIANTS]
+    if unknown or not variants:
+        known = ", ".join(VARIANTS + EXTRA_VARIANTS)
+        raise CommandError(f"--variants takes names from {known}; got {','.join(variants) or 'none'}")
+    if args.cold:
+        try:
+            drop_page_cache()
+        except OSError as exc:
+            raise CommandError(f"--cold needs root: cannot write {DROP_CACHES} ({exc.strerror})") from None
     isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
     lcm_dir = lcm_view(model_dir, args.cache / "lcm-views" / model_dir.resolve().name)
-    config = BenchConfig(model_dir, side, side, steps, repeats, rounds, isas, lcm_model_dir=lcm_dir)
+    config = BenchConfig(
+        model_dir, side, side, steps, repeats, rounds, isas, variants, lcm_model_dir=lcm_dir, cold=args.cold
+    )
     try:
         report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except WorkerError as exc:
@@ -171,6 +199,13 @@ def lcm_view(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages back, then drop the clean page cache (not dentries and inodes): the next
+    process reads the model and the libraries from disk."""
+    os.sync()
+    DROP_CACHES.write_text("1\n")
+
+
 class WorkerError(RuntimeError):
     pass
 
@@ -222,6 +257,8 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
     samples: list[dict[str, Any]] = []
     for round_index, isa, variant in run_order(config):
         progress(f"round {round_index + 1}/{config.rounds}: {variant} ({isa}) ...")
+        if config.cold:
+            drop_page_cache()
         sample = run_worker(config, variant, isa)
         samples.append({"round": round_index, **sample})
         progress(f"  {sample['images'][-1]['seconds']:.2f} s/image, {sample['dtype']}")
@@ -311,6 +348,9 @@ def summarize(
             import_seconds=_median([run["import_seconds"] for run in runs]),
             load_seconds=_median([run["load_seconds"] for run in runs]),
             first_image_seconds=_median([run["first_image_seconds"] for run in runs]),
+            start_to_image_seconds=_median(
+                [run["import_seconds"] + run["load_seconds"] + run["first_image_seconds"] for run in runs]
+            ),
             peak_rss_gb=max(run["peak_rss_bytes"] for run in runs) / 1e9,
             image_gflop=work / 1e9,
             gflops_per_second=work / seconds / 1e9,
@@ -325,7 +365,7 @@ def summarize(
         if naive is None:
             continue
         ratios[isa] = {}
-        for variant in (v for v in VARIANTS if v != "naive"):
+        for variant in (v for v in VARIANTS + EXTRA_VARIANTS if v != "naive"):
             other = results.get(f"{isa}/{variant}")
             if other is not None:
                 ratios[isa][f"{variant}_speedup"] = naive["seconds_per_image"] / other["seconds_per_image"]
@@ -365,6 +405,7 @@ COLUMNS = (
     ("import s", "{import_seconds:.2f}", 8),
     ("load s", "{load_seconds:.2f}", 7),
     ("1st image s", "{first_image_seconds:.2f}", 11),
+    ("start to 1st image s", "{start_to_image_seconds:.2f}", 20),
     ("peak RSS GB", "{peak_rss_gb:.2f}", 11),
     ("GFLOP/s (UNet)", "{gflops_per_second:.0f} ({unet_gflops_per_second:.0f})", 14),
     ("nominal peak", "{peak_gflops_per_second:.0f}", 12),
@@ -408,4 +449,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"machine: {machine['cpus']} CPUs at {machine['ghz']} GHz, flags {', '.join(machine['cpu_flags'])}; "
         f"load average before {before}, after {after}; run took {report['wall_seconds']:.0f} s"
     )
+    if report.get("config", {}).get("cold"):
+        lines.append(
+            "cold: the page cache was dropped before each process, so import, load and the first image "
+            "read the libraries and the weights from disk"
+        )
     return "\n".join(lines)

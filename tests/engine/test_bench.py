@@ -60,6 +60,12 @@ def test_quick_bench_end_to_end_under_avx2(
     assert report["targets"]["avx2"]["project_speedup"]["target"] == 1.3
     assert len(report["machine"]["loadavg_before"]) == len(report["machine"]["loadavg_after"]) == 3
     assert len(report["samples"]) == 5
+    # The engine's variants start the weight prefetch before their imports, as the handler's init does.
+    assert [sample["prefetch_at_load"] is None for sample in report["samples"]] == [True] + [False] * 4
+    assert report["samples"][1]["prefetch_at_load"]["files"] == 4
+    assert naive["start_to_image_seconds"] == pytest.approx(
+        naive["import_seconds"] + naive["load_seconds"] + naive["first_image_seconds"]
+    )
     assert report["flops"]["unet"] > report["flops"]["unet_reused"] > 0
     flops = report["flops"]
     assert flops["unet"] > flops["unet_engine"] > flops["unet_reused_engine"] > 0
@@ -116,6 +122,7 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
     assert naive["seconds_per_unet_call"] == pytest.approx(11.0 / 2 / 4)
     assert naive["peak_gflops_per_second"] == pytest.approx(2 * 2.0 * 64)
     assert naive["cpu_seconds_per_image"] == 22.0
+    assert naive["start_to_image_seconds"] == 1.0 + 2.0 + 99.0  # import + load + the cold first image
     # 4 calls x batch 2 x 1 GFLOP over each warm image's UNet seconds (5 and 6), median of the two
     assert naive["unet_gflops_per_second"] == pytest.approx((8 / 5 + 8 / 6) / 2)
     assert naive["image_gflop"] == pytest.approx((4 * 2 * 10**9 + 4 * 10**9 + 10**7) / 1e9)
@@ -191,3 +198,43 @@ def test_lcm_view_drops_the_defaults_marker_and_replaces_only_views(
     with pytest.raises(CommandError, match="not a bench LCM view"):
         bench.lcm_view(model, keep)
     assert (keep / "weights").read_text() == "x"
+
+
+def test_cold_bench_drops_the_page_cache_before_every_process(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(bench, "drop_page_cache", lambda: events.append("drop"))
+
+    def worker(config: bench.BenchConfig, variant: str, isa: str) -> dict[str, Any]:
+        events.append(variant)
+        return _sample(isa, variant, [3.0, 2.0 if variant == "naive" else 1.0])
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    config = bench.BenchConfig(tiny_model_dir, 64, 64, 1, 1, 1, ("avx2",), bench.COLD_VARIANTS, cold=True)
+    report = bench.run_bench(config)
+    assert events == ["drop", "naive", "drop", "fast", "drop", "fast_no_prefetch"]
+    assert report["ratios"]["avx2"] == {"fast_speedup": 2.0, "fast_no_prefetch_speedup": 2.0}
+    assert report["config"]["cold"] is True
+    assert "cold: the page cache was dropped before each process" in bench.format_report(report)
+
+
+def test_drop_page_cache_writes_1_after_syncing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    control = tmp_path / "drop_caches"
+    monkeypatch.setattr(bench, "DROP_CACHES", control)
+    bench.drop_page_cache()
+    assert control.read_text() == "1\n"  # the page cache only, not dentries and inodes
+
+
+def test_bench_variants_and_cold_are_checked_before_any_worker_runs(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "run_worker", lambda *args: pytest.fail("no worker may run"))
+    argv = ["bench", "--quick", "--model-dir", str(tiny_model_dir), "--out", str(tmp_path / "b.json")]
+    assert main([*argv, "--variants", "naive,fastest"]) == 1
+    assert "fast_no_prefetch" in capsys.readouterr().err  # the message lists what is known
+    assert main([*argv, "--variants", ""]) == 1
+    assert "got none" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "DROP_CACHES", tmp_path / "no-such-dir" / "drop_caches")
+    assert main([*argv, "--cold"]) == 1
+    assert "--cold needs root: cannot write" in capsys.readouterr().err
