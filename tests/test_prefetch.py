@@ -111,6 +111,21 @@ def test_an_unreadable_file_ends_the_pass_with_its_name_and_no_exception(
     assert "gone.safetensors" in described["reason"]
 
 
+def test_describe_while_the_pass_is_reading_and_after(tmp_path: Path) -> None:
+    # A FIFO holds the reader until the test writes: a pass that is reading, without sleeps.
+    fifo = tmp_path / "arriving.safetensors"
+    os.mkfifo(fifo)
+    prefetch = WeightPrefetch([fifo]).start()
+    assert prefetch.state == "reading"
+    assert not prefetch.wait(0)
+    with open(fifo, "wb") as writer:
+        writer.write(b"x" * 1000)
+    assert prefetch.wait(WAIT_SECONDS)
+    described = prefetch.describe()
+    assert (described["state"], described["read_bytes"]) == ("done", 1000)
+    assert described["seconds"] > 0
+
+
 def test_a_cancelled_prefetch_stops_reading(tmp_path: Path) -> None:
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"x" * 100)

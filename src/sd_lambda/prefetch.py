@@ -17,6 +17,7 @@ Standard library only: it runs before torch is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -66,7 +67,8 @@ class WeightPrefetch:
         self.bytes_read = 0
         self.error: str | None = None
         self.skip_reason = skip_reason
-        self.seconds = 0.0
+        self._started: float | None = None
+        self._seconds = 0.0
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,6 +87,13 @@ class WeightPrefetch:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    @property
+    def seconds(self) -> float:
+        """How long the pass took, or has taken so far."""
+        if self._started is not None and not self._finished.is_set():
+            return time.perf_counter() - self._started
+        return self._seconds
 
     @property
     def state(self) -> str:
@@ -108,7 +117,8 @@ class WeightPrefetch:
         return {**described, "reason": reason} if reason else described
 
     def _run(self) -> None:
-        started = time.perf_counter()
+        self._started = time.perf_counter()
+        path: Path | str = os.devnull
         try:
             with open(os.devnull, "wb") as sink:
                 for path in self.files:
@@ -118,12 +128,12 @@ class WeightPrefetch:
         except OSError as exc:
             self.error = f"{path}: {exc.strerror or exc}"
         finally:
-            self.seconds = time.perf_counter() - started
+            self._seconds = time.perf_counter() - self._started
             self._finished.set()
 
     def _read(self, path: Path, sink: int) -> None:
         with open(path, "rb", buffering=0) as file:
-            if hasattr(os, "posix_fadvise"):  # a larger readahead window
+            with contextlib.suppress(AttributeError, OSError):  # a hint (larger readahead), not a need
                 os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             offset, buffer = 0, None
             while not self._cancelled.is_set():
@@ -131,9 +141,10 @@ class WeightPrefetch:
                     try:
                         # Into the page cache without a copy to user space: Linux splices to /dev/null.
                         read = os.sendfile(sink, file.fileno(), offset, CHUNK_BYTES)
-                    except OSError:  # sendfile to a non-socket is Linux-only
+                    except OSError:  # to a file (not a socket), from a regular file: Linux only
                         buffer = memoryview(bytearray(CHUNK_BYTES))
-                        file.seek(offset)
+                        if offset:
+                            file.seek(offset)
                         continue
                 else:
                     read = file.readinto(buffer) or 0
