@@ -94,6 +94,8 @@ class Predictor:
             return Warm(self._engine, 0.0)
         started = time.perf_counter()
         release = self.resolve()
+        if self.prefetch is not None and self.prefetch.folder != release.folder.resolve():
+            self.prefetch.cancel()  # current moved on since init: stop reading the old revision
         _quiet_progress_bars()
         try:
             engine = self._loader(release.folder, self.settings)

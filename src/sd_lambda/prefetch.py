@@ -61,13 +61,16 @@ def memory_available(meminfo: Path = PROC_MEMINFO) -> int | None:
 class WeightPrefetch:
     """One background pass over ``files``; ``describe()`` says how far it got."""
 
-    def __init__(self, files: list[Path], skip_reason: str | None = None) -> None:
+    def __init__(self, files: list[Path], skip_reason: str | None = None, folder: Path | None = None) -> None:
         self.files = files
+        # The release it reads (the predictor cancels it when it loads another one).
+        self.folder = folder
         self.total_bytes = sum(_size(path) for path in files)
         self.bytes_read = 0
         self.error: str | None = None
         self.skip_reason = skip_reason
         self._started: float | None = None
+        self._interrupted = False
         self._seconds = 0.0
         self._cancelled = threading.Event()
         self._finished = threading.Event()
@@ -103,7 +106,7 @@ class WeightPrefetch:
             return "reading" if self._thread is not None else "not started"
         if self.error is not None:
             return "failed"
-        return "cancelled" if self._cancelled.is_set() else "done"
+        return "cancelled" if self._interrupted else "done"
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {
@@ -113,6 +116,8 @@ class WeightPrefetch:
             "read_bytes": self.bytes_read,
             "seconds": round(self.seconds, 3),
         }
+        if self.folder is not None:
+            described["folder"] = str(self.folder)
         reason = self.skip_reason or self.error
         return {**described, "reason": reason} if reason else described
 
@@ -122,9 +127,10 @@ class WeightPrefetch:
         try:
             with open(os.devnull, "wb") as sink:
                 for path in self.files:
-                    self._read(path, sink.fileno())
                     if self._cancelled.is_set():
+                        self._interrupted = True
                         break
+                    self._read(path, sink.fileno())
         except OSError as exc:
             self.error = f"{path}: {exc.strerror or exc}"
         finally:
@@ -136,7 +142,10 @@ class WeightPrefetch:
             with contextlib.suppress(AttributeError, OSError):  # a hint (larger readahead), not a need
                 os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             offset, buffer = 0, None
-            while not self._cancelled.is_set():
+            while True:
+                if self._cancelled.is_set():
+                    self._interrupted = True
+                    return
                 if buffer is None:
                     try:
                         # Into the page cache without a copy to user space: Linux splices to /dev/null.
@@ -163,16 +172,19 @@ def _size(path: Path) -> int:
 
 def prefetch_model(model_dir: Path, meminfo: Path = PROC_MEMINFO) -> WeightPrefetch:
     """Start reading ``model_dir``'s weights in the background (or a skipped prefetch saying why)."""
-    files = weight_files(model_dir)
+    try:
+        files = weight_files(model_dir)
+    except OSError as exc:  # e.g. EFS unreachable or a release pruned meanwhile: the load will say
+        reason = f"cannot list {model_dir}: {exc.strerror or exc}"
+        return WeightPrefetch([], skip_reason=reason, folder=model_dir)
     if not files:
-        return WeightPrefetch([], skip_reason=f"no safetensors in {model_dir}")
-    prefetch = WeightPrefetch(files)
+        return WeightPrefetch([], skip_reason=f"no safetensors in {model_dir}", folder=model_dir)
+    prefetch = WeightPrefetch(files, folder=model_dir)
     available = memory_available(meminfo)
     if available is not None and prefetch.total_bytes > MEMORY_SHARE * available:
-        return WeightPrefetch(
-            files,
-            skip_reason=f"{prefetch.total_bytes / 1e9:.1f} GB of weights, {available / 1e9:.1f} GB available",
-        )
+        total, free = prefetch.total_bytes / 1e9, available / 1e9
+        reason = f"{total:.1f} GB of weights, {free:.1f} GB available"
+        return WeightPrefetch(files, skip_reason=reason, folder=model_dir)
     return prefetch.start()
 
 
@@ -183,6 +195,6 @@ def prefetch_current(settings: Settings) -> WeightPrefetch | None:
         return None
     try:
         release = ModelPaths(settings.model_dir).resolve_current()
-    except (LayoutError, OSError):
+    except (LayoutError, OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
         return None
     return prefetch_model(release)

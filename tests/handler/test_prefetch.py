@@ -82,7 +82,7 @@ def test_prefetch_is_skipped_when_the_weights_would_not_fit_in_memory(
     assert roomy.wait(WAIT_SECONDS)
     assert roomy.state == "done"
     tight = prefetch_model(tiny_model_dir, _meminfo(tmp_path, available_kib=total // 1024))
-    assert tight.wait(0)  # never started
+    assert tight._thread is None  # never started
     described = tight.describe()
     assert (described["state"], described["read_bytes"]) == ("skipped", 0)
     assert "available" in described["reason"]
@@ -199,3 +199,53 @@ def test_the_handler_starts_the_prefetch_before_it_imports_torch(model_root: Pat
 def test_sd_prefetch_accepts_only_0_or_1(value: str) -> None:
     with pytest.raises(ValueError, match="SD_PREFETCH"):
         Settings.from_env({"SD_PREFETCH": value})
+
+
+def test_a_listing_error_skips_the_prefetch_instead_of_failing_init(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def stale(self: Path) -> object:
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(Path, "iterdir", stale)
+    prefetch = prefetch_model(tiny_model_dir)
+    assert prefetch.state == "skipped"
+    assert "Stale file handle" in prefetch.describe()["reason"]
+
+
+def test_cancel_after_the_pass_keeps_it_done_and_cancel_mid_file_says_cancelled(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    finished = prefetch_model(tiny_model_dir)
+    assert finished.wait(WAIT_SECONDS)
+    finished.cancel()
+    assert finished.state == "done"
+    fifo = tmp_path / "half.safetensors"
+    os.mkfifo(fifo)
+    prefetch = WeightPrefetch([fifo]).start()
+    with open(fifo, "wb") as writer:
+        prefetch.cancel()  # the reader sees it before its next chunk, whatever it has read
+        writer.write(b"x" * 10)
+    assert prefetch.wait(WAIT_SECONDS)
+    assert prefetch.state == "cancelled"
+
+
+def test_the_predictor_cancels_a_prefetch_of_a_revision_current_no_longer_names(
+    model_root: Path, tiny_model_dir: Path
+) -> None:
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    fifo_release = model_root / "stale"
+    (fifo_release / "unet").mkdir(parents=True)
+    os.mkfifo(fifo_release / "unet" / "w.safetensors")
+    stale = WeightPrefetch([fifo_release / "unet" / "w.safetensors"], folder=fifo_release).start()
+    predictor = Predictor(settings, prefetch=stale)
+    predictor.warm()
+    with open(fifo_release / "unet" / "w.safetensors", "wb"):
+        pass  # releases the reader's open(); it then sees the cancel
+    assert stale.wait(WAIT_SECONDS)
+    assert stale.state == "cancelled"
+    current = prefetch_current(settings)
+    assert current is not None
+    assert current.wait(WAIT_SECONDS)
+    Predictor(settings, prefetch=current).warm()
+    assert current.state == "done"  # the revision it read is the one loaded
