@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_lambda import cpu
-from sd_lambda.bench_worker import EXTRA_VARIANTS, RESULT_PREFIX, VARIANTS
+from sd_lambda.bench_worker import ALL_VARIANTS, RESULT_PREFIX, VARIANTS
 
 ISA_ENV: dict[str, dict[str, str]] = {
     "native": {},
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--variants",
         type=lambda text: tuple(text.split(",")),
-        help=f"comma-separated, from {', '.join(VARIANTS + EXTRA_VARIANTS)} (default: {','.join(VARIANTS)}; "
+        help=f"comma-separated, from {', '.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)}; "
         f"with --cold: {','.join(COLD_VARIANTS)}); speed-ups need naive",
     )
     parser.add_argument(
@@ -127,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         model_dir = ensure_test_model(args.cache / "sd15")
     variants = args.variants or (COLD_VARIANTS if args.cold else VARIANTS)
-    unknown = [name for name in variants if name not in VARIANTS + EXTRA_VARIANTS]
+    unknown = [name for name in variants if name not in ALL_VARIANTS]
     if unknown or not variants:
-        known = ", ".join(VARIANTS + EXTRA_VARIANTS)
+        known = ", ".join(ALL_VARIANTS)
         raise CommandError(f"--variants takes names from {known}; got {','.join(variants) or 'none'}")
     if args.cold:
         try:
@@ -365,7 +365,7 @@ def summarize(
         if naive is None:
             continue
         ratios[isa] = {}
-        for variant in (v for v in VARIANTS + EXTRA_VARIANTS if v != "naive"):
+        for variant in (v for v in ALL_VARIANTS if v != "naive"):
             other = results.get(f"{isa}/{variant}")
             if other is not None:
                 ratios[isa][f"{variant}_speedup"] = naive["seconds_per_image"] / other["seconds_per_image"]

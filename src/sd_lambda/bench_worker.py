@@ -18,6 +18,7 @@ VARIANTS = ("naive", "project", "reuse", "fast", "fast_lcm")
 # Run on request (``sd-lambda bench --variants``, and by default with ``--cold``): the fast default
 # without the init's weight prefetch, to show what the prefetch buys on a cold page cache.
 EXTRA_VARIANTS = ("fast_no_prefetch",)
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 # Variants that start the weight prefetch before their imports, as the handler's init does.
 PREFETCHING = ("project", "reuse", "fast", "fast_lcm")
 FAST_VARIANTS = ("fast", "fast_lcm", "fast_no_prefetch")
@@ -120,8 +121,8 @@ def _cpu_seconds() -> float:
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     variant = spec["variant"]
-    if variant not in VARIANTS + EXTRA_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(ALL_VARIANTS)}")
     started = time.perf_counter()
     prefetch = None
     if variant in PREFETCHING:

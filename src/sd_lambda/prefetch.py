@@ -61,22 +61,26 @@ def memory_available(meminfo: Path = PROC_MEMINFO) -> int | None:
 class WeightPrefetch:
     """One background pass over ``files``; ``describe()`` says how far it got."""
 
-    def __init__(self, files: list[Path], skip_reason: str | None = None, folder: Path | None = None) -> None:
+    def __init__(self, files: list[Path], folder: Path | None = None) -> None:
         self.files = files
         # The release it reads (the predictor cancels it when it loads another one).
         self.folder = folder
         self.total_bytes = sum(_size(path) for path in files)
         self.bytes_read = 0
         self.error: str | None = None
-        self.skip_reason = skip_reason
+        self.skip_reason: str | None = None
         self._started: float | None = None
         self._interrupted = False
         self._seconds = 0.0
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
-        if skip_reason is not None:
-            self._finished.set()
+
+    def skip(self, reason: str) -> WeightPrefetch:
+        """Mark the pass as not to be run, saying why (before ``start``)."""
+        self.skip_reason = reason
+        self._finished.set()
+        return self
 
     def start(self) -> WeightPrefetch:
         if self._thread is None and self.skip_reason is None:
@@ -176,15 +180,15 @@ def prefetch_model(model_dir: Path, meminfo: Path = PROC_MEMINFO) -> WeightPrefe
         files = weight_files(model_dir)
     except OSError as exc:  # e.g. EFS unreachable or a release pruned meanwhile: the load will say
         reason = f"cannot list {model_dir}: {exc.strerror or exc}"
-        return WeightPrefetch([], skip_reason=reason, folder=model_dir)
-    if not files:
-        return WeightPrefetch([], skip_reason=f"no safetensors in {model_dir}", folder=model_dir)
+        return WeightPrefetch([], folder=model_dir).skip(reason)
     prefetch = WeightPrefetch(files, folder=model_dir)
+    if not files:
+        return prefetch.skip(f"no safetensors in {model_dir}")
     available = memory_available(meminfo)
     if available is not None and prefetch.total_bytes > MEMORY_SHARE * available:
         total, free = prefetch.total_bytes / 1e9, available / 1e9
         reason = f"{total:.1f} GB of weights, {free:.1f} GB available"
-        return WeightPrefetch(files, skip_reason=reason, folder=model_dir)
+        return prefetch.skip(reason)
     return prefetch.start()
 
 
