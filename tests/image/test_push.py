@@ -221,6 +221,8 @@ def test_push_image_without_credentials_is_one_line(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # boto3's default session keeps the credentials an earlier test (moto's) resolved.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     monkeypatch.setattr(container_cli, "docker_cli", lambda binary: FakeDocker())
     url = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-lambda"
     assert main(["push-image", "--repository-url", url, "--digest-file", str(tmp_path / "d")]) == 1
