@@ -8,6 +8,7 @@ from diffusers import AutoencoderTiny, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from sd_lambda.cli import main
+from sd_lambda.layout import bf16_copy_files
 from sd_lambda.testing.models import TOKENIZER_MAX_LENGTH, build_test_model, parameter_counts
 
 EXPECTED_FOLDERS = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "vae_tiny"}
@@ -99,3 +100,12 @@ def test_cli_builds_without_tiny_decoder(tmp_path: Path) -> None:
     assert main(["make-test-model", str(tmp_path / "m"), "--no-tiny-decoder"]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
     assert not (tmp_path / "m" / "vae_tiny").exists()
+
+
+def test_cli_writes_the_bf16_copy_on_request(tmp_path: Path) -> None:
+    assert main(["make-test-model", str(tmp_path / "plain")]) == 0
+    assert bf16_copy_files(tmp_path / "plain") is None
+    assert main(["make-test-model", str(tmp_path / "copied"), "--bf16-copy"]) == 0
+    copies = bf16_copy_files(tmp_path / "copied")
+    assert copies is not None
+    assert [path.parent.name for path in copies] == ["text_encoder", "unet", "vae"]

@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
+from typing import TypeVar
 
 CURRENT = "current"
 RELEASES = "releases"
@@ -42,7 +43,13 @@ DEFAULT_KEEP = 3
 LAMBDA_OWNER = (1000, 1000)
 # Weights in these formats can execute code when loaded; only safetensors are served.
 PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
+# An optional bf16 copy of the weights beside the stored ones, in diffusers' variant naming
+# (<stem>.bf16.safetensors): a host with native bf16 maps it as stored instead of casting at load.
+BF16_VARIANT = "bf16"
+# The components a copy covers: the pipeline's big ones (the tiny decoder is 10 MB, cast at load).
+BF16_COPY_COMPONENTS = ("text_encoder", "unet", "vae")
 
+_AnyPath = TypeVar("_AnyPath", bound=PurePath)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -213,6 +220,31 @@ def find_pickle_weights(folder: Path) -> list[str]:
         for p in folder.rglob("*")
         if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
     )
+
+
+def plain_weights(component: Path) -> list[Path]:
+    """A component folder's stored safetensors (no variant in the name), sorted."""
+    if not component.is_dir():
+        return []
+    names = (p for p in component.iterdir() if p.name.endswith(".safetensors"))
+    return sorted(p for p in names if p.name.count(".") == 1)
+
+
+def bf16_copy_path(weights: _AnyPath) -> _AnyPath:
+    """``unet/diffusion_pytorch_model.safetensors`` -> ``unet/diffusion_pytorch_model.bf16.safetensors``."""
+    return weights.with_name(f"{weights.name[: -len('.safetensors')]}.{BF16_VARIANT}.safetensors")
+
+
+def bf16_copy_files(model_dir: Path) -> list[Path] | None:
+    """The bf16 copy of every copied component's weights, or None unless each one is complete: one stored
+    file per component (sharded weights get no copy) and its copy beside it."""
+    copies = []
+    for name in BF16_COPY_COMPONENTS:
+        stored = plain_weights(model_dir / name)
+        if len(stored) != 1 or not bf16_copy_path(stored[0]).is_file():
+            return None
+        copies.append(bf16_copy_path(stored[0]))
+    return copies
 
 
 @dataclass(frozen=True)

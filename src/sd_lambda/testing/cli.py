@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-tiny-decoder", action="store_true", help="do not write vae_tiny/")
     parser.add_argument(
+        "--bf16-copy", action="store_true", help="also write the weights' bf16 copy (sd_lambda.bf16_copy)"
+    )
+    parser.add_argument(
         "--dry", action="store_true", help="print parameter counts (meta device, no weights) and exit"
     )
     parser.set_defaults(func=run)
@@ -36,5 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise CommandError(f"{args.out} exists and is not empty")
     build_test_model(args.out, args.size, seed=args.seed, tiny_decoder=not args.no_tiny_decoder)
+    if args.bf16_copy:
+        from sd_lambda.bf16_copy import add_bf16_copy
+
+        add_bf16_copy(args.out)
     print(f"wrote {args.size} test model to {args.out}")
     return 0
