@@ -28,7 +28,13 @@ from sd_lambda import cpu
 from sd_lambda.feature_reuse import FeatureReuse
 from sd_lambda.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
 from sd_lambda.in_place import decoder_in_place
-from sd_lambda.layout import TINY_DECODER_FOLDER, LayoutError, find_pickle_weights
+from sd_lambda.layout import (
+    BF16_VARIANT,
+    TINY_DECODER_FOLDER,
+    LayoutError,
+    bf16_copy_files,
+    find_pickle_weights,
+)
 from sd_lambda.settings import Settings
 from sd_lambda.upsample_fold import fold_upsamplers
 from sd_lambda.weights import cast_releasing_pages, release_mapped_pages
@@ -63,6 +69,9 @@ class RuntimeChoices:
     malloc_tuned: bool
     folded_upsamplers: int = 0
     in_place_decoder_modules: int = 0
+    # Which files were mapped: the model's stored weights (cast at load when dtype differs) or its
+    # bf16 copy (sd_lambda.bf16_copy), mapped as stored.
+    weights: str = "stored"
 
 
 class UnetRecorder:
@@ -217,17 +226,23 @@ class Engine:
         torch.set_num_threads(threads)
         dtype, dtype_reason = choose_dtype(settings)
         malloc_tuned = tune_malloc() if settings.malloc_tune else False
-        # Weights stay memory-mapped as stored; a cast releases each source tensor's pages as it goes,
-        # so bf16 from fp32 peaks at about the bf16 size instead of fp32 + bf16.
+        # A bf16 copy is mapped as stored: no cast, half the bytes. Otherwise weights stay memory-mapped
+        # as stored and a cast releases each source tensor's pages as it goes, so bf16 from fp32 peaks
+        # at about the bf16 size instead of fp32 + bf16.
+        use_copy = (
+            settings.bf16_copy == 1 and dtype == torch.bfloat16 and bf16_copy_files(model_dir) is not None
+        )
+        copy_options = {"variant": BF16_VARIANT, "dtype": dtype} if use_copy else {}
         pipeline = StableDiffusionPipeline.from_pretrained(
             model_dir,
             use_safetensors=True,
             safety_checker=None,
             requires_safety_checker=False,
             low_cpu_mem_usage=True,
+            **copy_options,
         )
         drop_vae_encoder(pipeline.vae)
-        # Before the cast, so the summed taps are rounded once, to the runtime dtype.
+        # Before any cast, so the summed taps are rounded once, to the runtime dtype.
         replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
         release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
         in_place = decoder_in_place(pipeline.vae.decoder)
@@ -257,6 +272,7 @@ class Engine:
             malloc_tuned=malloc_tuned,
             folded_upsamplers=len(replaced),
             in_place_decoder_modules=in_place,
+            weights=f"{BF16_VARIANT} copy" if use_copy else "stored",
         )
         engine = cls(
             pipeline,
@@ -273,7 +289,9 @@ class Engine:
     def _log_choices(self) -> None:
         c = self.choices
         logger.info("engine threads=%d: %s", c.threads, c.threads_reason)
-        logger.info("engine dtype=%s: %s", str(c.dtype).removeprefix("torch."), c.dtype_reason)
+        logger.info(
+            "engine dtype=%s: %s; weights: %s", str(c.dtype).removeprefix("torch."), c.dtype_reason, c.weights
+        )
         logger.info("engine decoder default=%s, available=%s", c.default_decoder, ",".join(self.decoders))
         scheduler = c.default_scheduler or "model's own"
         logger.info("engine scheduler default=%s: %s", scheduler, c.scheduler_reason)
@@ -302,6 +320,7 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         return {
             "dtype": str(self.pipeline.unet.dtype).removeprefix("torch."),
+            "weights": self.choices.weights,
             "threads": torch.get_num_threads(),
             "decoders": list(self.decoders),
             "default_decoder": self.choices.default_decoder,

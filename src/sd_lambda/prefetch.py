@@ -24,7 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.layout import TINY_DECODER_FOLDER, LayoutError, ModelPaths
+from sd_lambda import cpu
+from sd_lambda.layout import (
+    BF16_COPY_COMPONENTS,
+    TINY_DECODER_FOLDER,
+    LayoutError,
+    ModelPaths,
+    bf16_copy_files,
+    plain_weights,
+)
 from sd_lambda.settings import Settings
 
 # The order loading and the first image touch them: the text encoder runs at load (the empty
@@ -36,14 +44,25 @@ PROC_MEMINFO = Path("/proc/meminfo")
 MEMORY_SHARE = 0.5
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors the engine loads, in the order it touches them (symlinks followed)."""
+def weight_files(model_dir: Path, bf16: bool = False) -> list[Path]:
+    """The safetensors the engine loads, in the order it touches them (symlinks followed): with
+    ``bf16``, a complete bf16 copy (sd_lambda.bf16_copy) in place of the stored weights it covers."""
+    copies = dict(zip(BF16_COPY_COMPONENTS, bf16_copy_files(model_dir) or [], strict=False)) if bf16 else {}
     files = []
     for folder in WEIGHT_FOLDERS:
-        component = model_dir / folder
-        if component.is_dir():
-            files += sorted(p for p in component.iterdir() if p.suffix == ".safetensors" and p.is_file())
-    return files
+        files += [copies[folder]] if folder in copies else plain_weights(model_dir / folder)
+    return [path for path in files if path.is_file()]
+
+
+def expects_bf16_copy(settings: Settings) -> bool:
+    """Whether the engine will load a bf16 copy (where the model has one): it runs bf16, by the setting
+    or the CPU flags, read without importing torch. The engine decides for itself; a wrong guess here
+    costs reads, not results."""
+    if not settings.bf16_copy:
+        return False
+    if settings.dtype == "auto":
+        return cpu.has_native_bf16(cpu.read_cpu_flags())
+    return settings.dtype == "bfloat16"
 
 
 def memory_available(meminfo: Path = PROC_MEMINFO) -> int | None:
@@ -174,10 +193,11 @@ def _size(path: Path) -> int:
         return 0
 
 
-def prefetch_model(model_dir: Path, meminfo: Path = PROC_MEMINFO) -> WeightPrefetch:
-    """Start reading ``model_dir``'s weights in the background (or a skipped prefetch saying why)."""
+def prefetch_model(model_dir: Path, meminfo: Path = PROC_MEMINFO, bf16: bool = False) -> WeightPrefetch:
+    """Start reading ``model_dir``'s weights (``bf16``: its bf16 copy where complete) in the background,
+    or return a skipped prefetch saying why."""
     try:
-        files = weight_files(model_dir)
+        files = weight_files(model_dir, bf16)
     except OSError as exc:  # e.g. EFS unreachable or a release pruned meanwhile: the load will say
         reason = f"cannot list {model_dir}: {exc.strerror or exc}"
         return WeightPrefetch([], folder=model_dir).skip(reason)
@@ -201,4 +221,4 @@ def prefetch_current(settings: Settings) -> WeightPrefetch | None:
         release = ModelPaths(settings.model_dir).resolve_current()
     except (LayoutError, OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
         return None
-    return prefetch_model(release)
+    return prefetch_model(release, bf16=expects_bf16_copy(settings))

@@ -83,6 +83,13 @@ class Settings:
         ge=0,
         le=1,
     )
+    bf16_copy: int = _env(
+        "SD_BF16_COPY",
+        1,
+        "1 = run bf16 from the model's bf16 copy when it has one (seed --bf16-copy): no cast at load.",
+        ge=0,
+        le=1,
+    )
     max_request_bytes: int = _env(
         "SD_MAX_REQUEST_BYTES",
         64 * 1024,

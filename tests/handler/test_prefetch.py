@@ -12,11 +12,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import TEST_MODEL_NAME, TEST_REVISION
+from conftest import TEST_MODEL_NAME, TEST_REVISION, seed_release
 
+from sd_lambda import cpu
+from sd_lambda.bf16_copy import add_bf16_copy
+from sd_lambda.layout import BF16_COPY_COMPONENTS
 from sd_lambda.predictor import Predictor
 from sd_lambda.prefetch import (
     WeightPrefetch,
+    expects_bf16_copy,
     memory_available,
     prefetch_current,
     prefetch_model,
@@ -48,6 +52,51 @@ def test_weight_files_are_the_engines_safetensors_in_the_order_it_touches_them(
     view.mkdir()
     (view / "unet").symlink_to(model / "unet")
     assert weight_files(view) == [view / "unet" / files[-1].name]
+
+
+def test_with_a_bf16_copy_the_prefetch_reads_the_copy_only_where_bf16_runs(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "models"
+    release = seed_release(root, TEST_MODEL_NAME, TEST_REVISION, tiny_model_dir).release(TEST_REVISION)
+    stored = weight_files(release)
+    add_bf16_copy(release)
+    assert weight_files(release) == stored  # the copy is never read as well as the stored weights
+    copied = weight_files(release, bf16=True)
+    assert [path.parent.name for path in copied] == ["text_encoder", "vae", "vae_tiny", "unet"]
+    assert [path.name.endswith(".bf16.safetensors") for path in copied] == [True, True, False, True]
+    bf16 = Settings(model_root=root, model_name=TEST_MODEL_NAME, dtype="bfloat16")
+    prefetch = prefetch_current(bf16)
+    assert prefetch is not None
+    assert prefetch.wait(WAIT_SECONDS)
+    assert prefetch.files == copied
+    fp32 = Settings(model_root=root, model_name=TEST_MODEL_NAME, dtype="float32")
+    assert prefetch_current(fp32).files == stored  # type: ignore[union-attr]
+    # An incomplete copy is not used by the engine, so it is not read either.
+    next((release / BF16_COPY_COMPONENTS[0]).glob("*.bf16.safetensors")).unlink()
+    assert weight_files(release, bf16=True) == stored
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "expected"),
+    [
+        ({"SD_DTYPE": "bfloat16"}, set(), True),
+        ({"SD_DTYPE": "float32"}, {"avx512_bf16"}, False),
+        ({"SD_DTYPE": "bfloat16", "SD_BF16_COPY": "0"}, {"avx512_bf16"}, False),
+        ({}, {"avx512f", "avx512_bf16"}, True),
+        ({}, {"avx2", "avx512f"}, False),
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, {"avx512f", "avx512_bf16"}, False),  # bench --isa avx2
+    ],
+)
+def test_expects_bf16_copy_follows_the_setting_then_the_cpu(
+    environ: dict[str, str], flags: set[str], expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu, "read_cpu_flags", lambda: frozenset(flags))
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert expects_bf16_copy(Settings.from_env(environ)) is expected
 
 
 def test_prefetch_reads_every_byte_in_the_background(tiny_model_dir: Path) -> None:
