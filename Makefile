@@ -150,11 +150,11 @@ SEED_STACK_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") 
 
 .PHONY: seed-models rollback
 
-seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision: MODEL=owner/name[@rev] [REVISION=] (or FROM_DIR=/FROM_S3=)
+seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision: MODEL=owner/name[@rev] [REVISION=] [BF16_COPY=1] (or FROM_DIR=/FROM_S3=)
 	@test -n "$(MODEL)$(FROM_DIR)$(FROM_S3)" || { echo 'make seed-models: set MODEL=owner/name[@rev] (or FROM_DIR=path / FROM_S3=s3://...)' >&2; exit 2; }
 	$(BIN)/sd-lambda seed \
 		$(if $(FROM_DIR),--from-dir "$(FROM_DIR)",$(if $(FROM_S3),--from-s3 "$(FROM_S3)",--model "$(MODEL)")) \
-		$(if $(and $(MODEL),$(or $(FROM_DIR),$(FROM_S3))),--name "$(MODEL)") \
+		$(if $(and $(MODEL),$(or $(FROM_DIR),$(FROM_S3))),--name "$(MODEL)") $(if $(BF16_COPY),--bf16-copy) \
 		$(if $(REVISION),--revision "$(REVISION)") $(SEED_STACK_ARGS)
 
 rollback: $(INSTALL_STAMP) ## Switch a model's current back to an older release on EFS: MODEL=... REVISION=...

@@ -119,6 +119,10 @@ def test_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert "apply to --model (hub downloads) only" in _error(capsys, variant)
     from_s3 = ["seed", "--from-s3", "s3://b/models/m/r1/", "--revision", "r2", *STACK]
     assert "--from-s3 names the revision itself" in _error(capsys, from_s3)
+    copy_of_s3 = ["seed", "--from-s3", "s3://b/models/m/r1/", "--bf16-copy", *STACK]
+    assert "--bf16-copy applies to --model and --from-dir" in _error(capsys, copy_of_s3)
+    unet_only = ["seed", "--from-dir", str(make_model(tmp_path / "unet-only", "v1")), "--bf16-copy", *STACK]
+    assert "--bf16-copy: text_encoder/ has no weights; a copy needs exactly one" in _error(capsys, unet_only)
     warm = ["seed", "--from-dir", str(empty), "--warm", *STACK]
     assert "--warm needs --function-name" in _error(capsys, warm)
 
@@ -157,6 +161,10 @@ def test_make_targets_reach_the_cli(tmp_path: Path) -> None:
     dry = _make("-n", "seed-models", "MODEL=acme/tiny-sd@main", "REVISION=r1")
     assert '--model "acme/tiny-sd@main"' in dry.stdout
     assert '--revision "r1" --infra-dir "infra"' in dry.stdout
+    assert "--bf16-copy" not in dry.stdout
+    copy = _make("-n", "seed-models", "MODEL=acme/tiny-sd", "BF16_COPY=1")
+    assert '--model "acme/tiny-sd"' in copy.stdout
+    assert "--bf16-copy" in copy.stdout
     usage = _make("rollback", "MODEL=acme/tiny-sd")
     assert usage.returncode != 0
     assert "make rollback: set REVISION=<release>" in usage.stderr

@@ -11,10 +11,23 @@ from typing import Any
 import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-from sd_lambda.layout import MANIFEST, ModelPaths, install_release, verify_release
+from sd_lambda.layout import (
+    MANIFEST,
+    ModelPaths,
+    bf16_copy_files,
+    install_release,
+    sha256_file,
+    verify_release,
+)
 from sd_lambda.seeding import sources
 from sd_lambda.seeding.errors import SeedError
-from sd_lambda.seeding.sources import from_dir, from_hub, parse_model_ref, select_hub_files
+from sd_lambda.seeding.sources import (
+    from_dir,
+    from_hub,
+    parse_model_ref,
+    select_hub_files,
+    with_bf16_copy,
+)
 
 from .conftest import make_model
 
@@ -37,6 +50,48 @@ def test_from_dir_describes_every_file(tmp_path: Path) -> None:
     # The default revision names the content: same files, same name; other files, other name.
     assert from_dir(folder).revision == release.revision
     assert from_dir(make_model(tmp_path / "other", "v2")).revision != release.revision
+
+
+def test_with_bf16_copy_adds_the_copies_to_the_release_and_leaves_the_folder_alone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    release = from_dir(folder)
+    copied = with_bf16_copy(release, tmp_path / "work")
+    added = sorted(set(copied.files) - set(release.files))
+    assert added == [
+        "text_encoder/model.bf16.safetensors",
+        "unet/diffusion_pytorch_model.bf16.safetensors",
+        "vae/diffusion_pytorch_model.bf16.safetensors",
+    ]
+    assert all(copied.files[path].is_relative_to(tmp_path / "work") for path in added)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    assert copied.revision == f"{release.revision}-bf16"
+    assert copied.manifest.source == f"{release.manifest.source} + bf16 copy"
+    entries = {entry.path: entry for entry in copied.manifest.files}
+    for path in added:
+        assert entries[path].size == copied.files[path].stat().st_size
+        assert entries[path].sha256 == sha256_file(copied.files[path])
+    # Installed as a release, it is what the engine loads on a bf16 host.
+    paths = ModelPaths(tmp_path / "efs" / "m")
+    staging = tmp_path / "staged"
+    for path, local in copied.files.items():
+        (staging / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(local, staging / path)
+    install_release(paths, copied.revision, staging)
+    assert bf16_copy_files(paths.release(copied.revision)) is not None
+
+
+def test_with_bf16_copy_refuses_sharded_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    stored = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(stored, folder / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    stored.rename(folder / "unet" / "diffusion_pytorch_model-00002-of-00002.safetensors")
+    with pytest.raises(SeedError, match=r"--bf16-copy: unet/ has 2 weights files; .* \(not sharded\)"):
+        with_bf16_copy(from_dir(folder), tmp_path / "work")
 
 
 def test_from_dir_refusals(tmp_path: Path) -> None:

@@ -53,7 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tiny-decoder", metavar="HUB_ID[@REV]", help="also put this tiny decoder in vae_tiny/"
     )
     seed.add_argument(
-        "--work-dir", type=Path, default=Path.home() / ".cache" / "sd-lambda", help="hub downloads"
+        "--bf16-copy",
+        action="store_true",
+        help="also store a bf16 copy of the weights: hosts with native bf16 load it without a cast",
+    )
+    seed.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "sd-lambda",
+        help="hub downloads and bf16 copies",
     )
     seed.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept on EFS (current always)")
     seed.add_argument("--upload-only", action="store_true", help="stop after the upload to S3")
@@ -127,6 +135,8 @@ def run_seed(args: argparse.Namespace) -> int:
         raise SeedError("--keep must be at least 1")
     if not args.model and (args.variant or args.tiny_decoder):
         raise SeedError("--variant and --tiny-decoder apply to --model (hub downloads) only")
+    if args.from_s3 and args.bf16_copy:
+        raise SeedError("--bf16-copy applies to --model and --from-dir (an uploaded revision is as stored)")
     if args.from_s3 and args.revision:
         raise SeedError("--from-s3 names the revision itself (s3://bucket/models/NAME/REVISION/)")
     target = _target(args)
@@ -142,6 +152,8 @@ def run_seed(args: argparse.Namespace) -> int:
             )
         else:
             release = sources.from_dir(args.from_dir)
+        if args.bf16_copy:
+            release = sources.with_bf16_copy(release, args.work_dir)
         name = flow.model_name(args.name, args.model, target)
         staged = flow.stage_local(
             clients, target, release, name, args.revision, progress=not args.no_progress

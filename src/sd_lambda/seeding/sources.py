@@ -22,12 +22,15 @@ from huggingface_hub.errors import (
 )
 
 from sd_lambda.layout import (
+    BF16_COPY_COMPONENTS,
+    BF16_VARIANT,
     MANIFEST,
     MODEL_INDEX,
     PICKLE_SUFFIXES,
     TINY_DECODER_FOLDER,
     Manifest,
     ManifestEntry,
+    bf16_copy_path,
     check_name,
     check_relative_path,
     sha256_file,
@@ -91,6 +94,33 @@ def from_dir(folder: Path, revision: str | None = None) -> LocalRelease:
         if path.is_file():
             files[relative] = path
     return LocalRelease.from_files(files, source=f"dir:{folder.resolve()}", revision=revision)
+
+
+def with_bf16_copy(release: LocalRelease, work_dir: Path) -> LocalRelease:
+    """``release`` plus a bf16 copy of its text encoder, UNet and VAE weights (sd_lambda.bf16_copy),
+    written under ``work_dir``; a copy already in the release is written again from its weights. The
+    default release name gets a ``-bf16`` suffix."""
+    from sd_lambda.bf16_copy import write_bf16_copy  # torch: imported only when a copy is asked for
+
+    files = dict(release.files)
+    out_dir = Path(work_dir) / "bf16-copies" / release.revision
+    for component in BF16_COPY_COMPONENTS:
+        stored = [
+            path
+            for path in files
+            if PurePosixPath(path).parent.as_posix() == component
+            and (match := _WEIGHTS.match(PurePosixPath(path).name))
+            and match["variant"] is None
+        ]
+        if len(stored) != 1:
+            found = f"{len(stored)} weights files" if stored else "no weights"
+            raise SeedError(f"--bf16-copy: {component}/ has {found}; a copy needs exactly one (not sharded)")
+        copy = bf16_copy_path(PurePosixPath(stored[0])).as_posix()
+        written = out_dir / copy
+        written.parent.mkdir(parents=True, exist_ok=True)
+        files[copy] = write_bf16_copy(files[stored[0]], written)
+    source = f"{release.manifest.source} + {BF16_VARIANT} copy"
+    return LocalRelease.from_files(files, source=source, revision=f"{release.revision}-{BF16_VARIANT}")
 
 
 # --- the Hub -------------------------------------------------------------------------------------
