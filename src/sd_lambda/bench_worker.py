@@ -17,11 +17,14 @@ from typing import Any
 VARIANTS = ("naive", "project", "reuse", "fast", "fast_lcm")
 # Run on request (``sd-lambda bench --variants``, and by default with ``--cold``): the fast default
 # without the init's weight prefetch, to show what the prefetch buys on a cold page cache.
-EXTRA_VARIANTS = ("fast_no_prefetch",)
+# And the fast default from the model's stored weights, cast at load, not its bf16 copy (SD_BF16_COPY=0).
+EXTRA_VARIANTS = ("fast_no_prefetch", "fast_no_bf16_copy")
 ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 # Variants that start the weight prefetch before their imports, as the handler's init does.
-PREFETCHING = ("project", "reuse", "fast", "fast_lcm")
-FAST_VARIANTS = ("fast", "fast_lcm", "fast_no_prefetch")
+PREFETCHING = ("project", "reuse", "fast", "fast_lcm", "fast_no_bf16_copy")
+FAST_VARIANTS = ("fast", "fast_lcm", "fast_no_prefetch", "fast_no_bf16_copy")
+# Settings a variant changes from the environment's (the rest come from Settings.from_env()).
+VARIANT_SETTINGS: dict[str, dict[str, Any]] = {"fast_no_bf16_copy": {"bf16_copy": 0}}
 FEATURE_REUSE_INTERVAL = 2
 RESULT_PREFIX = "BENCH-RESULT "
 
@@ -74,10 +77,9 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
     from dataclasses import replace
 
     from sd_lambda.engine import Engine, GenerationParams
-    from sd_lambda.settings import Settings
 
     fast = variant in FAST_VARIANTS
-    settings = Settings.from_env()
+    settings = variant_settings(variant)
     if not fast:
         settings = replace(settings, default_decoder="full")
     engine = Engine.load(Path(spec["model_dir"]), settings)
@@ -110,8 +112,31 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
         "scheduler": engine.describe()["default_scheduler"],
         "guidance_scale": params.guidance_scale,
         "feature_reuse": params.feature_reuse or settings.feature_reuse,
+        "weights": engine.choices.weights,
     }
     return one_image, info
+
+
+def variant_settings(variant: str) -> Any:
+    """The engine's settings for ``variant``: the environment's, with the variant's own changes."""
+    from dataclasses import replace
+
+    from sd_lambda.settings import Settings
+
+    return replace(Settings.from_env(), **VARIANT_SETTINGS.get(variant, {}))
+
+
+def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int:
+    """This process's peak RSS: ``VmHWM``, which belongs to its own address space. ``ru_maxrss`` keeps
+    the parent's peak across fork and exec, so a bench that had just written a 5 GB bf16 copy made
+    every worker report at least that."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _cpu_seconds() -> float:
@@ -126,9 +151,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     prefetch = None
     if variant in PREFETCHING:
-        from sd_lambda.prefetch import prefetch_model
+        from sd_lambda.prefetch import expects_bf16_copy, prefetch_model
 
-        prefetch = prefetch_model(Path(spec["model_dir"]))
+        bf16 = expects_bf16_copy(variant_settings(variant))
+        prefetch = prefetch_model(Path(spec["model_dir"]), bf16=bf16)
     import diffusers  # noqa: F401  (what a handler imports at init, for both variants)
     import torch
     from diffusers import StableDiffusionPipeline  # noqa: F401
@@ -155,8 +181,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "load_seconds": loaded - imported,
         "first_image_seconds": images[0]["seconds"],
         "images": images,
-        # Linux reports ru_maxrss in KiB.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "prefetch_at_load": prefetch_at_load,

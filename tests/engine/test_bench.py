@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sd_lambda import bench
+from sd_lambda import bench, bench_worker
+from sd_lambda.bf16_copy import add_bf16_copy
 from sd_lambda.cli import CommandError, main
 from sd_lambda.engine import DEFAULTS_MARKER
+from sd_lambda.layout import bf16_copy_files
+from sd_lambda.prefetch import weight_files
 
 
 def test_quick_bench_end_to_end_under_avx2(
@@ -113,7 +118,7 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
     samples = [
         _sample("native", "naive", [99.0, 10.0, 12.0]),  # the first (cold) image is left out of s/image
         _sample("native", "project", [50.0, 5.0, 4.0]),
-        _sample("native", "fast", [50.0, 2.0, 2.0], decoder="tiny"),
+        _sample("native", "fast", [50.0, 2.0, 2.0], decoder="tiny", weights="bf16 copy"),
     ]
     summary = bench.summarize(samples, flops, frozenset({"avx2", "avx512f"}), ghz=2.0)
     naive = summary["results"]["native/naive"]
@@ -144,7 +149,44 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
             "wall_seconds": 3.0,
         }
     )
-    assert "| native/fast | float32 | tiny | 4x b2 | 2.00 | 4.0 |" in table
+    assert "| native/fast | float32 | bf16 copy | tiny | 4x b2 | 2.00 | 4.0 |" in table
+    assert "| native/naive | float32 | stored | full |" in table  # workers that do not say: stored
+
+
+def test_the_fast_default_runs_from_the_bf16_copy_and_its_no_copy_variant_from_the_stored_weights(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    add_bf16_copy(model)
+    config = bench.BenchConfig(
+        model, 64, 64, 1, 0, 1, ("native",), extra_env={"SD_DTYPE": "bfloat16", "SD_THREADS": "1"}
+    )
+    fast = bench.run_worker(config, "fast", "native")
+    stored = bench.run_worker(config, "fast_no_bf16_copy", "native")
+    assert (fast["dtype"], fast["weights"]) == ("bfloat16", "bf16 copy")
+    assert (stored["dtype"], stored["weights"]) == ("bfloat16", "stored")
+    # Each one's prefetch read the files its engine mapped.
+    copy_bytes = sum(path.stat().st_size for path in weight_files(model, bf16=True))
+    stored_bytes = sum(path.stat().st_size for path in weight_files(model))
+    assert fast["prefetch_at_load"]["bytes"] == copy_bytes < stored_bytes
+    assert stored["prefetch_at_load"]["bytes"] == stored_bytes
+
+
+def test_a_workers_peak_rss_is_its_own_not_its_parents(tmp_path: Path) -> None:
+    ballast = b"\x01" * (400 << 20)  # touched pages: this process's peak RSS is now above 400 MB
+    probe = (
+        "import resource; from sd_lambda.bench_worker import peak_rss_bytes;"
+        "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    own, inherited = (int(value) for value in done.stdout.split())
+    assert own < 200 << 20 < 400 << 20 <= inherited  # ru_maxrss carried the parent's peak over
+    assert len(ballast) == 400 << 20
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  123 kB\nVmRSS:\t  100 kB\n")
+    assert bench_worker.peak_rss_bytes(status) == 123 * 1024
+    assert bench_worker.peak_rss_bytes(tmp_path / "missing") > 0  # falls back to ru_maxrss
 
 
 def test_avx2_cap_removes_avx512_and_bf16_flags() -> None:
@@ -160,14 +202,22 @@ def test_bench_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "multiple of 8" in capsys.readouterr().err
 
 
-def test_test_model_is_built_once(tmp_path: Path) -> None:
+def test_test_model_is_built_once_with_its_bf16_copy(tmp_path: Path) -> None:
     folder = bench.ensure_test_model(tmp_path / "tiny", size="tiny")
     assert (folder / "model_index.json").is_file()
+    copies = bf16_copy_files(folder)
+    assert copies is not None
     marker = folder / "untouched"
     marker.write_text("x")
     assert bench.ensure_test_model(folder, size="tiny") == folder
     assert marker.exists()
     assert not (tmp_path / "tiny.partial").exists()
+    # A model cached before the bench used copies gets one, and keeps everything else.
+    for copy in copies:
+        copy.unlink()
+    assert bench.ensure_test_model(folder, size="tiny") == folder
+    assert bf16_copy_files(folder) == copies
+    assert marker.exists()
 
 
 def test_each_round_starts_one_variant_later() -> None:
