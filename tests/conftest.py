@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from sd_lambda.bf16_copy import add_bf16_copy
 from sd_lambda.layout import ModelPaths, install_release
 from sd_lambda.testing.models import build_test_model
 
@@ -17,6 +19,15 @@ TEST_REVISION = "r1"
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny pipeline (with vae_tiny/) in diffusers layout. Treat as read-only."""
     return build_test_model(tmp_path_factory.mktemp("tiny-model") / "model", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_bf16_copy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline plus its weights' bf16 copy (sd_lambda.bf16_copy). Treat as read-only."""
+    model = tmp_path_factory.mktemp("tiny-model-bf16-copy") / "model"
+    shutil.copytree(tiny_model_dir, model)
+    add_bf16_copy(model)
+    return model
 
 
 def seed_release(model_root: Path, name: str, revision: str, source_dir: Path) -> ModelPaths:

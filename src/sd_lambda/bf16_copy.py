@@ -4,8 +4,10 @@ A host with native bf16 runs the model in bf16. From fp32 files it maps 4.3 GB (
 every tensor at load: on a 2-core host that is 1.5-2 s of CPU in every cold start, and on Lambda twice
 the bytes EFS has to deliver. With ``<stem>.bf16.safetensors`` beside each component's weights (the
 name diffusers loads with ``variant="bf16"``), the engine maps the copy as stored: half the bytes, no
-cast. Hosts without native bf16 keep loading the stored files, so a copy costs disk (half the model
-again) and never precision. ``sd-lambda seed --bf16-copy`` adds one to a release; the bench's test
+cast. The copy holds what a cast at load would make, except the folded upsample kernels
+(sd_lambda.upsample_fold), which then sum rounded taps (within a bf16 rounding of each other). Hosts
+that run fp32 keep loading the stored files, so for them a copy costs disk (half the model again) and
+nothing else. ``sd-lambda seed --bf16-copy`` adds one to a release; the bench's test
 model has one.
 """
 
@@ -18,19 +20,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sd_lambda.layout import BF16_COPY_COMPONENTS, LayoutError, bf16_copy_path, plain_weights
+from sd_lambda.layout import BF16_COPY_COMPONENTS, LayoutError, bf16_copy_path, single_weights_name
 
 
 def stored_weights(model_dir: Path) -> dict[str, Path]:
-    """Each copied component's one weights file (component -> path); LayoutError if one is missing or
-    sharded (a copy of sharded weights would need its own shard index: not supported)."""
+    """Each copied component's one weights file (component -> path); LayoutError if one has none, more
+    than one, or sharded weights (a copy of those would need its own shard index: not supported)."""
     found = {}
     for name in BF16_COPY_COMPONENTS:
-        files = plain_weights(model_dir / name)
-        if len(files) != 1:
-            what = "no .safetensors" if not files else f"{len(files)} shards"
-            raise LayoutError(f"{model_dir / name}: {what}; a bf16 copy needs one weights file per component")
-        found[name] = files[0]
+        component = model_dir / name
+        stored = single_weights_name(os.listdir(component)) if component.is_dir() else None
+        if stored is None:
+            raise LayoutError(f"{component}: a bf16 copy needs exactly one unsharded weights file")
+        found[name] = component / stored
     return found
 
 

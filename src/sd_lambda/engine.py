@@ -242,7 +242,8 @@ class Engine:
             **copy_options,
         )
         drop_vae_encoder(pipeline.vae)
-        # Before any cast, so the summed taps are rounded once, to the runtime dtype.
+        # Before the cast, so the summed taps are rounded once, to the runtime dtype (from a bf16 copy
+        # the taps were rounded when it was written, and the sums once more).
         replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
         release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
         in_place = decoder_in_place(pipeline.vae.decoder)

@@ -23,7 +23,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePath, PurePosixPath
@@ -50,6 +50,8 @@ BF16_VARIANT = "bf16"
 BF16_COPY_COMPONENTS = ("text_encoder", "unet", "vae")
 
 _AnyPath = TypeVar("_AnyPath", bound=PurePath)
+# Sharded weights: shard files (<stem>-00001-of-00002.safetensors) or their index.
+_SHARDED = re.compile(r"-\d{5}-of-\d{5}(\.[^.]+)?\.safetensors$|\.safetensors\.index(\.[^.]+)?\.json$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -223,11 +225,24 @@ def find_pickle_weights(folder: Path) -> list[str]:
 
 
 def plain_weights(component: Path) -> list[Path]:
-    """A component folder's stored safetensors (no variant in the name), sorted."""
+    """A component folder's stored safetensors (no variant in the name; shards included), sorted."""
     if not component.is_dir():
         return []
-    names = (p for p in component.iterdir() if p.name.endswith(".safetensors"))
-    return sorted(p for p in names if p.name.count(".") == 1)
+    return sorted(component / name for name in os.listdir(component) if _is_plain_weights(name))
+
+
+def _is_plain_weights(name: str) -> bool:
+    return name.endswith(".safetensors") and name.count(".") == 1
+
+
+def single_weights_name(names: Iterable[str]) -> str | None:
+    """The one stored weights file among a component folder's file names, or None when there is none,
+    more than one, or the weights are sharded (shard names or a shard index): what a bf16 copy needs."""
+    names = list(names)
+    if any(_SHARDED.search(name) for name in names):
+        return None
+    plain = [name for name in names if _is_plain_weights(name)]
+    return plain[0] if len(plain) == 1 else None
 
 
 def bf16_copy_path(weights: _AnyPath) -> _AnyPath:
@@ -236,14 +251,15 @@ def bf16_copy_path(weights: _AnyPath) -> _AnyPath:
 
 
 def bf16_copy_files(model_dir: Path) -> list[Path] | None:
-    """The bf16 copy of every copied component's weights, or None unless each one is complete: one stored
-    file per component (sharded weights get no copy) and its copy beside it."""
+    """The bf16 copy of every copied component's weights, or None unless each one is complete: one
+    unsharded stored file per component and its copy beside it."""
     copies = []
     for name in BF16_COPY_COMPONENTS:
-        stored = plain_weights(model_dir / name)
-        if len(stored) != 1 or not bf16_copy_path(stored[0]).is_file():
+        component = model_dir / name
+        stored = single_weights_name(os.listdir(component)) if component.is_dir() else None
+        if stored is None or not bf16_copy_path(component / stored).is_file():
             return None
-        copies.append(bf16_copy_path(stored[0]))
+        copies.append(bf16_copy_path(component / stored))
     return copies
 
 

@@ -47,17 +47,18 @@ MEMORY_SHARE = 0.5
 def weight_files(model_dir: Path, bf16: bool = False) -> list[Path]:
     """The safetensors the engine loads, in the order it touches them (symlinks followed): with
     ``bf16``, a complete bf16 copy (sd_lambda.bf16_copy) in place of the stored weights it covers."""
-    copies = dict(zip(BF16_COPY_COMPONENTS, bf16_copy_files(model_dir) or [], strict=False)) if bf16 else {}
+    copies = bf16_copy_files(model_dir) if bf16 else None
+    copy_of = dict(zip(BF16_COPY_COMPONENTS, copies, strict=True)) if copies else {}
     files = []
     for folder in WEIGHT_FOLDERS:
-        files += [copies[folder]] if folder in copies else plain_weights(model_dir / folder)
+        files += [copy_of[folder]] if folder in copy_of else plain_weights(model_dir / folder)
     return [path for path in files if path.is_file()]
 
 
 def expects_bf16_copy(settings: Settings) -> bool:
     """Whether the engine will load a bf16 copy (where the model has one): it runs bf16, by the setting
-    or the CPU flags, read without importing torch. The engine decides for itself; a wrong guess here
-    costs reads, not results."""
+    or the CPU flags, read without importing torch. The engine decides for itself (with ``auto`` it also
+    asks torch for an AVX-512 capability); a wrong guess here costs the prefetch its use, not results."""
     if not settings.bf16_copy:
         return False
     if settings.dtype == "auto":

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from sd_lambda import bench, bench_worker
-from sd_lambda.bf16_copy import add_bf16_copy
 from sd_lambda.cli import CommandError, main
 from sd_lambda.engine import DEFAULTS_MARKER
 from sd_lambda.layout import bf16_copy_files
@@ -154,11 +153,9 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
 
 
 def test_the_fast_default_runs_from_the_bf16_copy_and_its_no_copy_variant_from_the_stored_weights(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_with_bf16_copy: Path,
 ) -> None:
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    add_bf16_copy(model)
+    model = tiny_model_with_bf16_copy
     config = bench.BenchConfig(
         model, 64, 64, 1, 0, 1, ("native",), extra_env={"SD_DTYPE": "bfloat16", "SD_THREADS": "1"}
     )

@@ -15,17 +15,14 @@ from sd_lambda.bf16_copy import add_bf16_copy, write_bf16_copy
 from sd_lambda.engine import Engine
 from sd_lambda.layout import BF16_COPY_COMPONENTS, LayoutError, bf16_copy_files, plain_weights
 from sd_lambda.settings import Settings
-from sd_lambda.upsample_fold import FoldedUpsample2D
+from sd_lambda.upsample_fold import FoldedUpsample2D, fold_kernel
 
 BF16 = Settings(dtype="bfloat16")
 
 
-@pytest.fixture(scope="module")
-def copied_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = tmp_path_factory.mktemp("copied") / "model"
-    shutil.copytree(tiny_model_dir, model)
-    add_bf16_copy(model)
-    return model
+@pytest.fixture
+def copied_model(tiny_model_with_bf16_copy: Path) -> Path:
+    return tiny_model_with_bf16_copy
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -71,23 +68,30 @@ def test_add_bf16_copy_writes_what_is_missing_or_stale_and_nothing_else(
     assert all(len(plain_weights(model / name)) == 1 for name in BF16_COPY_COMPONENTS)
 
 
-def test_sharded_weights_get_no_copy(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shards", [1, 2])
+def test_sharded_weights_get_no_copy(tiny_model_dir: Path, tmp_path: Path, shards: int) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     unet = model / "unet"
     stored = plain_weights(unet)[0]
-    for shard in ("diffusion_pytorch_model-00001-of-00002", "diffusion_pytorch_model-00002-of-00002"):
-        shutil.copy(stored, unet / f"{shard}.safetensors")
+    for index in range(1, shards + 1):
+        shutil.copy(stored, unet / f"diffusion_pytorch_model-{index:05d}-of-{shards:05d}.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
     stored.unlink()
-    with pytest.raises(LayoutError, match=r"unet: 2 shards; a bf16 copy needs one weights file"):
+    with pytest.raises(LayoutError, match=r"unet: a bf16 copy needs exactly one unsharded weights file"):
         add_bf16_copy(model)
+    # Even a copy written by hand beside a single shard is not one the engine would load.
+    first = f"diffusion_pytorch_model-00001-of-{shards:05d}"
+    shutil.copy(unet / f"{first}.safetensors", unet / f"{first}.bf16.safetensors")
+    assert bf16_copy_files(model) is None
 
 
 def test_bf16_loads_the_copy_and_never_reads_the_stored_weights(copied_model: Path, tmp_path: Path) -> None:
-    # The stored UNet weights are garbage here: only a load that maps the copy can succeed.
+    # Every stored weights file is garbage here: only a load that maps the copies can succeed.
     view = tmp_path / "view"
     shutil.copytree(copied_model, view)
-    plain_weights(view / "unet")[0].write_bytes(b"not safetensors")
+    for name in BF16_COPY_COMPONENTS:
+        plain_weights(view / name)[0].write_bytes(b"not safetensors")
     engine = Engine.load(view, BF16)
     assert engine.choices.weights == "bf16 copy"
     assert engine.describe()["weights"] == "bf16 copy"
@@ -95,6 +99,15 @@ def test_bf16_loads_the_copy_and_never_reads_the_stored_weights(copied_model: Pa
     assert engine.pipeline.text_encoder.dtype == engine.pipeline.vae.dtype == torch.bfloat16
     with pytest.raises(Exception, match=r"header|safetensors|deserializ"):
         Engine.load(view, Settings(dtype="float32"))
+
+
+def test_an_incomplete_copy_is_not_used(copied_model: Path, tmp_path: Path) -> None:
+    view = tmp_path / "view"
+    shutil.copytree(copied_model, view)
+    next((view / "vae").glob("*.bf16.safetensors")).unlink()
+    engine = Engine.load(view, BF16)
+    assert engine.choices.weights == "stored"
+    assert engine.pipeline.unet.dtype == torch.bfloat16  # cast at load, as without a copy
 
 
 def test_the_copy_gives_the_weights_a_cast_at_load_would(copied_model: Path) -> None:
@@ -113,11 +126,19 @@ def test_the_copy_gives_the_weights_a_cast_at_load_would(copied_model: Path) -> 
             assert torch.equal(copied[name], tensor), name
             compared += 1
     assert compared > 100
-    # Folded upsample kernels sum the taps of rounded weights rather than rounding the sum: close.
+    # Folded upsample kernels sum the taps of the rounded weights, in fp32, rounded once more; a cast at
+    # load rounds the fp32 sum once. So they differ by at most the two final roundings (half a bf16 ulp,
+    # up to 2^-8 relative, each) plus the four taps' roundings.
+    cast_state = cast.pipeline.unet.state_dict()
     for prefix in folded:
-        key = f"{prefix}.weight"
-        assert torch.allclose(copied[key].float(), cast.pipeline.unet.state_dict()[key].float(), atol=0.02)
-        assert torch.equal(copied[f"{prefix}.bias"], cast.pipeline.unet.state_dict()[f"{prefix}.bias"])
+        stock_weight = from_copy.pipeline.unet.get_submodule(prefix).stock_kernel[0]
+        assert stock_weight.dtype == torch.bfloat16
+        from_taps = copied[f"{prefix}.weight"].float()
+        assert torch.equal(from_taps, fold_kernel(stock_weight.float()).to(torch.bfloat16).float())
+        from_sum = cast_state[f"{prefix}.weight"].float()
+        bound = 2**-7 * torch.maximum(from_taps.abs(), from_sum.abs()) + 4 * 2**-8 * stock_weight.abs().max()
+        assert ((from_taps - from_sum).abs() <= bound).all()
+        assert torch.equal(copied[f"{prefix}.bias"], cast_state[f"{prefix}.bias"])
     assert folded
 
 

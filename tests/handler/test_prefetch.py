@@ -55,7 +55,7 @@ def test_weight_files_are_the_engines_safetensors_in_the_order_it_touches_them(
 
 
 def test_with_a_bf16_copy_the_prefetch_reads_the_copy_only_where_bf16_runs(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "models"
     release = seed_release(root, TEST_MODEL_NAME, TEST_REVISION, tiny_model_dir).release(TEST_REVISION)
@@ -71,7 +71,10 @@ def test_with_a_bf16_copy_the_prefetch_reads_the_copy_only_where_bf16_runs(
     assert prefetch.wait(WAIT_SECONDS)
     assert prefetch.files == copied
     fp32 = Settings(model_root=root, model_name=TEST_MODEL_NAME, dtype="float32")
-    assert prefetch_current(fp32).files == stored  # type: ignore[union-attr]
+    stored_prefetch = prefetch_current(fp32)
+    assert stored_prefetch is not None
+    assert stored_prefetch.wait(WAIT_SECONDS)
+    assert stored_prefetch.files == stored
     # An incomplete copy is not used by the engine, so it is not read either.
     next((release / BF16_COPY_COMPONENTS[0]).glob("*.bf16.safetensors")).unlink()
     assert weight_files(release, bf16=True) == stored
@@ -255,10 +258,10 @@ def test_sd_prefetch_accepts_only_0_or_1(value: str) -> None:
 def test_a_listing_error_skips_the_prefetch_instead_of_failing_init(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def stale(self: Path) -> object:
+    def stale(path: object) -> object:
         raise OSError(errno.ESTALE, "Stale file handle")
 
-    monkeypatch.setattr(Path, "iterdir", stale)
+    monkeypatch.setattr(os, "listdir", stale)
     prefetch = prefetch_model(tiny_model_dir)
     assert prefetch.state == "skipped"
     assert "Stale file handle" in prefetch.describe()["reason"]

@@ -122,7 +122,7 @@ def test_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     copy_of_s3 = ["seed", "--from-s3", "s3://b/models/m/r1/", "--bf16-copy", *STACK]
     assert "--bf16-copy applies to --model and --from-dir" in _error(capsys, copy_of_s3)
     unet_only = ["seed", "--from-dir", str(make_model(tmp_path / "unet-only", "v1")), "--bf16-copy", *STACK]
-    assert "--bf16-copy: text_encoder/ has no weights; a copy needs exactly one" in _error(capsys, unet_only)
+    assert "--bf16-copy: text_encoder/ needs exactly one unsharded weights file" in _error(capsys, unet_only)
     warm = ["seed", "--from-dir", str(empty), "--warm", *STACK]
     assert "--warm needs --function-name" in _error(capsys, warm)
 

@@ -68,7 +68,7 @@ def test_with_bf16_copy_adds_the_copies_to_the_release_and_leaves_the_folder_alo
     ]
     assert all(copied.files[path].is_relative_to(tmp_path / "work") for path in added)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
-    assert copied.revision == f"{release.revision}-bf16"
+    assert copied.revision == f"{release.revision}-bf16copy"
     assert copied.manifest.source == f"{release.manifest.source} + bf16 copy"
     entries = {entry.path: entry for entry in copied.manifest.files}
     for path in added:
@@ -88,10 +88,28 @@ def test_with_bf16_copy_refuses_sharded_weights(tiny_model_dir: Path, tmp_path: 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     stored = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    shutil.copy(stored, folder / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors")
-    stored.rename(folder / "unet" / "diffusion_pytorch_model-00002-of-00002.safetensors")
-    with pytest.raises(SeedError, match=r"--bf16-copy: unet/ has 2 weights files; .* \(not sharded\)"):
+    stored.rename(folder / "unet" / "diffusion_pytorch_model-00001-of-00001.safetensors")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    with pytest.raises(SeedError, match=r"^--bf16-copy: unet/ needs exactly one unsharded weights file$"):
         with_bf16_copy(from_dir(folder), tmp_path / "work")
+
+
+def test_from_dir_refuses_a_bf16_copy_unless_asked_to_write_it_again(
+    tiny_model_with_bf16_copy: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_with_bf16_copy, folder)
+    with pytest.raises(
+        SeedError, match=r"holds a bf16 copy \(text_encoder/model\.bf16\.safetensors, .*--bf16-copy"
+    ):
+        from_dir(folder)
+    # A stale copy (other weights than the ones beside it) is replaced by one written from them.
+    stale = folder / "unet" / "diffusion_pytorch_model.bf16.safetensors"
+    stale.write_bytes(b"stale")
+    copied = with_bf16_copy(from_dir(folder, bf16_copy=True), tmp_path / "work")
+    written = copied.files["unet/diffusion_pytorch_model.bf16.safetensors"]
+    assert written.is_relative_to(tmp_path / "work")
+    assert written.read_bytes() != b"stale"
 
 
 def test_from_dir_refusals(tmp_path: Path) -> None:

@@ -151,7 +151,7 @@ def run_seed(args: argparse.Namespace) -> int:
                 args.model, args.work_dir, variant=args.variant, tiny_decoder=args.tiny_decoder
             )
         else:
-            release = sources.from_dir(args.from_dir)
+            release = sources.from_dir(args.from_dir, bf16_copy=args.bf16_copy)
         if args.bf16_copy:
             release = sources.with_bf16_copy(release, args.work_dir)
         name = flow.model_name(args.name, args.model, target)

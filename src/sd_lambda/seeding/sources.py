@@ -34,6 +34,7 @@ from sd_lambda.layout import (
     check_name,
     check_relative_path,
     sha256_file,
+    single_weights_name,
 )
 from sd_lambda.seeding.errors import SeedError
 
@@ -77,8 +78,10 @@ def check_pipeline_files(files: Collection[str]) -> str | None:
     return None
 
 
-def from_dir(folder: Path, revision: str | None = None) -> LocalRelease:
-    """A local diffusers folder: every regular file but dot-files, dot-folders and an old manifest.json."""
+def from_dir(folder: Path, revision: str | None = None, *, bf16_copy: bool = False) -> LocalRelease:
+    """A local diffusers folder: every regular file but dot-files, dot-folders and an old manifest.json.
+    A bf16 copy in it is refused unless ``bf16_copy`` (it is then written again from its weights): a
+    copy that no longer matches them would serve other weights to hosts that run bf16."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SeedError(f"{folder} is not a folder")
@@ -93,34 +96,41 @@ def from_dir(folder: Path, revision: str | None = None) -> LocalRelease:
             raise SeedError(f"symlinks are not allowed in a model folder: {relative}")
         if path.is_file():
             files[relative] = path
+    copies = sorted(
+        path
+        for path in files
+        if PurePosixPath(path).parent.as_posix() in BF16_COPY_COMPONENTS
+        and path.endswith(f".{BF16_VARIANT}.safetensors")
+    )
+    if copies and not bf16_copy:
+        raise SeedError(
+            f"{folder} holds a bf16 copy ({', '.join(copies)}): pass --bf16-copy to write it again "
+            "from the weights beside it, or remove it"
+        )
     return LocalRelease.from_files(files, source=f"dir:{folder.resolve()}", revision=revision)
 
 
 def with_bf16_copy(release: LocalRelease, work_dir: Path) -> LocalRelease:
     """``release`` plus a bf16 copy of its text encoder, UNet and VAE weights (sd_lambda.bf16_copy),
     written under ``work_dir``; a copy already in the release is written again from its weights. The
-    default release name gets a ``-bf16`` suffix."""
+    default release name gets a ``-bf16copy`` suffix."""
     from sd_lambda.bf16_copy import write_bf16_copy  # torch: imported only when a copy is asked for
 
     files = dict(release.files)
     out_dir = Path(work_dir) / "bf16-copies" / release.revision
     for component in BF16_COPY_COMPONENTS:
-        stored = [
-            path
-            for path in files
-            if PurePosixPath(path).parent.as_posix() == component
-            and (match := _WEIGHTS.match(PurePosixPath(path).name))
-            and match["variant"] is None
+        names = [
+            PurePosixPath(path).name for path in files if PurePosixPath(path).parent.as_posix() == component
         ]
-        if len(stored) != 1:
-            found = f"{len(stored)} weights files" if stored else "no weights"
-            raise SeedError(f"--bf16-copy: {component}/ has {found}; a copy needs exactly one (not sharded)")
-        copy = bf16_copy_path(PurePosixPath(stored[0])).as_posix()
+        stored = single_weights_name(names)
+        if stored is None:
+            raise SeedError(f"--bf16-copy: {component}/ needs exactly one unsharded weights file")
+        copy = f"{component}/{bf16_copy_path(PurePosixPath(stored)).name}"
         written = out_dir / copy
         written.parent.mkdir(parents=True, exist_ok=True)
-        files[copy] = write_bf16_copy(files[stored[0]], written)
+        files[copy] = write_bf16_copy(files[f"{component}/{stored}"], written)
     source = f"{release.manifest.source} + {BF16_VARIANT} copy"
-    return LocalRelease.from_files(files, source=source, revision=f"{release.revision}-{BF16_VARIANT}")
+    return LocalRelease.from_files(files, source=source, revision=f"{release.revision}-{BF16_VARIANT}copy")
 
 
 # --- the Hub -------------------------------------------------------------------------------------
