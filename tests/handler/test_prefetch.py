@@ -291,12 +291,17 @@ def test_the_predictor_cancels_a_prefetch_of_a_revision_current_no_longer_names(
     fifo_release = model_root / "stale"
     (fifo_release / "unet").mkdir(parents=True)
     os.mkfifo(fifo_release / "unet" / "w.safetensors")
+    # The test holds the FIFO's write end until the pass ends, so the reader's open() never blocks and
+    # its read() waits for data: whether the thread got that far before the cancel or not, it ends.
+    gate = os.open(fifo_release / "unet" / "w.safetensors", os.O_RDWR)
     stale = WeightPrefetch([fifo_release / "unet" / "w.safetensors"], folder=fifo_release).start()
     predictor = Predictor(settings, prefetch=stale)
-    predictor.warm()
-    with open(fifo_release / "unet" / "w.safetensors", "wb"):
-        pass  # releases the reader's open(); it then sees the cancel
-    assert stale.wait(WAIT_SECONDS)
+    try:
+        predictor.warm()
+        os.write(gate, b"x")  # the reader's read() returns, and it sees the cancel
+        assert stale.wait(WAIT_SECONDS)
+    finally:
+        os.close(gate)
     assert stale.state == "cancelled"
     current = prefetch_current(settings)
     assert current is not None
