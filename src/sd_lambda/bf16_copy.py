@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sd_lambda.layout import BF16_COPY_COMPONENTS, LayoutError, bf16_copy_path, single_weights_name
+from sd_lambda.layout import BF16_COPY_COMPONENTS, LayoutError, bf16_copy_path, single_weights_file
 
 
 def stored_weights(model_dir: Path) -> dict[str, Path]:
@@ -28,11 +28,10 @@ def stored_weights(model_dir: Path) -> dict[str, Path]:
     than one, or sharded weights (a copy of those would need its own shard index: not supported)."""
     found = {}
     for name in BF16_COPY_COMPONENTS:
-        component = model_dir / name
-        stored = single_weights_name(os.listdir(component)) if component.is_dir() else None
+        stored = single_weights_file(model_dir / name)
         if stored is None:
-            raise LayoutError(f"{component}: a bf16 copy needs exactly one unsharded weights file")
-        found[name] = component / stored
+            raise LayoutError(f"{model_dir / name}: a bf16 copy needs exactly one unsharded weights file")
+        found[name] = stored
     return found
 
 

@@ -250,16 +250,23 @@ def bf16_copy_path(weights: _AnyPath) -> _AnyPath:
     return weights.with_name(f"{weights.name[: -len('.safetensors')]}.{BF16_VARIANT}.safetensors")
 
 
+def single_weights_file(component: Path) -> Path | None:
+    """``single_weights_name`` of a component folder on disk (None when the folder does not exist)."""
+    if not component.is_dir():
+        return None
+    name = single_weights_name(os.listdir(component))
+    return None if name is None else component / name
+
+
 def bf16_copy_files(model_dir: Path) -> list[Path] | None:
     """The bf16 copy of every copied component's weights, or None unless each one is complete: one
     unsharded stored file per component and its copy beside it."""
     copies = []
     for name in BF16_COPY_COMPONENTS:
-        component = model_dir / name
-        stored = single_weights_name(os.listdir(component)) if component.is_dir() else None
-        if stored is None or not bf16_copy_path(component / stored).is_file():
+        stored = single_weights_file(model_dir / name)
+        if stored is None or not bf16_copy_path(stored).is_file():
             return None
-        copies.append(bf16_copy_path(component / stored))
+        copies.append(bf16_copy_path(stored))
     return copies
 
 
