@@ -53,14 +53,19 @@ def test_from_dir_describes_every_file(tmp_path: Path) -> None:
 
 
 def test_with_bf16_copy_adds_the_copies_to_the_release_and_leaves_the_folder_alone(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     release = from_dir(folder)
+    hashed: list[Path] = []
+    monkeypatch.setattr(sources, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
     copied = with_bf16_copy(release, tmp_path / "work")
     added = sorted(set(copied.files) - set(release.files))
+    # Only the copies are hashed; the stored files keep the entries from_dir made for them.
+    assert sorted(hashed) == sorted(copied.files[path] for path in added)
+    assert set(release.manifest.files) <= set(copied.manifest.files)
     assert added == [
         "text_encoder/model.bf16.safetensors",
         "unet/diffusion_pytorch_model.bf16.safetensors",

@@ -53,12 +53,25 @@ class LocalRelease:
     revision: str  # the default release name: content or hub commit derived
 
     @classmethod
-    def from_files(cls, files: dict[str, Path], source: str, revision: str | None = None) -> LocalRelease:
+    def from_files(
+        cls,
+        files: dict[str, Path],
+        source: str,
+        revision: str | None = None,
+        described: LocalRelease | None = None,
+    ) -> LocalRelease:
+        """``described``: a release whose manifest entries are reused for the same files (not hashed
+        again)."""
         problems = check_pipeline_files(files)
         if problems:
             raise SeedError(problems)
+        known = {}
+        if described is not None:
+            known = {
+                e.path: e for e in described.manifest.files if described.files[e.path] == files.get(e.path)
+            }
         entries = tuple(
-            ManifestEntry(path, files[path].stat().st_size, sha256_file(files[path]))
+            known.get(path) or ManifestEntry(path, files[path].stat().st_size, sha256_file(files[path]))
             for path in sorted(files)
         )
         manifest = Manifest(files=entries, source=source)
@@ -130,7 +143,8 @@ def with_bf16_copy(release: LocalRelease, work_dir: Path) -> LocalRelease:
         written.parent.mkdir(parents=True, exist_ok=True)
         files[copy] = write_bf16_copy(files[f"{component}/{stored}"], written)
     source = f"{release.manifest.source} + {BF16_VARIANT} copy"
-    return LocalRelease.from_files(files, source=source, revision=f"{release.revision}-{BF16_VARIANT}copy")
+    revision = f"{release.revision}-{BF16_VARIANT}copy"
+    return LocalRelease.from_files(files, source=source, revision=revision, described=release)
 
 
 # --- the Hub -------------------------------------------------------------------------------------
