@@ -36,6 +36,7 @@ from sd_lambda.layout import (
     find_pickle_weights,
 )
 from sd_lambda.settings import Settings
+from sd_lambda.small_conv import route_small_map_convs
 from sd_lambda.upsample_fold import fold_upsamplers
 from sd_lambda.weights import cast_releasing_pages, release_mapped_pages
 
@@ -72,6 +73,8 @@ class RuntimeChoices:
     # Which files were mapped: the model's stored weights (cast at load when dtype differs) or its
     # bf16 copy (sd_lambda.bf16_copy), mapped as stored.
     weights: str = "stored"
+    # UNet convolutions that take the im2col kernel on small fp32 maps (sd_lambda.small_conv).
+    small_map_convs: int = 0
 
 
 class UnetRecorder:
@@ -247,6 +250,7 @@ class Engine:
         replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
         release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
         in_place = decoder_in_place(pipeline.vae.decoder)
+        small_map_convs = route_small_map_convs(pipeline.unet) if settings.small_map_convs else 0
         # Decoders are convolutions over full-resolution images: channels_last lets oneDNN skip layout
         # reorders there. The UNet measured no faster with it and cost a weight copy, so it stays NCHW.
         for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
@@ -274,6 +278,7 @@ class Engine:
             folded_upsamplers=len(replaced),
             in_place_decoder_modules=in_place,
             weights=f"{BF16_VARIANT} copy" if use_copy else "stored",
+            small_map_convs=small_map_convs,
         )
         engine = cls(
             pipeline,
@@ -303,9 +308,11 @@ class Engine:
         )
         logger.info(
             "engine memory: channels_last decoders, %d VAE decoder modules in place, NCHW UNet,"
-            " %d upsample+conv pairs folded, glibc heap kept=%s, load %.2fs",
+            " %d upsample+conv pairs folded, %d UNet convs im2col on small fp32 maps,"
+            " glibc heap kept=%s, load %.2fs",
             c.in_place_decoder_modules,
             c.folded_upsamplers,
+            c.small_map_convs,
             c.malloc_tuned,
             self.load_seconds,
         )

@@ -83,6 +83,13 @@ class Settings:
         ge=0,
         le=1,
     )
+    small_map_convs: int = _env(
+        "SD_SMALL_MAP_CONVS",
+        1,
+        "1 = the UNet's fp32 convolutions with at most 256 output pixels run as im2col + BLAS, not oneDNN.",
+        ge=0,
+        le=1,
+    )
     bf16_copy: int = _env(
         "SD_BF16_COPY",
         1,
