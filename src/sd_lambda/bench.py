@@ -31,9 +31,11 @@ from typing import Any
 from sd_lambda import cpu
 from sd_lambda.bench_worker import ALL_VARIANTS, RESULT_PREFIX, VARIANTS
 
+# Each library that picks its own kernels from the CPU gets the cap: ATen, oneDNN and MKL (the BLAS of
+# the linear layers and of the im2col convolutions).
 ISA_ENV: dict[str, dict[str, str]] = {
     "native": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 DEFAULT_CACHE = Path(".cache/models")
 NAIVE_GUIDANCE = 7.5

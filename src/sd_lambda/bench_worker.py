@@ -18,13 +18,17 @@ VARIANTS = ("naive", "project", "reuse", "fast", "fast_lcm")
 # Run on request (``sd-lambda bench --variants``, and by default with ``--cold``): the fast default
 # without the init's weight prefetch, to show what the prefetch buys on a cold page cache.
 # And the fast default from the model's stored weights, cast at load, not its bf16 copy (SD_BF16_COPY=0).
-EXTRA_VARIANTS = ("fast_no_prefetch", "fast_no_bf16_copy")
+# And like-for-like with every UNet convolution on oneDNN (SD_SMALL_MAP_CONVS=0).
+EXTRA_VARIANTS = ("fast_no_prefetch", "fast_no_bf16_copy", "project_no_small_map_convs")
 ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 # Variants that start the weight prefetch before their imports, as the handler's init does.
-PREFETCHING = ("project", "reuse", "fast", "fast_lcm", "fast_no_bf16_copy")
+PREFETCHING = ("project", "reuse", "fast", "fast_lcm", "fast_no_bf16_copy", "project_no_small_map_convs")
 FAST_VARIANTS = ("fast", "fast_lcm", "fast_no_prefetch", "fast_no_bf16_copy")
 # Settings a variant changes from the environment's (the rest come from Settings.from_env()).
-VARIANT_SETTINGS: dict[str, dict[str, Any]] = {"fast_no_bf16_copy": {"bf16_copy": 0}}
+VARIANT_SETTINGS: dict[str, dict[str, Any]] = {
+    "fast_no_bf16_copy": {"bf16_copy": 0},
+    "project_no_small_map_convs": {"small_map_convs": 0},
+}
 FEATURE_REUSE_INTERVAL = 2
 RESULT_PREFIX = "BENCH-RESULT "
 
@@ -113,6 +117,7 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
         "guidance_scale": params.guidance_scale,
         "feature_reuse": params.feature_reuse or settings.feature_reuse,
         "weights": engine.choices.weights,
+        "small_map_convs": engine.choices.small_map_convs,
     }
     return one_image, info
 

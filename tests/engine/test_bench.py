@@ -170,6 +170,19 @@ def test_the_fast_default_runs_from_the_bf16_copy_and_its_no_copy_variant_from_t
     assert stored["prefetch_at_load"]["bytes"] == stored_bytes
 
 
+def test_like_for_like_routes_small_map_convs_and_its_no_small_map_variant_does_not(
+    tiny_model_dir: Path,
+) -> None:
+    config = bench.BenchConfig(
+        tiny_model_dir, 64, 64, 1, 0, 1, ("native",), extra_env={"SD_DTYPE": "float32", "SD_THREADS": "1"}
+    )
+    routed = bench.run_worker(config, "project", "native")
+    stock = bench.run_worker(config, "project_no_small_map_convs", "native")
+    assert routed["small_map_convs"] > 0
+    assert stock["small_map_convs"] == 0
+    assert (routed["decoder"], stock["decoder"]) == ("full", "full")  # both like-for-like
+
+
 def test_a_workers_peak_rss_is_its_own_not_its_parents(tmp_path: Path) -> None:
     ballast = b"\x01" * (400 << 20)  # touched pages: this process's peak RSS is now above 400 MB
     probe = (
