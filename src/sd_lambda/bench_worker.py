@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("naive", "project", "reuse", "fast", "fast_lcm")
-# Run on request (``sd-lambda bench --variants``, and by default with ``--cold``): the fast default
-# without the init's weight prefetch, to show what the prefetch buys on a cold page cache.
+# Run on request (``sd-lambda bench --variants``): the fast default without the init's weight prefetch
+# (also a default with ``--cold``), to show what the prefetch buys on a cold page cache.
 # And the fast default from the model's stored weights, cast at load, not its bf16 copy (SD_BF16_COPY=0).
 # And like-for-like with every UNet convolution on oneDNN (SD_SMALL_MAP_CONVS=0).
 EXTRA_VARIANTS = ("fast_no_prefetch", "fast_no_bf16_copy", "project_no_small_map_convs")

@@ -73,7 +73,8 @@ class RuntimeChoices:
     # Which files were mapped: the model's stored weights (cast at load when dtype differs) or its
     # bf16 copy (sd_lambda.bf16_copy), mapped as stored.
     weights: str = "stored"
-    # UNet convolutions that take the im2col kernel on small fp32 maps (sd_lambda.small_conv).
+    # UNet convolutions routed to the im2col kernel for small fp32 maps (sd_lambda.small_conv); which
+    # of them take it depends on the image size (at 512², 26 of SD 1.5's 49).
     small_map_convs: int = 0
 
 
@@ -250,7 +251,9 @@ class Engine:
         replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
         release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
         in_place = decoder_in_place(pipeline.vae.decoder)
-        small_map_convs = route_small_map_convs(pipeline.unet) if settings.small_map_convs else 0
+        # fp32 only: that is where the im2col kernel was measured faster.
+        route = settings.small_map_convs == 1 and dtype == torch.float32
+        small_map_convs = route_small_map_convs(pipeline.unet) if route else 0
         # Decoders are convolutions over full-resolution images: channels_last lets oneDNN skip layout
         # reorders there. The UNet measured no faster with it and cost a weight copy, so it stays NCHW.
         for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
@@ -308,7 +311,7 @@ class Engine:
         )
         logger.info(
             "engine memory: channels_last decoders, %d VAE decoder modules in place, NCHW UNet,"
-            " %d upsample+conv pairs folded, %d UNet convs im2col on small fp32 maps,"
+            " %d upsample+conv pairs folded, %d UNet convs routed to im2col for small fp32 maps,"
             " glibc heap kept=%s, load %.2fs",
             c.in_place_decoder_modules,
             c.folded_upsamplers,

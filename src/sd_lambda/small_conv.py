@@ -6,13 +6,15 @@ reorder, then 18.2 ms of convolution). Over a 64x64 map that is spread over 4,09
 16x16 and 8x8 UNet levels it is not. Measured there in fp32, per convolution of one UNet call, torch's
 own kernel (``thnn_conv2d``: im2col, then one MKL sgemm per image) was 1.3-2.9x faster at batch 1 and
 0.95-2.5x as fast at batch 2 up to 256 output pixels per image, and was slower above (0.6-1.0x at 32x32).
-The same multiply-adds, summed in another order.
+The same multiply-adds, summed in another order. One image per call: ``thnn_conv2d`` runs a batch's
+images in parallel, one thread each, so at batch 2 it would leave four of Lambda's six vCPUs idle;
+image by image, MKL's sgemm gets every thread (and here it measured as fast or faster: 16x16 x 2560
+channels at batch 2, 246 ms image by image against 321 ms in one call).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Output pixels per image up to which the im2col kernel measured faster (a 16x16 map; 32x32 was slower).
 MAX_OUTPUT_PIXELS = 16 * 16
@@ -37,8 +39,9 @@ def routable(conv: torch.nn.Module) -> bool:
 
 
 class SmallMapConv2d(torch.nn.Conv2d):
-    """A ``Conv2d`` that takes the im2col kernel for fp32, NCHW inputs with few output pixels; every
-    other call (bf16, channels_last, larger maps) is the stock path. Same parameters, same state dict."""
+    """A ``Conv2d`` that takes the im2col kernel for fp32, NCHW inputs with few output pixels, one image
+    at a time; every other call (bf16, channels_last, larger maps) is the stock path. Same parameters,
+    same state dict."""
 
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -49,8 +52,12 @@ class SmallMapConv2d(torch.nn.Conv2d):
             and input.is_contiguous()
             and output_pixels(input.shape[-2], input.shape[-1], self) <= MAX_OUTPUT_PIXELS
         ):
-            return torch._C._nn.thnn_conv2d(input, weight, self.kernel_size, bias, self.stride, self.padding)
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            images = [
+                torch._C._nn.thnn_conv2d(image, weight, self.kernel_size, bias, self.stride, self.padding)
+                for image in input.split(1)
+            ]
+            return images[0] if len(images) == 1 else torch.cat(images)
+        return super()._conv_forward(input, weight, bias)
 
 
 def route_small_map_convs(model: torch.nn.Module) -> int:
