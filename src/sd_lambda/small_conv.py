@@ -6,10 +6,10 @@ reorder, then 18.2 ms of convolution). Over a 64x64 map that is spread over 4,09
 16x16 and 8x8 UNet levels it is not. Measured there in fp32, per convolution of one UNet call, torch's
 own kernel (``thnn_conv2d``: im2col, then one MKL sgemm per image) was 1.3-2.9x faster at batch 1 and
 0.95-2.5x as fast at batch 2 up to 256 output pixels per image, and was slower above (0.6-1.0x at 32x32).
-The same multiply-adds, summed in another order. One image per call: ``thnn_conv2d`` runs a batch's
-images in parallel, one thread each, so at batch 2 it would leave four of Lambda's six vCPUs idle;
-image by image, MKL's sgemm gets every thread (and here it measured as fast or faster: 16x16 x 2560
-channels at batch 2, 246 ms image by image against 321 ms in one call).
+The same multiply-adds, summed in another order. One image per call: by its source, ``thnn_conv2d``
+runs a batch's images in parallel, one thread each, so at batch 2 it would leave four of Lambda's six
+vCPUs idle (not measured: this machine has two); image by image, MKL's sgemm gets every thread, and
+here that measured as fast or faster (16x16 x 2560 channels at batch 2: 246 ms against 321 ms).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class SmallMapConv2d(torch.nn.Conv2d):
         if (
             input.dtype == torch.float32
             and input.dim() == 4
+            and input.shape[0] > 0
             and input.is_contiguous()
             and output_pixels(input.shape[-2], input.shape[-1], self) <= MAX_OUTPUT_PIXELS
         ):

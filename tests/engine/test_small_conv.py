@@ -74,6 +74,7 @@ def test_only_small_contiguous_fp32_maps_leave_onednn(im2col_calls: list[tuple[i
         layer(torch.randn(1, 4, 17, 16))  # 272: the stock path
         layer(torch.randn(1, 4, 8, 8).to(memory_format=torch.channels_last))  # oneDNN's own layout
         layer(torch.randn(4, 8, 8))  # unbatched
+        assert layer(torch.randn(0, 4, 8, 8)).shape == (0, 4, 8, 8)  # an empty batch
         layer(torch.randn(1, 4, 8, 16)[..., ::2])  # a strided view
         layer.to(torch.bfloat16)(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16))  # measured in fp32 only
     assert im2col_calls == [(1, 4, 16, 16)]
