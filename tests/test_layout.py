@@ -8,8 +8,12 @@ from sd_lambda.layout import (
     Manifest,
     ModelNotSeededError,
     ModelPaths,
+    WeightsName,
+    bf16_copy_path,
     check_relative_path,
     model_slug,
+    parse_weights_name,
+    single_weights_name,
 )
 
 
@@ -99,3 +103,68 @@ def test_manifest_paths_must_stay_inside(bad: str) -> None:
 def test_malformed_manifest_is_a_layout_error() -> None:
     with pytest.raises(LayoutError, match="malformed"):
         Manifest.from_json('{"files": [{"path": "a"}]}')
+
+
+@pytest.mark.parametrize(
+    ("name", "parsed", "plain"),
+    [
+        ("diffusion_pytorch_model.safetensors", WeightsName("diffusion_pytorch_model"), None),
+        ("model.fp16.safetensors", WeightsName("model", variant="fp16"), "model.safetensors"),
+        ("model.non_ema.safetensors", WeightsName("model", variant="non_ema"), "model.safetensors"),
+        ("model-00001-of-00002.safetensors", WeightsName("model", "-00001-of-00002"), None),
+        # diffusers' and transformers' current spelling of a variant's shard, and the legacy one
+        (
+            "model.fp16-00002-of-00002.safetensors",
+            WeightsName("model", "-00002-of-00002", "fp16"),
+            "model-00002-of-00002.safetensors",
+        ),
+        (
+            "model-00002-of-00002.fp16.safetensors",
+            WeightsName("model", "-00002-of-00002", "fp16"),
+            "model-00002-of-00002.safetensors",
+        ),
+        ("model.safetensors.index.json", WeightsName("model", index=True), None),
+        (
+            "model.safetensors.index.fp16.json",
+            WeightsName("model", variant="fp16", index=True),
+            "model.safetensors.index.json",
+        ),
+        (
+            "model.safetensors.fp16.index.json",
+            WeightsName("model", variant="fp16", index=True),
+            "model.safetensors.index.json",
+        ),
+    ],
+)
+def test_parse_weights_name(name: str, parsed: WeightsName, plain: str | None) -> None:
+    assert parse_weights_name(name) == parsed
+    assert parsed.plain_name == (plain or name)
+    assert parsed.sharded == ("-of-" in name or ".index." in name)
+
+
+@pytest.mark.parametrize(
+    "name", ["config.json", "diffusion_pytorch_model.bin", "model.a.b.safetensors", "model.safetensors.json"]
+)
+def test_parse_weights_name_ignores_other_files(name: str) -> None:
+    assert parse_weights_name(name) is None
+
+
+@pytest.mark.parametrize(
+    ("names", "single"),
+    [
+        (["config.json", "model.safetensors", "model.fp16.safetensors"], "model.safetensors"),
+        (["model.fp16.safetensors"], None),
+        (["model.safetensors", "other.safetensors"], None),
+        (["model.safetensors", "model.fp16-00001-of-00002.safetensors"], None),  # a sharded variant
+        (["model.safetensors", "model.safetensors.index.fp16.json"], None),
+    ],
+)
+def test_single_weights_name(names: list[str], single: str | None) -> None:
+    assert single_weights_name(names) == single
+
+
+def test_bf16_copy_path_takes_only_unsharded_stored_weights() -> None:
+    assert bf16_copy_path(Path("unet/model.safetensors")) == Path("unet/model.bf16.safetensors")
+    for name in ("model.fp16.safetensors", "model-00001-of-00002.safetensors", "config.json"):
+        with pytest.raises(ValueError, match="is not an unsharded stored weights file"):
+            bf16_copy_path(Path(name))

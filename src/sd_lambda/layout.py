@@ -24,7 +24,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TypeVar
@@ -50,8 +50,21 @@ BF16_VARIANT = "bf16"
 BF16_COPY_COMPONENTS = ("text_encoder", "unet", "vae")
 
 _AnyPath = TypeVar("_AnyPath", bound=PurePath)
-# Sharded weights: shard files (<stem>-00001-of-00002.safetensors) or their index.
-_SHARDED = re.compile(r"-\d{5}-of-\d{5}(\.[^.]+)?\.safetensors$|\.safetensors\.index(\.[^.]+)?\.json$")
+# diffusers' and transformers' names for a component's safetensors, as diffusers' loader matches them
+# (diffusers.pipelines.pipeline_loading_utils.variant_compatible_siblings), tried in this order:
+# "-00001-of-00002.fp16" must be read as a legacy variant shard, not as a variant named after a shard.
+_SHARD = r"(?P<shard>-\d{5}-of-\d{5})"
+_WEIGHTS_NAMES = tuple(
+    (re.compile(pattern), index)
+    for pattern, index in (
+        (rf"(?P<stem>[^.]+?){_SHARD}\.(?P<variant>[^.]+)\.safetensors", False),  # legacy variant shard
+        (rf"(?P<stem>[^.]+?){_SHARD}?\.safetensors", False),  # stored weights or a shard of them
+        (rf"(?P<stem>[^.]+)\.(?P<variant>[^.]+?){_SHARD}?\.safetensors", False),  # a variant or its shard
+        (r"(?P<stem>[^.]+)\.safetensors\.index\.json", True),
+        (r"(?P<stem>[^.]+)\.safetensors\.index\.(?P<variant>[^.]+)\.json", True),
+        (r"(?P<stem>[^.]+)\.safetensors\.(?P<variant>[^.]+)\.index\.json", True),  # legacy variant index
+    )
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -224,6 +237,44 @@ def find_pickle_weights(folder: Path) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class WeightsName:
+    """One safetensors file name of a component folder: ``<stem>[.<variant>][-00001-of-00002].safetensors``
+    or a shard index ``<stem>.safetensors.index[.<variant>].json`` (legacy variant spellings included)."""
+
+    stem: str
+    shard: str = ""  # "-00001-of-00002" for one shard of sharded weights
+    variant: str | None = None
+    index: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.index or bool(self.shard)
+
+    @property
+    def name(self) -> str:
+        """The file name, in diffusers' current spelling."""
+        variant = f".{self.variant}" if self.variant else ""
+        if self.index:
+            return f"{self.stem}.safetensors.index{variant}.json"
+        return f"{self.stem}{variant}{self.shard}.safetensors"
+
+    @property
+    def plain_name(self) -> str:
+        """The same file without its variant: the name diffusers loads when no variant is asked for."""
+        return replace(self, variant=None).name
+
+
+def parse_weights_name(name: str) -> WeightsName | None:
+    """A component's safetensors weights or shard index by its file name; None for any other file."""
+    for pattern, index in _WEIGHTS_NAMES:
+        match = pattern.fullmatch(name)
+        if match:
+            parts = match.groupdict()
+            return WeightsName(parts["stem"], parts.get("shard") or "", parts.get("variant"), index)
+    return None
+
+
 def plain_weights(component: Path) -> list[Path]:
     """A component folder's stored safetensors (no variant in the name; shards included), sorted."""
     if not component.is_dir():
@@ -232,22 +283,26 @@ def plain_weights(component: Path) -> list[Path]:
 
 
 def _is_plain_weights(name: str) -> bool:
-    return name.endswith(".safetensors") and name.count(".") == 1
+    weights = parse_weights_name(name)
+    return weights is not None and weights.variant is None and not weights.index
 
 
 def single_weights_name(names: Iterable[str]) -> str | None:
     """The one stored weights file among a component folder's file names, or None when there is none,
     more than one, or the weights are sharded (shard names or a shard index): what a bf16 copy needs."""
-    names = list(names)
-    if any(_SHARDED.search(name) for name in names):
+    weights = {name: parsed for name in names if (parsed := parse_weights_name(name))}
+    if any(parsed.sharded for parsed in weights.values()):
         return None
-    plain = [name for name in names if _is_plain_weights(name)]
+    plain = [name for name, parsed in weights.items() if parsed.variant is None]
     return plain[0] if len(plain) == 1 else None
 
 
 def bf16_copy_path(weights: _AnyPath) -> _AnyPath:
     """``unet/diffusion_pytorch_model.safetensors`` -> ``unet/diffusion_pytorch_model.bf16.safetensors``."""
-    return weights.with_name(f"{weights.name[: -len('.safetensors')]}.{BF16_VARIANT}.safetensors")
+    parsed = parse_weights_name(weights.name)
+    if parsed is None or parsed.sharded or parsed.variant:
+        raise ValueError(f"{weights.name} is not an unsharded stored weights file")
+    return weights.with_name(replace(parsed, variant=BF16_VARIANT).name)
 
 
 def single_weights_file(component: Path) -> Path | None:

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from safetensors import safe_open
 
 from sd_lambda.layout import (
     MANIFEST,
@@ -155,12 +157,20 @@ REPO_FILES = [
     "text_encoder/model-00001-of-00002.fp16.safetensors",
     "text_encoder/model-00002-of-00002.fp16.safetensors",
     "text_encoder/model.safetensors.index.fp16.json",
+    # diffusers' and transformers' current spelling of a variant's shards (the variant before the shard)
+    "text_encoder_2/config.json",
+    "text_encoder_2/model-00001-of-00002.safetensors",
+    "text_encoder_2/model-00002-of-00002.safetensors",
+    "text_encoder_2/model.safetensors.index.json",
+    "text_encoder_2/model.fp16-00001-of-00002.safetensors",
+    "text_encoder_2/model.fp16-00002-of-00002.safetensors",
+    "text_encoder_2/model.safetensors.index.fp16.json",
     "tokenizer/vocab.json",
     "tokenizer/merges.txt",
     "scheduler/scheduler_config.json",
     "safety_checker/model.safetensors",  # not a component of this model_index
 ]
-COMPONENTS = ["scheduler", "text_encoder", "tokenizer", "unet"]
+COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "unet"]
 
 
 def test_select_plain_weights() -> None:
@@ -173,6 +183,10 @@ def test_select_plain_weights() -> None:
         "text_encoder/model-00001-of-00002.safetensors": "text_encoder/model-00001-of-00002.safetensors",
         "text_encoder/model-00002-of-00002.safetensors": "text_encoder/model-00002-of-00002.safetensors",
         "text_encoder/model.safetensors.index.json": "text_encoder/model.safetensors.index.json",
+        "text_encoder_2/config.json": "text_encoder_2/config.json",
+        "text_encoder_2/model-00001-of-00002.safetensors": "text_encoder_2/model-00001-of-00002.safetensors",
+        "text_encoder_2/model-00002-of-00002.safetensors": "text_encoder_2/model-00002-of-00002.safetensors",
+        "text_encoder_2/model.safetensors.index.json": "text_encoder_2/model.safetensors.index.json",
         "tokenizer/vocab.json": "tokenizer/vocab.json",
         "tokenizer/merges.txt": "tokenizer/merges.txt",
         "scheduler/scheduler_config.json": "scheduler/scheduler_config.json",
@@ -192,6 +206,13 @@ def test_select_variant_renames_to_plain_names() -> None:
         chosen["text_encoder/model.safetensors.index.fp16.json"]
         == "text_encoder/model.safetensors.index.json"
     )
+    second = {repo: release for repo, release in chosen.items() if repo.startswith("text_encoder_2/")}
+    assert {repo.split("/")[1]: release.split("/")[1] for repo, release in second.items()} == {
+        "config.json": "config.json",
+        "model.fp16-00001-of-00002.safetensors": "model-00001-of-00002.safetensors",
+        "model.fp16-00002-of-00002.safetensors": "model-00002-of-00002.safetensors",
+        "model.safetensors.index.fp16.json": "model.safetensors.index.json",
+    }
     assert len(set(chosen.values())) == len(chosen)
 
 
@@ -280,6 +301,37 @@ def test_from_hub_variant(hub: FakeHub, tmp_path: Path) -> None:
     assert (
         json.loads(release.files["model_index.json"].read_text())["_class_name"] == "StableDiffusionPipeline"
     )
+
+
+def test_from_hub_sharded_variant_loads_without_a_variant(hub: FakeHub, tmp_path: Path) -> None:
+    from transformers import CLIPTextModel
+
+    # The text encoder as transformers shards it: fp32 shards and, beside them, fp16 variant shards.
+    text_encoder = hub.repos["acme/tiny-sd"] / "text_encoder"
+    model = CLIPTextModel.from_pretrained(text_encoder)
+    (text_encoder / "model.safetensors").unlink()
+    model.save_pretrained(text_encoder, max_shard_size="20KB")
+    model.half().save_pretrained(text_encoder, max_shard_size="20KB", variant="fp16")
+    assert list(text_encoder.glob("model.fp16-00001-of-0000?.safetensors"))  # the spelling under test
+
+    release = from_hub("acme/tiny-sd", tmp_path / "work", variant="fp16")
+    staged = tmp_path / "staged"
+    for path, local in release.files.items():
+        (staged / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, staged / path)
+    shards = sorted(p.name for p in (staged / "text_encoder").glob("*.safetensors"))
+    assert shards
+    assert all(".fp16" not in name for name in shards)
+    index = json.loads((staged / "text_encoder" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    # The fp16 shards were taken, and diffusers' loader reads them as a plain folder.
+    for shard in shards:
+        with safe_open(staged / "text_encoder" / shard, "pt") as weights:
+            assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F16"}  # noqa: SIM118
+    loaded = CLIPTextModel.from_pretrained(staged / "text_encoder", dtype=torch.float32)
+    expected = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[key].float())
 
 
 @pytest.mark.parametrize(

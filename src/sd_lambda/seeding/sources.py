@@ -33,6 +33,7 @@ from sd_lambda.layout import (
     bf16_copy_path,
     check_name,
     check_relative_path,
+    parse_weights_name,
     sha256_file,
     single_weights_name,
 )
@@ -40,8 +41,6 @@ from sd_lambda.seeding.errors import SeedError
 
 # Config and tokenizer files a diffusers component folder may hold (weights are chosen separately).
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
-_WEIGHTS = re.compile(r"^(?P<stem>[^.]+?)(?P<shard>-\d{5}-of-\d{5})?(?:\.(?P<variant>[^.]+))?\.safetensors$")
-_INDEX = re.compile(r"^(?P<stem>[^.]+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
 
 
 @dataclass(frozen=True)
@@ -169,25 +168,18 @@ def select_hub_files(filenames: list[str], components: list[str], variant: str |
     for component in components:
         in_dir = [f for f in filenames if f.startswith(component + "/") and f.count("/") == 1]
         names = [f.split("/", 1)[1] for f in in_dir]
-        weights = {n: m for n in names if (m := _WEIGHTS.match(n))}
-        indexes = {n: m for n in names if (m := _INDEX.match(n))}
-        wanted = variant if variant and any(m["variant"] == variant for m in weights.values()) else None
-        for name, match in weights.items():
-            if match["variant"] == wanted:
-                chosen[f"{component}/{name}"] = f"{component}/{_plain(name, match)}"
-        for name, match in indexes.items():
-            if match["variant"] == wanted:
-                chosen[f"{component}/{name}"] = f"{component}/{match['stem']}.safetensors.index.json"
+        weights = {name: parsed for name in names if (parsed := parse_weights_name(name))}
+        offered = {parsed.variant for parsed in weights.values() if not parsed.index}
+        wanted = variant if variant in offered else None
+        for name, parsed in weights.items():
+            if parsed.variant == wanted:
+                chosen[f"{component}/{name}"] = f"{component}/{parsed.plain_name}"
         for name in names:
-            if name.endswith(CONFIG_SUFFIXES) and name not in weights and name not in indexes:
+            if name.endswith(CONFIG_SUFFIXES) and name not in weights:
                 chosen[f"{component}/{name}"] = f"{component}/{name}"
         if not weights and any(PurePosixPath(n).suffix in PICKLE_SUFFIXES for n in names):
             raise SeedError(f"{component}/ has only pickle weights on the hub: refused (no .safetensors)")
     return chosen
-
-
-def _plain(name: str, match: re.Match[str]) -> str:
-    return f"{match['stem']}{match['shard'] or ''}.safetensors" if match["variant"] else name
 
 
 class Hub:
@@ -280,7 +272,7 @@ def _materialize(local_dir: Path, repo_path: str, release_path: str) -> Path:
     try:
         index = json.loads(path.read_text())
         index["weight_map"] = {
-            key: _plain(file, m) if (m := _WEIGHTS.match(file)) else file
+            key: parsed.plain_name if (parsed := parse_weights_name(file)) else file
             for key, file in index["weight_map"].items()
         }
     except (ValueError, KeyError, TypeError) as exc:
