@@ -53,16 +53,17 @@ _AnyPath = TypeVar("_AnyPath", bound=PurePath)
 # diffusers' and transformers' names for a component's safetensors, as diffusers' loader matches them
 # (diffusers.pipelines.pipeline_loading_utils.variant_compatible_siblings), tried in this order:
 # "-00001-of-00002.fp16" must be read as a legacy variant shard, not as a variant named after a shard.
+# Each entry: pattern, is a shard index, is a legacy spelling.
 _SHARD = r"(?P<shard>-\d{5}-of-\d{5})"
 _WEIGHTS_NAMES = tuple(
-    (re.compile(pattern), index)
-    for pattern, index in (
-        (rf"(?P<stem>[^.]+?){_SHARD}\.(?P<variant>[^.]+)\.safetensors", False),  # legacy variant shard
-        (rf"(?P<stem>[^.]+?){_SHARD}?\.safetensors", False),  # stored weights or a shard of them
-        (rf"(?P<stem>[^.]+)\.(?P<variant>[^.]+?){_SHARD}?\.safetensors", False),  # a variant or its shard
-        (r"(?P<stem>[^.]+)\.safetensors\.index\.json", True),
-        (r"(?P<stem>[^.]+)\.safetensors\.index\.(?P<variant>[^.]+)\.json", True),
-        (r"(?P<stem>[^.]+)\.safetensors\.(?P<variant>[^.]+)\.index\.json", True),  # legacy variant index
+    (re.compile(pattern), index, legacy)
+    for pattern, index, legacy in (
+        (rf"(?P<stem>[^.]+?){_SHARD}\.(?P<variant>[^.]+)\.safetensors", False, True),
+        (rf"(?P<stem>[^.]+?){_SHARD}?\.safetensors", False, False),  # stored weights or a shard of them
+        (rf"(?P<stem>[^.]+)\.(?P<variant>[^.]+?){_SHARD}?\.safetensors", False, False),  # a variant (shard)
+        (r"(?P<stem>[^.]+)\.safetensors\.index\.json", True, False),
+        (r"(?P<stem>[^.]+)\.safetensors\.index\.(?P<variant>[^.]+)\.json", True, False),
+        (r"(?P<stem>[^.]+)\.safetensors\.(?P<variant>[^.]+)\.index\.json", True, True),
     )
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -246,6 +247,9 @@ class WeightsName:
     shard: str = ""  # "-00001-of-00002" for one shard of sharded weights
     variant: str | None = None
     index: bool = False
+    # "<stem>-00001-of-00002.<variant>.safetensors" or "<stem>.safetensors.<variant>.index.json": the
+    # same file as its current spelling, which diffusers prefers when a folder has both.
+    legacy: bool = field(default=False, compare=False)
 
     @property
     def sharded(self) -> bool:
@@ -267,11 +271,11 @@ class WeightsName:
 
 def parse_weights_name(name: str) -> WeightsName | None:
     """A component's safetensors weights or shard index by its file name; None for any other file."""
-    for pattern, index in _WEIGHTS_NAMES:
+    for pattern, index, legacy in _WEIGHTS_NAMES:
         match = pattern.fullmatch(name)
         if match:
             parts = match.groupdict()
-            return WeightsName(parts["stem"], parts.get("shard") or "", parts.get("variant"), index)
+            return WeightsName(parts["stem"], parts.get("shard") or "", parts.get("variant"), index, legacy)
     return None
 
 

@@ -157,6 +157,7 @@ REPO_FILES = [
     "text_encoder/model-00001-of-00002.fp16.safetensors",
     "text_encoder/model-00002-of-00002.fp16.safetensors",
     "text_encoder/model.safetensors.index.fp16.json",
+    "text_encoder/model.safetensors.fp16.index.json",  # the same index, legacy spelling: not taken
     # diffusers' and transformers' current spelling of a variant's shards (the variant before the shard)
     "text_encoder_2/config.json",
     "text_encoder_2/model-00001-of-00002.safetensors",
@@ -165,12 +166,25 @@ REPO_FILES = [
     "text_encoder_2/model.fp16-00001-of-00002.safetensors",
     "text_encoder_2/model.fp16-00002-of-00002.safetensors",
     "text_encoder_2/model.safetensors.index.fp16.json",
+    # the same fp16 shards in the legacy spelling too: diffusers takes the current one
+    "text_encoder_2/model-00001-of-00003.fp16.safetensors",
+    "text_encoder_2/model-00002-of-00003.fp16.safetensors",
+    "text_encoder_2/model-00003-of-00003.fp16.safetensors",
+    "text_encoder_2/model.safetensors.fp16.index.json",
+    # legacy spelling only
+    "vae/config.json",
+    "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+    "vae/diffusion_pytorch_model-00002-of-00002.safetensors",
+    "vae/diffusion_pytorch_model.safetensors.index.json",
+    "vae/diffusion_pytorch_model-00001-of-00002.fp16.safetensors",
+    "vae/diffusion_pytorch_model-00002-of-00002.fp16.safetensors",
+    "vae/diffusion_pytorch_model.safetensors.fp16.index.json",
     "tokenizer/vocab.json",
     "tokenizer/merges.txt",
     "scheduler/scheduler_config.json",
     "safety_checker/model.safetensors",  # not a component of this model_index
 ]
-COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "unet"]
+COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "unet", "vae"]
 
 
 def test_select_plain_weights() -> None:
@@ -190,6 +204,15 @@ def test_select_plain_weights() -> None:
         "tokenizer/vocab.json": "tokenizer/vocab.json",
         "tokenizer/merges.txt": "tokenizer/merges.txt",
         "scheduler/scheduler_config.json": "scheduler/scheduler_config.json",
+        "vae/config.json": "vae/config.json",
+        **{
+            f"vae/{name}": f"vae/{name}"
+            for name in (
+                "diffusion_pytorch_model-00001-of-00002.safetensors",
+                "diffusion_pytorch_model-00002-of-00002.safetensors",
+                "diffusion_pytorch_model.safetensors.index.json",
+            )
+        },
     }
 
 
@@ -213,7 +236,29 @@ def test_select_variant_renames_to_plain_names() -> None:
         "model.fp16-00002-of-00002.safetensors": "model-00002-of-00002.safetensors",
         "model.safetensors.index.fp16.json": "model.safetensors.index.json",
     }
+    vae = {repo: release for repo, release in chosen.items() if repo.startswith("vae/")}
+    stem = "diffusion_pytorch_model"
+    assert {repo.split("/")[1]: release.split("/")[1] for repo, release in vae.items()} == {
+        "config.json": "config.json",
+        f"{stem}-00001-of-00002.fp16.safetensors": f"{stem}-00001-of-00002.safetensors",
+        f"{stem}-00002-of-00002.fp16.safetensors": f"{stem}-00002-of-00002.safetensors",
+        f"{stem}.safetensors.fp16.index.json": f"{stem}.safetensors.index.json",
+    }
+    assert "text_encoder/model.safetensors.fp16.index.json" not in chosen
     assert len(set(chosen.values())) == len(chosen)
+
+
+def test_a_legacy_variant_index_is_renamed_with_its_map(tmp_path: Path) -> None:
+    stem = "diffusion_pytorch_model"
+    legacy = f"vae/{stem}.safetensors.fp16.index.json"
+    shards = {"a": f"{stem}-00001-of-00002.fp16.safetensors", "b": f"{stem}-00002-of-00002.fp16.safetensors"}
+    (tmp_path / "vae").mkdir()
+    (tmp_path / legacy).write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    local = sources._materialize(tmp_path, legacy, f"vae/{stem}.safetensors.index.json")
+    assert json.loads(local.read_text())["weight_map"] == {
+        "a": f"{stem}-00001-of-00002.safetensors",
+        "b": f"{stem}-00002-of-00002.safetensors",
+    }
 
 
 def test_select_refuses_pickle_only_components() -> None:
@@ -324,7 +369,7 @@ def test_from_hub_sharded_variant_loads_without_a_variant(hub: FakeHub, tmp_path
     assert all(".fp16" not in name for name in shards)
     index = json.loads((staged / "text_encoder" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
-    # The fp16 shards were taken, and diffusers' loader reads them as a plain folder.
+    # The fp16 shards were taken, and transformers loads them from the folder without a variant.
     for shard in shards:
         with safe_open(staged / "text_encoder" / shard, "pt") as weights:
             assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F16"}  # noqa: SIM118

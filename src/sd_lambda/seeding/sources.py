@@ -112,7 +112,8 @@ def from_dir(folder: Path, revision: str | None = None, *, bf16_copy: bool = Fal
         path
         for path in files
         if PurePosixPath(path).parent.as_posix() in BF16_COPY_COMPONENTS
-        and path.endswith(f".{BF16_VARIANT}.safetensors")
+        and (parsed := parse_weights_name(PurePosixPath(path).name)) is not None
+        and parsed.variant == BF16_VARIANT
     )
     if copies and not bf16_copy:
         raise SeedError(
@@ -171,9 +172,15 @@ def select_hub_files(filenames: list[str], components: list[str], variant: str |
         weights = {name: parsed for name in names if (parsed := parse_weights_name(name))}
         offered = {parsed.variant for parsed in weights.values() if not parsed.index}
         wanted = variant if variant in offered else None
-        for name, parsed in weights.items():
-            if parsed.variant == wanted:
-                chosen[f"{component}/{name}"] = f"{component}/{parsed.plain_name}"
+        picked = {name: parsed for name, parsed in weights.items() if parsed.variant == wanted}
+        # As diffusers loads them: weights in the current spelling make any legacy-spelled ones ignored,
+        # and where both spell one file (an index, say) the current spelling is taken.
+        if any(not parsed.legacy and not parsed.index for parsed in picked.values()):
+            picked = {name: parsed for name, parsed in picked.items() if not parsed.legacy}
+        renamed: dict[str, str] = {}
+        for name, parsed in sorted(picked.items(), key=lambda item: item[1].legacy):
+            renamed.setdefault(parsed.plain_name, name)
+        chosen.update({f"{component}/{name}": f"{component}/{plain}" for plain, name in renamed.items()})
         for name in names:
             if name.endswith(CONFIG_SUFFIXES) and name not in weights:
                 chosen[f"{component}/{name}"] = f"{component}/{name}"
