@@ -13,7 +13,6 @@ UNet means no classifier-free guidance; "turbo" in the model's source name means
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from PIL import Image
 from sd_lambda import cpu
 from sd_lambda.feature_reuse import FeatureReuse
 from sd_lambda.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
+from sd_lambda.heap import keep_freed_memory, return_freed_memory
 from sd_lambda.in_place import decoder_in_place
 from sd_lambda.layout import (
     BF16_VARIANT,
@@ -119,18 +119,6 @@ def choose_dtype(settings: Settings, flags: frozenset[str] | None = None) -> tup
     if cpu.has_native_bf16(flags) and capability.startswith("AVX512"):
         return torch.bfloat16, f"native bf16 ({', '.join(sorted(flags & cpu.NATIVE_BF16_FLAGS))})"
     return torch.float32, f"no native bf16 (ATen {capability}): emulated bf16 is slower than fp32"
-
-
-def tune_malloc() -> bool:
-    """Keep freed memory in glibc's heap instead of unmapping it: large activations are reallocated
-    every step, and a fresh mmap costs a page fault per 4 KiB (measured: a third of the full VAE
-    decode's system time). Returns False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def drop_vae_encoder(vae: torch.nn.Module) -> None:
@@ -229,7 +217,7 @@ class Engine:
         threads, threads_reason = choose_threads(settings)
         torch.set_num_threads(threads)
         dtype, dtype_reason = choose_dtype(settings)
-        malloc_tuned = tune_malloc() if settings.malloc_tune else False
+        malloc_tuned = keep_freed_memory() if settings.malloc_tune else False
         # A bf16 copy is mapped as stored: no cast, half the bytes. Otherwise weights stay memory-mapped
         # as stored and a cast releases each source tensor's pages as it goes, so bf16 from fp32 peaks
         # at about the bf16 size instead of fp32 + bf16.
@@ -312,11 +300,13 @@ class Engine:
         logger.info(
             "engine memory: channels_last decoders, %d VAE decoder modules in place, NCHW UNet,"
             " %d upsample+conv pairs folded, %d UNet convs routed to im2col for small fp32 maps,"
-            " glibc heap kept=%s, load %.2fs",
+            " glibc heap: %s, load %.2fs",
             c.in_place_decoder_modules,
             c.folded_upsamplers,
             c.small_map_convs,
-            c.malloc_tuned,
+            "freed memory kept (SD_MALLOC_TUNE=1)"
+            if c.malloc_tuned
+            else "freed memory returned before each decode",
             self.load_seconds,
         )
 
@@ -399,6 +389,9 @@ class Engine:
         finally:
             self._feature_reuse.stop()
         denoised = time.perf_counter()
+        if not self.choices.malloc_tuned:
+            # The UNet's freed activations would otherwise stay resident under the decoder's peak.
+            return_freed_memory()
         pixels = self._decode(latents, decoder)
         decoded = time.perf_counter()
         image = pipeline.image_processor.postprocess(pixels.float(), output_type="pil")[0]

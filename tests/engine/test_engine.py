@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,25 @@ def test_vae_encoder_is_freed_and_the_full_decoder_still_works(engine: Engine) -
     image = engine.generate(params(decoder="full")).image
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 0
+
+
+@pytest.mark.parametrize("malloc_tuned", [False, True])
+def test_freed_memory_goes_back_between_denoising_and_decoding(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, malloc_tuned: bool
+) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(engine, "choices", replace(engine.choices, malloc_tuned=malloc_tuned))
+    monkeypatch.setattr(engine_module, "return_freed_memory", lambda: events.append("returned") or True)
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda *args: events.append("decode") or decode(*args))
+    hook = engine.pipeline.unet.register_forward_pre_hook(lambda module, args: events.append("unet"))
+    try:
+        engine.generate(params())
+    finally:
+        hook.remove()
+    # SD_MALLOC_TUNE=1 asked for the heap to be kept, so it is not trimmed.
+    expected = ["unet"] * 3 + (["decode"] if malloc_tuned else ["returned", "decode"])
+    assert events == expected
 
 
 def test_describe_reports_the_choices(engine: Engine) -> None:
