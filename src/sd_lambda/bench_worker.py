@@ -132,16 +132,28 @@ def variant_settings(variant: str) -> Any:
     return replace(Settings.from_env(), **VARIANT_SETTINGS.get(variant, {}))
 
 
-def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int:
+PROC_SELF_STATUS = Path("/proc/self/status")
+
+
+def status_bytes(field: str, status: Path = PROC_SELF_STATUS) -> int | None:
+    """A memory field of this process's ``/proc/self/status`` (``VmHWM``, ``RssAnon``, ...) in bytes,
+    or None where it does not say."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def peak_rss_bytes(status: Path = PROC_SELF_STATUS) -> int:
     """This process's peak RSS: ``VmHWM``, which belongs to its own address space. ``ru_maxrss`` keeps
     the parent's peak across fork and exec, so a bench that had just written a 5 GB bf16 copy made
     every worker report at least that."""
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = status_bytes("VmHWM", status)
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

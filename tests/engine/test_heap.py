@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from sd_lambda import heap
+from sd_lambda.bench_worker import status_bytes
 
 pytestmark = pytest.mark.skipif(heap._glibc() is None, reason="glibc's malloc only")
 
@@ -19,28 +20,22 @@ _FREE_ONE_BIG_BLOCK = textwrap.dedent(
     """
     import sys
     from sd_lambda import heap
-
-    def rss_anon():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
+    from sd_lambda.bench_worker import status_bytes
 
     if sys.argv[1] == "keep":
         assert heap.keep_freed_memory()
     block = b"x" * (256 << 20)
-    held = rss_anon()
+    held = status_bytes("RssAnon")
     del block
-    print(held - rss_anon())
+    print(held - status_bytes("RssAnon"))
     """
 )
 
 
 def rss_anon_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
+    anonymous = status_bytes("RssAnon")
+    assert anonymous is not None, "no RssAnon in /proc/self/status"
+    return anonymous
 
 
 def released_on_free(mode: str) -> int:
