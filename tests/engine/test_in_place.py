@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ def test_vae_decoder_runs_in_place_with_bitwise_identical_output(tiny_model_dir:
     tuned = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
     resnets = sum(1 for m in tuned.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
     assert resnets > 0
-    assert decoder_in_place(tuned.decoder) == resnets + 1  # every decoder resnet, and conv_act
+    assert decoder_in_place(tuned.decoder) == resnets + 1  # every decoder resnet, and the decoder
     assert decoder_in_place(tuned.decoder) == 0  # already switched
     latents = torch.randn(1, 4, 9, 8)
     kept = latents.clone()
@@ -58,3 +59,51 @@ def test_unet_resnets_with_a_shared_time_embedding_are_left_alone(tiny_model_dir
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
     assert decoder_in_place(unet) == 0
     assert not any("forward" in vars(m) for m in unet.modules())
+
+
+def _freed_by_then(tracked: torch.nn.Module, checked: torch.nn.Module, what: str) -> list[bool]:
+    """Whether ``tracked``'s input (``what="input"``) or output is gone each time ``checked`` starts."""
+    refs: list[weakref.ref[torch.Tensor]] = []
+    freed: list[bool] = []
+    if what == "input":
+        tracked.register_forward_pre_hook(lambda _m, args: refs.append(weakref.ref(args[0])))
+    else:
+        tracked.register_forward_hook(lambda _m, _args, out: refs.append(weakref.ref(out)))
+    checked.register_forward_pre_hook(lambda _m, _args: freed.append(refs[-1]() is None))
+    return freed
+
+
+def test_a_resnet_frees_conv1s_output_before_conv2_runs() -> None:
+    resnet = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4).eval()
+    freed = _freed_by_then(resnet.conv1, resnet.conv2, "output")
+    x = torch.randn(1, 8, 6, 6)
+    assert decoder_in_place(resnet) == 1
+    with torch.inference_mode():
+        resnet(x, None)
+    assert freed == [True]  # as in the stock forward, which reassigns one variable step by step
+
+
+def test_an_up_blocks_input_is_freed_once_its_first_resnet_returns(tiny_model_dir: Path) -> None:
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
+    blocks = vae.decoder.up_blocks
+    assert all(len(block.resnets) > 1 for block in blocks)
+    freed = [_freed_by_then(block.resnets[0], block.resnets[1], "input") for block in blocks]
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        vae.decode(latents)
+        assert all(seen == [False] for seen in freed)  # stock: Decoder.forward holds it
+        decoder_in_place(vae.decoder)
+        vae.decode(latents)
+    assert all(seen == [False, True] for seen in freed)
+
+
+def test_an_up_block_with_hooks_is_called_as_a_module(tiny_model_dir: Path) -> None:
+    stock = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
+    tuned = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
+    decoder_in_place(tuned.decoder)
+    outputs: list[torch.Tensor] = []
+    tuned.decoder.up_blocks[0].register_forward_hook(lambda _m, _args, out: outputs.append(out))
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(tuned.decode(latents).sample, stock.decode(latents).sample, rtol=0, atol=0)
+    assert len(outputs) == 1
