@@ -50,6 +50,23 @@ def test_folded_matches_upsample_then_conv(channels_last: bool, bias: bool, shap
     assert actual.stride() == expected.stride()  # the layout the next layer was tuned for
 
 
+def test_the_phases_are_computed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each convolution makes one phase (out_channels), so at most a quarter of the phases is alive."""
+    folded = FoldedUpsample2D(upsample(channels=6, out_channels=5))
+    conv2d = torch.nn.functional.conv2d
+    made: list[tuple[int, ...]] = []
+
+    def recording_conv2d(*args: object, **kwargs: object) -> torch.Tensor:
+        out = conv2d(*args, **kwargs)
+        made.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
+    with torch.inference_mode():
+        folded(torch.randn(2, 6, 4, 3))
+    assert made == [(2, 5, 5, 4)] * 4
+
+
 @pytest.mark.parametrize("output_size", [(17, 15), (18, 16)])
 def test_explicit_output_sizes_match_including_odd_ones(output_size: tuple[int, int]) -> None:
     original = upsample()
