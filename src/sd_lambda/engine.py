@@ -238,7 +238,11 @@ class Engine:
         # the taps were rounded when it was written, and the sums once more).
         replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
         release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
-        in_place = decoder_in_place(pipeline.vae.decoder)
+        # Between the decoder's up blocks too: the lower resolutions' freed activations (heap-sized at
+        # 64² and 128²) would otherwise stay resident under the full-resolution blocks' peak.
+        in_place = decoder_in_place(
+            pipeline.vae.decoder, between_blocks=None if malloc_tuned else return_freed_memory
+        )
         # fp32 only: that is where the im2col kernel was measured faster.
         route = settings.small_map_convs == 1 and dtype == torch.float32
         small_map_convs = route_small_map_convs(pipeline.unet) if route else 0
@@ -306,7 +310,7 @@ class Engine:
             c.small_map_convs,
             "freed memory kept (SD_MALLOC_TUNE=1)"
             if c.malloc_tuned
-            else "freed memory returned before each decode",
+            else "freed memory returned before each decode and its up blocks",
             self.load_seconds,
         )
 

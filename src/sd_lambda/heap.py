@@ -4,7 +4,9 @@ The UNet's activations (a few MB each at 512², under glibc's mmap threshold) co
 when a step ends glibc keeps their pages for reuse. The full VAE decoder then allocates its
 134-268 MB activations (above the threshold, so fresh mappings) on top of those kept pages: measured
 at 512² under AVX2, 140-340 MB of freed UNet memory was still resident when the decode reached its
-peak. ``return_freed_memory`` hands them back (``malloc_trim``, about 12 ms) before the decode.
+peak. ``return_freed_memory`` hands them back (``malloc_trim``, 12-27 ms) before the decode, and
+again before each of the decoder's up blocks (1-7 ms each), whose lower resolutions leave their own
+heap-sized activations behind (another 100 MB off the peak).
 ``keep_freed_memory`` is the opposite trade, opt-in: never unmap, so big activations are not
 page-faulted in again on every step, at more peak RSS.
 

@@ -19,7 +19,9 @@ GroupNorm output, and conv1's 134 MB output).
 
 from __future__ import annotations
 
+import functools
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,13 +44,19 @@ def _resnet_forward_in_place(
 
 
 def _decoder_forward_releasing(
-    self: Decoder, sample: torch.Tensor, latent_embeds: torch.Tensor | None = None
+    self: Decoder,
+    sample: torch.Tensor,
+    latent_embeds: torch.Tensor | None = None,
+    *,
+    between_blocks: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     if latent_embeds is not None or torch.is_grad_enabled():
         return Decoder.forward(self, sample, latent_embeds)
     # The list is the only holder of the tensor between blocks, so the block that takes it out owns it.
     held = [self.mid_block(self.conv_in(sample), None)]
     for up_block in self.up_blocks:
+        if between_blocks is not None:
+            between_blocks()
         held.append(_up_block_releasing(up_block, held))
     return self.conv_out(self.conv_act(self.conv_norm_out(held.pop())))
 
@@ -87,9 +95,11 @@ def _plain_decoder(module: torch.nn.Module) -> bool:
     )
 
 
-def decoder_in_place(model: torch.nn.Module) -> int:
+def decoder_in_place(model: torch.nn.Module, between_blocks: Callable[[], object] | None = None) -> int:
     """Switch ``model``'s plain resnets and decoders (their up blocks' hand-over and output activation) to
-    in place; returns how many modules were switched."""
+    in place; returns how many modules were switched. A decoder calls ``between_blocks`` before each up
+    block, when the previous block's temporaries have been freed (the engine hands the heap's free
+    pages back there)."""
     switched = 0
     for module in model.modules():
         if "forward" in vars(module):
@@ -99,6 +109,8 @@ def decoder_in_place(model: torch.nn.Module) -> int:
             switched += 1
         elif _plain_decoder(module):
             module.conv_act.inplace = True
-            module.forward = types.MethodType(_decoder_forward_releasing, module)
+            module.forward = functools.partial(
+                _decoder_forward_releasing, module, between_blocks=between_blocks
+            )
             switched += 1
     return switched

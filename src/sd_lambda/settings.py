@@ -72,8 +72,8 @@ class Settings:
     malloc_tune: int = _env(
         "SD_MALLOC_TUNE",
         0,
-        "1 = keep freed memory in glibc's heap (faster decode, ~1.3 GB more peak RSS); 0 = hand the"
-        " denoiser's back to the OS before each decode.",
+        "1 = keep freed memory in glibc's heap (faster decode, ~1.3 GB more peak RSS); 0 = hand it"
+        " back to the OS before each decode and each of the decoder's up blocks.",
         ge=0,
         le=1,
     )

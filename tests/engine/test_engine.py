@@ -261,23 +261,28 @@ def test_vae_encoder_is_freed_and_the_full_decoder_still_works(engine: Engine) -
     assert np.asarray(image).std() > 0
 
 
-@pytest.mark.parametrize("malloc_tuned", [False, True])
-def test_freed_memory_goes_back_between_denoising_and_decoding(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch, malloc_tuned: bool
+@pytest.mark.parametrize("malloc_tune", [0, 1])
+def test_freed_memory_goes_back_before_the_decode_and_between_its_up_blocks(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, malloc_tune: int
 ) -> None:
     events: list[str] = []
-    monkeypatch.setattr(engine, "choices", replace(engine.choices, malloc_tuned=malloc_tuned))
+    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: True)  # no mallopt in the test process
     monkeypatch.setattr(engine_module, "return_freed_memory", lambda: events.append("returned") or True)
+    engine = Engine.load(tiny_model_dir, replace(FP32, malloc_tune=malloc_tune))
+    assert engine.choices.malloc_tuned is bool(malloc_tune)
     decode = engine._decode
     monkeypatch.setattr(engine, "_decode", lambda *args: events.append("decode") or decode(*args))
-    hook = engine.pipeline.unet.register_forward_pre_hook(lambda module, args: events.append("unet"))
-    try:
-        engine.generate(params())
-    finally:
-        hook.remove()
-    # SD_MALLOC_TUNE=1 asked for the heap to be kept, so it is not trimmed.
-    expected = ["unet"] * 3 + (["decode"] if malloc_tuned else ["returned", "decode"])
-    assert events == expected
+    engine.pipeline.unet.register_forward_pre_hook(lambda module, args: events.append("unet"))
+    for block in engine.pipeline.vae.decoder.up_blocks:
+        block.resnets[0].register_forward_pre_hook(lambda module, args: events.append("up block"))
+    engine.generate(params(decoder="full"))
+    blocks = len(engine.pipeline.vae.decoder.up_blocks)
+    assert blocks > 1
+    # SD_MALLOC_TUNE=1 asked for the heap to be kept, so it is never trimmed.
+    if malloc_tune:
+        assert events == ["unet"] * 3 + ["decode"] + ["up block"] * blocks
+    else:
+        assert events == ["unet"] * 3 + ["returned", "decode"] + ["returned", "up block"] * blocks
 
 
 def test_describe_reports_the_choices(engine: Engine) -> None:

@@ -107,3 +107,14 @@ def test_an_up_block_with_hooks_is_called_as_a_module(tiny_model_dir: Path) -> N
     with torch.inference_mode():
         torch.testing.assert_close(tuned.decode(latents).sample, stock.decode(latents).sample, rtol=0, atol=0)
     assert len(outputs) == 1
+
+
+def test_the_decoder_calls_back_before_each_up_block(tiny_model_dir: Path) -> None:
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
+    events: list[str] = []
+    decoder_in_place(vae.decoder, between_blocks=lambda: events.append("between"))
+    for block in vae.decoder.up_blocks:
+        block.resnets[0].register_forward_pre_hook(lambda _m, _args: events.append("block"))
+    with torch.inference_mode():
+        vae.decode(torch.randn(1, 4, 8, 8))
+    assert events == ["between", "block"] * len(vae.decoder.up_blocks)
