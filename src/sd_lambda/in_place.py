@@ -37,8 +37,9 @@ def _resnet_forward_in_place(
     if temb is not None or torch.is_grad_enabled():
         return ResnetBlock2D.forward(self, input_tensor, temb, *args, **kw)
     hidden = self.conv1(F.silu(self.norm1(input_tensor), inplace=True))
-    hidden = self.dropout(F.silu(self.norm2(hidden), inplace=True))  # conv1's output is freed here,
-    hidden = self.conv2(hidden)  # before conv2 allocates its own
+    # A statement of its own, so conv1's output is freed before conv2 allocates its output.
+    hidden = self.dropout(F.silu(self.norm2(hidden), inplace=True))
+    hidden = self.conv2(hidden)
     shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
     return hidden.add_(shortcut)
 

@@ -3,8 +3,9 @@
 In ``conv3x3(upsample2x(x))`` every output pixel sees only 2x2 distinct pixels of ``x``: its three
 kernel rows fall on two input rows, which rows depending on whether the output row is even or odd
 (and likewise for columns). So the output's four phases (even/odd row x even/odd column) are four
-2x2 convolutions of ``x`` with kernels made of summed 3x3 taps, computed here as one convolution with
-four times the output channels and then interleaved. That is 16 multiply-adds per input pixel and
+2x2 convolutions of ``x`` with kernels made of summed 3x3 taps, kept as one kernel with four times
+the output channels; each phase is computed from its block and interleaved into the output before the
+next one is. That is 16 multiply-adds per input pixel and
 channel pair instead of 36, with the same terms summed in a different order. In SD 1.5 the
 upsampling convolutions are 28% of the VAE decoder's FLOPs and 8% of the UNet's.
 
