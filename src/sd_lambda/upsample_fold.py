@@ -98,6 +98,7 @@ class FoldedUpsample2D(torch.nn.Module):
                 bias = None if self.bias is None else self.bias[taps]
                 phase = F.conv2d(hidden_states, self.weight[taps], bias, padding=1)  # (N, C, H + 1, W + 1)
                 target[:, row, col] = phase[:, :, row : row + height, col : col + width]
+                del phase  # before the next phase's convolution allocates, not after
         if channels_last:
             return out.view(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
         return out.view(batch, channels, 2 * height, 2 * width)

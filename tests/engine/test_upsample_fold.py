@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -51,20 +52,26 @@ def test_folded_matches_upsample_then_conv(channels_last: bool, bias: bool, shap
 
 
 def test_the_phases_are_computed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each convolution makes one phase (out_channels), so at most a quarter of the phases is alive."""
+    """Each convolution makes one phase (out_channels), and the one before it is gone by then, so at most
+    a quarter of the phases is alive."""
     folded = FoldedUpsample2D(upsample(channels=6, out_channels=5))
     conv2d = torch.nn.functional.conv2d
-    made: list[tuple[int, ...]] = []
+    made: list[weakref.ref[torch.Tensor]] = []
+    shapes: list[tuple[int, ...]] = []
+    earlier_alive: list[bool] = []
 
     def recording_conv2d(*args: object, **kwargs: object) -> torch.Tensor:
+        earlier_alive.append(any(ref() is not None for ref in made))
         out = conv2d(*args, **kwargs)
-        made.append(tuple(out.shape))
+        made.append(weakref.ref(out))
+        shapes.append(tuple(out.shape))
         return out
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
     with torch.inference_mode():
         folded(torch.randn(2, 6, 4, 3))
-    assert made == [(2, 5, 5, 4)] * 4
+    assert shapes == [(2, 5, 5, 4)] * 4
+    assert earlier_alive == [False] * 4
 
 
 @pytest.mark.parametrize("output_size", [(17, 15), (18, 16)])
