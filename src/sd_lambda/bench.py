@@ -310,7 +310,9 @@ def unet_flops(flops: dict[str, Any], sample: dict[str, Any], engine: bool) -> f
     reused = sample.get("reused_calls", 0)
     full = sample["unet_calls"] - reused
     per_call, per_reused_call = flops["unet" + suffix], flops["unet_reused" + suffix]
-    return sample["unet_batch"] * (full * per_call + reused * per_reused_call)
+    # A guided engine call computes the layers before the first cross-attention once, not per half.
+    shared = sample.get("prefix_shared_calls", 0) * flops["unet_prefix_engine"] if engine else 0
+    return sample["unet_batch"] * (full * per_call + reused * per_reused_call) - shared
 
 
 def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str, engine: bool) -> float:

@@ -109,6 +109,7 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
             "decode_seconds": result.timings_ms["decode"] / 1000,
             "text_encoder_calls": 1 + bool(params.negative_prompt),
             "reused_calls": result.stats["reused_calls"],
+            "prefix_shared_calls": result.stats["prefix_shared_calls"],
         }
 
     info = {

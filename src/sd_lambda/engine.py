@@ -26,6 +26,7 @@ from PIL import Image
 from sd_lambda import cpu
 from sd_lambda.feature_reuse import FeatureReuse
 from sd_lambda.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
+from sd_lambda.guidance_prefix import SharedGuidancePrefix
 from sd_lambda.heap import keep_freed_memory, return_freed_memory
 from sd_lambda.in_place import decoder_in_place
 from sd_lambda.layout import (
@@ -52,7 +53,7 @@ AUTO_SCHEDULER_REPLACES = {"PNDMScheduler": ("dpmpp_2m", 20)}
 class GenerationResult:
     image: Image.Image
     timings_ms: dict[str, float] = field(default_factory=dict)
-    # What ran: unet_calls, unet_batch, reused_calls, scheduler, decoder, dtype.
+    # What ran: unet_calls, unet_batch, reused_calls, prefix_shared_calls, scheduler, decoder, dtype.
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,6 +203,7 @@ class Engine:
         self.defaults = read_model_defaults(model_dir, pipeline, steps)
         self._unet_recorder = UnetRecorder(pipeline.unet)
         self._feature_reuse = FeatureReuse(pipeline.unet)
+        self._guidance_prefix = SharedGuidancePrefix(pipeline.unet)
         with torch.inference_mode():
             self._empty_prompt_embeds = self._encode("")
 
@@ -302,6 +304,10 @@ class Engine:
             "on" if self.defaults.uses_guidance else "off",
         )
         logger.info(
+            "engine guidance: the %d UNet layers before the first cross-attention run once per guided call",
+            len(self._guidance_prefix.layers),
+        )
+        logger.info(
             "engine memory: channels_last decoders, %d VAE decoder modules in place, NCHW UNet,"
             " %d upsample+conv pairs folded, %d UNet convs routed to im2col for small fp32 maps,"
             " glibc heap: %s, load %.2fs",
@@ -378,6 +384,7 @@ class Engine:
             )
         encoded = time.perf_counter()
         self._unet_recorder.reset()
+        self._guidance_prefix.shared_calls = 0
         self._feature_reuse.start(params.feature_reuse or self.settings.feature_reuse)
         try:
             latents = pipeline(
@@ -413,6 +420,7 @@ class Engine:
             "unet_calls": recorder.calls,
             "unet_batch": recorder.batch,
             "reused_calls": self._feature_reuse.reused_calls,
+            "prefix_shared_calls": self._guidance_prefix.shared_calls,
             "guided": guided,
             "scheduler": type(pipeline.scheduler).__name__,
             "decoder": decoder,

@@ -4,7 +4,8 @@
 multiply-add), including attention's batched matmuls; elementwise work (norms, activations) is not
 counted, so achieved GFLOP/s derived from these numbers is a slight under-estimate of work done.
 The ``*_engine`` counts are what the engine computes: its upsample convolutions are folded
-(``sd_lambda.upsample_fold``), the same result from fewer multiply-adds.
+(``sd_lambda.upsample_fold``), the same result from fewer multiply-adds, and a guided call computes
+the layers before the first cross-attention once for both halves (``sd_lambda.guidance_prefix``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from sd_lambda.layout import TINY_DECODER_FOLDER
 @dataclass(frozen=True)
 class ComponentFlops:
     """FLOPs at one image size: UNet per call per batch item (full, and with deep features reused),
-    decoders per image, text encoder per prompt; stock diffusers modules, and the engine's."""
+    decoders per image, text encoder per prompt; stock diffusers modules, and the engine's. The
+    engine's guided UNet call is ``2 * unet_engine - unet_prefix_engine``."""
 
     width: int
     height: int
@@ -30,6 +32,7 @@ class ComponentFlops:
     unet_engine: int
     unet_reused_engine: int
     vae_decode_engine: int
+    unet_prefix_engine: int
 
     def to_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -42,12 +45,17 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sd_lambda.feature_reuse import FeatureReuse
+    from sd_lambda.guidance_prefix import guidance_prefix
     from sd_lambda.upsample_fold import fold_upsamplers
 
-    def counted(run) -> int:
+    def counted(run, modules: list[str] | None = None) -> int:
+        """The FLOPs of ``run()``, or of the named modules in it (named as the counter names them)."""
         with FlopCounterMode(display=False) as counter:
             run()
-        return int(counter.get_total_flops())
+        if modules is None:
+            return int(counter.get_total_flops())
+        per_module = counter.get_flop_counts()
+        return sum(sum(per_module.get(name, {}).values()) for name in modules)
 
     with torch.device("meta"), torch.inference_mode():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
@@ -76,6 +84,9 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
         fold_upsamplers(unet)
         fold_upsamplers(vae)
         unet_engine_flops, unet_reused_engine_flops = unet_calls()
+        names = {module: f"{type(unet).__name__}.{name}" for name, module in unet.named_modules()}
+        prefix = [names[layer] for layer in guidance_prefix(unet)]
+        unet_prefix_engine_flops = counted(unet_call, prefix)
         vae_engine_flops = counted(lambda: vae.decode(latents))
         text_flops = counted(lambda: text_encoder(tokens))
         tiny_flops = None
@@ -93,4 +104,5 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
         unet_engine_flops,
         unet_reused_engine_flops,
         vae_engine_flops,
+        unet_prefix_engine_flops,
     )

@@ -73,6 +73,12 @@ def test_quick_bench_end_to_end_under_avx2(
     assert report["flops"]["unet"] > report["flops"]["unet_reused"] > 0
     flops = report["flops"]
     assert flops["unet"] > flops["unet_engine"] > flops["unet_reused_engine"] > 0
+    assert flops["unet_engine"] > flops["unet_prefix_engine"] > 0
+    # Guided engine calls compute the layers before the first cross-attention once; LCM's are not guided.
+    images = {sample["variant"]: sample["images"][0] for sample in report["samples"]}
+    assert images["project"]["prefix_shared_calls"] == images["project"]["unet_calls"] == 2
+    assert images["fast_lcm"]["prefix_shared_calls"] == 0
+    assert "prefix_shared_calls" not in images["naive"]
     assert report["flops"]["vae_decode"] > report["flops"]["vae_decode_engine"] > 0
     assert report["flops"]["tiny_decode"] > 0
     printed = capsys.readouterr().out
@@ -80,10 +86,12 @@ def test_quick_bench_end_to_end_under_avx2(
     assert "speed-up vs naive (avx2): project" in printed
 
 
-def _sample(isa: str, variant: str, seconds: list[float], **extra: Any) -> dict[str, Any]:
+def _sample(
+    isa: str, variant: str, seconds: list[float], prefix_shared_calls: int = 0, **extra: Any
+) -> dict[str, Any]:
     images = [
         {"seconds": s, "unet_seconds": s / 2, "unet_calls": 4, "unet_batch": 2, "decode_seconds": s / 4}
-        | {"text_encoder_calls": 1, "cpu_seconds": 2 * s}
+        | {"text_encoder_calls": 1, "cpu_seconds": 2 * s, "prefix_shared_calls": prefix_shared_calls}
         for s in seconds
     ]
     return {
@@ -113,10 +121,11 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
         "unet_engine": 9 * 10**8,
         "unet_reused_engine": 3 * 10**8,
         "vae_decode_engine": 3 * 10**9,
+        "unet_prefix_engine": 10**8,
     }
     samples = [
         _sample("native", "naive", [99.0, 10.0, 12.0]),  # the first (cold) image is left out of s/image
-        _sample("native", "project", [50.0, 5.0, 4.0]),
+        _sample("native", "project", [50.0, 5.0, 4.0], prefix_shared_calls=4),
         _sample("native", "fast", [50.0, 2.0, 2.0], decoder="tiny", weights="bf16 copy"),
     ]
     summary = bench.summarize(samples, flops, frozenset({"avx2", "avx512f"}), ghz=2.0)
@@ -130,9 +139,10 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
     # 4 calls x batch 2 x 1 GFLOP over each warm image's UNet seconds (5 and 6), median of the two
     assert naive["unet_gflops_per_second"] == pytest.approx((8 / 5 + 8 / 6) / 2)
     assert naive["image_gflop"] == pytest.approx((4 * 2 * 10**9 + 4 * 10**9 + 10**7) / 1e9)
-    # The engine's variants are counted with the engine's (folded) FLOPs, not the stock modules'.
+    # The engine's variants are counted with the engine's FLOPs (folded upsamplers, each guided call's
+    # shared prefix computed once), not the stock modules'.
     project = summary["results"]["native/project"]
-    assert project["image_gflop"] == pytest.approx((4 * 2 * 9 * 10**8 + 3 * 10**9 + 10**7) / 1e9)
+    assert project["image_gflop"] == pytest.approx((4 * 2 * 9 * 10**8 - 4 * 10**8 + 3 * 10**9 + 10**7) / 1e9)
     assert summary["ratios"]["native"] == {"project_speedup": 11.0 / 4.5, "fast_speedup": 5.5}
     targets = summary["targets"]["native"]
     assert targets["project_speedup"]["met"] is True  # 2.44 >= 1.8
