@@ -48,14 +48,14 @@ def count_flops(model_dir: Path, width: int, height: int) -> ComponentFlops:
     from sd_lambda.guidance_prefix import guidance_prefix
     from sd_lambda.upsample_fold import fold_upsamplers
 
-    def counted(run, modules: list[str] | None = None) -> int:
+    def counted(run, module_names: list[str] | None = None) -> int:
         """The FLOPs of ``run()``, or of the named modules in it (named as the counter names them)."""
         with FlopCounterMode(display=False) as counter:
             run()
-        if modules is None:
+        if module_names is None:
             return int(counter.get_total_flops())
         per_module = counter.get_flop_counts()
-        return sum(sum(per_module.get(name, {}).values()) for name in modules)
+        return sum(sum(per_module.get(name, {}).values()) for name in module_names)
 
     with torch.device("meta"), torch.inference_mode():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
