@@ -189,16 +189,10 @@ def test_the_engine_shares_the_prefix_of_guided_calls_only(tiny_model_dir: Path)
     # sublayers see one image, the first cross-attention both.
     block = engine.pipeline.unet.down_blocks[0]
     transformer = block.attentions[0].transformer_blocks[0]
-    seen: dict[str, list[int]] = {"resnet": [], "attn1": [], "attn2": []}
-    for key, module in (
-        ("resnet", block.resnets[0].norm1),
-        ("attn1", transformer.attn1.to_q),
-        ("attn2", transformer.attn2.to_q),
-    ):
-        module.register_forward_pre_hook(lambda module, args, key=key: seen[key].append(args[0].shape[0]))
+    seen = batches_seen([block.resnets[0].norm1, transformer.attn1.to_q, transformer.attn2.to_q])
     params = {"prompt": "a lighthouse", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 3}
     guided = engine.generate(GenerationParams(**params, guidance_scale=7.5))
-    assert seen == {"resnet": [1, 1], "attn1": [1, 1], "attn2": [2, 2]}
+    assert seen == [1, 1, 2] * 2  # resnet, self-attention, cross-attention; two calls
     unguided = engine.generate(GenerationParams(**params, guidance_scale=1.0))
     assert (guided.stats["guided"], guided.stats["prefix_shared_calls"]) == (True, 2)
     assert (unguided.stats["guided"], unguided.stats["prefix_shared_calls"]) == (False, 0)
