@@ -1,7 +1,8 @@
 """Image bytes that fit in one Lambda response.
 
-A synchronous Lambda response (and so a function URL body) is capped at 6 MB, and the image travels
-base64-encoded inside a JSON envelope. When the requested encoding would not fit, fall back to JPEG
+A synchronous Lambda response (and so a function URL body) is capped at 6 MB, counted over the whole
+JSON document the function returns (https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html,
+"Invocation payload"), and the image travels base64-encoded inside that JSON envelope. When the requested encoding would not fit, fall back to JPEG
 (far smaller for photographic content); when even that does not fit, refuse with 413 and say why.
 """
 
