@@ -1,9 +1,10 @@
 """Image bytes that fit in one Lambda response.
 
 A synchronous Lambda response (and so a function URL body) is capped at 6 MB, counted over the whole
-JSON document the function returns (https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html,
-"Invocation payload"), and the image travels base64-encoded inside that JSON envelope. When the requested encoding would not fit, fall back to JPEG
-(far smaller for photographic content); when even that does not fit, refuse with 413 and say why.
+JSON document the function returns, and the image travels base64-encoded inside that JSON envelope
+(https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html, "Invocation payload").
+When the requested encoding would not fit, fall back to JPEG (far smaller for photographic content);
+when even that does not fit, refuse with 413 and say why.
 """
 
 from __future__ import annotations
