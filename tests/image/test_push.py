@@ -42,15 +42,35 @@ MANIFEST = json.dumps(
         "layers": [],
     }
 )
+# What BuildKit pushes with its default provenance attestation: an OCI index of the image + attestation.
+ATTESTED_INDEX = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "d" * 64},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "e" * 64},
+        ],
+    }
+)
 
 
 class FakeDocker:
     """Records every docker command; ``push`` lands the image in (moto's) ECR like a registry would."""
 
-    def __init__(self, ecr=None, engine: bool = True, push_lands: bool = True) -> None:
+    def __init__(
+        self,
+        ecr=None,
+        engine: bool = True,
+        push_lands: bool = True,
+        buildx: bool = True,
+        manifest: str = MANIFEST,
+    ) -> None:
         self.ecr = ecr
         self.engine = engine
         self.push_lands = push_lands
+        self.buildx = buildx
+        self.manifest = manifest
         self.calls: list[tuple[list[str], str | None, dict[str, str]]] = []
 
     def __call__(
@@ -60,11 +80,13 @@ class FakeDocker:
         self.calls.append((args, stdin, dict(env or {})))
         if args[0] == "version" and not self.engine:
             raise DockerFailed("docker version failed (exit 1): Cannot connect to the Docker daemon")
+        if args[:2] == ["buildx", "version"] and not self.buildx:
+            raise DockerFailed("docker buildx version failed (exit 1): 'buildx' is not a docker command")
         if args[0] == "login":
             assert Path(env["DOCKER_CONFIG"]).is_dir()  # a private config dir exists during login
         if args[0] == "push" and self.push_lands:
             repository, tag = args[1].split("/", 1)[1].rsplit(":", 1)
-            self.ecr.put_image(repositoryName=repository, imageManifest=MANIFEST, imageTag=tag)
+            self.ecr.put_image(repositoryName=repository, imageManifest=self.manifest, imageTag=tag)
         return ""
 
     def commands(self) -> list[list[str]]:
@@ -233,9 +255,13 @@ def test_push_image_without_credentials_is_one_line(
     )
 
 
-def test_build_command_targets_lambda_platforms() -> None:
+def test_build_command_targets_lambda_platforms_with_a_single_manifest() -> None:
     assert build_command("sd-lambda:local") == [
+        "buildx",
         "build",
+        "--load",
+        "--provenance=false",
+        "--sbom=false",
         "--platform",
         "linux/amd64",
         "--file",
@@ -245,21 +271,49 @@ def test_build_command_targets_lambda_platforms() -> None:
         ".",
     ]
     arm = build_command("x", platform="linux/arm64", build_args={"BASE_DIGEST": "sha256:" + "c" * 64})
-    assert arm[1:3] == ["--platform", "linux/arm64"]
+    assert arm[5:7] == ["--platform", "linux/arm64"]
     assert arm[-3:-1] == ["--build-arg", "BASE_DIGEST=sha256:" + "c" * 64]
     with pytest.raises(ValueError, match="not one Lambda runs"):
         build_command("x", platform="linux/386")
 
 
+@pytest.mark.parametrize(
+    ("buildx", "builder"),
+    [
+        (True, ["buildx", "build", "--load", "--provenance=false", "--sbom=false"]),
+        # The legacy builder knows no attestation flags and pushes a single v2 schema 2 manifest anyway.
+        (False, ["build"]),
+    ],
+)
 def test_build_image_command_runs_docker_build(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], buildx: bool, builder: list[str]
 ) -> None:
-    docker = FakeDocker()
+    docker = FakeDocker(buildx=buildx)
     monkeypatch.setattr(container_cli, "docker_cli", lambda binary: docker)
     monkeypatch.chdir(ROOT)
     assert main(["build-image", "--platform", "linux/arm64", "--tag", "sd:test"]) == 0
-    assert docker.commands()[-1] == build_command("sd:test", platform="linux/arm64")
+    built = docker.commands()[-1]
+    assert built == build_command("sd:test", platform="linux/arm64", buildx=buildx)
+    assert built[: len(builder) + 1] == [*builder, "--platform"]
     assert "built sd:test for linux/arm64" in capsys.readouterr().out
+
+
+def test_push_of_an_image_index_is_refused_in_one_line(aws, repository: Repository) -> None:
+    """Lambda runs a single image manifest only; ECR's imageManifestMediaType says what was stored."""
+    with pytest.raises(PushError) as refused:
+        push(FakeDocker(aws, manifest=ATTESTED_INDEX), aws, "sd-lambda:local", repository, "git-abc")
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{repository.url}:git-abc is an image index")
+    assert "which Lambda refuses: rebuild with `make build-image`" in message
+
+
+def test_reused_image_index_is_refused_too(aws, repository: Repository) -> None:
+    aws.put_image(repositoryName="sd-lambda", imageManifest=ATTESTED_INDEX, imageTag="git-abc")
+
+    with pytest.raises(PushError, match=r"is an image index.*\(its tag is immutable: commit first or pass"):
+        push(FakeDocker(aws), aws, "sd-lambda:local", repository, "git-abc")
 
 
 def test_make_build_image_without_docker_fails_in_one_line() -> None:

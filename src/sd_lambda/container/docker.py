@@ -51,7 +51,7 @@ class DockerCLI:
     ) -> str:
         import os
 
-        streaming = self.stream and args[:1] in (["build"], ["push"])
+        streaming = self.stream and args[0] in ("build", "buildx", "push")
         completed = subprocess.run(
             [self._resolve(), *args],
             input=stdin,
@@ -81,16 +81,37 @@ def require_engine(docker: Docker) -> None:
         ) from None
 
 
+def has_buildx(docker: Docker) -> bool:
+    """Whether the docker CLI has the buildx plugin (BuildKit); without it only the legacy builder runs."""
+    try:
+        docker(["buildx", "version"])
+    except DockerFailed:
+        return False
+    return True
+
+
+# BuildKit attaches a provenance attestation by default (and an SBOM when asked), which turns even a
+# single-platform push into an OCI image index; Lambda runs only a single image manifest, Docker v2
+# schema 2 or OCI (https://docs.aws.amazon.com/lambda/latest/dg/images-create.html), so both are off.
+# `buildx build` (not `build`) because only buildx knows these flags: `docker build` is the legacy
+# builder when DOCKER_BUILDKIT=0, and --load keeps the result in the local image store for any driver.
+BUILDX_SINGLE_MANIFEST = ("buildx", "build", "--load", "--provenance=false", "--sbom=false")
+
+
 def build_command(
     tag: str,
     platform: str = DEFAULT_PLATFORM,
     dockerfile: Path = DEFAULT_DOCKERFILE,
     context: Path = Path("."),
     build_args: Mapping[str, str] | None = None,
+    buildx: bool = True,
 ) -> list[str]:
+    """``docker buildx build`` without attestations; without buildx, the legacy ``docker build``, whose
+    pushes are single Docker v2 schema 2 manifests already (it has no attestations to turn off)."""
     if platform not in PLATFORMS:
         raise ValueError(f"platform {platform!r} is not one Lambda runs: use one of {', '.join(PLATFORMS)}")
-    command = ["build", "--platform", platform, "--file", str(dockerfile), "--tag", tag]
+    builder = list(BUILDX_SINGLE_MANIFEST) if buildx else ["build"]
+    command = [*builder, "--platform", platform, "--file", str(dockerfile), "--tag", tag]
     for name, value in (build_args or {}).items():
         command += ["--build-arg", f"{name}={value}"]
     return [*command, str(context)]
@@ -98,4 +119,4 @@ def build_command(
 
 def build(docker: Docker, tag: str, **options: object) -> None:
     require_engine(docker)
-    docker(build_command(tag, **options))  # type: ignore[arg-type]
+    docker(build_command(tag, buildx=has_buildx(docker), **options))  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_lambda.container.docker import Docker, require_engine
+from sd_lambda.container.manifest import lambda_manifest_problem
 
 REPOSITORY_URL = re.compile(
     r"^(?P<registry>(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?)"
@@ -88,8 +89,14 @@ def image_tag(state: GitState, now: Callable[[], datetime] = lambda: datetime.no
     return f"{tag}-dirty-{now():%Y%m%dT%H%M%SZ}" if state.dirty else tag
 
 
-def pushed_digest(ecr: Any, repository: Repository, tag: str) -> str | None:
-    """The digest ECR holds for ``tag``, or None if the tag is not there."""
+@dataclass(frozen=True)
+class StoredImage:
+    digest: str
+    media_type: str | None  # ECR's imageManifestMediaType: what Lambda will be handed
+
+
+def stored_image(ecr: Any, repository: Repository, tag: str) -> StoredImage | None:
+    """What ECR holds under ``tag`` (digest and manifest media type), or None if the tag is not there."""
     try:
         details = ecr.describe_images(
             registryId=repository.account, repositoryName=repository.name, imageIds=[{"imageTag": tag}]
@@ -101,7 +108,18 @@ def pushed_digest(ecr: Any, repository: Repository, tag: str) -> str | None:
             f"ECR repository {repository.name} does not exist in {repository.region}: deploy the stack first"
         ) from None
     images = details.get("imageDetails", [])
-    return images[0]["imageDigest"] if images else None
+    if not images:
+        return None
+    return StoredImage(images[0]["imageDigest"], images[0].get("imageManifestMediaType"))
+
+
+def _runnable(repository: Repository, tag: str, image: StoredImage, pushed: bool) -> PushResult:
+    """The push result, or a PushError when Lambda would refuse the stored manifest."""
+    problem = lambda_manifest_problem(f"{repository.url}:{tag}", image.media_type)
+    if problem is not None:
+        hint = "" if pushed else " (its tag is immutable: commit first or pass --tag)"
+        raise PushError(problem + hint)
+    return PushResult(f"{repository.url}@{image.digest}", tag, pushed=pushed)
 
 
 @dataclass(frozen=True)
@@ -115,9 +133,9 @@ def push(docker: Docker, ecr: Any, local_image: str, repository: Repository, tag
     """Tag ``local_image`` as ``repository:tag``, push it, and return the digest ECR recorded."""
     require_engine(docker)
     docker(["image", "inspect", "--format", "{{.Id}}", local_image])  # fails clearly if never built
-    existing = pushed_digest(ecr, repository, tag)
+    existing = stored_image(ecr, repository, tag)
     if existing is not None:
-        return PushResult(f"{repository.url}@{existing}", tag, pushed=False)
+        return _runnable(repository, tag, existing, pushed=False)
     remote = f"{repository.url}:{tag}"
     login = ecr_login(ecr, repository)
     # A throwaway DOCKER_CONFIG: the ECR token never lands in ~/.docker/config.json.
@@ -130,12 +148,12 @@ def push(docker: Docker, ecr: Any, local_image: str, repository: Repository, tag
         )
         docker(["tag", local_image, remote], env=env)
         docker(["push", remote], env=env)
-    digest = pushed_digest(ecr, repository, tag)
-    if digest is None:
+    image = stored_image(ecr, repository, tag)
+    if image is None:
         raise PushError(
             f"docker push reported success but ECR has no image tagged {tag} in {repository.name}"
         )
-    return PushResult(f"{repository.url}@{digest}", tag, pushed=True)
+    return _runnable(repository, tag, image, pushed=True)
 
 
 def write_reference(path: Path, reference: str) -> None:
