@@ -206,6 +206,9 @@ def _vpc(config: dict[str, Any], world: World) -> dict[str, Any]:
         "arn": world.arn("ec2", f"vpc/{vpc_id}"),
         "cidr_block": "172.31.0.0/16",
         "owner_id": world.account_id,
+        # As in a default VPC; a test overrides them to see a stack refuse a VPC without DNS.
+        "enable_dns_support": True,
+        "enable_dns_hostnames": True,
     }
 
 
@@ -218,7 +221,8 @@ def _subnet(config: dict[str, Any], world: World) -> dict[str, Any]:
     return {
         "id": subnet_id,
         "arn": world.arn("ec2", f"subnet/{subnet_id}"),
-        "availability_zone": f"{world.region}a",
+        # Ids ending in consecutive characters land in distinct zones, as a stack's subnets spread over zones.
+        "availability_zone": f"{world.region}{'abc'[ord(subnet_id[-1]) % 3]}",
         "vpc_id": "vpc-0123456789abcdef0",
         "cidr_block": "172.31.0.0/20",
     }
