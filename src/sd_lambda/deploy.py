@@ -1,13 +1,17 @@
 """Deploy the stack: ``sd-lambda deploy plan|apply|destroy`` (``make plan/apply/destroy``).
 
 The function needs an image pinned by digest, and the image needs the ECR repository the stack creates.
-``apply`` breaks that loop in stages: a targeted apply of the repository, then the image (``--image-uri``
-or the digest ``make push-image`` leaves in ``.image-digest``), then the full apply with
-``image_uri = <repo>@sha256:<digest>``, then a wait until Lambda reports the function Active.
+``apply`` first runs the preflight (``sd-lambda deploy preflight``: credentials, terraform, docker, the
+account's Lambda limits), then breaks that loop in stages: a targeted plan + apply of the repository, then
+the image (``--image-uri`` or the digest ``make push-image`` leaves in ``.image-digest``, checked to be a
+manifest Lambda runs), then the full apply with ``image_uri = <repo>@sha256:<digest>``, then a wait until
+Lambda reports the function Active.
 
 Without a new image, ``plan`` and ``apply`` keep the one the function runs (the ``image_uri`` output).
-A plan that would still delete or replace the live function (which also changes its URL) is refused
-unless ``--allow-function-delete`` is given.
+Every plan is saved, checked and only then applied: one that would delete or replace the live function
+(which also changes its URL) is refused unless ``--allow-function-delete`` is given, and one that would
+delete or replace data (EFS, its access point, the weights bucket, the KMS key, the ECR repository)
+unless ``--allow-data-loss`` is given.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sd_lambda.cli import CommandError
-from sd_lambda.stack_outputs import DEFAULT_INFRA_DIR, StackError, StackTerraform
+from sd_lambda.container.manifest import lambda_manifest_problem
+from sd_lambda.plan_guard import data_loss, data_loss_message
+from sd_lambda.preflight import PreflightInputs, memory_cap_advice, run_preflight
+from sd_lambda.stack_outputs import DEFAULT_INFRA_DIR, StackError, StackTerraform, TerraformCommandError
 
 # What the targeted first stage creates; everything else needs the image.
 REGISTRY_TARGETS: tuple[str, ...] = (
@@ -39,6 +46,13 @@ DEFAULT_DIGEST_FILE = Path(".image-digest")
 WAIT_POLL_SECONDS = 5
 DEFAULT_WAIT_SECONDS = 900
 
+# Lambda's refusal of MemorySize above the account's memory quota, as the AWS provider reports it, e.g.
+# "InvalidParameterValueException: 'MemorySize' value failed to satisfy constraint: Member must have value
+# less than or equal to 3008" (older providers: ValidationException).
+_MEMORY_REFUSAL = re.compile(
+    r"MemorySize'? value failed to satisfy constraint"
+    r"|(InvalidParameterValue|Validation)Exception.{0,300}MemorySize"
+)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _PINNED_IMAGE = re.compile(
     r"^(?P<registry>[0-9]{12}\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?)"
@@ -49,9 +63,13 @@ _PINNED_IMAGE = re.compile(
 class Stack(Protocol):
     """What the driver needs from Terraform (:class:`~sd_lambda.stack_outputs.StackTerraform`)."""
 
-    def init(self, backend_config: Path | None = None) -> None: ...
+    def init(self, backend_config: Path | None = None, migrate_state: bool = False) -> None: ...
     def plan(
-        self, variables: Mapping[str, Any], var_files: Sequence[Path] = (), out: Path | None = None
+        self,
+        variables: Mapping[str, Any],
+        var_files: Sequence[Path] = (),
+        out: Path | None = None,
+        targets: Sequence[str] = (),
     ) -> None: ...
     def show_plan(self, plan_file: Path) -> dict[str, Any]: ...
     def apply(
@@ -84,6 +102,8 @@ class DeployOptions:
     registry_targets: tuple[str, ...] = REGISTRY_TARGETS
     function_address: str = FUNCTION_ADDRESS
     allow_function_delete: bool = False
+    allow_data_loss: bool = False
+    migrate_state: bool = False
     wait_seconds: int = DEFAULT_WAIT_SECONDS
 
     @property
@@ -159,10 +179,20 @@ def refuse_function_deletion(plan_document: Mapping[str, Any], options: DeployOp
             )
 
 
+def refuse_data_loss(plan_document: Mapping[str, Any], options: DeployOptions) -> None:
+    """A clear error when the saved plan deletes or replaces stored data, unless allowed."""
+    losses = data_loss(plan_document)
+    if losses and not options.allow_data_loss:
+        raise StackError(data_loss_message(losses))
+
+
 def verify_image(ecr: Any, image: PinnedImage) -> None:
-    """Fail early, with the repository named, when the digest is not in the registry."""
+    """Fail before the full apply, with the repository named, when the digest is not in the registry or
+    is stored as a manifest Lambda refuses at CreateFunction (an image index)."""
     try:
-        ecr.describe_images(repositoryName=image.repository, imageIds=[{"imageDigest": image.digest}])
+        details = ecr.describe_images(
+            repositoryName=image.repository, imageIds=[{"imageDigest": image.digest}]
+        )["imageDetails"]
     except ecr.exceptions.ImageNotFoundException:
         raise StackError(
             f"image {image.digest} is not in ECR repository {image.repository}: "
@@ -170,6 +200,11 @@ def verify_image(ecr: Any, image: PinnedImage) -> None:
         ) from None
     except ecr.exceptions.RepositoryNotFoundException:
         raise StackError(f"ECR repository {image.repository} does not exist in {image.region}") from None
+    problem = lambda_manifest_problem(
+        image.uri, details[0].get("imageManifestMediaType") if details else None
+    )
+    if problem is not None:
+        raise StackError(problem)
 
 
 def wait_until_ready(lambda_client: Any, function_name: str, timeout_seconds: int) -> dict[str, Any]:
@@ -220,21 +255,56 @@ def _stack_region(options: DeployOptions, outputs: Mapping[str, Any]) -> str | N
 
 
 def _plan_checked(
-    stack: Stack, variables: Mapping[str, Any], options: DeployOptions, plan_file: Path
+    stack: Stack,
+    variables: Mapping[str, Any],
+    options: DeployOptions,
+    plan_file: Path,
+    targets: Sequence[str] = (),
 ) -> None:
-    """Save the plan to ``plan_file`` and refuse it if it deletes the live function."""
-    stack.plan(variables, options.var_files, out=plan_file)
-    refuse_function_deletion(stack.show_plan(plan_file), options)
+    """Save the plan to ``plan_file`` and refuse it if it deletes the live function or stored data."""
+    stack.plan(variables, options.var_files, out=plan_file, targets=targets)
+    document = stack.show_plan(plan_file)
+    refuse_data_loss(document, options)
+    refuse_function_deletion(document, options)
+
+
+def _apply_checked(
+    stack: Stack, variables: Mapping[str, Any], options: DeployOptions, targets: Sequence[str] = ()
+) -> None:
+    """plan -out -> show -json -> refuse what must not happen -> apply exactly that saved plan."""
+    with tempfile.TemporaryDirectory(prefix="sd-lambda-plan-") as scratch:
+        plan_file = Path(scratch) / "stack.tfplan"
+        _plan_checked(stack, variables, options, plan_file, targets)
+        try:
+            stack.apply_plan(plan_file)
+        except TerraformCommandError as exc:
+            if _MEMORY_REFUSAL.search(" ".join(exc.output.replace("│", " ").split())):
+                memory = _effective(options, "memory_size")
+                raise StackError(
+                    f"Lambda refused the function's memory: {memory_cap_advice(memory)}"
+                ) from exc
+            raise
+
+
+def _effective(options: DeployOptions, name: str) -> Any:
+    """The value ``name`` has in this deploy's plans, or None if the var files cannot be read."""
+    from sd_lambda.tfvars import VariablesError, effective_values
+
+    try:
+        values = effective_values(options.infra_dir, [name], options.var_files, options.variables)
+    except (VariablesError, OSError):
+        return None
+    return values[name]
 
 
 def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_client) -> dict[str, Any]:
     """Registry first, then the image, then everything, then wait until Active. Returns the outputs."""
     variables = options.terraform_variables
-    stack.init(options.backend_config)
+    stack.init(options.backend_config, migrate_state=options.migrate_state)
     deployed = stack.outputs()  # before the targeted apply, which may leave unrelated outputs stale
 
-    print("==> stage 1/3: the ECR repository (targeted apply)", flush=True)
-    stack.apply(variables, options.var_files, targets=options.registry_targets)
+    print("==> stage 1/3: the ECR repository (targeted plan, checked, applied)", flush=True)
+    _apply_checked(stack, variables, options, targets=options.registry_targets)
     repository_url = _repository_url(stack)
     if repository_url is None:
         raise StackError("the targeted apply left no ecr_repository_url output")
@@ -252,10 +322,7 @@ def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_c
     verify_image(clients("ecr", image.region), image)
 
     print(f"==> stage 2/3: the full stack with image_uri={image.uri}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="sd-lambda-plan-") as scratch:
-        plan_file = Path(scratch) / "stack.tfplan"
-        _plan_checked(stack, {**variables, "image_uri": image.uri}, options, plan_file)
-        stack.apply_plan(plan_file)
+    _apply_checked(stack, {**variables, "image_uri": image.uri}, options)
     outputs = stack.outputs()
     function_name = outputs.get("function_name")
     if not function_name:
@@ -273,7 +340,7 @@ def plan(options: DeployOptions, stack: Stack) -> str | None:
 
     Without any image it plans everything but the function, and refuses if that deletes a live one.
     """
-    stack.init(options.backend_config)
+    stack.init(options.backend_config, migrate_state=options.migrate_state)
     deployed = stack.outputs()
     image_uri = (
         options.image_uri
@@ -315,12 +382,82 @@ def destroy(
         )
         if answer.strip() != "destroy":
             raise StackError("destroy cancelled")
-    stack.init(options.backend_config)
+    stack.init(options.backend_config, migrate_state=options.migrate_state)
     print(
         "==> destroying; Lambda can take 20-60 minutes to release the function's network interfaces",
         flush=True,
     )
     stack.destroy(options.terraform_variables, options.var_files)
+
+
+################################################################################
+# Preflight: before anything is created
+################################################################################
+
+PREFLIGHT_VARIABLES = ("name", "region", "reserved_concurrency", "memory_size")
+
+
+def docker_cli(binary: str) -> Any:
+    """The docker runner the preflight asks (tests replace this function)."""
+    from sd_lambda.container.docker import DockerCLI
+
+    return DockerCLI(binary, stream=False)
+
+
+def _default_region() -> str | None:
+    import boto3
+
+    return boto3.session.Session().region_name  # AWS_REGION / AWS_DEFAULT_REGION / the profile's region
+
+
+def _whole(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise StackError(f"{name} must be a whole number or null, got {value!r}") from None
+
+
+def preflight_inputs(options: DeployOptions, build_image: bool) -> PreflightInputs:
+    """The stack's effective name, region, reservation and memory for this deploy's flags."""
+    from sd_lambda.tfvars import VariablesError, effective_values
+
+    try:
+        values = effective_values(
+            options.infra_dir, PREFLIGHT_VARIABLES, options.var_files, options.variables
+        )
+    except VariablesError as exc:
+        raise StackError(str(exc)) from None
+    return PreflightInputs(
+        region=options.region or values["region"] or _default_region(),
+        function_name=str(values["name"]),
+        reserved_concurrency=None
+        if values["reserved_concurrency"] is None
+        else int(values["reserved_concurrency"]),
+        memory_size=None if values["memory_size"] is None else int(values["memory_size"]),
+        build_image=build_image,
+    )
+
+
+def preflight(options: DeployOptions, build_image: bool, docker_binary: str = "docker") -> None:
+    """Run every check, print one line per finding, and raise if any problem would stop the deploy."""
+    if not Path(options.infra_dir).is_dir():
+        raise StackError(f"stack directory {options.infra_dir} does not exist")
+    inputs = preflight_inputs(options, build_image)
+    findings = run_preflight(inputs, boto3_client, docker_cli(docker_binary) if build_image else None)
+    for fact in findings.facts:
+        print(f"preflight: {fact}", flush=True)
+    for warning in findings.warnings:
+        print(f"preflight: warning: {warning}", file=sys.stderr, flush=True)
+    for problem in findings.problems:
+        print(f"preflight: {problem}", file=sys.stderr, flush=True)
+    if findings.problems:
+        count = len(findings.problems)
+        raise StackError(
+            f"preflight found {count} problem{'s' if count > 1 else ''} (above); nothing was created"
+        )
+    print("preflight: ok", flush=True)
 
 
 ################################################################################
@@ -346,6 +483,8 @@ def _options(args: argparse.Namespace) -> DeployOptions:
         var_files=tuple(args.var_file),
         variables=dict(args.var),
         allow_function_delete=getattr(args, "allow_function_delete", False),
+        allow_data_loss=getattr(args, "allow_data_loss", False),
+        migrate_state=getattr(args, "migrate_state", False),
         wait_seconds=getattr(args, "wait_seconds", DEFAULT_WAIT_SECONDS),
     )
 
@@ -357,7 +496,11 @@ def _stack(options: DeployOptions) -> StackTerraform:
 def _run(args: argparse.Namespace) -> int:
     options = _options(args)
     try:
-        if args.deploy_command == "apply":
+        if args.deploy_command == "preflight":
+            preflight(options, build_image=options.image_uri is None, docker_binary=args.docker)
+        elif args.deploy_command == "apply":
+            needs_docker = options.image_uri is None and options.push_command is not None
+            preflight(options, build_image=needs_docker, docker_binary=args.docker)
             apply(options, _stack(options))
         elif args.deploy_command == "plan":
             plan(options, _stack(options))
@@ -378,7 +521,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply_parser = actions.add_parser("apply", help="registry, image, full apply, wait until Active")
     plan_parser = actions.add_parser("plan", help="terraform plan with the image apply would use")
     destroy_parser = actions.add_parser("destroy", help="terraform destroy, after confirmation")
-    for action in (apply_parser, plan_parser, destroy_parser):
+    preflight_parser = actions.add_parser(
+        "preflight",
+        help="check credentials, terraform, docker and the account's Lambda limits (apply's first step)",
+    )
+    for action in (apply_parser, plan_parser, destroy_parser, preflight_parser):
         action.add_argument("--infra-dir", type=Path, default=DEFAULT_INFRA_DIR, help="stack directory")
         action.add_argument("--region", help="AWS region (also sets AWS_REGION for terraform)")
         action.add_argument("--backend-config", type=Path, help="S3 backend settings file (BACKEND_CONFIG)")
@@ -386,6 +533,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action.add_argument(
             "--var", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
         )
+    for action in (apply_parser, plan_parser, destroy_parser):
+        action.add_argument(
+            "--migrate-state",
+            action="store_true",
+            help="with --backend-config: copy existing local state into the S3 backend (MIGRATE_STATE=1)",
+        )
+    for action in (apply_parser, preflight_parser):
+        action.add_argument("--docker", default="docker", help="docker CLI the image build uses")
+    preflight_parser.add_argument("--image-uri", help="an image is given: docker is not needed")
     for action in (apply_parser, plan_parser):
         action.add_argument("--image-uri", help="<repo>@sha256:<digest>; default: repo + --digest-file")
         action.add_argument("--digest-file", type=Path, default=DEFAULT_DIGEST_FILE, help="from push-image")
@@ -393,6 +549,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--allow-function-delete",
             action="store_true",
             help="let the plan delete or replace the live function (its URL changes)",
+        )
+        action.add_argument(
+            "--allow-data-loss",
+            action="store_true",
+            help="let the plan delete or replace the EFS file system or access point, the weights bucket, "
+            "the KMS key or the ECR repository (ALLOW_DATA_LOSS=1)",
         )
     apply_parser.add_argument("--push-command", help="builds and pushes the image once the repository exists")
     apply_parser.add_argument(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,15 @@ class StackError(Exception):
 
 class TerraformNotFoundError(StackError):
     pass
+
+
+class TerraformCommandError(StackError):
+    """A terraform command exited non-zero; ``output`` keeps its whole stderr for callers that recognise
+    particular AWS refusals in it (the message keeps only the first ``Error:`` line)."""
+
+    def __init__(self, message: str, output: str) -> None:
+        super().__init__(message)
+        self.output = output
 
 
 class NoOutputsError(StackError):
@@ -61,11 +72,13 @@ class StackTerraform:
             raise StackError(f"the state file in {infra_dir} is not valid JSON: {exc}") from None
 
     def _run(self, command: str, *args: str, capture: bool, **options: Any) -> tuple[int, str, str]:
+        if not capture:
+            return self._stream(command, *args, **options)
         saved = {name: os.environ.get(name) for name in self.env}
         # python-terraform hands the process environment to terraform; extra variables go in there.
         os.environ.update(self.env)
         try:
-            return self._terraform.cmd(command, *args, no_color=IsFlagged, capture_output=capture, **options)
+            return self._terraform.cmd(command, *args, no_color=IsFlagged, capture_output=True, **options)
         except json.JSONDecodeError as exc:
             raise StackError(f"the state file in {self.infra_dir} is not valid JSON: {exc}") from None
         finally:
@@ -75,6 +88,29 @@ class StackTerraform:
                 else:
                     os.environ[name] = value
 
+    def _stream(self, command: str, *args: str, **options: Any) -> tuple[int, str, str]:
+        """Run with stdout on the terminal and stderr both shown and kept: an apply's progress must stay
+        visible, and its error text is what :mod:`sd_lambda.deploy` recognises (python-terraform either
+        captures both streams or neither)."""
+        argv = self._terraform.generate_cmd_string(command, *args, no_color=IsFlagged, **options)
+        kept: list[str] = []
+        try:
+            with subprocess.Popen(
+                argv,
+                cwd=self.infra_dir,
+                env={**os.environ, **self.env},
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+            ) as process:
+                assert process.stderr is not None
+                for line in process.stderr:
+                    sys.stderr.write(line)
+                    kept.append(line)
+            return process.returncode, "", "".join(kept)
+        finally:
+            self._terraform.temp_var_files.clean_up()  # the .tfvars.json python-terraform wrote for `var`
+
     def _checked(self, command: str, *args: str, capture: bool = False, **options: Any) -> str:
         code, stdout, stderr = self._run(command, *args, capture=capture, **options)
         if code != 0:
@@ -83,26 +119,51 @@ class StackTerraform:
                 (line for line in lines if line.startswith("Error:")), lines[-1] if lines else ""
             )
             detail = f": {first_error}" if first_error else " (see its output above)"
-            raise StackError(f"terraform {command} failed in {self.infra_dir} (exit {code}){detail}")
+            raise TerraformCommandError(
+                f"terraform {command} failed in {self.infra_dir} (exit {code}){detail}", stderr or ""
+            )
         return stdout or ""
 
-    def init(self, backend_config: Path | None = None) -> None:
-        """``terraform init``; with ``backend_config``, an S3 backend configured from that file."""
+    def init(self, backend_config: Path | None = None, migrate_state: bool = False) -> None:
+        """``terraform init``; with ``backend_config``, an S3 backend configured from that file.
+
+        A committed ``.terraform.lock.hcl`` is used read-only, so every checkout installs the same
+        provider builds (upgrading is an explicit ``terraform init -upgrade``). Local state that a new
+        backend would leave behind is copied there with ``migrate_state``, and refused without it.
+        """
         options: dict[str, Any] = {}
+        if (self.infra_dir / LOCK_FILE).is_file():
+            options["lockfile"] = "readonly"
         if backend_config is not None:
             if not Path(backend_config).is_file():
                 raise StackError(f"BACKEND_CONFIG file {backend_config} does not exist")
+            pending = local_state_to_migrate(self.infra_dir)
+            if pending and not migrate_state:
+                raise StackError(
+                    f"{self.infra_dir} has local state ({pending}) and BACKEND_CONFIG moves the stack to S3: "
+                    "rerun with MIGRATE_STATE=1 (--migrate-state) to copy it there "
+                    "(terraform init -migrate-state), or unset BACKEND_CONFIG to keep it local"
+                )
+            if pending:
+                # -force-copy answers terraform's "copy existing state?" question with yes.
+                options.update(migrate_state=IsFlagged, force_copy=IsFlagged)
             write_backend_override(self.infra_dir)
             options["backend_config"] = [str(Path(backend_config).resolve())]
         self._checked("init", input=False, **options)
 
     def plan(
-        self, variables: Mapping[str, Any], var_files: Sequence[Path] = (), out: Path | None = None
+        self,
+        variables: Mapping[str, Any],
+        var_files: Sequence[Path] = (),
+        out: Path | None = None,
+        targets: Sequence[str] = (),
     ) -> None:
         """``terraform plan``; with ``out``, saved for :meth:`show_plan` and :meth:`apply_plan`."""
         options = _variable_options(variables, var_files)
         if out is not None:
             options["out"] = str(Path(out).resolve())
+        if targets:
+            options["target"] = list(targets)
         self._checked("plan", input=False, **options)
 
     def show_plan(self, plan_file: Path) -> dict[str, Any]:
@@ -151,6 +212,27 @@ def _variable_options(variables: Mapping[str, Any], var_files: Sequence[Path]) -
 
 
 BACKEND_OVERRIDE_FILE = "backend_s3_override.tf"
+LOCK_FILE = ".terraform.lock.hcl"
+LOCAL_STATE_FILE = "terraform.tfstate"
+
+
+def local_state_to_migrate(infra_dir: Path) -> str | None:
+    """``"<n> resources"`` when ``infra_dir`` keeps state in a local file that is still the one in use
+    (the working directory is not yet initialised with the S3 backend), else None."""
+    backend_record = Path(infra_dir) / ".terraform" / LOCAL_STATE_FILE  # what `init` last configured
+    try:
+        if json.loads(backend_record.read_text()).get("backend", {}).get("type") == "s3":
+            return None
+    except (OSError, ValueError):
+        pass
+    try:
+        state = json.loads((Path(infra_dir) / LOCAL_STATE_FILE).read_text())
+    except OSError:
+        return None
+    except ValueError:
+        return "an unreadable terraform.tfstate"
+    count = len(state.get("resources") or [])
+    return f"{count} resources in {LOCAL_STATE_FILE}" if count else None
 
 
 def write_backend_override(infra_dir: Path) -> Path:

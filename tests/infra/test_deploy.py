@@ -63,6 +63,9 @@ class FakeStack:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.applied_outputs: dict[str, Any] = {}
         self.planned_changes: list[dict[str, Any]] = []
+        self.targeted_changes: list[dict[str, Any]] = []
+        self.plan_targets: tuple[str, ...] = ()
+        self.apply_error: Exception | None = None
         self.full_outputs = outputs_after_full_apply or {
             "ecr_repository_url": REPOSITORY_URL,
             "function_name": "sd-lambda",
@@ -70,23 +73,37 @@ class FakeStack:
             "region": REGION,
         }
 
-    def init(self, backend_config: Path | None = None) -> None:
-        self.calls.append(("init", {"backend_config": backend_config}))
+    def init(self, backend_config: Path | None = None, migrate_state: bool = False) -> None:
+        self.calls.append(("init", {"backend_config": backend_config, "migrate_state": migrate_state}))
 
     def plan(
-        self, variables: dict[str, Any], var_files: tuple[Path, ...] = (), out: Path | None = None
+        self,
+        variables: dict[str, Any],
+        var_files: tuple[Path, ...] = (),
+        out: Path | None = None,
+        targets: tuple[str, ...] = (),
     ) -> None:
-        self.calls.append(("plan", {"variables": dict(variables)}))
+        call: dict[str, Any] = {"variables": dict(variables)}
+        if targets:
+            call["targets"] = tuple(targets)
+        self.calls.append(("plan", call))
         self.plan_file = out
+        self.plan_targets = tuple(targets)
 
     def show_plan(self, plan_file: Path) -> dict[str, Any]:
         assert plan_file == self.plan_file
-        return {"resource_changes": self.planned_changes}
+        changes = self.targeted_changes if self.plan_targets else self.planned_changes
+        return {"resource_changes": changes}
 
     def apply_plan(self, plan_file: Path) -> None:
         assert plan_file == self.plan_file
         self.calls.append(("apply_plan", {"variables": self.calls[-1][1]["variables"]}))
-        self.applied_outputs = dict(self.full_outputs)
+        if self.plan_targets:
+            self.applied_outputs = {**self.applied_outputs, "ecr_repository_url": REPOSITORY_URL}
+        else:
+            self.applied_outputs = dict(self.full_outputs)
+        if self.apply_error is not None:
+            raise self.apply_error
 
     def apply(
         self, variables: dict[str, Any], var_files: tuple[Path, ...] = (), targets: tuple[str, ...] = ()
@@ -172,10 +189,10 @@ def test_apply_with_image_uri_skips_the_push_and_pins_that_image(aws: None) -> N
 
     deploy.apply(options, stack)
 
-    assert stack.names == ["init", "apply", "plan", "apply_plan"]
+    assert stack.names == ["init", "plan", "apply_plan", "plan", "apply_plan"]
     assert stack.calls[1][1]["targets"] == deploy.REGISTRY_TARGETS
     assert "image_uri" not in stack.calls[1][1]["variables"]
-    assert stack.calls[3][1] == {"variables": {"image_uri": f"{REPOSITORY_URL}@{digest}"}}
+    assert stack.calls[4][1] == {"variables": {"image_uri": f"{REPOSITORY_URL}@{digest}"}}
 
 
 @pytest.mark.parametrize(
@@ -193,7 +210,7 @@ def test_apply_refuses_unpinned_images_before_the_full_apply(image_uri: str) -> 
     with pytest.raises(StackError, match="not an ECR image pinned by digest"):
         deploy.apply(DeployOptions(image_uri=image_uri), stack)
 
-    assert "apply_plan" not in stack.names
+    assert stack.names == ["init", "plan", "apply_plan"]  # the registry stage only
 
 
 def test_apply_refuses_a_digest_the_registry_does_not_have(aws: None, tmp_path: Path) -> None:
@@ -205,7 +222,7 @@ def test_apply_refuses_a_digest_the_registry_does_not_have(aws: None, tmp_path: 
     with pytest.raises(StackError, match=r"is not in ECR repository sd-lambda: push it first"):
         deploy.apply(DeployOptions(digest_file=digest_file), stack)
 
-    assert stack.names == ["init", "apply"]  # the registry stage only
+    assert stack.names == ["init", "plan", "apply_plan"]  # the registry stage only
 
 
 def test_apply_without_any_image_explains_how_to_get_one(tmp_path: Path) -> None:
@@ -222,7 +239,7 @@ def test_failing_push_command_stops_the_deploy(tmp_path: Path) -> None:
 
     with pytest.raises(StackError, match=r"push command 'false' failed \(exit 1\)"):
         deploy.apply(DeployOptions(push_command="false", digest_file=tmp_path / "d"), stack)
-    assert stack.names == ["init", "apply"]
+    assert stack.names == ["init", "plan", "apply_plan"]
 
 
 @pytest.mark.parametrize(
@@ -377,7 +394,7 @@ def test_apply_without_a_new_image_redeploys_the_deployed_one(aws: None, tmp_pat
 
     deploy.apply(DeployOptions(digest_file=tmp_path / "none", wait_seconds=10), stack)
 
-    assert stack.names == ["init", "apply", "plan", "apply_plan"]
+    assert stack.names == ["init", "plan", "apply_plan", "plan", "apply_plan"]
     assert stack.calls[-1][1]["variables"] == {"image_uri": f"{REPOSITORY_URL}@{digest}"}
 
 
@@ -409,7 +426,7 @@ def test_apply_never_applies_a_plan_that_deletes_the_live_function(aws: None) ->
     with pytest.raises(StackError, match="refusing to replace the live function"):
         deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}"), stack)
 
-    assert stack.names == ["init", "apply", "plan"]  # planned, never applied
+    assert stack.names == ["init", "plan", "apply_plan", "plan"]  # planned, never applied
 
 
 def test_image_from_another_region_than_the_stack_is_refused(tmp_path: Path) -> None:
@@ -421,7 +438,7 @@ def test_image_from_another_region_than_the_stack_is_refused(tmp_path: Path) -> 
         deploy.plan(DeployOptions(image_uri=elsewhere), stack)
     with pytest.raises(StackError, match=r"is in region eu-west-1 but the stack deploys to ap-south-1"):
         deploy.apply(DeployOptions(image_uri=elsewhere, region="ap-south-1"), stack)
-    assert "plan" not in stack.names
+    assert [call for call in stack.calls if call[0] == "plan" and "targets" not in call[1]] == []
 
 
 def test_real_plan_without_an_image_keeps_the_function_of_the_fixture_stack(
@@ -481,6 +498,7 @@ def test_cli_passes_allow_function_delete(
 ) -> None:
     seen: list[DeployOptions] = []
     monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
+    monkeypatch.setattr(deploy, "preflight", lambda options, **checks: None)
     monkeypatch.setattr(deploy, action, lambda options, stack, *rest: seen.append(options))
 
     assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *flag]) == 0

@@ -1,0 +1,42 @@
+"""Refuse a saved Terraform plan (``terraform show -json``) that would destroy data the stack holds.
+
+Changing ``name`` or ``kms_key_arn`` replaces the EFS file system today, deleting every seeded model;
+the apply driver checks each plan with :func:`data_loss` before applying it. Resources are matched by
+type, not address, so the check holds when the stack is called as a module (``module.<x>.`` prefixes)
+and whatever the ``count``/``for_each`` keys are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Resource type -> what is lost with it.
+PROTECTED_TYPES: Mapping[str, str] = {
+    "aws_efs_file_system": "EFS file system: every seeded model",
+    "aws_efs_access_point": "EFS access point: the function's view of the models",
+    "aws_s3_bucket": "weights bucket",
+    "aws_kms_key": "KMS key: what it encrypted becomes unreadable",
+    "aws_ecr_repository": "ECR repository: every pushed image",
+}
+ALLOW_HINT = "--allow-data-loss (ALLOW_DATA_LOSS=1)"
+
+
+def data_loss(plan_document: Mapping[str, Any]) -> list[str]:
+    """``"<verb> <address> (<what is lost>)"`` for each protected resource the plan deletes or replaces."""
+    losses = []
+    for change in plan_document.get("resource_changes", []):
+        actions = change.get("change", {}).get("actions", [])
+        what = PROTECTED_TYPES.get(change.get("type", ""))
+        if change.get("mode", "managed") != "managed" or what is None or "delete" not in actions:
+            continue
+        verb = "replace" if "create" in actions else "delete"
+        losses.append(f"{verb} {change.get('address')} ({what})")
+    return losses
+
+
+def data_loss_message(losses: list[str]) -> str:
+    return (
+        f"refusing a plan that would {'; '.join(losses)}. If that is intended (e.g. a new name), "
+        f"rerun with {ALLOW_HINT}; otherwise revert the variable that causes it"
+    )

@@ -1,0 +1,180 @@
+"""``sd-lambda deploy preflight`` (``make preflight``): what ``make apply`` needs, checked in seconds
+before anything is created, every problem reported (one line each, with what to do), not just the first.
+
+Checked: AWS credentials and region (STS GetCallerIdentity); ``terraform`` >= 1.6 on PATH; the Docker
+engine unless an image is given (buildx is optional: without it the legacy builder runs); and the
+account's Lambda limits (GetAccountSettings) against the effective ``reserved_concurrency`` and
+``memory_size`` of the stack (``--var``, var files, else ``infra/variables.tf``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sd_lambda.container.docker import Docker, DockerFailed, DockerUnavailable, has_buildx, require_engine
+from sd_lambda.stack_outputs import TERRAFORM_INSTALL_HINT
+
+MINIMUM_TERRAFORM = (1, 6)
+# PutFunctionConcurrency: "you can reserve concurrency ... as long as you leave at least 100 simultaneous
+# executions unreserved" (https://docs.aws.amazon.com/lambda/latest/api/API_PutFunctionConcurrency.html).
+MINIMUM_UNRESERVED_CONCURRENCY = 100
+# "New AWS accounts have reduced concurrency and memory quotas"
+# (https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html). No API reports the memory
+# quota; a concurrency limit too small to reserve anything is the visible mark of such an account, whose
+# CreateFunction refuses MemorySize above 3008.
+NEW_ACCOUNT_CONCURRENCY_LIMIT = MINIMUM_UNRESERVED_CONCURRENCY
+NEW_ACCOUNT_MEMORY_MB = 3008
+CONCURRENCY_QUOTA = "Service Quotas > AWS Lambda > 'Concurrent executions' (L-B99A9384)"
+
+ClientFactory = Callable[[str, str], Any]  # (service, region) -> boto3 client
+
+
+def memory_cap_advice(memory_size: int | None) -> str:
+    """What to do when the account caps memory at 3008 MB: the preflight's warning and the driver's
+    translation of CreateFunction's refusal say the same."""
+    return (
+        f"memory_size={memory_size} MB is above the {NEW_ACCOUNT_MEMORY_MB} MB a new account may use: set "
+        f"memory_size = {NEW_ACCOUNT_MEMORY_MB} (TFVARS=... or --var memory_size={NEW_ACCOUNT_MEMORY_MB}), "
+        f"or request higher Lambda quotas ({CONCURRENCY_QUOTA}; AWS also raises them with use)"
+    )
+
+
+@dataclass(frozen=True)
+class PreflightInputs:
+    region: str | None
+    function_name: str
+    reserved_concurrency: int | None  # None: no reservation
+    memory_size: int | None
+    build_image: bool  # False when IMAGE_URI is given: no docker needed
+
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)  # what was found (account, limits): context lines
+
+
+def terraform_problem(
+    which: Callable[[str], str | None] = shutil.which,
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> str | None:
+    binary = which("terraform")
+    if binary is None:
+        return f"terraform is not on PATH: {TERRAFORM_INSTALL_HINT}"
+    completed = run([binary, "version", "-json"], capture_output=True, text=True, check=False)
+    try:
+        version = json.loads(completed.stdout)["terraform_version"]
+    except (ValueError, KeyError, TypeError):
+        return f"`{binary} version -json` did not report a version: {TERRAFORM_INSTALL_HINT}"
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers < MINIMUM_TERRAFORM:
+        return f"terraform {version} is older than 1.6: {TERRAFORM_INSTALL_HINT}"
+    return None
+
+
+def docker_findings(docker: Docker, findings: Findings) -> None:
+    hint = "or pass IMAGE_URI=<ecr_repository_url>@sha256:<digest> to deploy an image built elsewhere"
+    try:
+        require_engine(docker)
+    except DockerUnavailable as exc:
+        findings.problems.append(f"{exc}; {hint}")
+        return
+    if not has_buildx(docker):
+        findings.warnings.append(
+            "docker has no buildx plugin: the image is built with the legacy builder (Lambda accepts its "
+            "single-manifest push); install docker-buildx for BuildKit builds"
+        )
+
+
+def _account_findings(inputs: PreflightInputs, lambda_client: Any, findings: Findings) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        limits = lambda_client.get_account_settings()["AccountLimit"]
+    except (BotoCoreError, ClientError) as exc:
+        findings.problems.append(
+            f"cannot read the account's Lambda limits (lambda:GetAccountSettings in {inputs.region}): {exc}"
+        )
+        return
+    total = int(limits.get("ConcurrentExecutions", 0))
+    unreserved = int(limits.get("UnreservedConcurrentExecutions", total))
+    findings.facts.append(
+        f"Lambda in {inputs.region}: {total} concurrent executions, {unreserved} unreserved"
+    )
+    if inputs.reserved_concurrency is not None:
+        # A reservation this function already holds is counted as reserved; updating it frees that first.
+        held = _reserved_by_function(lambda_client, inputs.function_name)
+        left = unreserved + held - inputs.reserved_concurrency
+        if left < MINIMUM_UNRESERVED_CONCURRENCY:
+            findings.problems.append(
+                f"reserved_concurrency={inputs.reserved_concurrency} would leave {left} of this account's "
+                f"{total} concurrent executions unreserved in {inputs.region}; Lambda refuses fewer than "
+                f"{MINIMUM_UNRESERVED_CONCURRENCY}: set reserved_concurrency = null (no reservation) or a "
+                f"smaller number, or request more ({CONCURRENCY_QUOTA})"
+            )
+    memory = inputs.memory_size
+    if total <= NEW_ACCOUNT_CONCURRENCY_LIMIT and memory is not None and memory > NEW_ACCOUNT_MEMORY_MB:
+        findings.warnings.append(
+            f"this account's Lambda concurrency limit is {total}, as in a new account: "
+            + memory_cap_advice(memory)
+        )
+
+
+def _reserved_by_function(lambda_client: Any, function_name: str) -> int:
+    try:
+        answer = lambda_client.get_function_concurrency(FunctionName=function_name)
+    except lambda_client.exceptions.ResourceNotFoundException:
+        return 0
+    return int(answer.get("ReservedConcurrentExecutions") or 0)
+
+
+def aws_findings(inputs: PreflightInputs, clients: ClientFactory, findings: Findings) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+
+    if not inputs.region:
+        findings.problems.append(
+            "no AWS region: pass REGION=<region> (or set AWS_REGION, or region in your profile or tfvars)"
+        )
+        return
+    try:
+        identity = clients("sts", inputs.region).get_caller_identity()
+    except NoCredentialsError:
+        findings.problems.append(
+            "no AWS credentials found: configure a profile, SSO (aws sso login) or environment credentials"
+        )
+        return
+    except NoRegionError:
+        findings.problems.append("no AWS region: pass REGION=<region>")
+        return
+    except (BotoCoreError, ClientError) as exc:
+        findings.problems.append(f"AWS credentials do not work (sts:GetCallerIdentity): {exc}")
+        return
+    findings.facts.append(f"AWS account {identity['Account']} as {identity['Arn']} in {inputs.region}")
+    _account_findings(inputs, clients("lambda", inputs.region), findings)
+
+
+def run_preflight(
+    inputs: PreflightInputs,
+    clients: ClientFactory,
+    docker: Docker | None,
+    terraform_check: Callable[[], str | None] = terraform_problem,
+) -> Findings:
+    """Every check, independent of the others' outcome (bar AWS calls without credentials)."""
+    findings = Findings()
+    aws_findings(inputs, clients, findings)
+    terraform = terraform_check()
+    if terraform is not None:
+        findings.problems.append(terraform)
+    if inputs.build_image and docker is not None:
+        try:
+            docker_findings(docker, findings)
+        except DockerFailed as exc:
+            findings.problems.append(str(exc))
+    return findings
