@@ -103,7 +103,7 @@ OUT ?= out.png
 requirements: $(INSTALL_STAMP) ## Regenerate image/requirements.txt (the image's complete pinned lock) from pyproject
 	$(BIN)/sd-lambda requirements
 
-build-image: $(INSTALL_STAMP) ## docker build image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE
+build-image: $(INSTALL_STAMP) ## docker (buildx) build image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
 	$(BIN)/sd-lambda build-image --platform "$(PLATFORM)" --tag "$(IMAGE)" --docker "$(DOCKER)" \
 		$(addprefix --build-arg ,$(BUILD_ARGS))
 
@@ -118,26 +118,35 @@ invoke: $(INSTALL_STAMP) ## Generate one image through the function URL (SigV4):
 
 # ---- deploying the stack (real AWS; needs `terraform` >= 1.6 on PATH) -----------------------------------
 # REGION (also AWS_REGION for terraform), TFVARS (var files), IMAGE_URI (<repo>@sha256:..., skips the
-# build+push), BACKEND_CONFIG (S3 backend settings file; local state without it), CONFIRM=1 (destroy),
-# ALLOW_FUNCTION_DELETE=1 (let plan/apply delete or replace the live function).
+# build+push), BACKEND_CONFIG (S3 backend settings file; local state without it), MIGRATE_STATE=1 (copy
+# existing local state into that backend), CONFIRM=1 (destroy), ALLOW_FUNCTION_DELETE=1 (let plan/apply
+# delete or replace the live function), ALLOW_DATA_LOSS=1 (let plan/apply delete or replace EFS, its access
+# point, the weights bucket, the KMS key or the ECR repository). See docs/deploy.md.
 # Run by `apply` once the repository exists (not $(MAKE): `make -n apply` must not deploy anything).
 PUSH_COMMAND ?= make --no-print-directory build-image push-image
 DEPLOY_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
 	$(if $(BACKEND_CONFIG),--backend-config "$(BACKEND_CONFIG)") $(addprefix --var-file ,$(TFVARS))
+STATE_ARGS = $(if $(filter 1,$(MIGRATE_STATE)),--migrate-state)
+PROTECTION_ARGS = $(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-delete) \
+	$(if $(filter 1,$(ALLOW_DATA_LOSS)),--allow-data-loss)
 
-.PHONY: plan apply destroy docs-tf
+.PHONY: preflight plan apply destroy docs-tf
+
+preflight: $(INSTALL_STAMP) ## Check credentials, terraform, docker and the account's Lambda limits before apply (REGION= TFVARS= IMAGE_URI=)
+	$(BIN)/sd-lambda deploy preflight --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
+		$(addprefix --var-file ,$(TFVARS)) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--docker "$(DOCKER)")
 
 plan: $(INSTALL_STAMP) ## terraform plan infra/ with the image apply would deploy (REGION= TFVARS= IMAGE_URI= BACKEND_CONFIG=)
-	$(BIN)/sd-lambda deploy plan $(DEPLOY_ARGS) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)") \
-		$(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-delete)
+	$(BIN)/sd-lambda deploy plan $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)") \
+		$(PROTECTION_ARGS)
 
-apply: $(INSTALL_STAMP) ## Deploy: ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
-	$(BIN)/sd-lambda deploy apply $(DEPLOY_ARGS) \
-		$(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--push-command "$(PUSH_COMMAND)") \
-		$(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-delete)
+apply: $(INSTALL_STAMP) ## Deploy: preflight, ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
+	$(BIN)/sd-lambda deploy apply $(DEPLOY_ARGS) $(STATE_ARGS) \
+		$(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--push-command "$(PUSH_COMMAND)" --docker "$(DOCKER)") \
+		$(PROTECTION_ARGS)
 
 destroy: $(INSTALL_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
-	$(BIN)/sd-lambda deploy destroy $(DEPLOY_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
+	$(BIN)/sd-lambda deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
 
 docs-tf: $(INSTALL_STAMP) ## Regenerate the README's Terraform inputs/outputs tables from infra/
 	$(PY) scripts/gen_tf_docs.py

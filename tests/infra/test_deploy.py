@@ -102,7 +102,7 @@ class FakeStack:
             self.applied_outputs = {**self.applied_outputs, "ecr_repository_url": REPOSITORY_URL}
         else:
             self.applied_outputs = dict(self.full_outputs)
-        if self.apply_error is not None:
+        if self.apply_error is not None and not self.plan_targets:  # the full apply fails
             raise self.apply_error
 
     def apply(
@@ -505,3 +505,216 @@ def test_cli_passes_allow_function_delete(
 
     assert seen[0].allow_function_delete is allowed
     assert seen[0].function_address == deploy.FUNCTION_ADDRESS
+
+
+################################################################################
+# No silent destruction of data: EFS, access point, bucket, KMS key, ECR repository
+################################################################################
+
+PROTECTED = [
+    ("module.efs.aws_efs_file_system.this", "aws_efs_file_system", "EFS file system: every seeded model"),
+    ("module.efs.aws_efs_access_point.this", "aws_efs_access_point", "EFS access point"),
+    ("module.weights_bucket.aws_s3_bucket.this[0]", "aws_s3_bucket", "weights bucket"),
+    ("aws_kms_key.this[0]", "aws_kms_key", "KMS key"),
+    ("module.lambda.aws_ecr_repository.this", "aws_ecr_repository", "ECR repository: every pushed image"),
+    # The stack called as a module: addresses gain a prefix, the type stays.
+    ("module.sd.module.efs.aws_efs_file_system.this", "aws_efs_file_system", "EFS file system"),
+]
+
+
+def _change(address: str, type_name: str, actions: list[str], mode: str = "managed") -> dict[str, Any]:
+    return {"address": address, "mode": mode, "type": type_name, "change": {"actions": actions}}
+
+
+@pytest.mark.parametrize(("address", "type_name", "what"), PROTECTED)
+@pytest.mark.parametrize(("actions", "verb"), [(["delete"], "delete"), (["delete", "create"], "replace")])
+def test_plan_that_destroys_data_is_refused_unless_allowed(
+    tmp_path: Path, address: str, type_name: str, what: str, actions: list[str], verb: str
+) -> None:
+    stack = FakeStack()
+    stack.planned_changes = [_change(address, type_name, actions)]
+
+    with pytest.raises(StackError) as refused:
+        deploy.plan(DeployOptions(digest_file=tmp_path / "none"), stack)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"refusing a plan that would {verb} {address} ({what}")
+    assert "rerun with --allow-data-loss (ALLOW_DATA_LOSS=1)" in message
+    deploy.plan(DeployOptions(digest_file=tmp_path / "none", allow_data_loss=True), stack)
+
+
+def test_updates_and_data_sources_are_not_data_loss(tmp_path: Path) -> None:
+    stack = FakeStack()
+    stack.planned_changes = [
+        _change("module.efs.aws_efs_file_system.this", "aws_efs_file_system", ["update"]),
+        _change("module.weights_bucket.aws_s3_bucket.this[0]", "aws_s3_bucket", ["no-op"]),
+        _change("data.aws_kms_key.caller", "aws_kms_key", ["delete"], mode="data"),
+        _change('module.efs.aws_efs_mount_target.this["a"]', "aws_efs_mount_target", ["delete", "create"]),
+    ]
+
+    deploy.plan(DeployOptions(digest_file=tmp_path / "none"), stack)
+
+
+def test_all_losses_are_named_in_one_line(tmp_path: Path) -> None:
+    stack = FakeStack()
+    stack.planned_changes = [
+        _change(address, type_name, ["delete"]) for address, type_name, _ in PROTECTED[:3]
+    ]
+
+    with pytest.raises(StackError) as refused:
+        deploy.plan(DeployOptions(digest_file=tmp_path / "none"), stack)
+
+    assert [address in str(refused.value) for address, _, _ in PROTECTED[:3]] == [True, True, True]
+
+
+def test_targeted_stage_one_never_applies_a_plan_that_replaces_the_repository(tmp_path: Path) -> None:
+    stack = FakeStack()
+    stack.targeted_changes = [
+        _change("module.lambda.aws_ecr_repository.this", "aws_ecr_repository", ["create", "delete"])
+    ]
+
+    with pytest.raises(StackError, match=r"would replace module\.lambda\.aws_ecr_repository\.this"):
+        deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{DIGEST}"), stack)
+
+    assert stack.names == ["init", "plan"]  # planned with -target, never applied
+    assert stack.calls[1][1]["targets"] == deploy.REGISTRY_TARGETS
+
+
+def test_full_apply_never_applies_a_plan_that_replaces_the_file_system(aws: None) -> None:
+    digest = push_image_to_moto()
+    stack = FakeStack()
+    stack.planned_changes = [
+        _change("module.efs.aws_efs_file_system.this", "aws_efs_file_system", ["delete", "create"])
+    ]
+
+    with pytest.raises(StackError, match=r"would replace module\.efs\.aws_efs_file_system\.this"):
+        deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}"), stack)
+    assert stack.names == ["init", "plan", "apply_plan", "plan"]
+
+    allowed = FakeStack()
+    allowed.planned_changes = stack.planned_changes
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}", allow_data_loss=True), allowed)
+    assert allowed.names[-1] == "apply_plan"
+
+
+@pytest.mark.parametrize(("flag", "allowed"), [([], False), (["--allow-data-loss"], True)])
+@pytest.mark.parametrize("action", ["plan", "apply"])
+def test_cli_passes_allow_data_loss(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, action: str, flag: list[str], allowed: bool
+) -> None:
+    seen: list[DeployOptions] = []
+    monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
+    monkeypatch.setattr(deploy, "preflight", lambda options, **checks: None)
+    monkeypatch.setattr(deploy, action, lambda options, stack, *rest: seen.append(options))
+
+    assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *flag]) == 0
+
+    assert seen[0].allow_data_loss is allowed
+
+
+################################################################################
+# The image Lambda is handed must be a single manifest (ECR imageManifestMediaType)
+################################################################################
+
+ATTESTED_INDEX = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.index.v1+json",
+    "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "d" * 64},
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "e" * 64},
+    ],
+}
+
+
+def test_apply_refuses_an_image_index_before_the_full_apply(aws: None) -> None:
+    ecr = boto3.client("ecr", region_name=REGION)
+    ecr.create_repository(repositoryName="sd-lambda")
+    pushed = ecr.put_image(repositoryName="sd-lambda", imageManifest=json.dumps(ATTESTED_INDEX), imageTag="x")
+    image_uri = f"{REPOSITORY_URL}@{pushed['image']['imageId']['imageDigest']}"
+    stack = FakeStack()
+
+    with pytest.raises(StackError) as refused:
+        deploy.apply(DeployOptions(image_uri=image_uri), stack)
+
+    assert str(refused.value) == (
+        f"{image_uri} is an image index (attestations or several platforms), which Lambda refuses: rebuild "
+        "with `make build-image` (buildx --provenance=false --sbom=false, one platform) and push again"
+    )
+    assert stack.names == ["init", "plan", "apply_plan"]  # the registry stage only
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"],
+)
+def test_single_manifests_lambda_supports_pass(media_type: str) -> None:
+    client = boto3.client("ecr", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="y")
+    image = parse_pinned_image(f"{REPOSITORY_URL}@{DIGEST}")
+    detail = {"imageDigest": DIGEST, "imageManifestMediaType": media_type, "repositoryName": "sd-lambda"}
+    with Stubber(client) as stubber:
+        stubber.add_response(
+            "describe_images",
+            {"imageDetails": [detail]},
+            {"repositoryName": "sd-lambda", "imageIds": [{"imageDigest": DIGEST}]},
+        )
+        deploy.verify_image(client, image)
+        stubber.assert_no_pending_responses()
+
+
+################################################################################
+# CreateFunction refused for memory: the terraform error becomes the preflight's one-line advice
+################################################################################
+
+# What terraform (AWS provider v6) prints when a new account's CreateFunction asks for 10240 MB.
+MEMORY_REFUSAL = """
+╷
+│ Error: creating Lambda Function (sd-lambda): operation error Lambda: CreateFunction, https response
+│ error StatusCode: 400, RequestID: 0f6e1c9a-2b1d-4c55-9d0e-6f3a0c2b7e11, InvalidParameterValueException:
+│ 'MemorySize' value failed to satisfy constraint: Member must have value less than or equal to 3008
+│
+│   with module.lambda.aws_lambda_function.this[0],
+│   on modules/lambda/main.tf line 193, in resource "aws_lambda_function" "this":
+│  193: resource "aws_lambda_function" "this" {
+│
+╵
+"""
+
+
+def test_memory_refusal_at_create_function_becomes_the_advice_line(aws: None) -> None:
+    from sd_lambda.stack_outputs import TerraformCommandError
+
+    digest = push_image_to_moto()
+    stack = FakeStack()
+    stack.apply_error = TerraformCommandError(
+        "terraform apply failed in infra (exit 1): Error: creating Lambda Function (sd-lambda): operation "
+        "error Lambda: CreateFunction, https response",
+        MEMORY_REFUSAL,
+    )
+    options = DeployOptions(
+        infra_dir=Path(__file__).parents[2] / "infra", image_uri=f"{REPOSITORY_URL}@{digest}"
+    )
+
+    with pytest.raises(StackError) as refused:
+        deploy.apply(options, stack)
+
+    assert str(refused.value) == (
+        "Lambda refused the function's memory: memory_size=10240 MB is above the 3008 MB a new account may "
+        "use: set memory_size = 3008 (TFVARS=... or --var memory_size=3008), or request higher Lambda quotas "
+        "(Service Quotas > AWS Lambda > 'Concurrent executions' (L-B99A9384); AWS also raises them with use)"
+    )
+
+
+def test_other_apply_errors_pass_through_unchanged(aws: None) -> None:
+    from sd_lambda.stack_outputs import TerraformCommandError
+
+    digest = push_image_to_moto()
+    stack = FakeStack()
+    error = TerraformCommandError("terraform apply failed in infra (exit 1): Error: AccessDenied", "Error: x")
+    stack.apply_error = error
+
+    with pytest.raises(TerraformCommandError) as raised:
+        deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}"), stack)
+
+    assert raised.value is error

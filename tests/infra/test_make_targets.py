@@ -54,3 +54,26 @@ def test_allow_function_delete_is_passed_only_when_1(target: str) -> None:
     assert dry_run(target, "ALLOW_FUNCTION_DELETE=1").endswith("--allow-function-delete")
     assert "--allow-function-delete" not in dry_run(target)
     assert "--allow-function-delete" not in dry_run(target, "ALLOW_FUNCTION_DELETE=0")
+
+
+@pytest.mark.parametrize("target", ["plan", "apply"])
+def test_allow_data_loss_is_passed_only_when_1(target: str) -> None:
+    assert dry_run(target, "ALLOW_DATA_LOSS=1").endswith("--allow-data-loss")
+    assert "--allow-data-loss" not in dry_run(target)
+    assert "--allow-data-loss" not in dry_run(target, "ALLOW_DATA_LOSS=0")
+
+
+def test_preflight_is_its_own_target_and_needs_docker_only_without_an_image() -> None:
+    checked = dry_run("preflight", "REGION=eu-west-1", "TFVARS=prod.tfvars", "DOCKER=podman")
+    assert checked.startswith('.venv/bin/sd-lambda deploy preflight --infra-dir "infra" --region "eu-west-1"')
+    assert "--var-file prod.tfvars" in checked
+    assert checked.endswith('--docker "podman"')
+
+    pinned = dry_run("preflight", "IMAGE_URI=123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc")
+    assert pinned.endswith('--image-uri "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc"')
+    assert "--docker" not in pinned
+
+
+def test_apply_hands_the_docker_cli_to_its_preflight() -> None:
+    assert '--docker "podman"' in dry_run("apply", "DOCKER=podman")
+    assert "--docker" not in dry_run("apply", "IMAGE_URI=x@sha256:abc")

@@ -213,7 +213,15 @@ def _init(
 ) -> list[Diagnostic]:
     args = ["init", "-input=false", "-no-color", "-json"]
     args += ["-reconfigure"] if backend else ["-backend=false"]
-    run = workspace.terraform(directory, *args, data_dir=data_dir)
+    # init rewrites .terraform.lock.hcl without the dev-overridden aws provider (and -lockfile=readonly
+    # refuses to run): keep the operator's committed lock exactly as it was.
+    lock = directory / ".terraform.lock.hcl"
+    saved = lock.read_bytes() if lock.is_file() else None
+    try:
+        run = workspace.terraform(directory, *args, data_dir=data_dir)
+    finally:
+        if saved is not None:
+            lock.write_bytes(saved)
     diagnostics = _json_lines_diagnostics(run.stdout)
     if run.returncode != 0 and not any(d.severity == "error" for d in diagnostics):
         diagnostics.append(_failure("terraform init failed", run))
