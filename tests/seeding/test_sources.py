@@ -303,6 +303,11 @@ class FakeHub:
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path) -> FakeHub:
+    return install_fake_hub(monkeypatch, tiny_model_dir, tmp_path)
+
+
+def install_fake_hub(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path) -> FakeHub:
+    """``acme/tiny-sd`` (the tiny pipeline) and ``acme/taesd`` (its tiny decoder) behind a fake hub."""
     pipeline = tmp_path / "repo"
     shutil.copytree(tiny_model_dir, pipeline)
     decoder = pipeline / "vae_tiny"

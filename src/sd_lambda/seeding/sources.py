@@ -13,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import httpx2
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -38,6 +39,13 @@ from sd_lambda.layout import (
     single_weights_name,
 )
 from sd_lambda.seeding.errors import SeedError
+from sd_lambda.seeding.pipeline import (
+    check_served_class,
+    read_model_index,
+    served_components,
+    unused_components,
+    without_unused,
+)
 
 # Config and tokenizer files a diffusers component folder may hold (weights are chosen separately).
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
@@ -90,15 +98,19 @@ def check_pipeline_files(files: Collection[str]) -> str | None:
     return None
 
 
-def from_dir(folder: Path, revision: str | None = None, *, bf16_copy: bool = False) -> LocalRelease:
-    """A local diffusers folder: every regular file but dot-files, dot-folders and an old manifest.json.
-    A bf16 copy in it is refused unless ``bf16_copy`` (it is then written again from its weights): a
-    copy that no longer matches them would serve other weights to hosts that run bf16."""
+def check_dir(folder: Path, *, bf16_copy: bool = False) -> dict[str, Path]:
+    """The release files of a local diffusers folder (release path -> file), checked without reading
+    the weights: every refusal here costs milliseconds, so the driver asks before anything touches AWS.
+
+    Every regular file but dot-files, dot-folders and an old manifest.json. A bf16 copy in it is
+    refused unless ``bf16_copy`` (it is then written again from its weights): a copy that no longer
+    matches them would serve other weights to hosts that run bf16."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SeedError(f"{folder} is not a folder")
     if not (folder / MODEL_INDEX).is_file():
         raise SeedError(f"{folder} is not a diffusers pipeline: no {MODEL_INDEX}")
+    check_served_class(read_model_index(folder / MODEL_INDEX, str(folder)), str(folder))
     files: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
@@ -108,6 +120,9 @@ def from_dir(folder: Path, revision: str | None = None, *, bf16_copy: bool = Fal
             raise SeedError(f"symlinks are not allowed in a model folder: {relative}")
         if path.is_file():
             files[relative] = path
+    problem = check_pipeline_files(files)
+    if problem:
+        raise SeedError(problem)
     copies = sorted(
         path
         for path in files
@@ -120,7 +135,29 @@ def from_dir(folder: Path, revision: str | None = None, *, bf16_copy: bool = Fal
             f"{folder} holds a bf16 copy ({', '.join(copies)}): pass --bf16-copy to write it again "
             "from the weights beside it, or remove it"
         )
-    return LocalRelease.from_files(files, source=f"dir:{folder.resolve()}", revision=revision)
+    if bf16_copy:
+        _bf16_sources(files)
+    return files
+
+
+def from_dir(folder: Path, revision: str | None = None, *, bf16_copy: bool = False) -> LocalRelease:
+    """A local diffusers folder (see :func:`check_dir`), its files hashed into a manifest."""
+    files = check_dir(folder, bf16_copy=bf16_copy)
+    return LocalRelease.from_files(files, source=f"dir:{Path(folder).resolve()}", revision=revision)
+
+
+def _bf16_sources(files: Collection[str]) -> dict[str, str]:
+    """component -> the one unsharded weights file a bf16 copy is written from."""
+    sources: dict[str, str] = {}
+    for component in BF16_COPY_COMPONENTS:
+        names = [
+            PurePosixPath(path).name for path in files if PurePosixPath(path).parent.as_posix() == component
+        ]
+        stored = single_weights_name(names)
+        if stored is None:
+            raise SeedError(f"--bf16-copy: {component}/ needs exactly one unsharded weights file")
+        sources[component] = stored
+    return sources
 
 
 def with_bf16_copy(release: LocalRelease, work_dir: Path) -> LocalRelease:
@@ -131,13 +168,7 @@ def with_bf16_copy(release: LocalRelease, work_dir: Path) -> LocalRelease:
 
     files = dict(release.files)
     out_dir = Path(work_dir) / "bf16-copies" / release.revision
-    for component in BF16_COPY_COMPONENTS:
-        names = [
-            PurePosixPath(path).name for path in files if PurePosixPath(path).parent.as_posix() == component
-        ]
-        stored = single_weights_name(names)
-        if stored is None:
-            raise SeedError(f"--bf16-copy: {component}/ needs exactly one unsharded weights file")
+    for component, stored in _bf16_sources(files).items():
         copy = f"{component}/{bf16_copy_path(PurePosixPath(stored)).name}"
         written = out_dir / copy
         written.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +220,16 @@ def select_hub_files(filenames: list[str], components: list[str], variant: str |
     return chosen
 
 
+# huggingface_hub's HTTP client is httpx2: a refused connection, a DNS failure or a timeout raises its
+# transport errors, which are not OSErrors; HfHubHTTPError (401/404/gated) subclasses httpx2.HTTPError.
+HUB_ERRORS = (httpx2.HTTPError, HfHubHTTPError, OSError)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class Hub:
     """The two hub calls seeding makes (``model_info``, ``snapshot_download``), errors made one-line."""
 
@@ -202,17 +243,24 @@ class Hub:
             return SeedError(f"model {self.repo} is gated: accept its terms on the hub and set HF_TOKEN")
         if isinstance(exc, RevisionNotFoundError):
             return SeedError(f"revision {self.revision!r} of {self.repo} does not exist on the hub")
-        if isinstance(exc, RepositoryNotFoundError):
+        if isinstance(exc, RepositoryNotFoundError):  # the hub answers 401 and 404 alike for these
             return SeedError(f"model {self.repo} not found on the hub (private? set HF_TOKEN)")
-        return SeedError(
-            f"the hub could not serve {where}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        )
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return SeedError(f"the hub refused access to {where} (HTTP {status}): check HF_TOKEN")
+        if isinstance(exc, httpx2.TimeoutException):
+            cause = _first_line(exc)
+            return SeedError(f"the hub did not answer in time for {where}: {cause} (network/proxy?)")
+        if isinstance(exc, httpx2.TransportError):  # connection refused, DNS, TLS, proxy
+            cause = _first_line(exc)
+            return SeedError(f"cannot reach the hub for {where}: {cause} (network, proxy or HF_ENDPOINT?)")
+        return SeedError(f"the hub could not serve {where}: {_first_line(exc)}")
 
     def info(self) -> tuple[str, list[str]]:
         """(commit sha, every file name) of the requested revision."""
         try:
             info = HfApi().model_info(self.repo, revision=self.revision)
-        except (HfHubHTTPError, OSError) as exc:
+        except HUB_ERRORS as exc:
             raise self._explain(exc) from exc
         return str(info.sha), [sibling.rfilename for sibling in info.siblings or []]
 
@@ -221,16 +269,24 @@ class Hub:
             return Path(
                 snapshot_download(self.repo, revision=commit, allow_patterns=filenames, local_dir=local_dir)
             )
-        except (HfHubHTTPError, OSError) as exc:
+        except HUB_ERRORS as exc:
             raise self._explain(exc) from exc
 
 
-def _components(model_index: Path) -> list[str]:
-    try:
-        index = json.loads(model_index.read_text())
-    except ValueError as exc:
-        raise SeedError(f"{MODEL_INDEX} on the hub is not JSON: {exc}") from exc
-    return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+def _served_index(local_dir: Path, repo: str) -> tuple[list[str], Path]:
+    """From the downloaded model_index.json alone: refuse a pipeline the engine cannot serve, and return
+    the components to fetch plus the model_index.json the release carries (the unused components marked
+    absent, so the folder loads without them)."""
+    where = f"{repo} on the hub"
+    index = read_model_index(local_dir / MODEL_INDEX, where)
+    check_served_class(index, where)
+    components = served_components(index)
+    if not unused_components(index):
+        return components, local_dir / MODEL_INDEX
+    rewritten = local_dir.parent / f"{local_dir.name}.rewritten" / MODEL_INDEX
+    rewritten.parent.mkdir(parents=True, exist_ok=True)
+    rewritten.write_text(json.dumps(without_unused(index), indent=2, sort_keys=True))
+    return components, rewritten
 
 
 def from_hub(
@@ -248,10 +304,12 @@ def from_hub(
     if MODEL_INDEX not in filenames:
         raise SeedError(f"{repo} is not a diffusers pipeline: no {MODEL_INDEX} on the hub")
     local_dir = Path(work_dir) / "hub" / repo.replace("/", "--") / commit
-    hub.download(commit, [MODEL_INDEX], local_dir)
-    selected = select_hub_files(filenames, _components(local_dir / MODEL_INDEX), variant)
+    hub.download(commit, [MODEL_INDEX], local_dir)  # a few hundred bytes, before any weights
+    components, model_index = _served_index(local_dir, repo)
+    selected = select_hub_files(filenames, components, variant)
     hub.download(commit, sorted(selected), local_dir)
     files = {release: _materialize(local_dir, repo_path, release) for repo_path, release in selected.items()}
+    files[MODEL_INDEX] = model_index
     source = f"hf://{repo}@{commit}" + (f" variant={variant}" if variant else "")
     name = commit[:12] + (f"-{variant}" if variant else "")
     if tiny_decoder:
