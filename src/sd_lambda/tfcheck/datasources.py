@@ -4,12 +4,18 @@ Every data source gets its configured values back; computed attributes the confi
 are filled from, in order: the caller's overrides for that type, a per-type default below, and a
 placeholder of the right cty type. Defaults stay consistent with each other: the account, region and
 partition a plan sees come from one :class:`World`, which overrides can change.
+
+Answers are for the data source's *effective region*: its own ``region`` argument when set, else the
+provider's region (aws provider 6.x, https://hashicorp.github.io/terraform-provider-aws/enhanced-region-support).
+So zones, prefix lists, AMI ids and ARNs read in eu-west-1 name eu-west-1, whatever the provider says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +25,14 @@ from sd_lambda.tfcheck.schema import Block
 
 DataOverrides = dict[str, dict[str, Any]]
 
-EXAMPLE_AMI_ID = "ami-0123456789abcdef0"
+
+class NotFound(Exception):
+    """What AWS would answer for this read: nothing matches. Terraform shows it as the data source's error."""
+
+
+# Zone letters a new region offers; every region has at least three
+# (https://docs.aws.amazon.com/global-infrastructure/latest/regions/aws-availability-zones.html).
+ZONE_LETTERS = "abc"
 
 
 @dataclass(frozen=True)
@@ -40,9 +53,52 @@ class World:
             partition=overrides.get("aws_partition", {}).get("partition") or cls.partition,
         )
 
-    def arn(self, service: str, resource: str, *, regional: bool = True) -> str:
+    def in_region(self, region: str) -> World:
+        return dataclasses.replace(self, region=region)
+
+    def arn(self, service: str, resource: str, *, regional: bool = True, account: str | None = None) -> str:
         region = self.region if regional else ""
-        return f"arn:{self.partition}:{service}:{region}:{self.account_id}:{resource}"
+        owner = self.account_id if account is None else account
+        return f"arn:{self.partition}:{service}:{region}:{owner}:{resource}"
+
+
+def _stable_hex(*parts: str, length: int) -> str:
+    """Hex digits that are the same for the same inputs on every run, so plans are reproducible."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:length]
+
+
+def example_ami_id(region: str, parameter_name: str) -> str:
+    """The AMI id a public image parameter resolves to: same name, a different image in each region."""
+    return f"ami-{_stable_hex(region, parameter_name, length=17)}"
+
+
+def zone_id(region: str, index: int) -> str:
+    """``euw1-az1``: the region code's first three letters, its trailing number, ``-az`` and a number.
+
+    https://docs.aws.amazon.com/global-infrastructure/latest/regions/aws-availability-zones.html
+    """
+    letters = "".join(ch for ch in region if ch.isalpha())[:3]
+    number = region.rsplit("-", 1)[-1]
+    return f"{letters}{number}-az{index}"
+
+
+def _filter_pattern(value: str) -> re.Pattern[str]:
+    """An EC2 filter value: ``*`` matches any run of characters, ``?`` exactly one.
+
+    https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/Using_Filtering.html
+    """
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value))
+
+
+def _matches_filters(candidate: dict[str, str], filters: list[dict[str, Any]]) -> bool:
+    """EC2 semantics: filters AND together, a filter's values OR together; unknown names match all."""
+    for item in filters:
+        field_value = candidate.get(item["name"])
+        if field_value is None:
+            continue
+        if not any(_filter_pattern(v).fullmatch(field_value) for v in item["values"]):
+            return False
+    return True
 
 
 def _one_or_list(values: list[str]) -> str | list[str]:
@@ -134,12 +190,34 @@ def _policy_document(config: dict[str, Any], world: World) -> dict[str, Any]:
 
 
 def _availability_zones(config: dict[str, Any], world: World) -> dict[str, Any]:
-    letters = "abc"
+    zones = [
+        {
+            "zone-name": f"{world.region}{letter}",
+            "zone-id": zone_id(world.region, index),
+            "region-name": world.region,
+            "group-name": world.region,
+            "state": "available",
+            "zone-type": "availability-zone",
+            "opt-in-status": "opt-in-not-required",
+        }
+        for index, letter in enumerate(ZONE_LETTERS, start=1)
+    ]
+    excluded_names = set(config.get("exclude_names") or ())
+    excluded_ids = set(config.get("exclude_zone_ids") or ())
+    state = config.get("state")
+    kept = [
+        zone
+        for zone in zones
+        if zone["zone-name"] not in excluded_names
+        and zone["zone-id"] not in excluded_ids
+        and (state is None or zone["state"] == state)
+        and _matches_filters(zone, config.get("filter") or [])
+    ]
     return {
         "id": world.region,
-        "names": [f"{world.region}{letter}" for letter in letters],
-        "zone_ids": [f"{world.region}-az{index}" for index in range(1, len(letters) + 1)],
-        "group_names": [world.region],
+        "names": [zone["zone-name"] for zone in kept],
+        "zone_ids": [zone["zone-id"] for zone in kept],
+        "group_names": sorted({zone["group-name"] for zone in kept}),
     }
 
 
@@ -174,10 +252,13 @@ def _partition(config: dict[str, Any], world: World) -> dict[str, Any]:
 
 def _ssm_parameter(config: dict[str, Any], world: World) -> dict[str, Any]:
     name = config.get("name") or "tfcheck"
-    value = EXAMPLE_AMI_ID if "ami" in name.lower() or "image" in name.lower() else "tfcheck-parameter-value"
+    is_image = "ami" in name.lower() or "image" in name.lower()
+    value = example_ami_id(world.region, name) if is_image else "tfcheck-parameter-value"
+    # Public parameters (/aws/service/...) belong to no account: their ARN has an empty account field.
+    account = "" if name.startswith("/aws/service/") else None
     return {
         "id": name,
-        "arn": world.arn("ssm", f"parameter/{name.lstrip('/')}"),
+        "arn": world.arn("ssm", f"parameter/{name.lstrip('/')}", account=account),
         "type": "String",
         "value": value,
         "insecure_value": value,
@@ -186,16 +267,47 @@ def _ssm_parameter(config: dict[str, Any], world: World) -> dict[str, Any]:
 
 
 def _ami(config: dict[str, Any], world: World) -> dict[str, Any]:
+    image_id = example_ami_id(world.region, "tfcheck-example-ami")
     return {
-        "id": EXAMPLE_AMI_ID,
-        "image_id": EXAMPLE_AMI_ID,
-        "arn": world.arn("ec2", f"image/{EXAMPLE_AMI_ID}", regional=True),
+        "id": image_id,
+        "image_id": image_id,
+        "arn": world.arn("ec2", f"image/{image_id}", account=""),
         "architecture": "x86_64",
         "name": "tfcheck-example-ami",
         "root_device_name": "/dev/xvda",
         "root_device_type": "ebs",
         "virtualization_type": "hvm",
         "owner_id": world.account_id,
+    }
+
+
+# AWS-managed prefix lists are named com.amazonaws.<region>.<service>, and each region holds only its own
+# (https://docs.aws.amazon.com/vpc/latest/userguide/working-with-aws-managed-prefix-lists.html).
+_AWS_MANAGED_PREFIX_LIST = re.compile(r"com\.amazonaws\.(?P<region>[a-z0-9-]+)\.(?P<service>[a-z0-9.-]+)")
+
+
+def _managed_prefix_list(config: dict[str, Any], world: World) -> dict[str, Any]:
+    name = config.get("name") or next(
+        (f["values"][0] for f in config.get("filter") or [] if f["name"] == "prefix-list-name"), None
+    )
+    name = name or f"com.amazonaws.{world.region}.s3"
+    managed = _AWS_MANAGED_PREFIX_LIST.fullmatch(name)
+    if managed and managed["region"] != world.region:
+        # What AWS answers: no prefix list of that name in this region, so the read fails.
+        raise NotFound(
+            f"no EC2 managed prefix list named {name!r} in {world.region}; "
+            f"AWS-managed ones there are named com.amazonaws.{world.region}.<service>"
+        )
+    list_id = config.get("id") or f"pl-{_stable_hex(world.region, name, length=8)}"
+    owner = "AWS" if managed else world.account_id
+    return {
+        "id": list_id,
+        "name": name,
+        "arn": world.arn("ec2", f"prefix-list/{list_id}", account="aws" if managed else None),
+        "address_family": "IPv4",
+        "owner_id": owner,
+        "max_entries": 0 if managed else 10,
+        "version": 1,
     }
 
 
@@ -248,6 +360,7 @@ TYPE_DEFAULTS: dict[str, Callable[[dict[str, Any], World], dict[str, Any]]] = {
     "aws_availability_zones": _availability_zones,
     "aws_caller_identity": _caller_identity,
     "aws_ecr_image": _ecr_image,
+    "aws_ec2_managed_prefix_list": _managed_prefix_list,
     "aws_ecr_repository": _ecr_repository,
     "aws_iam_policy_document": _policy_document,
     "aws_partition": _partition,
@@ -286,13 +399,15 @@ def read_data_source(
     type_name: str, block: Block, config: dict[str, Any], world: World, overrides: DataOverrides
 ) -> dict[str, Any]:
     """State for data source ``type_name`` read with ``config`` (a wholly known object)."""
+    if isinstance(config.get("region"), str) and config["region"]:
+        world = world.in_region(config["region"])
     defaults = TYPE_DEFAULTS[type_name](config, world) if type_name in TYPE_DEFAULTS else {}
     top_level = {**defaults, **overrides.get(type_name, {})}
 
     def filler(path: tuple[str, ...], attribute: dict[str, Any]) -> Any:
         if len(path) == 1 and path[0] in top_level:
             return top_level[path[0]]
-        if path == ("region",):  # the per-resource region override defaults to the provider's region
+        if path == ("region",):  # unset per-resource region: the provider's (the effective) region
             return world.region
         if "nested_type" in attribute:
             return None

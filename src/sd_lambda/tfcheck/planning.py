@@ -9,7 +9,7 @@ Two values the real aws provider derives from its own configuration are derived 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +28,16 @@ class ProviderSettings:
     default_tags: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> ProviderSettings:
+    def from_config(
+        cls, config: dict[str, Any] | None, environ: Mapping[str, str] | None = None
+    ) -> ProviderSettings:
+        """Settings from the provider block; ``environ`` (the plugin's environment) supplies the region
+        the block leaves unset, in the aws provider's order: ``AWS_REGION``, then ``AWS_DEFAULT_REGION``
+        (https://registry.terraform.io/providers/hashicorp/aws/latest/docs#region).
+        """
         config = config or {}
-        region = config.get("region")
+        environ = environ or {}
+        region = config.get("region") or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
         tags: dict[str, str] = {}
         for default_tags in config.get("default_tags") or []:
             if isinstance(default_tags, dict) and isinstance(default_tags.get("tags"), dict):

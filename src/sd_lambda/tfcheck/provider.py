@@ -34,7 +34,7 @@ from tf.gen import tfplugin_pb2_grpc as rpc
 from tf.runner import _self_signed_cert
 
 from sd_lambda.tfcheck import cty
-from sd_lambda.tfcheck.datasources import DataOverrides, World, read_data_source
+from sd_lambda.tfcheck.datasources import DataOverrides, NotFound, World, read_data_source
 from sd_lambda.tfcheck.env import DATA_OVERRIDES_ENV, SCHEMA_ENV
 from sd_lambda.tfcheck.planning import ProviderSettings, conform, plan_change
 from sd_lambda.tfcheck.schema import DEFAULT_SCHEMA_PATH, ProviderSchema, load_schema, to_response
@@ -107,7 +107,7 @@ class StubProvider(rpc.ProviderServicer):
 
     @_guarded(pb.ConfigureProvider.Response)
     def ConfigureProvider(self, request, context):
-        self.settings = ProviderSettings.from_config(cty.decode(request.config.msgpack))
+        self.settings = ProviderSettings.from_config(cty.decode(request.config.msgpack), os.environ)
         return pb.ConfigureProvider.Response()
 
     def StopProvider(self, request, context):
@@ -153,7 +153,10 @@ class StubProvider(rpc.ProviderServicer):
     def ReadDataSource(self, request, context):
         config = cty.decode(request.config.msgpack)
         block = self.schema.data_source_block(request.type_name)
-        state = read_data_source(request.type_name, block, config, self._world(), self.data_overrides)
+        try:
+            state = read_data_source(request.type_name, block, config, self._world(), self.data_overrides)
+        except NotFound as exc:
+            return pb.ReadDataSource.Response(diagnostics=[_error(f"reading {request.type_name}: {exc}")])
         return pb.ReadDataSource.Response(state=pb.DynamicValue(msgpack=cty.encode(state)))
 
     def GetFunctions(self, request, context):
