@@ -432,10 +432,8 @@ def preflight_inputs(options: DeployOptions, build_image: bool) -> PreflightInpu
     return PreflightInputs(
         region=options.region or values["region"] or _default_region(),
         function_name=str(values["name"]),
-        reserved_concurrency=None
-        if values["reserved_concurrency"] is None
-        else int(values["reserved_concurrency"]),
-        memory_size=None if values["memory_size"] is None else int(values["memory_size"]),
+        reserved_concurrency=_whole("reserved_concurrency", values["reserved_concurrency"]),
+        memory_size=_whole("memory_size", values["memory_size"]),
         build_image=build_image,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,39 @@ def test_apply_runs_the_preflight_before_terraform(monkeypatch: pytest.MonkeyPat
 
     assert code == 1
     assert order == ["preflight build_image=True docker=podman"]
+
+
+def test_a_var_file_that_does_not_parse_is_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.tfvars"
+    broken.write_text('memory_size = = "a"\n')
+
+    code = cli_main(["deploy", "preflight", "--infra-dir", str(INFRA), "--var-file", str(broken)])
+
+    err = capfd.readouterr().err.splitlines()
+    assert code == 1
+    assert len(err) == 1
+    assert err[0].startswith(f"sd-lambda deploy: error: cannot parse {broken}: ")
+
+
+def test_a_non_number_reservation_is_one_line(capfd: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["deploy", "preflight", "--infra-dir", str(INFRA), "--var", "reserved_concurrency=two"])
+
+    assert code == 1
+    assert capfd.readouterr().err == (
+        "sd-lambda deploy: error: reserved_concurrency must be a whole number or null, got 'two'\n"
+    )
+
+
+def test_the_deploy_commands_never_import_torch() -> None:
+    script = (
+        "import sys\n"
+        "import argparse\n"
+        "import sd_lambda.deploy, sd_lambda.preflight, sd_lambda.tfvars, sd_lambda.plan_guard\n"
+        "sd_lambda.deploy.register(argparse.ArgumentParser().add_subparsers())\n"
+        "print('torch' in sys.modules)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+
+    assert completed.stdout.strip() == "False"
