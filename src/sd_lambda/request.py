@@ -149,6 +149,20 @@ class GenerationRequest(BaseModel):
         EngineChoice("`SD_DEFAULT_DECODER`"),
     ] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        # JSON clients write null for "not set": every optional field then takes its declared default,
+        # including those whose type has no None (output_format, quality). A required field stays
+        # null, so it is refused as the wrong type.
+        if not isinstance(data, dict):
+            return data
+        return {
+            name: value
+            for name, value in data.items()
+            if value is not None or name not in cls.model_fields or cls.model_fields[name].is_required()
+        }
+
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
