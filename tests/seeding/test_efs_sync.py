@@ -226,7 +226,7 @@ def test_pickle_weights_refused(seeder: SeederProgram, bucket: Bucket, tmp_path:
 
 def test_unmounted_efs_is_refused(seeder: SeederProgram, bucket: Bucket, tmp_path: Path) -> None:
     bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
-    outcome = seeder.run("sync", NAME, "r1", "--require-mount", "--mount-wait", "0.2")
+    outcome = seeder.run("sync", NAME, "r1", "--require-mount", "--mount-wait", "0.2", "--mount-unit", "none")
     assert outcome.returncode == 1
     assert "is not a mounted file system after waiting 0.2s" in outcome.stderr
     assert list(seeder.mount.iterdir()) == []

@@ -143,6 +143,10 @@ resource "aws_instance" "this" {
     mount_path      = var.mount_path
   })
   user_data_replace_on_change = true
+  # The user data ends the first boot with `shutdown`: that must stop the instance, never terminate it.
+  # "stop" is EC2's default for EBS-backed instances, pinned here so it cannot drift
+  # (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/Using_ChangingInstanceInitiatedShutdownBehavior.html).
+  instance_initiated_shutdown_behavior = "stop"
 
   metadata_options {
     http_endpoint               = "enabled"

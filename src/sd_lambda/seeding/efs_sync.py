@@ -50,6 +50,9 @@ from sd_lambda.layout import (
 )
 
 RESULT_PREFIX = "RESULT "
+# Installed by the seeder's user data (infra/modules/seeder/user_data.sh.tftpl): installs
+# amazon-efs-utils and mounts the access point, on every boot and whenever a run starts it.
+MOUNT_UNIT = "sd-lambda-efs-mount.service"
 DEFAULT_AWS_CLI = "aws"
 # Downloads land here first and take the file's name only once verified.
 PART_SUFFIX = ".part"
@@ -166,16 +169,53 @@ def _check_manifest(manifest: Manifest) -> None:
         raise SyncError(f"the manifest lists no {MODEL_INDEX}: not a diffusers pipeline")
 
 
+def _mounted(args: argparse.Namespace) -> bool:
+    return os.path.isdir(args.mount) and (not args.require_mount or os.path.ismount(args.mount))
+
+
+def _start_mount_unit(unit: str) -> None:
+    """Run the seeder's boot setup (install amazon-efs-utils, mount EFS) now, if it has not succeeded.
+
+    ``systemctl start`` of a oneshot unit returns once the unit has finished: at once when it already
+    succeeded at boot, after it if it is still running (a first boot), and it runs it again when it
+    failed. The unit bounds its own time (TimeoutStartSec), so this call needs no timeout of its own.
+    """
+    try:
+        done = subprocess.run(["systemctl", "start", unit], stdin=subprocess.DEVNULL, capture_output=True)
+    except OSError as exc:
+        raise SyncError(f"cannot run systemctl to start {unit} ({exc.strerror or exc})") from None
+    if done.returncode != 0:
+        raise SyncError(f"EFS setup on the seeder failed: {_unit_failure(unit, done.stderr)}")
+
+
+def _unit_failure(unit: str, systemctl_stderr: bytes) -> str:
+    """The unit's own last ``error:`` line (it says what failed: the package install or the mount)."""
+    try:
+        journal = subprocess.run(
+            ["journalctl", "--unit", unit, "--boot", "--output", "cat", "--no-pager", "--lines", "50"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        ).stdout.decode(errors="replace")
+    except OSError:
+        journal = ""
+    errors = [line[len("error:") :].strip() for line in journal.splitlines() if line.startswith("error:")]
+    found = errors[-1] if errors else " ".join(systemctl_stderr.decode(errors="replace").split())
+    return f"{found or unit + ' failed'} (details: journalctl -u {unit} on the seeder)"
+
+
 def _wait_for_mount(args: argparse.Namespace) -> None:
-    """Never fill the instance's root volume because EFS is not (yet) mounted: on a first boot the
-    SSM agent can be Online before user data has mounted it."""
+    """Never fill the instance's root volume because EFS is not mounted. With ``--mount-unit`` the
+    boot setup unit is (re)started first, so a setup that failed at boot is retried by every run."""
+    if args.require_mount and args.mount_unit != "none" and not _mounted(args):
+        log(f"{args.mount} is not mounted: starting {args.mount_unit}")
+        _start_mount_unit(args.mount_unit)
     deadline = time.monotonic() + args.mount_wait
-    while not (os.path.isdir(args.mount) and (not args.require_mount or os.path.ismount(args.mount))):
+    while not _mounted(args):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise SyncError(
                 f"{args.mount} is not a mounted file system after waiting {args.mount_wait:g}s "
-                "(is EFS mounted? see /var/log/cloud-init-output.log on the seeder)"
+                f"(is EFS mounted? journalctl -u {args.mount_unit} on the seeder)"
             )
         time.sleep(min(5.0, remaining))
 
@@ -264,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for .lock")
         sub.add_argument("--require-mount", action="store_true", help="fail unless --mount is a mount point")
         sub.add_argument("--mount-wait", type=float, default=0.0, help="seconds to wait for the mount")
+        sub.add_argument(
+            "--mount-unit",
+            default=MOUNT_UNIT,
+            help="with --require-mount: systemd unit started when --mount is not mounted, or 'none'",
+        )
     sync_parser = commands.choices["sync"]
     sync_parser.add_argument("--bucket", required=True)
     sync_parser.add_argument("--s3-prefix", required=True, help="key prefix of this revision's objects")
