@@ -66,7 +66,9 @@ _WEIGHTS_NAMES = tuple(
         (r"(?P<stem>[^.]+)\.safetensors\.(?P<variant>[^.]+)\.index\.json", True, True),
     )
 )
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Matched with fullmatch: "$" would also accept a name that ends in a newline ("v2\n").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class LayoutError(Exception):
@@ -89,7 +91,7 @@ def model_slug(hub_id: str) -> str:
 
 
 def check_name(value: str, what: str) -> str:
-    if not _NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
         raise LayoutError(
             f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-' (at most 128, no '..')"
         )
@@ -98,6 +100,9 @@ def check_name(value: str, what: str) -> str:
 
 def check_relative_path(path: str) -> PurePosixPath:
     """A manifest path must stay inside its folder: no absolute paths, no '..', no empty parts."""
+    if not isinstance(path, str) or any(ord(char) < 32 or char == "\x7f" for char in path):
+        # A NUL would otherwise surface as a ValueError from the first os call that gets the path.
+        raise LayoutError(f"unsafe path in manifest: {path!r} (control character)")
     pure = PurePosixPath(path)
     if not path or pure.is_absolute() or "\\" in path or any(part in ("", ".", "..") for part in pure.parts):
         raise LayoutError(f"unsafe path in manifest: {path!r}")
@@ -358,17 +363,16 @@ class Manifest:
         return cls(files=tuple(entries), source=source)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse and check the whole schema, so a bad manifest is refused before anything is fetched."""
         try:
+            # Bytes as read from S3 or disk: a manifest that is not UTF-8 is a UnicodeDecodeError here.
             data = json.loads(text)
-            entries = tuple(
-                ManifestEntry(str(e["path"]), int(e["size"]), str(e["sha256"])) for e in data["files"]
-            )
+            entries = tuple(_manifest_entry(e) for e in data["files"])
             manifest = cls(files=entries, source=str(data["source"]), created_at=str(data["created_at"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise LayoutError(f"malformed manifest: {exc}") from exc
-        for entry in manifest.files:
-            check_relative_path(entry.path)
+        _check_paths_fit_together([entry.path for entry in manifest.files])
         return manifest
 
     def to_json(self) -> str:
@@ -402,6 +406,53 @@ class Manifest:
             found.append(f"{MODEL_INDEX}: missing (not a diffusers pipeline)")
         found.extend(f"{p}: pickle weights are refused" for p in find_pickle_weights(folder))
         return found
+
+
+def _manifest_entry(raw: dict[str, object]) -> ManifestEntry:
+    path, size, sha256 = raw["path"], raw["size"], raw["sha256"]
+    if not isinstance(path, str):
+        raise ValueError(f"path {path!r} is not a string")
+    check_relative_path(path)
+    # bool is an int to Python and 1.5 would truncate: only a real, non-negative int is a size.
+    if type(size) is not int or size < 0:
+        raise ValueError(f"{path}: size {size!r} is not a whole number of bytes")
+    if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
+        raise ValueError(f"{path}: sha256 {sha256!r} is not 64 lowercase hex digits")
+    return ManifestEntry(path, size, sha256)
+
+
+def _check_paths_fit_together(paths: list[str]) -> None:
+    """Each path once, none of them also a folder of another, and never the manifest itself."""
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen:
+            raise LayoutError(f"malformed manifest: {path!r} is listed twice")
+        seen.add(path)
+    folders = {parent.as_posix() for path in paths for parent in PurePosixPath(path).parents}
+    clash = sorted(seen & (folders | {MANIFEST}))
+    if clash:
+        raise LayoutError(
+            f"malformed manifest: {clash[0]!r} is listed as a file and is a folder or the manifest"
+        )
+
+
+def write_file_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name, then rename it over ``target``.
+
+    Never opens ``target`` itself for writing: a reader never sees a half-written file, and a target that
+    is a hard link (``cp -al`` of a live release) keeps its bytes, because it gets a new inode.
+    """
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def safe_join(root: Path, relative: str) -> Path:
@@ -450,7 +501,7 @@ def verify_release(folder: Path, manifest_sha256: str | None = None) -> Manifest
             f"{manifest_path} is not the expected manifest (sha256 {manifest_sha256[:12]}...): "
             "the revision name is taken by different content; seed under a new revision"
         )
-    manifest = Manifest.from_json(manifest_path.read_text())
+    manifest = Manifest.from_json(manifest_path.read_bytes())
     problems = manifest.problems(folder)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -594,10 +645,10 @@ def install_release(
         manifest = Manifest.build(staging, source=source or str(source_dir))
         release = paths.release(revision)
         if release.is_dir():
-            existing = Manifest.from_json((release / MANIFEST).read_text())
+            existing = Manifest.from_json((release / MANIFEST).read_bytes())
             shutil.rmtree(staging)
             if existing.files != manifest.files:
                 raise LayoutError(f"release {revision!r} already exists with different content")
         else:
-            (staging / MANIFEST).write_text(manifest.to_json())
+            write_file_atomically(staging / MANIFEST, manifest.to_json().encode())
         return publish_release(paths, revision, lock, keep=keep, owner=owner)

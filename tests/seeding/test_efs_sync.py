@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from sd_lambda.layout import Manifest, ModelPaths, verify_release
 
@@ -229,4 +232,143 @@ def test_unmounted_efs_is_refused(seeder: SeederProgram, bucket: Bucket, tmp_pat
     outcome = seeder.run("sync", NAME, "r1", "--require-mount", "--mount-wait", "0.2", "--mount-unit", "none")
     assert outcome.returncode == 1
     assert "is not a mounted file system after waiting 0.2s" in outcome.stderr
+    assert list(seeder.mount.iterdir()) == []
+
+
+# --- the program's edge cases (#21 item 12) and the sha256 promise (#21 item 20b) ----------------------
+
+
+def _same_size_other_bytes(data: bytes) -> bytes:
+    return bytes(byte ^ 0xFF for byte in data[:16]) + data[16:]
+
+
+def test_an_object_corrupted_at_the_same_size_is_refused(
+    seeder: SeederProgram, bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    assert seeder.run("sync", NAME, "r1").returncode == 0
+    v2 = make_model(tmp_path / "v2", "v2")
+    bucket.put_folder(v2, NAME, "r2")
+    good = (v2 / "unet" / "part1.safetensors").read_bytes()
+    bucket.put(f"models/{NAME}/r2/unet/part1.safetensors", _same_size_other_bytes(good))
+
+    outcome = seeder.run("sync", NAME, "r2")
+
+    assert outcome.returncode == 1
+    (error,) = [line for line in outcome.stderr.splitlines() if line.startswith("error:")]
+    assert "manifest mismatch: " in error
+    assert "/r2/unet/part1.safetensors has sha256 " in error
+    paths = _paths(seeder)
+    assert paths.current_revision() == "r1"
+    # Refused as it arrived: the bad bytes never took the file's name in staging.
+    assert not (paths.staging("r2") / "unet" / "part1.safetensors").exists()
+    assert not (paths.staging("r2") / "unet" / "part1.safetensors.part").exists()
+
+
+def test_a_staged_file_corrupted_at_the_same_size_is_fetched_again(
+    seeder: SeederProgram, bucket: Bucket, tmp_path: Path
+) -> None:
+    v1 = make_model(tmp_path / "v1", "v1")
+    bucket.put_folder(v1, NAME, "r1")
+    good = (v1 / "unet" / "part0.safetensors").read_bytes()
+    staged = _paths(seeder).staging("r1") / "unet" / "part0.safetensors"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(_same_size_other_bytes(good))  # an earlier run's file, rotted since
+
+    outcome = seeder.run("sync", NAME, "r1")
+
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.result["downloaded_bytes"] == Manifest.build(v1, source="t").total_bytes
+    assert (_paths(seeder).resolve_current() / "unet" / "part0.safetensors").read_bytes() == good
+
+
+def test_a_staging_folder_hard_linked_to_the_live_release_never_writes_into_it(
+    seeder: SeederProgram, bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    assert seeder.run("sync", NAME, "r1").returncode == 0
+    paths = _paths(seeder)
+    live = paths.release("r1")
+    before = {p.relative_to(live).as_posix(): p.read_bytes() for p in live.rglob("*") if p.is_file()}
+    # `cp -al releases/r1 .staging-r2`: a well-meant head start that shares every inode with r1.
+    subprocess.run(["cp", "-al", str(live), str(paths.staging("r2"))], check=True)
+    bucket.put_folder(make_model(tmp_path / "v2", "v2"), NAME, "r2")  # same model_index.json as r1
+
+    outcome = seeder.run("sync", NAME, "r2")
+
+    assert outcome.returncode == 0, outcome.stderr
+    assert {p.relative_to(live).as_posix(): p.read_bytes() for p in live.rglob("*") if p.is_file()} == before
+    verify_release(live)
+    assert paths.current_revision() == "r2"
+    shared = [p for p in paths.release("r2").rglob("*") if p.is_file() and p.stat().st_nlink != 1]
+    assert shared == []  # nothing of r2 is also r1's, so fixing r2's modes never touches r1
+
+
+def test_a_folder_left_where_the_manifest_now_has_a_file_is_cleaned(
+    seeder: SeederProgram, bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    leftover = _paths(seeder).staging("r1") / "unet" / "part0.safetensors"
+    (leftover / "old").mkdir(parents=True)  # an earlier attempt's upload had a folder by that name
+    (leftover / "old" / "x.safetensors").write_bytes(b"x")
+    (_paths(seeder).staging("r1") / "text_encoder").mkdir()  # and a folder this manifest has no use for
+
+    outcome = seeder.run("sync", NAME, "r1")
+
+    assert outcome.returncode == 0, outcome.stderr
+    release = _paths(seeder).resolve_current()
+    verify_release(release)
+    assert (release / "unet" / "part0.safetensors").is_file()
+    assert not (release / "text_encoder").exists()
+
+
+BAD_ENTRIES = {
+    "nul": ({"path": "unet/a\x00b.safetensors", "size": 1, "sha256": "0" * 64}, "unsafe path in manifest"),
+    "sha": ({"path": "unet/x.safetensors", "size": 1, "sha256": "ABC"}, "is not 64 lowercase hex digits"),
+    "size": (
+        {"path": "unet/x.safetensors", "size": -5, "sha256": "0" * 64},
+        "is not a whole number of bytes",
+    ),
+}
+
+
+def _with_bad_entry(folder: Path, entry: dict[str, object]) -> bytes:
+    """The folder's manifest with one bad entry last: every file before it is a valid download."""
+    manifest = json.loads(Manifest.build(folder, source="t").to_json())
+    manifest["files"].append(entry)
+    return json.dumps(manifest).encode()
+
+
+@pytest.mark.parametrize("case", [*BAD_ENTRIES, "not-utf8"])
+def test_a_bad_manifest_is_one_line_before_any_download(
+    seeder: SeederProgram, bucket: Bucket, tmp_path: Path, case: str
+) -> None:
+    folder = make_model(tmp_path / "v1", "v1")
+    bucket.put_folder(folder, NAME, "r1")
+    if case == "not-utf8":
+        manifest, message = (
+            b'{"files": [], "source": "\xff"}',
+            "malformed manifest: 'utf-8' codec can't decode",
+        )
+    else:
+        entry, message = BAD_ENTRIES[case]
+        manifest = _with_bad_entry(folder, entry)
+    bucket.put(f"models/{NAME}/r1/manifest.json", manifest)
+
+    outcome = seeder.run("sync", NAME, "r1")
+
+    assert outcome.returncode == 1
+    errors = [line for line in outcome.stderr.splitlines() if line.startswith("error:")]
+    (error,) = errors
+    assert message in error, outcome.stderr
+    assert "Traceback" not in outcome.stderr
+    assert not _paths(seeder).staging("r1").exists()  # refused before a byte was downloaded
+
+
+@pytest.mark.parametrize("revision", ["v2\n", "v2\r", "../v2"])
+def test_a_revision_name_ending_in_a_newline_is_refused(seeder: SeederProgram, revision: str) -> None:
+    outcome = seeder.run("sync", NAME, revision)
+
+    assert outcome.returncode == 1
+    assert "error: invalid revision" in outcome.stderr
     assert list(seeder.mount.iterdir()) == []

@@ -24,11 +24,13 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sd_lambda.layout import (
@@ -47,6 +49,7 @@ from sd_lambda.layout import (
     publish_release,
     safe_join,
     sha256_file,
+    write_file_atomically,
 )
 
 RESULT_PREFIX = "RESULT "
@@ -140,25 +143,36 @@ def fetch(cli: AwsCli, key: str, target: Path, entry: ManifestEntry) -> None:
 
 
 def _matches(path: Path, entry: ManifestEntry) -> bool:
-    return (
-        path.is_file()
-        and not path.is_symlink()
-        and path.stat().st_size == entry.size
-        and sha256_file(path) == entry.sha256
-    )
+    """A staged file that can be kept (``_tidy_staging`` has already dropped hard-linked ones)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == entry.size and sha256_file(path) == entry.sha256
 
 
 def _tidy_staging(staging: Path, manifest: Manifest) -> None:
-    """Refuse symlinks; drop every file the manifest does not list (partial downloads of a killed run)."""
-    keep = {MANIFEST} | {e.path for e in manifest.files}
-    for directory, dirs, files in os.walk(staging):
-        for name in dirs + files:
+    """Make an earlier attempt's staging folder safe to continue: refuse symlinks; drop every file the
+    manifest does not list (partial downloads of a killed run), every folder no listed file lives in (a
+    folder where the manifest now has a file would otherwise fail each run with EISDIR), and every file
+    with another hard link (``cp -al`` of a live release: its bytes belong to that release too)."""
+    files = {entry.path for entry in manifest.files}
+    folders = {parent.as_posix() for path in files for parent in PurePosixPath(path).parents}
+    for directory, subdirectories, names in os.walk(staging):
+        for name in list(subdirectories) + names:
             path = Path(directory) / name
-            if path.is_symlink():
-                raise SyncError(f"refusing symlink in staging: {path}")
             relative = path.relative_to(staging).as_posix()
-            if name in files and relative not in keep:
-                path.unlink()
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                raise SyncError(f"refusing symlink in staging: {path}")
+            if stat.S_ISDIR(info.st_mode):
+                if relative not in folders:
+                    shutil.rmtree(path)
+                    subdirectories.remove(name)
+            elif relative not in files or not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                if info.st_nlink != 1 and stat.S_ISREG(info.st_mode):
+                    log(f"  {relative}: has {info.st_nlink} hard links, dropped from staging (never written)")
+                path.unlink()  # removes this name only: another link's bytes stay as they are
 
 
 def _check_manifest(manifest: Manifest) -> None:
@@ -235,14 +249,14 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
                     f"manifest mismatch: s3://{args.bucket}/{prefix}{MANIFEST} is not the manifest "
                     "that was uploaded (replaced meanwhile?)"
                 )
-            manifest = Manifest.from_json(raw.decode())
+            manifest = Manifest.from_json(raw)
             _check_manifest(manifest)
             staging = paths.staging(revision)
             if staging.is_symlink():
                 raise SyncError(f"refusing symlink: {staging}")
             staging.mkdir(mode=0o755, exist_ok=True)
             _tidy_staging(staging, manifest)
-            safe_join(staging, MANIFEST).write_bytes(raw)
+            write_file_atomically(safe_join(staging, MANIFEST), raw)
             log(f"syncing {len(manifest.files)} files ({manifest.total_bytes} bytes) into {staging}")
             for entry in manifest.files:
                 target = safe_join(staging, entry.path)
