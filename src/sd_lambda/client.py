@@ -31,7 +31,7 @@ RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 900.0  # Lambda's maximum run time: a response cannot take longer
 SERVICE = "lambda"
-FUNCTION_URL_HOST = re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z]{2}(?:-[a-z]+)+-\d+)\.on\.aws$")
+FUNCTION_URL_HOST = re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z]{2}(?:-[a-z]+)+-\d+)\.on\.aws\Z")
 FORBIDDEN_HINT = (
     "the caller needs both lambda:InvokeFunctionUrl and lambda:InvokeFunction on the function "
     "(and the function's resource policy must allow them); also check --region and the clock"

@@ -56,7 +56,7 @@ _MEMORY_REFUSAL = re.compile(
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _PINNED_IMAGE = re.compile(
     r"^(?P<registry>[0-9]{12}\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?)"
-    r"/(?P<repository>[a-z0-9][a-z0-9._/-]*)@(?P<digest>sha256:[0-9a-f]{64})$"
+    r"/(?P<repository>[a-z0-9][a-z0-9._/-]*)@(?P<digest>sha256:[0-9a-f]{64})\Z"
 )
 
 

@@ -24,7 +24,7 @@ from sd_lambda.container.manifest import lambda_manifest_problem
 
 REPOSITORY_URL = re.compile(
     r"^(?P<registry>(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?)"
-    r"/(?P<name>[a-z0-9][a-z0-9._/-]*)$"
+    r"/(?P<name>[a-z0-9][a-z0-9._/-]*)\Z"
 )
 
 

@@ -33,7 +33,7 @@ from sd_lambda.local.httpio import BodyError, LocalHandler, LocalServer
 PREFIX = "/2018-06-01/runtime"
 # Lambda's limit for a synchronous response, as its Runtime API enforces it.
 MAX_RESPONSE_BYTES = 6_291_556
-_INVOCATION = re.compile(rf"^{PREFIX}/invocation/(?P<id>[^/]+)/(?P<kind>response|error)$")
+_INVOCATION = re.compile(rf"^{PREFIX}/invocation/(?P<id>[^/]+)/(?P<kind>response|error)\Z")
 
 log = logging.getLogger(__name__)
 _ALIVE = object()  # the exit status of an environment whose process has not exited
