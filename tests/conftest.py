@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ from sd_lambda.testing.models import build_test_model
 
 TEST_MODEL_NAME = "test--tiny-sd"
 TEST_REVISION = "r1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ambient_aws_region() -> Iterator[None]:
+    """Offline plans read AWS_REGION/AWS_DEFAULT_REGION as the aws provider does; a developer's own
+    must not change what the tests see. Tests that need one set it themselves."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("AWS_REGION", raising=False)
+        patch.delenv("AWS_DEFAULT_REGION", raising=False)
+        yield
 
 
 @pytest.fixture(scope="session")
