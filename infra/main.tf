@@ -59,11 +59,16 @@ resource "aws_kms_key" "this" {
       {
         # Alarms publishing to an SNS topic encrypted with this key (the AWS managed aws/sns key cannot
         # grant CloudWatch this, so such a topic would never receive the alarms).
+        # aws:SourceAccount: only alarms of this account (confused-deputy guard), which CloudWatch supplies
+        # for this grant. https://docs.aws.amazon.com/sns/latest/dg/sns-key-management.html#compatibility-with-aws-services
         Sid       = "CloudWatchAlarmsToEncryptedTopics"
         Effect    = "Allow"
         Principal = { Service = "cloudwatch.amazonaws.com" }
         Action    = ["kms:Decrypt", "kms:GenerateDataKey*"]
         Resource  = "*"
+        Condition = {
+          StringEquals = { "aws:SourceAccount" = data.aws_caller_identity.current.account_id }
+        }
       },
       {
         Sid       = "CloudWatchLogsForThisAccount"
@@ -105,9 +110,12 @@ module "network" {
   create_vpc              = var.vpc_id == null
   vpc_cidr                = var.vpc_cidr
   az_count                = var.az_count
+  availability_zones      = var.availability_zones
   vpc_id                  = var.vpc_id
   private_subnet_ids      = var.private_subnet_ids
   private_route_table_ids = var.private_route_table_ids
+  create_s3_endpoint      = var.create_s3_endpoint
+  s3_endpoint_policy      = var.s3_endpoint_policy
 
   create_ssm_endpoints      = var.create_ssm_endpoints
   seeder_https_egress_cidrs = var.seeder_https_egress_cidrs
@@ -117,6 +125,9 @@ module "network" {
   enable_flow_logs        = var.enable_flow_logs
   flow_log_retention_days = var.log_retention_days
   kms_key_arn             = local.kms_key_arn
+
+  role_path                     = var.iam_role_path
+  role_permissions_boundary_arn = var.iam_role_permissions_boundary_arn
 }
 
 module "weights_bucket" {
@@ -158,6 +169,10 @@ module "seeder" {
   instance_type      = var.seeder_instance_type
   architecture       = var.seeder_architecture
   key_name           = var.seeder_key_name
+  root_volume_size   = var.seeder_root_volume_size
+
+  role_path                     = var.iam_role_path
+  role_permissions_boundary_arn = var.iam_role_permissions_boundary_arn
 
   file_system_id   = module.efs.file_system_id
   file_system_arn  = module.efs.file_system_arn
@@ -195,8 +210,14 @@ module "lambda" {
   file_system_arn    = module.efs.file_system_arn
   access_point_arn   = module.efs.access_point_arn
 
-  kms_key_arn         = local.kms_key_arn
-  log_retention_days  = var.log_retention_days
-  create_alarms       = var.create_alarms
-  alarm_sns_topic_arn = var.alarm_sns_topic_arn
+  kms_key_arn           = local.kms_key_arn
+  log_retention_days    = var.log_retention_days
+  application_log_level = var.application_log_level
+  tracing_mode          = var.tracing_mode
+  create_alarms         = var.create_alarms
+  alarm_sns_topic_arn   = var.alarm_sns_topic_arn
+
+  invoker_principals            = var.invoker_principals
+  role_path                     = var.iam_role_path
+  role_permissions_boundary_arn = var.iam_role_permissions_boundary_arn
 }

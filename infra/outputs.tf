@@ -1,5 +1,9 @@
 # The names of these outputs are a contract: the seeding driver, `make invoke` and the deploy driver
-# read them with `terraform output -json` (sd_lambda.stack_outputs).
+# read them with `terraform output -json` (sd_lambda.stack_outputs). Named <thing>_<attr>.
+
+################################################################################
+# Function
+################################################################################
 
 output "function_url" {
   description = "IAM-authenticated function URL; requests must be SigV4-signed for service lambda (null until image_uri is set)."
@@ -11,54 +15,29 @@ output "function_name" {
   value       = module.lambda.function_name
 }
 
+output "function_arn" {
+  description = "ARN of the function (null until image_uri is set)."
+  value       = module.lambda.function_arn
+}
+
+output "function_role_arn" {
+  description = "ARN of the function's execution role."
+  value       = module.lambda.role_arn
+}
+
+output "function_log_group_name" {
+  description = "CloudWatch log group of the function."
+  value       = module.lambda.log_group_name
+}
+
 output "image_uri" {
   description = "Image the function runs, pinned by digest (null until image_uri is set); `make plan/apply` reuse it when no new image is given."
   value       = module.lambda.image_uri
 }
 
-output "ecr_repository_url" {
-  description = "ECR repository to push the function image to."
-  value       = module.lambda.repository_url
-}
-
-output "weights_bucket" {
-  description = "S3 bucket the seeder copies weights from."
-  value       = module.weights_bucket.bucket_name
-}
-
-output "weights_prefix" {
-  description = "Key prefix of the weights in the bucket (the seeder can read nothing else)."
-  value       = local.weights_prefix
-}
-
-output "seeder_instance_id" {
-  description = "Id of the seeder instance (null when create_seeder = false)."
-  value       = module.seeder.instance_id
-}
-
-output "seeder_mount_path" {
-  description = "Where the seeder mounts the EFS access point."
-  value       = module.seeder.mount_path
-}
-
-output "efs_id" {
-  description = "Id of the EFS file system holding the models."
-  value       = module.efs.file_system_id
-}
-
-output "access_point_arn" {
-  description = "ARN of the EFS access point (root /models, POSIX user 1000:1000)."
-  value       = module.efs.access_point_arn
-}
-
 output "invoker_policy_json" {
-  description = "Identity policy to attach to whoever calls the function URL."
+  description = "Identity policy to attach to whoever calls the function URL (see also invoker_principals)."
   value       = module.lambda.invoker_policy_json
-}
-
-output "region" {
-  description = "Region of the stack."
-  value       = data.aws_region.current.region
 }
 
 output "model_name" {
@@ -71,19 +50,114 @@ output "model_root" {
   value       = local.mount_path
 }
 
-output "function_role_arn" {
-  description = "ARN of the function's execution role."
-  value       = module.lambda.role_arn
+################################################################################
+# Image repository
+################################################################################
+
+output "ecr_repository_url" {
+  description = "ECR repository to push the function image to."
+  value       = module.lambda.repository_url
 }
 
-output "log_group_name" {
-  description = "CloudWatch log group of the function."
-  value       = module.lambda.log_group_name
+output "ecr_repository_arn" {
+  description = "ARN of the ECR repository."
+  value       = module.lambda.repository_arn
 }
+
+################################################################################
+# Weights and seeding
+################################################################################
+
+output "weights_bucket_name" {
+  description = "S3 bucket the seeder copies weights from."
+  value       = module.weights_bucket.bucket_name
+}
+
+output "weights_bucket_arn" {
+  description = "ARN of the weights bucket."
+  value       = module.weights_bucket.bucket_arn
+}
+
+output "weights_prefix" {
+  description = "Key prefix of the weights in the bucket (the seeder can read nothing else)."
+  value       = local.weights_prefix
+}
+
+output "seeder_instance_id" {
+  description = "Id of the seeder instance (null when create_seeder = false)."
+  value       = module.seeder.instance_id
+}
+
+output "seeder_role_arn" {
+  description = "ARN of the seeder's IAM role (null when create_seeder = false)."
+  value       = module.seeder.role_arn
+}
+
+output "seeder_mount_path" {
+  description = "Where the seeder mounts the EFS access point."
+  value       = module.seeder.mount_path
+}
+
+################################################################################
+# File system
+################################################################################
+
+output "efs_file_system_id" {
+  description = "Id of the EFS file system holding the models."
+  value       = module.efs.file_system_id
+}
+
+output "efs_file_system_arn" {
+  description = "ARN of the EFS file system."
+  value       = module.efs.file_system_arn
+}
+
+output "efs_access_point_id" {
+  description = "Id of the EFS access point (root /models, POSIX user 1000:1000)."
+  value       = module.efs.access_point_id
+}
+
+output "efs_access_point_arn" {
+  description = "ARN of the EFS access point (root /models, POSIX user 1000:1000)."
+  value       = module.efs.access_point_arn
+}
+
+################################################################################
+# Network
+################################################################################
 
 output "vpc_id" {
   description = "Id of the VPC (new or existing)."
   value       = module.network.vpc_id
+}
+
+output "private_subnet_ids" {
+  description = "Private subnets of the function, the EFS mount targets and (the first) the seeder."
+  value       = module.network.private_subnet_ids
+}
+
+output "function_security_group_id" {
+  description = "Security group of the function's network interfaces."
+  value       = module.network.lambda_security_group_id
+}
+
+output "efs_security_group_id" {
+  description = "Security group of the EFS mount targets."
+  value       = module.network.efs_security_group_id
+}
+
+output "seeder_security_group_id" {
+  description = "Security group of the seeder instance."
+  value       = module.network.seeder_security_group_id
+}
+
+################################################################################
+# General
+################################################################################
+
+output "region" {
+  description = "Region of the stack."
+  value       = data.aws_region.current.region
 }
 
 output "kms_key_arn" {

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Generate the README's Terraform inputs/outputs tables from the variables and outputs of infra/.
+"""Generate the Terraform inputs/outputs tables from the variables and outputs of infra/.
 
-    python scripts/gen_tf_docs.py            # rewrite the block between the markers in README.md
-    python scripts/gen_tf_docs.py --check    # exit 1 if README.md is not up to date (used by the tests)
+    python scripts/gen_tf_docs.py            # rewrite the block between the markers in each README
+    python scripts/gen_tf_docs.py --check    # exit 1 if a README is not up to date (used by the tests)
 
-The tables are rendered from every ``variable`` and ``output`` block in the root stack and each module
-under infra/modules/, in the order they are declared.
+The top-level README.md gets the tables of the root stack and every module under infra/modules/; each
+module's own README.md (terraform-aws-modules style) gets its module's table. Tables list every
+``variable`` and ``output`` block in the order they are declared.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def _cell(text: Any) -> str:
     return flat.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def module_tables(directory: Path, title: str) -> str:
-    lines = [f"#### {title}", "", "| Input | Type | Default | Description |", "|---|---|---|---|"]
+def module_tables(directory: Path, title: str, heading: str = "####") -> str:
+    lines = [f"{heading} {title}", "", "| Input | Type | Default | Description |", "|---|---|---|---|"]
     for name, body in _blocks(directory, "variable"):
         description = _cell(body.get("description", ""))
         lines.append(
@@ -77,6 +78,11 @@ def render(infra: Path) -> str:
     return "\n\n".join([BEGIN, *sections, END])
 
 
+def render_module(module: Path) -> str:
+    """The block of a module's own README."""
+    return "\n".join([BEGIN, module_tables(module, "Inputs and outputs", heading="##"), END])
+
+
 def replace_block(readme_text: str, block: str) -> str:
     start, end = readme_text.find(BEGIN), readme_text.find(END)
     if start < 0 or end < start:
@@ -91,26 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infra", type=Path, default=ROOT / "infra")
     args = parser.parse_args(argv)
 
-    current = args.readme.read_text()
-    try:
-        updated = replace_block(current, render(args.infra))
-    except ValueError as exc:
-        print(f"gen_tf_docs: {args.readme}: {exc}", file=sys.stderr)
+    documents = [(args.readme, render(args.infra))]
+    documents += [
+        (module / "README.md", render_module(module))
+        for module in sorted(path for path in (args.infra / "modules").iterdir() if path.is_dir())
+    ]
+    stale = []
+    for readme, block in documents:
+        try:
+            current = readme.read_text()
+            updated = replace_block(current, block)
+        except (OSError, ValueError) as exc:
+            print(f"gen_tf_docs: {readme}: {exc}", file=sys.stderr)
+            return 1
+        if updated == current:
+            continue
+        if args.check:
+            stale.append(readme)
+        else:
+            readme.write_text(updated)
+            print(f"gen_tf_docs: updated {readme}")
+    if stale:
+        for readme in stale:
+            print(f"gen_tf_docs: {readme} Terraform tables are out of date: run `make docs-tf`", file=sys.stderr)
         return 1
     if args.check:
-        if updated != current:
-            print(
-                f"gen_tf_docs: {args.readme} Terraform tables are out of date: run `make docs-tf`",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"gen_tf_docs: {args.readme} Terraform tables are up to date")
-        return 0
-    if updated != current:
-        args.readme.write_text(updated)
-        print(f"gen_tf_docs: updated {args.readme}")
+        print("gen_tf_docs: Terraform tables are up to date")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ and README tables in sync with the code (scripts/gen_tf_docs.py --check)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,81 @@ def test_each_module_validates_on_its_own(module: Path) -> None:
 
     assert result.valid, [d.format(result.directory) for d in result.errors]
     assert [d.format(result.directory) for d in result.diagnostics] == []  # no warnings either
+
+
+ROOT_OWNED_VALIDATIONS = {"name", "region", "tags", "kms_key_arn"}
+OUTPUT_NAME = re.compile(r"[a-z0-9]+(_[a-z0-9]+)+")
+
+
+def test_reserved_concurrency_defaults_to_no_reservation() -> None:
+    """Item 3: a new account cannot reserve concurrency (AWS keeps 100 unreserved), so null is the default.
+    The deploy preflight reads this default from infra/variables.tf."""
+    variable = named(parse(INFRA)["variable"])["reserved_concurrency"]
+    assert variable["type"] == "number"
+    assert variable["default"] is None
+    assert "cost cap" in variable["description"]
+
+
+def test_root_validates_only_what_it_owns_and_passes_the_rest_through() -> None:
+    """Item 16: a value is validated once, in the module that uses it; duplicates at the root drifted."""
+    variables = named(parse(INFRA)["variable"])
+    validated_at_root = {name for name, body in variables.items() if body.get("validation")}
+    assert validated_at_root == ROOT_OWNED_VALIDATIONS
+    passed_through = set()
+    for call in named(parse(INFRA)["module"]).values():
+        module_variables = named(parse(INFRA / call["source"])["variable"])
+        for argument, expression in call.items():
+            match = re.fullmatch(r"\$\{var\.([a-z0-9_]+)\}", str(expression))
+            if not match:
+                continue
+            passed_through.add(match.group(1))
+            if match.group(1) in validated_at_root and argument != "name":
+                assert not module_variables[argument].get("validation"), f"{argument} validated twice"
+    assert {"memory_size", "ssh_ingress_cidrs", "vpc_cidr", "reserved_concurrency"} <= passed_through
+
+
+@pytest.mark.parametrize("module", [INFRA, *MODULES], ids=lambda p: p.name)
+def test_variables_with_a_default_are_not_nullable_unless_null_means_something(module: Path) -> None:
+    """Item 16: a null for a value that means nothing as null becomes the default, not a later error."""
+    for name, body in named(parse(module)["variable"]).items():
+        if "default" in body and body["default"] is not None:
+            assert body.get("nullable") is False, f"{module.name}: variable {name} should be nullable = false"
+
+
+@pytest.mark.parametrize("module", [INFRA, *MODULES, *EXAMPLES], ids=lambda p: p.name)
+def test_outputs_are_named_thing_attr(module: Path) -> None:
+    names = set(named(parse(module).get("output", [])))
+    assert {name for name in names if not OUTPUT_NAME.fullmatch(name)} <= {"region"}
+
+
+def test_root_outputs_cover_what_a_consumer_needs() -> None:
+    outputs = set(named(parse(INFRA)["output"]))
+    assert {
+        "function_arn",
+        "function_name",
+        "function_url",
+        "function_role_arn",
+        "seeder_role_arn",
+        "seeder_instance_id",
+        "weights_bucket_arn",
+        "weights_bucket_name",
+        "efs_file_system_id",
+        "efs_file_system_arn",
+        "efs_access_point_id",
+        "efs_access_point_arn",
+        "function_security_group_id",
+        "efs_security_group_id",
+        "seeder_security_group_id",
+        "private_subnet_ids",
+    } <= outputs
+
+
+def test_root_exposes_tracing_log_level_retention_seeder_volume_and_zones() -> None:
+    variables = named(parse(INFRA)["variable"])
+    assert {
+        "tracing_mode",
+        "application_log_level",
+        "log_retention_days",
+        "seeder_root_volume_size",
+        "availability_zones",
+    } <= set(variables)

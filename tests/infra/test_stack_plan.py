@@ -6,6 +6,7 @@ provider 6.47.0 schema; the assertions read what Terraform would send to AWS.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,12 +32,12 @@ CONTRACT_OUTPUTS = {
     "function_url",
     "function_name",
     "ecr_repository_url",
-    "weights_bucket",
+    "weights_bucket_name",
     "weights_prefix",
     "seeder_instance_id",
     "seeder_mount_path",
-    "efs_id",
-    "access_point_arn",
+    "efs_file_system_id",
+    "efs_access_point_arn",
     "invoker_policy_json",
     "region",
     "model_name",
@@ -97,6 +98,9 @@ def lean_plan() -> dict[str, Any]:
 
 
 KMS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+INVOKERS = ["arn:aws:iam::123456789012:role/image-client", "210987654321"]
+ROLE_PATH = "/sd-lambda/"
+BOUNDARY = "arn:aws:iam::123456789012:policy/workload-boundary"
 WEIGHTS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/66666666-2222-3333-4444-555555555555"
 
 
@@ -113,6 +117,13 @@ def known_arns_plan() -> dict[str, Any]:
             "weights_bucket_name": "acme-weights",
             "weights_bucket_kms_key_arn": WEIGHTS_KEY,
             "image_uri": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd-iam@sha256:" + "a" * 64,
+            "invoker_principals": INVOKERS,
+            "iam_role_path": ROLE_PATH,
+            "iam_role_permissions_boundary_arn": BOUNDARY,
+            "tracing_mode": "PassThrough",
+            "application_log_level": "WARN",
+            "seeder_root_volume_size": 40,
+            "availability_zones": ["eu-west-1b", "eu-west-1c"],
         },
     )
 
@@ -122,9 +133,23 @@ def complete_plan() -> dict[str, Any]:
     return plan(INFRA / "examples" / "complete", {}, var_files=[EXAMPLE_VARS / "complete.tfvars"])
 
 
+# What the existing VPC's data sources answer: DNS on, as the stack requires (see the precondition tests).
+EXISTING_VPC_DATA = {"aws_vpc": {"enable_dns_support": True, "enable_dns_hostnames": True}}
+EXISTING_VPC = INFRA / "examples" / "existing-vpc"
+
+
+def plan_existing_vpc(variables: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    return plan(
+        EXISTING_VPC,
+        variables,
+        {**EXISTING_VPC_DATA, **(data or {})},
+        var_files=[EXAMPLE_VARS / "existing-vpc.tfvars"],
+    )
+
+
 @pytest.fixture(scope="module")
 def existing_vpc_plan() -> dict[str, Any]:
-    return plan(INFRA / "examples" / "existing-vpc", {}, var_files=[EXAMPLE_VARS / "existing-vpc.tfvars"])
+    return plan_existing_vpc({})
 
 
 ALL_PLANS = ["root_plan", "root_defaults_plan", "lean_plan", "complete_plan", "existing_vpc_plan"]
@@ -251,7 +276,8 @@ def test_function_runs_the_pinned_image_with_the_model_mounted(function_plan: di
     assert environment["MODEL_NAME"] == "segmind--tiny-sd"
     assert function["logging_config"][0]["log_format"] == "JSON"
     assert function["replace_security_groups_on_destroy"] is True
-    assert function["reserved_concurrent_executions"] >= 1
+    reserved = function["reserved_concurrent_executions"]
+    assert reserved == -1 or reserved >= 1  # -1: no reservation
     assert function["vpc_config"]
 
 
@@ -342,7 +368,7 @@ def test_lean_variant_uses_the_existing_bucket_and_creates_no_seeder(lean_plan: 
     assert resources(lean_plan, "aws_instance") == []
     assert resources(lean_plan, "aws_flow_log") == []
     assert {r["values"]["vpc_endpoint_type"] for r in resources(lean_plan, "aws_vpc_endpoint")} == {"Gateway"}
-    assert lean_plan["planned_values"]["outputs"]["weights_bucket"]["value"] == "acme-weights"
+    assert lean_plan["planned_values"]["outputs"]["weights_bucket_name"]["value"] == "acme-weights"
 
 
 def test_examples_consume_the_root_as_a_module(
@@ -361,12 +387,10 @@ def test_existing_vpc_example_adds_only_its_own_network_pieces(existing_vpc_plan
     assert {g["values"]["vpc_id"] for g in resources(existing_vpc_plan, "aws_security_group")} == {
         configured["vpc_id"]
     }
-    gateway = [
-        r["values"]
-        for r in resources(existing_vpc_plan, "aws_vpc_endpoint")
-        if r["values"]["vpc_endpoint_type"] == "Gateway"
-    ]
-    assert gateway[0]["route_table_ids"] == configured["private_route_table_ids"]
+    # No S3 gateway endpoint unless asked for: it would reroute every S3 call of the caller's subnets.
+    assert "Gateway" not in {
+        r["values"]["vpc_endpoint_type"] for r in resources(existing_vpc_plan, "aws_vpc_endpoint")
+    }
     targets = [r["values"]["subnet_id"] for r in resources(existing_vpc_plan, "aws_efs_mount_target")]
     assert targets == configured["private_subnet_ids"]
     assert one(existing_vpc_plan, "aws_instance")["subnet_id"] == configured["private_subnet_ids"][0]
@@ -407,6 +431,12 @@ DIGEST_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda@sha256:" + 
         ({"memory_size": 64, "image_uri": DIGEST_URI}, "between 128 and 10240"),
         ({"memory_size": 10241}, "between 128 and 10240"),
         ({"timeout": 901}, "between 1 and 900"),
+        ({"reserved_concurrency": 0, "image_uri": DIGEST_URI}, "null (no reservation) or a whole number"),
+        ({"iam_role_path": "sd-lambda"}, "role_path must start and end with /"),
+        (
+            {"invoker_principals": ["*"]},
+            "invoker_principals must be 12-digit account ids or IAM role/user ARNs",
+        ),
         ({"environment_variables": {"MODEL_ROOT": "/tmp"}}, "not MODEL_ROOT or MODEL_NAME"),
         ({"model_name": "../etc"}, "model_name must be a slug"),
         ({"name": "a-very-long-stack-name-x25"}, "name must be 2-24 characters"),
@@ -431,6 +461,9 @@ DIGEST_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sd-lambda@sha256:" + 
         "memory-low",
         "memory-high",
         "timeout",
+        "reserved-zero",
+        "role-path",
+        "invoker-wildcard",
         "env-overrides-contract",
         "model-path",
         "name-too-long",
@@ -479,21 +512,22 @@ def test_wide_or_malformed_cidrs_are_rejected_at_both_entry_points(entry: str, c
         assert f"{variable} must be canonical CIDR blocks" in " ".join(errors.split())
 
 
-def test_root_and_network_module_validate_cidrs_identically() -> None:
-    """Terraform cannot share a validation block: the root repeats the module's, and must not drift."""
+def test_root_passes_cidrs_through_to_the_one_validation_in_the_network_module() -> None:
+    """Item 16: validated once, where the value is used; the root's copies had drifted before."""
 
-    def validations(directory: Path) -> dict[str, Any]:
-        found = {}
-        for path in directory.glob("variables.tf"):
-            for block in tfvars(path)["variable"]:
-                for name, body in block.items():
-                    if name.strip('"') in ("ssh_ingress_cidrs", "seeder_https_egress_cidrs"):
-                        found[name.strip('"')] = body["validation"]
+    def validated(directory: Path) -> set[str]:
+        found = set()
+        for block in tfvars(directory / "variables.tf")["variable"]:
+            for name, body in block.items():
+                if (
+                    name.strip('"') in ("ssh_ingress_cidrs", "seeder_https_egress_cidrs")
+                    and "validation" in body
+                ):
+                    found.add(name.strip('"'))
         return found
 
-    root = validations(INFRA)
-    assert set(root) == {"ssh_ingress_cidrs", "seeder_https_egress_cidrs"}
-    assert root == validations(INFRA / "modules" / "network")
+    assert validated(INFRA) == set()
+    assert validated(INFRA / "modules" / "network") == {"ssh_ingress_cidrs", "seeder_https_egress_cidrs"}
 
 
 def test_specific_ipv4_and_ipv6_cidrs_become_rules_of_the_right_family() -> None:
@@ -521,13 +555,11 @@ def test_specific_ipv4_and_ipv6_cidrs_become_rules_of_the_right_family() -> None
 
 
 def test_existing_vpc_without_new_ssm_endpoints_reaches_the_given_cidrs(tmp_path: Path) -> None:
-    document = plan(
-        INFRA / "examples" / "existing-vpc",
-        {"create_ssm_endpoints": False, "seeder_https_egress_cidrs": ["10.20.0.0/16"]},
-        var_files=[EXAMPLE_VARS / "existing-vpc.tfvars"],
+    document = plan_existing_vpc(
+        {"create_ssm_endpoints": False, "seeder_https_egress_cidrs": ["10.20.0.0/16"]}
     )
 
-    assert {r["values"]["vpc_endpoint_type"] for r in resources(document, "aws_vpc_endpoint")} == {"Gateway"}
+    assert resources(document, "aws_vpc_endpoint") == []
     egress = [r["values"] for r in resources(document, "aws_vpc_security_group_egress_rule")]
     assert [(e["cidr_ipv4"], e["from_port"]) for e in egress if e.get("cidr_ipv4")] == [("10.20.0.0/16", 443)]
     assert resources(document, "aws_instance")
@@ -535,11 +567,7 @@ def test_existing_vpc_without_new_ssm_endpoints_reaches_the_given_cidrs(tmp_path
 
 def test_existing_vpc_example_without_ssm_endpoints_or_cidrs_is_refused() -> None:
     with pytest.raises(PlanError) as caught:
-        plan(
-            INFRA / "examples" / "existing-vpc",
-            {"create_ssm_endpoints": False},
-            var_files=[EXAMPLE_VARS / "existing-vpc.tfvars"],
-        )
+        plan_existing_vpc({"create_ssm_endpoints": False})
     assert "set seeder_https_egress_cidrs" in " ".join(d.detail for d in caught.value.diagnostics)
 
 
@@ -601,7 +629,14 @@ def test_function_role_writes_only_its_log_group_and_decrypts_only_its_environme
     known_arns_plan: dict[str, Any],
 ) -> None:
     policy = statements(known_arns_plan, "module.lambda.data.aws_iam_policy_document.this")
-    assert set(policy) == {"WriteOwnLogs", "ReadModelsThroughAccessPoint", "DecryptEnvironment"}
+    assert set(policy) == {
+        "DescribeSubnetsForVpcAttachment",
+        "WriteOwnLogs",
+        "ReadModelsThroughAccessPoint",
+        "DecryptEnvironment",
+    }
+    # Item 15: the Lambda VPC guide's execution-role list has it; AWSLambdaENIManagementAccess does not.
+    assert policy["DescribeSubnetsForVpcAttachment"]["actions"] == {"ec2:DescribeSubnets"}
     assert policy["WriteOwnLogs"]["actions"] == {"logs:CreateLogStream", "logs:PutLogEvents"}
     assert policy["WriteOwnLogs"]["resources"] == [
         "arn:aws:logs:eu-west-1:123456789012:log-group:/aws/lambda/sd-iam:*"
@@ -624,7 +659,13 @@ def test_function_role_writes_only_its_log_group_and_decrypts_only_its_environme
         arn for arn in attached if "AWSLambdaVPCAccessExecutionRole" in arn or "BasicExecution" in arn
     ]
     lambda_module = module_config(known_arns_plan, "lambda")
-    mount = config_resource(lambda_module, "data.aws_iam_policy_document.this")["expressions"]["statement"][1]
+    mount = next(
+        statement
+        for statement in config_resource(lambda_module, "data.aws_iam_policy_document.this")["expressions"][
+            "statement"
+        ]
+        if statement["sid"]["constant_value"] == "ReadModelsThroughAccessPoint"
+    )
     assert references(mount["resources"])[0] == "var.file_system_arn"
     assert references(mount["condition"][0]["values"])[0] == "var.access_point_arn"
 
@@ -633,7 +674,14 @@ def test_seeder_role_reads_only_the_weights_prefix_and_writes_efs_through_the_ac
     known_arns_plan: dict[str, Any],
 ) -> None:
     policy = statements(known_arns_plan, "module.seeder.data.aws_iam_policy_document.this")
-    assert set(policy) == {"ListWeightsPrefix", "ReadWeights", "WriteEfsThroughAccessPoint", "DecryptWeights"}
+    assert set(policy) == {
+        "SsmAgentRegistersThisInstance",
+        "SsmAgentMessageChannels",
+        "ListWeightsPrefix",
+        "ReadWeights",
+        "WriteEfsThroughAccessPoint",
+        "DecryptWeights",
+    }
     assert policy["ListWeightsPrefix"]["resources"] == ["arn:aws:s3:::acme-weights"]
     assert policy["ListWeightsPrefix"]["conditions"] == {"s3:prefix": ("StringLike", ["models/", "models/*"])}
     assert policy["ReadWeights"]["resources"] == ["arn:aws:s3:::acme-weights/models/*"]
@@ -653,7 +701,17 @@ def test_seeder_role_reads_only_the_weights_prefix_and_writes_efs_through_the_ac
     attached = {
         r["values"]["policy_arn"] for r in resources(known_arns_plan, "aws_iam_role_policy_attachment")
     }
-    assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in attached
+    # Item 15: not AmazonSSMManagedInstanceCore, whose ssm:GetParameter(s) on "*" reads every parameter.
+    assert not [arn for arn in attached if "AmazonSSMManagedInstanceCore" in arn]
+    assert policy["SsmAgentRegistersThisInstance"]["actions"] == {"ssm:UpdateInstanceInformation"}
+    assert policy["SsmAgentRegistersThisInstance"]["resources"] == [
+        "arn:aws:ec2:eu-west-1:123456789012:instance/*"
+    ]
+    channels = policy["SsmAgentMessageChannels"]["actions"]
+    assert {a.split(":")[0] for a in channels} == {"ec2messages", "ssmmessages"}
+    assert {"ec2messages:GetMessages", "ssmmessages:OpenControlChannel"} <= channels
+    every_action = {action for statement in policy.values() for action in statement["actions"]}
+    assert not [a for a in every_action if a.startswith("ssm:Get") or a in ("ssm:*", "*")]
 
 
 def test_efs_policy_denies_plain_nfs_and_grants_mount_and_write_to_the_two_roles(
@@ -709,6 +767,10 @@ def test_stack_key_policy_admits_the_account_logs_and_alarms_only(root_defaults_
     )
     assert by_sid["CloudWatchAlarmsToEncryptedTopics"]["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
     assert "kms:*" not in by_sid["CloudWatchAlarmsToEncryptedTopics"]["Action"]
+    # Item 15: only alarms of this account may use the key (confused-deputy guard).
+    assert by_sid["CloudWatchAlarmsToEncryptedTopics"]["Condition"] == {
+        "StringEquals": {"aws:SourceAccount": "123456789012"}
+    }
 
 
 def test_log_groups_keep_logs_for_the_retention_and_encrypt_them(known_arns_plan: dict[str, Any]) -> None:
@@ -724,12 +786,16 @@ def test_log_groups_keep_logs_for_the_retention_and_encrypt_them(known_arns_plan
     assert function["kms_key_arn"] == KMS_KEY
 
 
-def test_function_defaults_are_10240_mb_900_s_and_2_concurrent(known_arns_plan: dict[str, Any]) -> None:
+def test_function_defaults_are_10240_mb_900_s_and_no_reserved_concurrency(
+    known_arns_plan: dict[str, Any],
+) -> None:
     function = one(known_arns_plan, "aws_lambda_function")
+    # Item 3: -1 is the provider's "no reservation"; a new account cannot reserve any (AWS keeps 100
+    # unreserved), so a default reservation would fail the first apply.
     assert (function["memory_size"], function["timeout"], function["reserved_concurrent_executions"]) == (
         10240,
         900,
-        2,
+        -1,
     )
     assert function["architectures"] == ["x86_64"]
 
@@ -851,16 +917,103 @@ def test_new_vpc_s3_endpoint_reads_only_the_weights_bucket_and_aws_package_bucke
     }
 
 
-def test_existing_vpc_s3_endpoint_keeps_the_default_policy(existing_vpc_plan: dict[str, Any]) -> None:
+ROUTE_TABLES = ["rtb-0a1b2c3d4e5f60003"]
+CALLER_S3_POLICY = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": "*", "Action": "s3:*", "Resource": "arn:aws:s3:::acme-*"}
+        ],
+    }
+)
+
+
+def test_existing_vpc_s3_endpoint_is_an_opt_in_with_the_callers_policy() -> None:
+    """Item 13: the route tables change only on request, and then with the policy the caller gives."""
+    document = plan_existing_vpc(
+        {
+            "create_s3_endpoint": True,
+            "private_route_table_ids": ROUTE_TABLES,
+            "s3_endpoint_policy": CALLER_S3_POLICY,
+        }
+    )
+
+    (gateway,) = [
+        r["values"]
+        for r in resources(document, "aws_vpc_endpoint")
+        if r["values"]["vpc_endpoint_type"] == "Gateway"
+    ]
+    assert gateway["route_table_ids"] == ROUTE_TABLES
+    assert json.loads(gateway["policy"]) == json.loads(CALLER_S3_POLICY)
+    assert "module.sd_lambda.module.network.data.aws_iam_policy_document.s3_endpoint[0]" not in {
+        c["address"] for c in document["resource_changes"]
+    }
+
+
+def test_existing_vpc_s3_endpoint_without_a_policy_keeps_aws_full_access() -> None:
+    document = plan_existing_vpc({"create_s3_endpoint": True, "private_route_table_ids": ROUTE_TABLES})
+
     gateway = next(
         c
-        for c in existing_vpc_plan["resource_changes"]
+        for c in document["resource_changes"]
         if c["type"] == "aws_vpc_endpoint" and c["change"]["after"]["vpc_endpoint_type"] == "Gateway"
     )
     assert gateway["change"]["after"].get("policy") is None  # left for AWS: full access
-    assert "module.sd_lambda.module.network.data.aws_iam_policy_document.s3_endpoint[0]" not in {
-        c["address"] for c in existing_vpc_plan["resource_changes"]
-    }
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"private_route_table_ids": ROUTE_TABLES},
+            "private_route_table_ids are only used with create_s3_endpoint = true",
+        ),
+        ({"create_s3_endpoint": True}, "create_s3_endpoint = true needs private_route_table_ids"),
+    ],
+    ids=["route-tables-without-opt-in", "opt-in-without-route-tables"],
+)
+def test_existing_vpc_routing_is_never_changed_by_accident(variables: dict[str, Any], message: str) -> None:
+    with pytest.raises(PlanError) as caught:
+        plan_existing_vpc(variables)
+    errors = [d for d in caught.value.diagnostics if d.severity == "error"]
+    assert [message in " ".join(e.detail.split()) for e in errors] == [True]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"aws_vpc": {"enable_dns_support": False, "enable_dns_hostnames": True}},
+            "DNS resolution (enableDnsSupport) turned off",
+        ),
+        (
+            {"aws_vpc": {"enable_dns_support": True, "enable_dns_hostnames": False}},
+            "DNS hostnames (enableDnsHostnames) turned off",
+        ),
+        (
+            {"aws_subnet": {"availability_zone": "eu-central-1b"}},
+            "private_subnet_ids must each be in a different availability zone",
+        ),
+    ],
+    ids=["dns-support-off", "dns-hostnames-off", "subnets-in-one-zone"],
+)
+def test_existing_vpc_preconditions_stop_the_plan_with_one_message_each(
+    data: dict[str, Any], message: str
+) -> None:
+    """Item 14: read through aws_vpc / aws_subnet before anything is created."""
+    with pytest.raises(PlanError) as caught:
+        plan_existing_vpc({}, data)
+    errors = [" ".join(d.detail.split()) for d in caught.value.diagnostics if d.severity == "error"]
+    assert len(errors) == 1, errors
+    assert message in errors[0]
+
+
+def test_existing_vpc_example_passes_the_weights_bucket_key_to_the_seeder(
+    existing_vpc_plan: dict[str, Any],
+) -> None:
+    configured = tfvars(EXAMPLE_VARS / "existing-vpc.tfvars")
+    policy = statements(existing_vpc_plan, "module.sd_lambda.module.seeder.data.aws_iam_policy_document.this")
+    assert policy["DecryptWeights"]["resources"] == [configured["weights_bucket_kms_key_arn"]]
 
 
 def test_flow_logs_role_trusts_only_this_accounts_flow_logs(root_defaults_plan: dict[str, Any]) -> None:
@@ -876,9 +1029,116 @@ def test_flow_logs_role_trusts_only_this_accounts_flow_logs(root_defaults_plan: 
     assert logs["actions"] == {"logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"}
 
 
-def test_ecr_lifecycle_expires_only_untagged_images(any_plan: dict[str, Any]) -> None:
+def test_ecr_lifecycle_keeps_the_last_git_images_and_expires_older_pushes(any_plan: dict[str, Any]) -> None:
+    """Item 17: `make push-image` tags every image git-<sha>; the last N stay, older ones expire."""
     rules = json.loads(one(any_plan, "aws_ecr_lifecycle_policy")["policy"])["rules"]
-    assert [r["selection"]["tagStatus"] for r in rules] == ["untagged"]
+    by_priority = {rule["rulePriority"]: rule for rule in rules}
+    assert sorted(by_priority) == [1, 2]
+    git, untagged = by_priority[1]["selection"], by_priority[2]["selection"]
+    assert git == {
+        "tagStatus": "tagged",
+        "tagPatternList": ["git-*"],
+        "countType": "imageCountMoreThan",
+        "countNumber": 10,
+    }
+    assert untagged == {"tagStatus": "untagged", "countType": "imageCountMoreThan", "countNumber": 10}
+    assert all(rule["action"] == {"type": "expire"} for rule in rules)
+    # No `any` rule: it would count (and could expire) whatever the operator tagged by hand.
+    assert "any" not in {rule["selection"]["tagStatus"] for rule in rules}
+
+
+def test_ecr_pull_is_granted_to_this_function_exactly(known_arns_plan: dict[str, Any]) -> None:
+    """Item 15: `function:sd-iam*` also matched sd-iam-dev; the ARN and its qualifiers only now."""
+    policy = statements(known_arns_plan, "module.lambda.data.aws_iam_policy_document.repository")
+    (pull,) = policy.values()
+    test, values = pull["conditions"]["aws:sourceArn"]
+    arn = "arn:aws:lambda:eu-west-1:123456789012:function:sd-iam"
+    assert (test, values) == ("StringLike", [arn, f"{arn}:*"])
+    for other in (f"{arn}-dev", f"{arn}2", f"{arn}-dev:live"):
+        assert not [pattern for pattern in values if fnmatch.fnmatchcase(other, pattern)], other
+    assert [pattern for pattern in values if fnmatch.fnmatchcase(f"{arn}:live", pattern)]
+
+
+def test_invoker_principals_get_the_documented_function_url_grant(known_arns_plan: dict[str, Any]) -> None:
+    """Item 19: the resource-based grant AWS documents (AddPermission with FunctionUrlAuthType and
+    InvokedViaFunctionUrl), one pair per principal, since the identity policy's condition key is not
+    documented for identity policies."""
+    permissions = [r["values"] for r in resources(known_arns_plan, "aws_lambda_permission")]
+    by_action: dict[str, list[dict[str, Any]]] = {}
+    for permission in permissions:
+        by_action.setdefault(permission["action"], []).append(permission)
+    assert set(by_action) == {"lambda:InvokeFunctionUrl", "lambda:InvokeFunction"}
+    for granted in by_action.values():
+        assert sorted(p["principal"] for p in granted) == sorted(INVOKERS)
+        assert {p["function_name"] for p in granted} == {"sd-iam"}
+    assert {p["function_url_auth_type"] for p in by_action["lambda:InvokeFunctionUrl"]} == {"AWS_IAM"}
+    assert {p["invoked_via_function_url"] for p in by_action["lambda:InvokeFunction"]} == {True}
+
+
+def test_root_exposes_tracing_log_level_seeder_volume_and_zones(known_arns_plan: dict[str, Any]) -> None:
+    """Item 16: the root passes these through to the resources that use them."""
+    function = one(known_arns_plan, "aws_lambda_function")
+    assert function["tracing_config"] == [{"mode": "PassThrough"}]
+    assert function["logging_config"][0]["application_log_level"] == "WARN"
+    assert one(known_arns_plan, "aws_instance")["root_block_device"][0]["volume_size"] == 40
+    zones = sorted(r["values"]["availability_zone"] for r in resources(known_arns_plan, "aws_subnet"))
+    assert zones == ["eu-west-1b", "eu-west-1c"]
+    assert not [
+        r
+        for r in resources(known_arns_plan, "aws_iam_role_policy_attachment")
+        if "XRay" in r["values"]["policy_arn"]
+    ]
+
+
+def test_root_outputs_give_a_consumer_what_it_needs(known_arns_plan: dict[str, Any]) -> None:
+    """Item 16: <thing>_<attr> outputs for the function, roles, bucket, file system and network."""
+    outputs = {
+        name: entry.get("value") for name, entry in known_arns_plan["planned_values"]["outputs"].items()
+    }
+    assert outputs["function_name"] == "sd-iam"
+    assert outputs["weights_bucket_name"] == "acme-weights"
+    assert outputs["weights_bucket_arn"] == "arn:aws:s3:::acme-weights"
+    # Unknown until apply (ids, ARNs) are left out of planned_values but listed in output_changes.
+    assert {
+        "function_arn",
+        "function_url",
+        "function_role_arn",
+        "seeder_role_arn",
+        "seeder_instance_id",
+        "efs_file_system_id",
+        "efs_file_system_arn",
+        "efs_access_point_id",
+        "efs_access_point_arn",
+        "function_security_group_id",
+        "efs_security_group_id",
+        "seeder_security_group_id",
+        "private_subnet_ids",
+    } <= set(known_arns_plan["output_changes"])
+
+
+def test_no_invoker_principals_means_no_resource_policy(root_plan: dict[str, Any]) -> None:
+    assert resources(root_plan, "aws_lambda_permission") == []
+
+
+def test_roles_take_the_given_path_and_permissions_boundary(known_arns_plan: dict[str, Any]) -> None:
+    """Item 15: optional role path and permissions boundary reach every role the stack creates."""
+    roles = resources(known_arns_plan, "aws_iam_role")
+    assert {r["address"] for r in roles} == {
+        "module.lambda.aws_iam_role.this",
+        "module.network.aws_iam_role.flow_logs[0]",
+        "module.seeder.aws_iam_role.this[0]",
+    }
+    for role in roles:
+        assert (role["values"]["path"], role["values"]["permissions_boundary"]) == (ROLE_PATH, BOUNDARY), (
+            role["address"]
+        )
+    assert one(known_arns_plan, "aws_iam_instance_profile")["path"] == ROLE_PATH
+
+
+def test_roles_default_to_the_root_path_and_no_boundary(root_plan: dict[str, Any]) -> None:
+    for role in resources(root_plan, "aws_iam_role"):
+        assert role["values"]["path"] == "/"
+        assert role["values"].get("permissions_boundary") is None
 
 
 def test_mount_targets_are_keyed_by_zone_or_subnet(

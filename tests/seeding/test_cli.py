@@ -17,11 +17,11 @@ from sd_lambda.seeding.target import Target, resolve_target
 from .conftest import make_model
 
 OUTPUTS = {
-    "weights_bucket": "stack-weights",
+    "weights_bucket_name": "stack-weights",
     "weights_prefix": "models/",
     "seeder_instance_id": "i-0stack",
     "seeder_mount_path": "/mnt/models",
-    "access_point_arn": "arn:aws:elasticfilesystem:eu-west-1:1:access-point/fsap-1",
+    "efs_access_point_arn": "arn:aws:elasticfilesystem:eu-west-1:1:access-point/fsap-1",
     "region": "eu-west-1",
     "model_name": "segmind--tiny-sd",
     "function_name": "sd",

@@ -23,7 +23,7 @@ module "sd_lambda" {
   model_name           = "segmind--tiny-sd"
   memory_size          = var.memory_size
   timeout              = 900
-  reserved_concurrency = 2
+  reserved_concurrency = var.reserved_concurrency
   environment_variables = {
     SD_MAX_STEPS = "30"
   }

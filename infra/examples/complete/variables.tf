@@ -22,6 +22,12 @@ variable "memory_size" {
   default     = 10240
 }
 
+variable "reserved_concurrency" {
+  description = "Cost cap: at most this many parallel (billed) invocations. Null: no reservation; AWS refuses one that leaves the account fewer than 100 unreserved executions."
+  type        = number
+  default     = null
+}
+
 variable "tags" {
   description = "Tags of every resource."
   type        = map(string)

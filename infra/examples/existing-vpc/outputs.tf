@@ -8,9 +8,9 @@ output "ecr_repository_url" {
   value       = module.sd_lambda.ecr_repository_url
 }
 
-output "weights_bucket" {
+output "weights_bucket_name" {
   description = "Bucket the seeder reads weights from."
-  value       = module.sd_lambda.weights_bucket
+  value       = module.sd_lambda.weights_bucket_name
 }
 
 output "seeder_instance_id" {

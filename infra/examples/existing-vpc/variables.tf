@@ -19,10 +19,22 @@ variable "private_subnet_ids" {
   type        = list(string)
 }
 
+variable "create_s3_endpoint" {
+  description = "Add an S3 gateway endpoint to private_route_table_ids. This changes your routing: every S3 request from those subnets then goes through the endpoint. False: the VPC must already reach S3 (NAT or an existing endpoint)."
+  type        = bool
+  default     = false
+}
+
 variable "private_route_table_ids" {
-  description = "Route tables of those subnets, for the S3 gateway endpoint. Empty if the VPC already has one."
+  description = "Route tables that get the S3 gateway endpoint's route (create_s3_endpoint = true only)."
   type        = list(string)
   default     = []
+}
+
+variable "s3_endpoint_policy" {
+  description = "JSON policy of the S3 gateway endpoint (create_s3_endpoint = true). Null: AWS's default full access."
+  type        = string
+  default     = null
 }
 
 variable "create_ssm_endpoints" {
@@ -39,6 +51,12 @@ variable "seeder_https_egress_cidrs" {
 
 variable "weights_bucket_name" {
   description = "Existing bucket holding the weights under models/. Null: create one."
+  type        = string
+  default     = null
+}
+
+variable "weights_bucket_kms_key_arn" {
+  description = "Customer managed KMS key of the existing weights bucket, if it has one (the seeder gets kms:Decrypt on it)."
   type        = string
   default     = null
 }

@@ -13,6 +13,7 @@ variable "tags" {
   description = "Tags added to every taggable resource."
   type        = map(string)
   default     = {}
+  nullable    = false
 }
 
 variable "subnets" {
@@ -40,6 +41,7 @@ variable "access_point_path" {
   description = "Root directory of the access point; clients never see anything above it."
   type        = string
   default     = "/models"
+  nullable    = false
 
   validation {
     condition     = can(regex("^(/[A-Za-z0-9._-]+)+$", var.access_point_path))
@@ -51,18 +53,21 @@ variable "posix_uid" {
   description = "POSIX user id every access through the access point runs as, and owner of its root directory."
   type        = number
   default     = 1000
+  nullable    = false
 }
 
 variable "posix_gid" {
   description = "POSIX group id every access through the access point runs as, and group of its root directory."
   type        = number
   default     = 1000
+  nullable    = false
 }
 
 variable "root_permissions" {
   description = "Octal mode of the access point's root directory when EFS creates it."
   type        = string
   default     = "0755"
+  nullable    = false
 
   validation {
     condition     = can(regex("^0?[0-7]{3}$", var.root_permissions))
@@ -74,10 +79,12 @@ variable "read_only_role_arns" {
   description = "IAM roles granted elasticfilesystem:ClientMount (read-only) through the access point, e.g. the function's role."
   type        = list(string)
   default     = []
+  nullable    = false
 }
 
 variable "read_write_role_arns" {
   description = "IAM roles granted ClientMount and ClientWrite through the access point, e.g. the seeder's role."
   type        = list(string)
   default     = []
+  nullable    = false
 }

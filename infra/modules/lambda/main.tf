@@ -7,6 +7,11 @@ locals {
   function_arn  = "arn:${data.aws_partition.current.partition}:lambda:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:function:${var.name}"
   log_group_arn = "arn:${data.aws_partition.current.partition}:logs:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:log-group:${local.log_group_name}"
 
+  # -1 is the provider's "no reservation" (null in the variable), which also removes an earlier one: the
+  # function then shares the account's unreserved pool.
+  # https://registry.terraform.io/providers/hashicorp/aws/latest/docs/resources/lambda_function#reserved_concurrent_executions-1
+  reserved_concurrent_executions = var.reserved_concurrency == null ? -1 : var.reserved_concurrency
+
   environment = merge(var.environment_variables, {
     MODEL_ROOT = var.local_mount_path
     MODEL_NAME = var.model_name
@@ -47,19 +52,39 @@ resource "aws_ecr_lifecycle_policy" "this" {
   region     = var.region
   repository = aws_ecr_repository.this.name
 
-  # Only untagged images expire. Every pushed image is tagged (git-<sha>) and tags are immutable, so the
-  # digest the function runs keeps its tag and can never be expired under it by a count of newer pushes.
+  # ECR cannot see which digest a function runs, so the rule keeps the last N `git-<sha>` pushes: the
+  # image of every deployment among them stays, and older ones expire (their tags are immutable, so an
+  # image never loses its tag to a newer push). A function whose digest is gone can fail with
+  # StateReasonCode ImageDeleted, so a rollback reaches back at most N pushes.
+  # https://docs.aws.amazon.com/lambda/latest/api/API_FunctionConfiguration.html
+  # An image matched by a higher-priority rule is never expired by a lower one, and a `tagStatus = any`
+  # rule would have to come last: untagged leftovers (interrupted pushes) get their own count instead.
+  # https://docs.aws.amazon.com/AmazonECR/latest/userguide/lifecycle_policy_parameters.html
+  # https://docs.aws.amazon.com/AmazonECR/latest/userguide/LifecyclePolicies.html
   policy = jsonencode({
-    rules = [{
-      rulePriority = 1
-      description  = "Keep the last ${var.repository_keep_images} untagged images"
-      selection = {
-        tagStatus   = "untagged"
-        countType   = "imageCountMoreThan"
-        countNumber = var.repository_keep_images
-      }
-      action = { type = "expire" }
-    }]
+    rules = [
+      {
+        rulePriority = 1
+        description  = "Keep the last ${var.repository_keep_images} git-<sha> images; the function runs one of them"
+        selection = {
+          tagStatus      = "tagged"
+          tagPatternList = ["git-*"]
+          countType      = "imageCountMoreThan"
+          countNumber    = var.repository_keep_images
+        }
+        action = { type = "expire" }
+      },
+      {
+        rulePriority = 2
+        description  = "Keep the last ${var.repository_keep_images} untagged images"
+        selection = {
+          tagStatus   = "untagged"
+          countType   = "imageCountMoreThan"
+          countNumber = var.repository_keep_images
+        }
+        action = { type = "expire" }
+      },
+    ]
   })
 }
 
@@ -75,10 +100,13 @@ data "aws_iam_policy_document" "repository" {
       identifiers = ["lambda.amazonaws.com"]
     }
 
+    # This function and its qualified ARNs (function:name:alias) only: a bare `function:name*` would also
+    # match every function whose name starts with this one's (sd-lambda-dev for sd-lambda).
+    # https://docs.aws.amazon.com/lambda/latest/dg/images-create.html#configuration-images-permissions
     condition {
       test     = "StringLike"
       variable = "aws:sourceArn"
-      values   = ["${local.function_arn}*"]
+      values   = [local.function_arn, "${local.function_arn}:*"]
     }
   }
 }
@@ -111,9 +139,11 @@ data "aws_iam_policy_document" "assume" {
 }
 
 resource "aws_iam_role" "this" {
-  name_prefix        = "${var.name}-"
-  description        = "sd-lambda function: mount the model access point, write its logs"
-  assume_role_policy = data.aws_iam_policy_document.assume.json
+  name_prefix          = "${var.name}-"
+  path                 = var.role_path
+  permissions_boundary = var.role_permissions_boundary_arn
+  description          = "sd-lambda function: mount the model access point, write its logs"
+  assume_role_policy   = data.aws_iam_policy_document.assume.json
 
   tags = var.tags
 }
@@ -133,6 +163,17 @@ resource "aws_iam_role_policy_attachment" "xray" {
 }
 
 data "aws_iam_policy_document" "this" {
+  # The Lambda VPC guide lists ec2:DescribeSubnets among the execution role's permissions (it is in
+  # AWSLambdaVPCAccessExecutionRole since its v3); AWSLambdaENIManagementAccess lacks it. Describe
+  # actions take no resource-level permissions, hence "*".
+  # https://docs.aws.amazon.com/lambda/latest/dg/configuration-vpc.html#configuration-vpc-permissions
+  # https://docs.aws.amazon.com/aws-managed-policy/latest/reference/AWSLambdaENIManagementAccess.html
+  statement {
+    sid       = "DescribeSubnetsForVpcAttachment"
+    actions   = ["ec2:DescribeSubnets"]
+    resources = ["*"]
+  }
+
   statement {
     sid       = "WriteOwnLogs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
@@ -204,7 +245,7 @@ resource "aws_lambda_function" "this" {
   architectures                  = [var.architecture]
   memory_size                    = var.memory_size
   timeout                        = var.timeout
-  reserved_concurrent_executions = var.reserved_concurrency
+  reserved_concurrent_executions = local.reserved_concurrent_executions
   kms_key_arn                    = var.kms_key_arn
 
   # Lambda keeps a destroyed function's ENIs for a while; moving them to the default security group
@@ -258,7 +299,14 @@ resource "aws_lambda_function_url" "this" {
   authorization_type = "AWS_IAM" # never NONE: every request must be SigV4-signed by a permitted principal
 }
 
-# New function URLs need both actions in the caller's identity policy.
+# Since October 2025 a new function URL needs both lambda:InvokeFunctionUrl and lambda:InvokeFunction.
+# https://docs.aws.amazon.com/lambda/latest/dg/urls-auth.html
+#
+# The URL statement's condition key is documented for identity policies. lambda:InvokedViaFunctionUrl is
+# documented as AddPermission's InvokedViaFunctionUrl (a function's resource-based policy); no AWS page
+# shows Lambda supplying it when it evaluates an identity policy, so the identity policy's conditional
+# InvokeFunction statement may never match. The documented grant is the function permission below, one
+# pair per invoker principal: InvokeFunctionUrl (AuthType AWS_IAM) and InvokeFunction through the URL.
 data "aws_iam_policy_document" "invoker" {
   statement {
     sid       = "InvokeFunctionUrl"
@@ -272,8 +320,8 @@ data "aws_iam_policy_document" "invoker" {
     }
   }
 
-  # Only as part of a function URL request: holders cannot call the Invoke API directly and so bypass
-  # what the URL path enforces (AWS_IAM auth type, the request size limits).
+  # Only as part of a function URL request where AWS evaluates the key: holders cannot call the Invoke
+  # API directly and so bypass what the URL path enforces (AWS_IAM auth type, the request size limits).
   statement {
     sid       = "InvokeFunctionThroughUrl"
     actions   = ["lambda:InvokeFunction"]
@@ -285,6 +333,28 @@ data "aws_iam_policy_document" "invoker" {
       values   = ["true"]
     }
   }
+}
+
+resource "aws_lambda_permission" "invoke_function_url" {
+  for_each = local.create_function ? toset(var.invoker_principals) : toset([])
+
+  region                 = var.region
+  statement_id_prefix    = "InvokeFunctionUrl-"
+  function_name          = aws_lambda_function.this[0].function_name
+  action                 = "lambda:InvokeFunctionUrl"
+  principal              = each.value
+  function_url_auth_type = "AWS_IAM"
+}
+
+resource "aws_lambda_permission" "invoke_function_through_url" {
+  for_each = local.create_function ? toset(var.invoker_principals) : toset([])
+
+  region                   = var.region
+  statement_id_prefix      = "InvokeFunctionThroughUrl-"
+  function_name            = aws_lambda_function.this[0].function_name
+  action                   = "lambda:InvokeFunction"
+  principal                = each.value
+  invoked_via_function_url = true
 }
 
 ################################################################################
@@ -303,7 +373,7 @@ locals {
       metric    = "Throttles"
       statistic = "Sum"
       threshold = 0
-      text      = "Requests were throttled by the reserved concurrency"
+      text      = var.reserved_concurrency == null ? "Requests were throttled by the account's concurrency limit" : "Requests were throttled by the reserved concurrency"
     }
     duration = {
       metric    = "Duration"

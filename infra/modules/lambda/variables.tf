@@ -18,6 +18,7 @@ variable "tags" {
   description = "Tags added to every taggable resource."
   type        = map(string)
   default     = {}
+  nullable    = false
 }
 
 ################################################################################
@@ -34,12 +35,14 @@ variable "repository_force_delete" {
   description = "Let `terraform destroy` delete the repository even when it still holds images."
   type        = bool
   default     = false
+  nullable    = false
 }
 
 variable "repository_keep_images" {
   description = "How many untagged images the ECR lifecycle policy keeps (older untagged ones expire). Tagged images, such as the git-<sha> images the function runs, never expire."
   type        = number
   default     = 10
+  nullable    = false
 
   validation {
     condition     = var.repository_keep_images >= 1 && var.repository_keep_images <= 1000
@@ -72,6 +75,7 @@ variable "architecture" {
   description = "Instruction set of the function; must match the image."
   type        = string
   default     = "x86_64"
+  nullable    = false
 
   validation {
     condition     = contains(["x86_64", "arm64"], var.architecture)
@@ -83,6 +87,7 @@ variable "memory_size" {
   description = "Memory of the function in MB (CPU scales with it; 10240 gives 6 vCPUs). New accounts are capped at 3008 until a quota increase."
   type        = number
   default     = 10240
+  nullable    = false
 
   validation {
     condition     = var.memory_size >= 128 && var.memory_size <= 10240 && floor(var.memory_size) == var.memory_size
@@ -94,6 +99,7 @@ variable "timeout" {
   description = "Function timeout in seconds."
   type        = number
   default     = 900
+  nullable    = false
 
   validation {
     condition     = var.timeout >= 1 && var.timeout <= 900 && floor(var.timeout) == var.timeout
@@ -102,13 +108,13 @@ variable "timeout" {
 }
 
 variable "reserved_concurrency" {
-  description = "Reserved concurrent executions: the hard cap on parallel (and so billed) executions."
+  description = "Reserved concurrent executions: at most this many invocations run, and bill, at once (the cost cap), and they are held for this function alone. Null (default): no reservation, so nothing caps parallel (billed) invocations but the account's concurrency; AWS refuses a reservation that leaves fewer than 100 unreserved executions, which a new account (often 10 in total) cannot give."
   type        = number
-  default     = 2
+  default     = null
 
   validation {
-    condition     = var.reserved_concurrency >= 1 && var.reserved_concurrency <= 1000 && floor(var.reserved_concurrency) == var.reserved_concurrency
-    error_message = "reserved_concurrency must be a whole number between 1 and 1000."
+    condition     = var.reserved_concurrency == null || try(var.reserved_concurrency >= 1 && var.reserved_concurrency <= 1000 && floor(var.reserved_concurrency) == var.reserved_concurrency, false)
+    error_message = "reserved_concurrency must be null (no reservation) or a whole number between 1 and 1000."
   }
 }
 
@@ -116,6 +122,7 @@ variable "ephemeral_storage_size" {
   description = "Size of /tmp in MB."
   type        = number
   default     = 512
+  nullable    = false
 
   validation {
     condition     = var.ephemeral_storage_size >= 512 && var.ephemeral_storage_size <= 10240
@@ -137,6 +144,7 @@ variable "local_mount_path" {
   description = "Where the function mounts the EFS access point (MODEL_ROOT). Lambda requires a path under /mnt/."
   type        = string
   default     = "/mnt/models"
+  nullable    = false
 
   validation {
     condition     = can(regex("^/mnt/[A-Za-z0-9._-]+$", var.local_mount_path))
@@ -148,6 +156,7 @@ variable "environment_variables" {
   description = "Extra environment variables (the handler's tuning knobs). MODEL_ROOT and MODEL_NAME are set by the module."
   type        = map(string)
   default     = {}
+  nullable    = false
 
   validation {
     condition     = alltrue([for key in keys(var.environment_variables) : can(regex("^[A-Za-z][A-Za-z0-9_]*$", key)) && !contains(["MODEL_ROOT", "MODEL_NAME"], key) && !startswith(key, "AWS_")])
@@ -185,6 +194,7 @@ variable "log_retention_days" {
   description = "Retention of the function's log group, in days."
   type        = number
   default     = 365
+  nullable    = false
 
   validation {
     condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
@@ -196,6 +206,7 @@ variable "application_log_level" {
   description = "Lowest application log level Lambda keeps (JSON logging)."
   type        = string
   default     = "INFO"
+  nullable    = false
 
   validation {
     condition     = contains(["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"], var.application_log_level)
@@ -207,10 +218,50 @@ variable "tracing_mode" {
   description = "X-Ray tracing mode of the function."
   type        = string
   default     = "Active"
+  nullable    = false
 
   validation {
     condition     = contains(["Active", "PassThrough"], var.tracing_mode)
     error_message = "tracing_mode must be Active or PassThrough."
+  }
+}
+
+variable "invoker_principals" {
+  description = "Principals (IAM role/user ARNs or account ids) the function's resource-based policy lets call the function URL: lambda:InvokeFunctionUrl with AuthType AWS_IAM and lambda:InvokeFunction only through the URL, the grant AWS documents. Empty: callers rely on their identity policy (invoker_policy_json) alone."
+  type        = list(string)
+  default     = []
+  nullable    = false
+
+  validation {
+    condition     = alltrue([for principal in var.invoker_principals : can(regex("^([0-9]{12}|arn:aws[a-z-]*:iam::[0-9]{12}:(root|(role|user)/.+))$", principal))])
+    error_message = "invoker_principals must be 12-digit account ids or IAM role/user ARNs (arn:aws:iam::<account>:role/<name>)."
+  }
+}
+
+################################################################################
+# IAM role
+################################################################################
+
+variable "role_path" {
+  description = "Path of the function's IAM role."
+  type        = string
+  default     = "/"
+  nullable    = false
+
+  validation {
+    condition     = can(regex("^/([A-Za-z0-9+=,.@_-]+/)*$", var.role_path)) && length(var.role_path) <= 512
+    error_message = "role_path must start and end with / (e.g. /sd-lambda/), at most 512 characters."
+  }
+}
+
+variable "role_permissions_boundary_arn" {
+  description = "Managed policy set as the permissions boundary of the function's IAM role. Null: none."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.role_permissions_boundary_arn == null || can(regex("^arn:aws[a-z-]*:iam::([0-9]{12}|aws):policy/.+$", var.role_permissions_boundary_arn))
+    error_message = "role_permissions_boundary_arn must be an IAM policy ARN (arn:aws:iam::<account>:policy/<name>)."
   }
 }
 
@@ -222,18 +273,25 @@ variable "create_alarms" {
   description = "Create the Errors, Throttles and Duration alarms (needs alarm_sns_topic_arn). A separate flag because the topic ARN may only be known after apply."
   type        = bool
   default     = false
+  nullable    = false
 }
 
 variable "alarm_sns_topic_arn" {
   description = "SNS topic the alarms notify (create_alarms = true)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.alarm_sns_topic_arn == null || can(regex("^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_.-]+$", var.alarm_sns_topic_arn))
+    error_message = "alarm_sns_topic_arn must be an SNS topic ARN."
+  }
 }
 
 variable "duration_alarm_ratio" {
   description = "The Duration alarm fires when the maximum duration exceeds this fraction of the timeout."
   type        = number
   default     = 0.8
+  nullable    = false
 
   validation {
     condition     = var.duration_alarm_ratio > 0 && var.duration_alarm_ratio < 1

@@ -26,7 +26,42 @@ data "aws_ec2_managed_prefix_list" "s3" {
   name   = "com.amazonaws.${data.aws_region.current.region}.s3"
 }
 
+# An existing VPC is read to check what the stack relies on before anything is created.
+data "aws_vpc" "existing" {
+  count = var.create_vpc ? 0 : 1
+
+  region = var.region
+  id     = var.vpc_id
+
+  lifecycle {
+    # efs-utils mounts the file system by its DNS name, and interface endpoints with private DNS only
+    # answer through the VPC resolver: both need DNS resolution and DNS hostnames.
+    # https://docs.aws.amazon.com/efs/latest/ug/mounting-fs-mount-cmd-dns-name.html
+    # https://docs.aws.amazon.com/vpc/latest/privatelink/manage-dns-names.html
+    postcondition {
+      condition     = self.enable_dns_support
+      error_message = "VPC ${var.vpc_id} has DNS resolution (enableDnsSupport) turned off: EFS mounts by DNS name and the SSM endpoints' private DNS need it. Turn it on in the VPC's settings (ModifyVpcAttribute EnableDnsSupport)."
+    }
+
+    postcondition {
+      condition     = self.enable_dns_hostnames
+      error_message = "VPC ${var.vpc_id} has DNS hostnames (enableDnsHostnames) turned off: EFS mounts by DNS name and the SSM endpoints' private DNS need it. Turn it on in the VPC's settings (ModifyVpcAttribute EnableDnsHostnames)."
+    }
+  }
+}
+
+data "aws_subnet" "existing" {
+  for_each = var.create_vpc ? toset([]) : toset(var.private_subnet_ids)
+
+  region = var.region
+  id     = each.value
+}
+
 locals {
+  # EFS allows one mount target per availability zone: two subnets in one zone fail at apply, after the
+  # file system exists. https://docs.aws.amazon.com/efs/latest/ug/accessing-fs.html
+  existing_subnet_zones = { for id, subnet in data.aws_subnet.existing : id => subnet.availability_zone }
+
   azs = var.create_vpc ? (
     length(var.availability_zones) > 0 ? var.availability_zones : slice(data.aws_availability_zones.available[0].names, 0, var.az_count)
   ) : []
@@ -35,8 +70,11 @@ locals {
   private_subnet_ids = var.create_vpc ? aws_subnet.private[*].id : var.private_subnet_ids
   route_table_ids    = var.create_vpc ? aws_route_table.private[*].id : var.private_route_table_ids
 
-  create_s3_endpoint   = var.create_s3_endpoint && (var.create_vpc || length(var.private_route_table_ids) > 0)
-  restrict_s3_endpoint = local.create_s3_endpoint && var.create_vpc && length(var.s3_endpoint_bucket_arns) > 0
+  # A new VPC's endpoint is its only way to S3. In an existing VPC it changes the caller's routing, so it
+  # is created only on request (create_s3_endpoint).
+  create_s3_endpoint   = var.create_vpc || var.create_s3_endpoint
+  restrict_s3_endpoint = var.create_vpc && var.s3_endpoint_policy == null && length(var.s3_endpoint_bucket_arns) > 0
+  s3_endpoint_policy   = local.restrict_s3_endpoint ? data.aws_iam_policy_document.s3_endpoint[0].json : var.s3_endpoint_policy
   ssm_services         = var.create_ssm_endpoints ? toset(["ssm", "ssmmessages", "ec2messages"]) : toset([])
 }
 
@@ -138,8 +176,10 @@ data "aws_iam_policy_document" "flow_logs_assume" {
 resource "aws_iam_role" "flow_logs" {
   count = var.create_vpc && var.enable_flow_logs ? 1 : 0
 
-  name_prefix        = "${var.name}-flow-logs-"
-  assume_role_policy = data.aws_iam_policy_document.flow_logs_assume[0].json
+  name_prefix          = "${var.name}-flow-logs-"
+  path                 = var.role_path
+  permissions_boundary = var.role_permissions_boundary_arn
+  assume_role_policy   = data.aws_iam_policy_document.flow_logs_assume[0].json
 
   tags = var.tags
 }
@@ -198,6 +238,21 @@ resource "aws_security_group" "lambda" {
     precondition {
       condition     = var.create_vpc || (var.vpc_id != null && length(var.private_subnet_ids) >= 2)
       error_message = "With create_vpc = false, set vpc_id and at least two private_subnet_ids in distinct availability zones."
+    }
+
+    precondition {
+      condition     = length(distinct(values(local.existing_subnet_zones))) == length(local.existing_subnet_zones)
+      error_message = "private_subnet_ids must each be in a different availability zone (EFS allows one mount target per zone); their zones are ${jsonencode(local.existing_subnet_zones)}."
+    }
+
+    precondition {
+      condition     = var.create_vpc || !var.create_s3_endpoint || length(var.private_route_table_ids) > 0
+      error_message = "create_s3_endpoint = true needs private_route_table_ids: the route tables that get the endpoint's S3 route."
+    }
+
+    precondition {
+      condition     = var.create_vpc || var.create_s3_endpoint || length(var.private_route_table_ids) == 0
+      error_message = "private_route_table_ids are only used with create_s3_endpoint = true, which adds an S3 route to them (every S3 request from their subnets then goes through the endpoint): set create_s3_endpoint = true to do that, or drop private_route_table_ids."
     }
   }
 }
@@ -365,7 +420,7 @@ resource "aws_vpc_endpoint" "s3" {
   service_name      = "com.amazonaws.${data.aws_region.current.region}.s3"
   vpc_endpoint_type = "Gateway"
   route_table_ids   = local.route_table_ids
-  policy            = local.restrict_s3_endpoint ? data.aws_iam_policy_document.s3_endpoint[0].json : null
+  policy            = local.s3_endpoint_policy
 
   tags = merge(var.tags, { Name = "${var.name}-s3" })
 }
@@ -373,7 +428,7 @@ resource "aws_vpc_endpoint" "s3" {
 # In a VPC of its own the gateway endpoint is the only way to S3, so it may reach only what the stack
 # reads: the weights bucket (weights and the seeding program) and the AWS buckets that dnf (Amazon Linux
 # 2023 repositories) and the SSM agent download from. An existing VPC's route tables serve other
-# workloads too, so there the endpoint keeps the default full-access policy.
+# workloads too: there the endpoint takes s3_endpoint_policy, or AWS's default full-access policy.
 data "aws_iam_policy_document" "s3_endpoint" {
   count = local.restrict_s3_endpoint ? 1 : 0
 

@@ -10,6 +10,12 @@ locals {
 
 data "aws_partition" "current" {}
 
+data "aws_caller_identity" "current" {}
+
+data "aws_region" "current" {
+  region = var.region
+}
+
 data "aws_ssm_parameter" "ami" {
   count = var.create ? 1 : 0
 
@@ -35,21 +41,46 @@ data "aws_iam_policy_document" "assume" {
 resource "aws_iam_role" "this" {
   count = var.create ? 1 : 0
 
-  name_prefix        = "${var.name}-seeder-"
-  description        = "sd-lambda seeder: copies model weights from S3 to EFS, driven through SSM"
-  assume_role_policy = data.aws_iam_policy_document.assume.json
+  name_prefix          = "${var.name}-seeder-"
+  path                 = var.role_path
+  permissions_boundary = var.role_permissions_boundary_arn
+  description          = "sd-lambda seeder: copies model weights from S3 to EFS, driven through SSM"
+  assume_role_policy   = data.aws_iam_policy_document.assume.json
 
   tags = var.tags
 }
 
-resource "aws_iam_role_policy_attachment" "ssm" {
-  count = var.create ? 1 : 0
-
-  role       = aws_iam_role.this[0].name
-  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
-}
-
 data "aws_iam_policy_document" "this" {
+  # The SSM agent's own calls, instead of AmazonSSMManagedInstanceCore, whose ssm:GetParameter(s) on "*"
+  # would let the instance read every parameter of the account. Registering (UpdateInstanceInformation)
+  # plus the ec2messages channel is what Run Command needs; ssmmessages carries Session Manager.
+  # Associations, inventory, patching and Distributor are not used here.
+  # https://docs.aws.amazon.com/systems-manager/latest/userguide/setup-instance-permissions.html
+  # https://docs.aws.amazon.com/aws-managed-policy/latest/reference/AmazonSSMManagedInstanceCore.html
+  statement {
+    sid       = "SsmAgentRegistersThisInstance"
+    actions   = ["ssm:UpdateInstanceInformation"]
+    resources = ["arn:${data.aws_partition.current.partition}:ec2:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:instance/*"]
+  }
+
+  # ec2messages and ssmmessages actions take no resource-level permissions.
+  statement {
+    sid = "SsmAgentMessageChannels"
+    actions = [
+      "ec2messages:AcknowledgeMessage",
+      "ec2messages:DeleteMessage",
+      "ec2messages:FailMessage",
+      "ec2messages:GetEndpoint",
+      "ec2messages:GetMessages",
+      "ec2messages:SendReply",
+      "ssmmessages:CreateControlChannel",
+      "ssmmessages:CreateDataChannel",
+      "ssmmessages:OpenControlChannel",
+      "ssmmessages:OpenDataChannel",
+    ]
+    resources = ["*"]
+  }
+
   statement {
     sid       = "ListWeightsPrefix"
     actions   = ["s3:ListBucket"]
@@ -110,6 +141,7 @@ resource "aws_iam_instance_profile" "this" {
   count = var.create ? 1 : 0
 
   name_prefix = "${var.name}-seeder-"
+  path        = var.role_path
   role        = aws_iam_role.this[0].name
 
   tags = var.tags

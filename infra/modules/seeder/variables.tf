@@ -2,6 +2,7 @@ variable "create" {
   description = "Create the seeder instance and its IAM role."
   type        = bool
   default     = true
+  nullable    = false
 }
 
 variable "name" {
@@ -24,6 +25,30 @@ variable "tags" {
   description = "Tags added to every taggable resource (including the root volume)."
   type        = map(string)
   default     = {}
+  nullable    = false
+}
+
+variable "role_path" {
+  description = "Path of the seeder's IAM role and instance profile."
+  type        = string
+  default     = "/"
+  nullable    = false
+
+  validation {
+    condition     = can(regex("^/([A-Za-z0-9+=,.@_-]+/)*$", var.role_path)) && length(var.role_path) <= 512
+    error_message = "role_path must start and end with / (e.g. /sd-lambda/), at most 512 characters."
+  }
+}
+
+variable "role_permissions_boundary_arn" {
+  description = "Managed policy set as the permissions boundary of the seeder's IAM role. Null: none."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.role_permissions_boundary_arn == null || can(regex("^arn:aws[a-z-]*:iam::([0-9]{12}|aws):policy/.+$", var.role_permissions_boundary_arn))
+    error_message = "role_permissions_boundary_arn must be an IAM policy ARN (arn:aws:iam::<account>:policy/<name>)."
+  }
 }
 
 variable "subnet_id" {
@@ -40,12 +65,14 @@ variable "instance_type" {
   description = "EC2 instance type. It only copies files from S3 to EFS, so small is enough."
   type        = string
   default     = "t3.small"
+  nullable    = false
 }
 
 variable "architecture" {
   description = "CPU architecture of the Amazon Linux 2023 AMI; must match instance_type."
   type        = string
   default     = "x86_64"
+  nullable    = false
 
   validation {
     condition     = contains(["x86_64", "arm64"], var.architecture)
@@ -63,6 +90,7 @@ variable "root_volume_size" {
   description = "Size of the encrypted gp3 root volume, in GiB (room to stage a model before copying it to EFS)."
   type        = number
   default     = 20
+  nullable    = false
 
   validation {
     condition     = var.root_volume_size >= 8 && var.root_volume_size <= 1024
@@ -106,6 +134,7 @@ variable "mount_path" {
   description = "Where the access point is mounted on the instance."
   type        = string
   default     = "/mnt/models"
+  nullable    = false
 
   validation {
     condition     = can(regex("^/mnt/[A-Za-z0-9._-]+$", var.mount_path))
@@ -122,6 +151,7 @@ variable "weights_prefix" {
   description = "Key prefix of the weights in the bucket; the instance can read nothing else."
   type        = string
   default     = "models/"
+  nullable    = false
 
   validation {
     condition     = can(regex("^[A-Za-z0-9._-]+/$", var.weights_prefix))

@@ -8,7 +8,7 @@ output "bucket_arn" {
   value       = local.bucket_arn
 }
 
-output "created" {
+output "bucket_created" {
   description = "Whether this module created (and so manages) the bucket."
   value       = var.create
 }

@@ -2,6 +2,7 @@ variable "create" {
   description = "Create the bucket. When false, bucket_name names an existing bucket and nothing is created."
   type        = bool
   default     = true
+  nullable    = false
 }
 
 variable "bucket_name" {
@@ -19,6 +20,7 @@ variable "bucket_prefix" {
   description = "Prefix of the generated bucket name (create = true, bucket_name = null)."
   type        = string
   default     = "sd-lambda-weights-"
+  nullable    = false
 
   validation {
     condition     = can(regex("^[a-z0-9][a-z0-9.-]{0,36}$", var.bucket_prefix))
@@ -36,6 +38,7 @@ variable "tags" {
   description = "Tags added to every taggable resource."
   type        = map(string)
   default     = {}
+  nullable    = false
 }
 
 variable "kms_key_arn" {
@@ -48,12 +51,14 @@ variable "force_destroy" {
   description = "Let `terraform destroy` delete the bucket with the weights still in it."
   type        = bool
   default     = false
+  nullable    = false
 }
 
 variable "noncurrent_version_expiration_days" {
   description = "Days after which overwritten or deleted object versions are removed."
   type        = number
   default     = 30
+  nullable    = false
 
   validation {
     condition     = var.noncurrent_version_expiration_days >= 1

@@ -14,7 +14,7 @@ from sd_lambda.seeding.errors import SeedError
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("stack (default: the outputs of the Terraform stack in --infra-dir)")
     group.add_argument("--infra-dir", type=Path, default=Path("infra"), help="Terraform stack directory")
-    group.add_argument("--bucket", help="weights bucket (output weights_bucket)")
+    group.add_argument("--bucket", help="weights bucket (output weights_bucket_name)")
     group.add_argument("--prefix", help="key prefix in the bucket (output weights_prefix, default models/)")
     group.add_argument("--instance-id", help="seeder instance id (output seeder_instance_id)")
     group.add_argument("--mount-path", help="EFS mount on the seeder (output seeder_mount_path)")

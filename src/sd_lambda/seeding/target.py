@@ -14,7 +14,7 @@ DEFAULT_MOUNT_PATH = "/mnt/models"
 
 # Target field -> (root output of the stack, command-line flag).
 OUTPUTS: dict[str, tuple[str, str]] = {
-    "bucket": ("weights_bucket", "--bucket"),
+    "bucket": ("weights_bucket_name", "--bucket"),
     "prefix": ("weights_prefix", "--prefix"),
     "instance_id": ("seeder_instance_id", "--instance-id"),
     "mount_path": ("seeder_mount_path", "--mount-path"),
