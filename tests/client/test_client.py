@@ -174,6 +174,20 @@ def test_other_retryable_statuses_are_retried(server: SigV4Server, status: int) 
     assert generate(server.url, "a cat", region=REGION, retry=instant()).attempts == 2
 
 
+@pytest.mark.parametrize(("retry_after", "waited"), [("7", 7.0), ("600", RetryPolicy.max_delay_s)])
+def test_retry_after_is_the_least_wait_up_to_the_cap(
+    server: SigV4Server, retry_after: str, waited: float
+) -> None:
+    sleeps = Sleeps()
+    server.replies += [
+        Reply(429, b'{"Message": "Too Many Requests"}', {"retry-after": retry_after}),
+        Reply(200, PNG, IMAGE_HEADERS),
+    ]
+    assert generate(server.url, "a cat", region=REGION, retry=instant(sleeps=sleeps)).attempts == 2
+    # Without the header the jittered wait would be 0.5 s (instant(): random 0.5 x base 1 s).
+    assert sleeps.calls == [waited]
+
+
 @pytest.mark.parametrize("status", [400, 404, 413, 500])
 def test_other_errors_are_not_retried(server: SigV4Server, status: int) -> None:
     server.replies.append(
