@@ -152,23 +152,26 @@ docs-tf: $(INSTALL_STAMP) ## Regenerate the README's Terraform inputs/outputs ta
 	$(PY) scripts/gen_tf_docs.py
 
 # ---- seeding models onto EFS (real AWS: the stack's bucket + seeder instance, driven through SSM) ----------
-# MODEL (hub id[@rev]; with FROM_DIR/FROM_S3 the EFS folder name), REVISION (release name), FROM_DIR (local
-# diffusers folder), FROM_S3 (s3://bucket/models/<name>/<rev>/), SEED_ARGS (more flags: --variant fp16,
-# --tiny-decoder madebyollin/taesd, --bucket/--instance-id when the module lives in another stack, ...).
+# MODEL (hub id[@rev]), NAME (EFS folder; default: the model the stack serves, its model_name), REVISION
+# (release name), FROM_DIR (local diffusers folder), FROM_S3 (s3://bucket/models/<name>/<rev>/), SEED_ARGS
+# (more flags: --variant fp16, --tiny-decoder madebyollin/taesd, --not-served, --keep-running,
+# --bucket/--instance-id when the module lives in another stack, ...). With FROM_DIR/FROM_S3, MODEL= still
+# names the folder when NAME= is not given.
 SEED_STACK_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") $(SEED_ARGS)
+SEED_NAME = $(or $(NAME),$(if $(or $(FROM_DIR),$(FROM_S3)),$(MODEL)))
 
 .PHONY: seed-models rollback
 
-seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision: MODEL=owner/name[@rev] [REVISION=] [BF16_COPY=1] (or FROM_DIR=/FROM_S3=)
+seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] (or FROM_DIR=/FROM_S3=)
 	@test -n "$(MODEL)$(FROM_DIR)$(FROM_S3)" || { echo 'make seed-models: set MODEL=owner/name[@rev] (or FROM_DIR=path / FROM_S3=s3://...)' >&2; exit 2; }
 	$(BIN)/sd-lambda seed \
 		$(if $(FROM_DIR),--from-dir "$(FROM_DIR)",$(if $(FROM_S3),--from-s3 "$(FROM_S3)",--model "$(MODEL)")) \
-		$(if $(and $(MODEL),$(or $(FROM_DIR),$(FROM_S3))),--name "$(MODEL)") $(if $(BF16_COPY),--bf16-copy) \
+		$(if $(SEED_NAME),--name "$(SEED_NAME)") $(if $(BF16_COPY),--bf16-copy) \
 		$(if $(REVISION),--revision "$(REVISION)") $(SEED_STACK_ARGS)
 
-rollback: $(INSTALL_STAMP) ## Switch a model's current back to an older release on EFS: MODEL=... REVISION=...
-	@test -n "$(REVISION)" || { echo 'make rollback: set REVISION=<release> (and MODEL=<name or hub id>)' >&2; exit 2; }
-	$(BIN)/sd-lambda rollback $(if $(MODEL),--name "$(MODEL)") --revision "$(REVISION)" $(SEED_STACK_ARGS)
+rollback: $(INSTALL_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model)
+	@test -n "$(REVISION)" || { echo 'make rollback: set REVISION=<release> (and NAME=<model folder> unless the served one)' >&2; exit 2; }
+	$(BIN)/sd-lambda rollback $(if $(or $(NAME),$(MODEL)),--name "$(or $(NAME),$(MODEL))") --revision "$(REVISION)" $(SEED_STACK_ARGS)
 
 # ---- performance -----------------------------------------------------------------------------------
 .PHONY: bench

@@ -78,9 +78,11 @@ def test_cli_reads_the_stack_through_stack_outputs(monkeypatch: pytest.MonkeyPat
     import sd_lambda.stack_outputs
 
     monkeypatch.setattr(sd_lambda.stack_outputs, "read_outputs", read_outputs)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert main(["seed", "--from-dir", str(empty), "--infra-dir", str(tmp_path)]) == 1
+    # A folder that passes the local checks, seeded under a name the stack does not serve: refused from
+    # the stack's model_name, before anything touches AWS.
+    folder = make_model(tmp_path / "m", "v1")
+    argv = ["seed", "--from-dir", str(folder), "--name", "acme/other", "--infra-dir", str(tmp_path)]
+    assert main(argv) == 1
     assert seen == [tmp_path]
     assert target_module.OUTPUTS["instance_id"][0] == "seeder_instance_id"
 

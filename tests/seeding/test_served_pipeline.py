@@ -213,3 +213,43 @@ def test_hub_failures_are_one_line(
     with pytest.raises(SeedError) as caught:
         from_hub("acme/tiny-sd@v1", tmp_path / "work")
     assert str(caught.value) == message
+
+
+def test_make_seed_models_refuses_another_pipeline_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sd_lambda.cli import main
+    from sd_lambda.seeding import flow
+
+    monkeypatch.setattr(flow.AwsClients, "create", lambda region: pytest.fail("AWS asked"))
+    folder = make_model(tmp_path / "sdxl", "v1")
+    (folder / "model_index.json").write_text(json.dumps(SDXL_INDEX))
+    stack = ["--bucket", "b", "--instance-id", "i-1", "--region", "eu-west-1", "--name", "m"]
+    assert main(["seed", "--from-dir", str(folder), *stack]) == 1
+    assert capsys.readouterr().err.strip() == f"sd-lambda seed: error: {folder}: {REFUSED}"
+
+
+def test_an_uploaded_revision_of_another_pipeline_is_refused_before_the_seeder(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    import boto3
+    from moto import mock_aws
+
+    from sd_lambda.seeding import flow
+    from sd_lambda.seeding.target import Target
+
+    with mock_aws():
+        clients = flow.AwsClients.create("us-east-1")
+        clients.s3.create_bucket(Bucket="weights")
+        target = Target(bucket="weights", instance_id="i-1", region="us-east-1")
+        release = from_dir(make_model(tmp_path / "m", "v1"))
+        flow.stage_local(clients, target, release, "m", "r1", progress=False)
+        assert flow.stage_s3(clients, "s3://weights/models/m/r1/").revision == "r1"
+        # Someone uploaded an SDXL revision by hand (the manifest lists a model_index.json; its class is
+        # what counts).
+        boto3.client("s3", region_name="us-east-1").put_object(
+            Bucket="weights", Key="models/m/r1/model_index.json", Body=json.dumps(SDXL_INDEX).encode()
+        )
+        with pytest.raises(SeedError) as caught:
+            flow.stage_s3(clients, "s3://weights/models/m/r1/")
+    assert str(caught.value) == f"s3://weights/models/m/r1/: {REFUSED}"

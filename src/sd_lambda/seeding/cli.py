@@ -45,7 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--from-s3", metavar="S3_URL", help="an uploaded revision: s3://bucket/models/NAME/REV/"
     )
     seed.add_argument(
-        "--name", help="model folder on EFS (default: the hub id's slug, or the stack's model_name)"
+        "--name",
+        help="model folder on EFS (default: the model the stack serves, its model_name output; without "
+        "stack outputs, the hub id's slug or the S3 URL's model folder)",
+    )
+    seed.add_argument(
+        "--not-served",
+        action="store_true",
+        help="allow a --name the function does not serve (a second model, e.g. before switching model_name)",
     )
     seed.add_argument("--revision", help="release name (default: hub commit, or a content hash)")
     seed.add_argument("--variant", help="hub weights variant, e.g. fp16 (stored under the plain file names)")
@@ -129,8 +136,11 @@ def _guarded(func: Any) -> Any:
 
 @_guarded
 def run_seed(args: argparse.Namespace) -> int:
-    from sd_lambda.seeding import flow, sources
+    from sd_lambda.layout import model_slug
+    from sd_lambda.seeding import flow, preflight, sources
+    from sd_lambda.seeding.target import seed_name
 
+    # Cheap, local checks first; then every AWS check; only then the hub and the weights.
     if args.keep < 1:
         raise SeedError("--keep must be at least 1")
     if not args.model and (args.variant or args.tiny_decoder):
@@ -139,37 +149,53 @@ def run_seed(args: argparse.Namespace) -> int:
         raise SeedError("--bf16-copy applies to --model and --from-dir (an uploaded revision is as stored)")
     if args.from_s3 and args.revision:
         raise SeedError("--from-s3 names the revision itself (s3://bucket/models/NAME/REVISION/)")
+    hub_repo = sources.parse_model_ref(args.model)[0] if args.model else None
     target = _target(args)
     if args.warm and not target.function_name:
         raise SeedError("--warm needs --function-name (the stack has no function_name output)")
+    if args.from_dir:
+        sources.check_dir(args.from_dir, bf16_copy=args.bf16_copy)
+    source_name = hub_repo or (flow.parse_s3_url(args.from_s3)[2] if args.from_s3 else None)
+    name = seed_name(target, args.name, source_name, not_served=args.not_served)
+    served = model_slug(target.model_name) if target.model_name else None
+    if args.warm and served and name != served:
+        raise SeedError(f"--warm loads the served model ({served}), not {name}: drop --warm")
+    if hub_repo and name == served != model_slug(hub_repo):
+        flow.log(f"seeding {hub_repo} as {name}, the model the function serves (model_name)")
     clients = flow.AwsClients.create(target.region)
-    if args.from_s3:
-        staged = flow.stage_s3(clients, args.from_s3, args.name)
-    else:
-        if args.model:
-            release = sources.from_hub(
-                args.model, args.work_dir, variant=args.variant, tiny_decoder=args.tiny_decoder
-            )
-        else:
-            release = sources.from_dir(args.from_dir, bf16_copy=args.bf16_copy)
-        if args.bf16_copy:
-            release = sources.with_bf16_copy(release, args.work_dir)
-        name = flow.model_name(args.name, args.model, target)
-        staged = flow.stage_local(
-            clients, target, release, name, args.revision, progress=not args.no_progress
-        )
-    if target.model_name and staged.name != target.model_name:
-        flow.log(f"note: the function serves {target.model_name!r}; this seeds {staged.name!r}")
+    flow.log(f"AWS: {preflight.check_aws(clients, target.bucket)}, bucket {target.bucket}")
+    # An uploaded revision is checked (manifest, pipeline class) before the seeder starts.
+    staged = flow.stage_s3(clients, args.from_s3, name) if args.from_s3 else None
     if args.upload_only:
+        staged = staged or _stage(args, clients, target, name)
         print(
             json.dumps({"uploaded": f"s3://{staged.bucket}/{staged.key_prefix}", "revision": staged.revision})
         )
         return 0
-    result = flow.sync_on_seeder(clients, target, staged, _options(args))
+    options = _options(args)
+    # The seeder is ready (running, agent Online, EFS mounted) before the hub is asked for a byte.
+    with flow.seeder_session(clients, target, options) as run:
+        staged = staged or _stage(args, clients, target, name)
+        result = flow.sync_on_seeder(clients, target, staged, options, run)
     print(json.dumps(result, sort_keys=True))
     if args.warm:
         print(json.dumps(flow.warm_function(clients.lambda_, target.function_name), sort_keys=True))
     return 0
+
+
+def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str) -> Any:
+    """A hub or folder source in S3 (downloaded, copied and uploaded as asked): an ``S3Release``."""
+    from sd_lambda.seeding import flow, sources
+
+    if args.model:
+        release = sources.from_hub(
+            args.model, args.work_dir, variant=args.variant, tiny_decoder=args.tiny_decoder
+        )
+    else:
+        release = sources.from_dir(args.from_dir, bf16_copy=args.bf16_copy)
+    if args.bf16_copy:
+        release = sources.with_bf16_copy(release, args.work_dir)
+    return flow.stage_local(clients, target, release, name, args.revision, progress=not args.no_progress)
 
 
 @_guarded
@@ -177,7 +203,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     from sd_lambda.seeding import flow
 
     target = _target(args)
-    name = flow.model_name(args.name, None, target)
+    name = flow.rollback_name(args.name, target)
     result = flow.rollback(flow.AwsClients.create(target.region), target, name, args.revision, _options(args))
     print(json.dumps(result, sort_keys=True))
     return 0

@@ -10,14 +10,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd_lambda.layout import DEFAULT_KEEP, LAMBDA_OWNER, MANIFEST, check_name, model_slug
+from sd_lambda.layout import DEFAULT_KEEP, LAMBDA_OWNER, MANIFEST, MODEL_INDEX, check_name, model_slug
 from sd_lambda.seeding.errors import SeedError
-from sd_lambda.seeding.payload import ship_program
-from sd_lambda.seeding.remote import run_command, shell_script
+from sd_lambda.seeding.payload import ShippedProgram, ship_program
+from sd_lambda.seeding.pipeline import check_served_class, parse_model_index
+from sd_lambda.seeding.remote import mount_check_script, run_command, shell_script
 from sd_lambda.seeding.seeder import Seeder
 from sd_lambda.seeding.sources import LocalRelease, check_pipeline_files
 from sd_lambda.seeding.target import Target
-from sd_lambda.seeding.upload import check_bucket, read_manifest, upload_release
+from sd_lambda.seeding.upload import check_bucket, read_manifest, read_object, upload_release
 
 # How long the seeder's program waits for EFS to be mounted (first boot: user data may still run).
 MOUNT_WAIT_S = 300
@@ -33,13 +34,14 @@ class AwsClients:
     ec2: Any
     ssm: Any
     lambda_: Any = None  # only for --warm
+    sts: Any = None  # only for the credentials check
 
     @classmethod
     def create(cls, region: str | None) -> AwsClients:
         import boto3
 
         session = boto3.Session(region_name=region)
-        clients = [session.client(name) for name in ("s3", "ec2", "ssm", "lambda")]
+        clients = [session.client(name) for name in ("s3", "ec2", "ssm", "lambda", "sts")]
         return cls(*clients)
 
 
@@ -116,6 +118,7 @@ def stage_local(
 
 
 def stage_s3(clients: AwsClients, url: str, name: str | None = None) -> S3Release:
+    """An uploaded revision, checked (manifest, files, pipeline class) before the seeder starts."""
     bucket, key_prefix, url_name, revision = parse_s3_url(url)
     name = model_slug(name) if name else url_name
     check_bucket(clients.s3, bucket)
@@ -128,23 +131,63 @@ def stage_s3(clients: AwsClients, url: str, name: str | None = None) -> S3Releas
     problem = check_pipeline_files([entry.path for entry in manifest.files])
     if problem:
         raise SeedError(f"s3://{bucket}/{key_prefix}: {problem}")
+    where = f"s3://{bucket}/{key_prefix}"
+    index = read_object(clients.s3, bucket, key_prefix + MODEL_INDEX)
+    if index is None:
+        raise SeedError(f"{where}{MODEL_INDEX} is listed in the manifest but missing")
+    check_served_class(parse_model_index(index, where), where)
     return S3Release(bucket, key_prefix, name, revision, hashlib.sha256(raw).hexdigest())
 
 
+@dataclass(frozen=True)
+class SeederRun:
+    """The seeder for one run, ready (running, agent Online, EFS mounted), and the program it runs."""
+
+    seeder: Seeder
+    program: ShippedProgram
+
+
 @contextmanager
-def seeder_session(clients: AwsClients, target: Target, options: RunOptions) -> Iterator[Seeder]:
-    """The seeder, running and Online for the block; stopped afterwards if this run started it."""
+def seeder_session(clients: AwsClients, target: Target, options: RunOptions) -> Iterator[SeederRun]:
+    """The seeder, ready for the block; afterwards stopped unless ``--keep-running`` or another command
+    still runs on it (the last run out stops it, also one that found it running)."""
+    # Before the seeder starts: a bucket this operator cannot write fails fast, with nothing to stop.
+    program = ship_program(clients.s3, target.bucket, target.key_prefix)
+    log(f"sync program {program.url} ({'uploaded' if program.uploaded else 'already there'})")
     seeder = Seeder(clients.ec2, clients.ssm, target.instance_id, log=log, **options.timing())
-    started = seeder.start_if_stopped(options.start_timeout)
+    seeder.start_if_stopped(options.start_timeout)  # a missing or terminated seeder: nothing to stop
     try:
-        seeder.wait_running(options.start_timeout)
-        seeder.wait_online(options.online_timeout)
-        yield seeder
-    finally:
-        if started and not options.keep_running:
-            seeder.stop()
-        elif started:
-            log(f"seeder {target.instance_id} left running (--keep-running)")
+        seeder.ensure_ready(options.start_timeout, options.online_timeout)
+        check_mount(clients.ssm, target, options)
+        yield SeederRun(seeder, program)
+    except BaseException:
+        try:
+            _leave(seeder, options)
+        except SeedError as exc:  # the run's own error is the one worth reporting
+            log(f"could not stop the seeder: {exc}")
+        raise
+    _leave(seeder, options)
+
+
+def _leave(seeder: Seeder, options: RunOptions) -> None:
+    if options.keep_running:
+        log(f"seeder {seeder.instance_id} left running (--keep-running)")
+    else:
+        seeder.stop_unless_busy()
+
+
+def check_mount(ssm: Any, target: Target, options: RunOptions) -> None:
+    """EFS is mounted on the seeder (waiting for a first boot's user data), before anything is fetched."""
+    invocation = run_command(
+        ssm,
+        target.instance_id,
+        mount_check_script(target.mount_path, MOUNT_WAIT_S),
+        execution_timeout=MOUNT_WAIT_S + 60,
+        comment=f"sd-lambda mount check {target.mount_path}",
+        **options.timing(),
+    )
+    if invocation.status != "Success":
+        raise SeedError(f"the seeder's mount check {invocation.status}: {invocation.error_line()}")
 
 
 def bucket_region(clients: AwsClients, target: Target) -> str | None:
@@ -154,21 +197,27 @@ def bucket_region(clients: AwsClients, target: Target) -> str | None:
 
 
 def _run(
-    clients: AwsClients, target: Target, argv: list[str], comment: str, options: RunOptions
+    clients: AwsClients,
+    target: Target,
+    argv: list[str],
+    comment: str,
+    options: RunOptions,
+    run: SeederRun | None = None,
 ) -> dict[str, Any]:
-    # Before the seeder starts: a bucket this operator cannot write fails fast, with nothing to stop.
-    program = ship_program(clients.s3, target.bucket, target.key_prefix)
-    log(f"sync program {program.url} ({'uploaded' if program.uploaded else 'already there'})")
-    with seeder_session(clients, target, options):
-        log(f"running on {target.instance_id} via SSM: {comment}")
-        invocation = run_command(
-            clients.ssm,
-            target.instance_id,
-            shell_script(program, argv, bucket_region(clients, target)),
-            execution_timeout=options.execution_timeout,
-            comment=comment,
-            **options.timing(),
-        )
+    if run is None:
+        with seeder_session(clients, target, options) as run:
+            return _run(clients, target, argv, comment, options, run)
+    # Another run that ended while this one downloaded may have stopped the seeder: start it again.
+    run.seeder.ensure_ready(options.start_timeout, options.online_timeout)
+    log(f"running on {target.instance_id} via SSM: {comment}")
+    invocation = run_command(
+        clients.ssm,
+        target.instance_id,
+        shell_script(run.program, argv, bucket_region(clients, target)),
+        execution_timeout=options.execution_timeout,
+        comment=comment,
+        **options.timing(),
+    )
     if invocation.status != "Success":
         for line in invocation.tail():
             log(f"  | {line}")
@@ -179,7 +228,11 @@ def _run(
 
 
 def sync_on_seeder(
-    clients: AwsClients, target: Target, staged: S3Release, options: RunOptions
+    clients: AwsClients,
+    target: Target,
+    staged: S3Release,
+    options: RunOptions,
+    run: SeederRun | None = None,
 ) -> dict[str, Any]:
     argv = [
         "sync",
@@ -197,7 +250,7 @@ def sync_on_seeder(
     region = bucket_region(clients, target)
     if region:
         argv += ["--region", region]
-    return _run(clients, target, argv, f"sd-lambda seed {staged.name}@{staged.revision}", options)
+    return _run(clients, target, argv, f"sd-lambda seed {staged.name}@{staged.revision}", options, run)
 
 
 def rollback(
@@ -214,12 +267,10 @@ def rollback(
     return _run(clients, target, argv, f"sd-lambda rollback {name}@{revision}", options)
 
 
-def model_name(explicit: str | None, hub_ref: str | None, target: Target) -> str:
-    """The EFS folder: --name, else the hub id's slug, else the model the stack's function serves."""
+def rollback_name(explicit: str | None, target: Target) -> str:
+    """The model to roll back: --name, else the model the stack's function serves."""
     if explicit:
         return model_slug(explicit)
-    if hub_ref:
-        return model_slug(hub_ref.partition("@")[0])
     if target.model_name:
         return model_slug(target.model_name)
     raise SeedError("no model name: pass --name (the stack has no model_name output)")

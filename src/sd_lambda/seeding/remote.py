@@ -17,7 +17,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from sd_lambda.seeding.efs_sync import RESULT_PREFIX
+from sd_lambda.seeding.efs_sync import MOUNT_UNIT, RESULT_PREFIX
 from sd_lambda.seeding.errors import SeedError, aws_error
 from sd_lambda.seeding.payload import ShippedProgram
 
@@ -46,6 +46,34 @@ def shell_script(program: ShippedProgram, argv: Sequence[str], region: str | Non
         f"echo '{program.sha256}  '\"$program\" | sha256sum -c --quiet - || "
         + fail(f"{program.url} is not the program this driver shipped (sha256 mismatch); nothing ran"),
         'python3 "$program" ' + shlex.join(argv),
+    ]
+
+
+def mount_check_script(mount_path: str, wait_s: int, unit: str = MOUNT_UNIT) -> list[str]:
+    """POSIX sh lines that succeed once EFS is mounted at ``mount_path``: as the sync program does, the
+    seeder's boot-setup unit is started when it is not (``systemctl start`` of a oneshot unit returns when
+    the unit has finished, which it bounds itself), then the mount is awaited up to ``wait_s`` seconds.
+    A failed setup ends with the unit's own last ``error:`` line. ``mountpoint`` is util-linux, in every
+    Amazon Linux 2023 image."""
+    mount, unit_q = shlex.quote(mount_path), shlex.quote(unit)
+    journal = f"journalctl --unit {unit_q} --boot --output cat --no-pager --lines 50 2>/dev/null"
+    setup_failed = (
+        f'reason="$({journal} | sed -n "s/^error: *//p" | tail -n 1)"; '
+        f'echo "error: EFS setup on the seeder failed: ${{reason:-{unit} failed}} '
+        f'(details: journalctl -u {unit} on the seeder)" >&2; exit 1'
+    )
+    not_mounted = (
+        f"error: EFS is not mounted at {mount_path} after {wait_s}s (journalctl -u {unit} on the seeder)"
+    )
+    return [
+        "set -u",
+        f"mountpoint -q {mount} || systemctl start {unit_q} || {{ {setup_failed}; }}",
+        "waited=0",
+        f"until mountpoint -q {mount}; do",
+        f'  [ "$waited" -lt {int(wait_s)} ] || {{ echo {shlex.quote(not_mounted)} >&2; exit 1; }}',
+        "  sleep 5; waited=$((waited + 5))",
+        "done",
+        f"echo {shlex.quote('mounted: ' + mount_path)}",
     ]
 
 

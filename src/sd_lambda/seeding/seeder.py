@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -12,6 +13,13 @@ from botocore.exceptions import ClientError
 from sd_lambda.seeding.errors import SeedError, aws_error
 
 NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
+# Command statuses of a command that still runs, or may yet run, on its instance
+# (https://docs.aws.amazon.com/systems-manager/latest/userguide/monitor-commands.html).
+UNFINISHED = frozenset({"Pending", "InProgress", "Cancelling"})
+# Older commands are finished: a command waits for delivery at most TimeoutSeconds (the driver's: 600 s)
+# plus its executionTimeout, then runs at most its executionTimeout, which AWS-RunShellScript caps at
+# 172800 s (monitor-commands.html above, "Delivery Timed Out").
+LOOKBACK = timedelta(seconds=600 + 2 * 172800)
 
 
 @dataclass
@@ -70,6 +78,12 @@ class Seeder:
         self.wait_running(timeout)
         return started
 
+    def ensure_ready(self, start_timeout: float = 300, online_timeout: float = 600) -> bool:
+        """Running with its SSM agent Online (started if needed); True when this call started it."""
+        started = self.ensure_running(start_timeout)
+        self.wait_online(online_timeout)
+        return started
+
     def wait_online(self, timeout: float = 600) -> None:
         """Until the SSM agent reports Online; a clear error after ``timeout`` seconds."""
         deadline = self.clock() + timeout
@@ -92,6 +106,42 @@ class Seeder:
                     "and the instance role's AmazonSSMManagedInstanceCore policy"
                 )
             self.sleep(self.poll_interval)
+
+    def unfinished_commands(self, now: datetime | None = None) -> list[str]:
+        """Ids of Run Command commands sent to this instance that are not finished yet: another seeding
+        run's sync or rollback (or anything else someone runs on it).
+
+        ListCommands is asked without InstanceId and filtered here: AWS documents that a command still
+        Pending cannot be listed by instance ID (it has not reached the node), and a Pending command is
+        exactly another run that is about to need the instance
+        (https://docs.aws.amazon.com/systems-manager/latest/APIReference/API_ListCommands.html,
+        https://docs.aws.amazon.com/systems-manager/latest/APIReference/API_CommandFilter.html).
+        """
+        since = (now or datetime.now(UTC)) - LOOKBACK
+        filters = [{"key": "InvokedAfter", "value": since.strftime("%Y-%m-%dT%H:%M:%SZ")}]
+        try:
+            pages = self.ssm.get_paginator("list_commands").paginate(Filters=filters)
+            return [
+                str(command["CommandId"])
+                for page in pages
+                for command in page.get("Commands", [])
+                if self.instance_id in command.get("InstanceIds", []) and command.get("Status") in UNFINISHED
+            ]
+        except ClientError as exc:
+            raise aws_error(exc, "ssm", self.instance_id) from exc
+
+    def stop_unless_busy(self, now: datetime | None = None) -> bool:
+        """Stop the instance unless a command is still unfinished on it (the last run out stops it);
+        True if it was asked to stop."""
+        busy = self.unfinished_commands(now)
+        if busy:
+            self.log(
+                f"seeder {self.instance_id} left running: command {', '.join(busy)} still runs on it "
+                "(the run that sent it stops the seeder when it ends)"
+            )
+            return False
+        self.stop()
+        return True
 
     def stop(self) -> None:
         self.log(f"stopping seeder {self.instance_id}")

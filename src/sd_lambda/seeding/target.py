@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.layout import model_slug
 from sd_lambda.seeding.errors import SeedError
 
 DEFAULT_PREFIX = "models/"
@@ -77,4 +78,30 @@ def resolve_target(
         region=values["region"],
         model_name=values["model_name"],
         function_name=values["function_name"],
+    )
+
+
+def seed_name(target: Target, explicit: str | None, source_name: str | None, *, not_served: bool) -> str:
+    """The EFS folder a seed writes: the model the stack's function serves (its ``model_name``).
+
+    Decided before anything is downloaded, so a mismatch is one line instead of a function that answers
+    503 after a multi-GB seed. ``--name`` must be the served model unless ``not_served`` says a second
+    model is seeded on purpose (e.g. before switching ``model_name`` to it). Without a served model to
+    compare with (flags instead of stack outputs), ``--name`` or the source's own name (``source_name``:
+    the hub id or the S3 URL's folder) is taken as given.
+    """
+    name = model_slug(explicit) if explicit else None
+    served = model_slug(target.model_name) if target.model_name else None
+    if served is None:
+        if name or source_name:
+            return name or model_slug(str(source_name))
+        raise SeedError("no model name: pass --name (the stack has no model_name output)")
+    if name is None or name == served:
+        return served
+    if not_served:
+        return name
+    raise SeedError(
+        f"--name {name} is not the model the function serves ({served}): drop --name/NAME= to seed "
+        f'{served}, or set model_name = "{name}" in terraform.tfvars and make apply, or pass '
+        "--not-served to seed it for later"
     )

@@ -49,15 +49,22 @@ def check_bucket(s3: Any, bucket: str) -> None:
         raise aws_error(exc, "s3", f"arn:aws:s3:::{bucket}") from exc
 
 
-def read_manifest(s3: Any, bucket: str, key_prefix: str) -> tuple[bytes, Manifest] | None:
-    """The manifest already at ``key_prefix`` (raw bytes and parsed), or None."""
-    key = key_prefix + MANIFEST
+def read_object(s3: Any, bucket: str, key: str) -> bytes | None:
+    """A small object's bytes, or None when it does not exist."""
     try:
-        raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     except ClientError as exc:
         if _not_found(exc):
             return None
         raise aws_error(exc, "s3", f"s3://{bucket}/{key}") from exc
+
+
+def read_manifest(s3: Any, bucket: str, key_prefix: str) -> tuple[bytes, Manifest] | None:
+    """The manifest already at ``key_prefix`` (raw bytes and parsed), or None."""
+    key = key_prefix + MANIFEST
+    raw = read_object(s3, bucket, key)
+    if raw is None:
+        return None
     try:
         return raw, Manifest.from_json(raw.decode())
     except (LayoutError, UnicodeDecodeError) as exc:
