@@ -287,3 +287,19 @@ def test_mount_check_refuses_a_mount_that_never_appears(tmp_path: Path) -> None:
     assert invocation.error_line() == (
         f"EFS is not mounted at /mnt/models after 0s (journalctl -u {MOUNT_UNIT} on the seeder)"
     )
+
+
+def test_expired_credentials_are_one_line(aws_env: dict[str, str]) -> None:
+    sts = boto3.client("sts", region_name=REGION)
+    with Stubber(sts) as stub:
+        stub.add_client_error(
+            "get_caller_identity",
+            service_error_code="ExpiredToken",
+            service_message="The security token included in the request is expired\nsecond line",
+        )
+        with pytest.raises(SeedError) as caught:
+            check_caller(sts)
+    assert str(caught.value) == (
+        "sts:GetCallerIdentity on your credentials failed: ExpiredToken: "
+        "The security token included in the request is expired"
+    )
