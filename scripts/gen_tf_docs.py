@@ -119,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gen_tf_docs: updated {readme}")
     if stale:
         for readme in stale:
-            print(f"gen_tf_docs: {readme} Terraform tables are out of date: run `make docs-tf`", file=sys.stderr)
+            message = f"gen_tf_docs: {readme} Terraform tables are out of date: run `make docs-tf`"
+            print(message, file=sys.stderr)
         return 1
     if args.check:
         print("gen_tf_docs: Terraform tables are up to date")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

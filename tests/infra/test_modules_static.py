@@ -4,6 +4,7 @@ and README tables in sync with the code (scripts/gen_tf_docs.py --check)."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,21 @@ def test_root_exposes_tracing_log_level_retention_seeder_volume_and_zones() -> N
         "seeder_root_volume_size",
         "availability_zones",
     } <= set(variables)
+
+
+def test_docs_check_fails_on_a_stale_module_readme(tmp_path: Path) -> None:
+    """Each module's README carries its own generated table, checked like the top-level one."""
+    infra = tmp_path / "infra"
+    shutil.copytree(INFRA, infra, ignore=shutil.ignore_patterns(".terraform*"))
+    readme = infra / "modules" / "lambda" / "README.md"
+    readme.write_text(readme.read_text().replace("| `memory_size` |", "| `memory_mb` |", 1))
+
+    result = subprocess.run(
+        [sys.executable, str(GEN_DOCS), "--check", "--infra", str(infra)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert f"{readme} Terraform tables are out of date" in result.stderr
