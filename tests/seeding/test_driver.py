@@ -303,6 +303,7 @@ def test_seed_sends_the_exact_command_and_stops_the_seeder(aws: flow.AwsClients,
     mount_check, command = aws.ssm.list_commands()["Commands"]
     assert mount_check["Comment"] == "sd-lambda mount check /mnt/models"
     assert mount_check["Parameters"]["commands"] == mount_check_script("/mnt/models", 300)
+    assert mount_check["Parameters"]["executionTimeout"] == [str(flow.MOUNT_CHECK_TIMEOUT_S)]
     assert command["DocumentName"] == DOCUMENT == "AWS-RunShellScript"
     assert command["InstanceIds"] == [instance_id]
     assert command["Parameters"]["executionTimeout"] == ["3600"]

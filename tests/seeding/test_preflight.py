@@ -303,3 +303,13 @@ def test_expired_credentials_are_one_line(aws_env: dict[str, str]) -> None:
         "sts:GetCallerIdentity on your credentials failed: ExpiredToken: "
         "The security token included in the request is expired"
     )
+
+
+def test_the_mount_check_outlasts_the_setup_unit_it_may_start() -> None:
+    """SSM would kill a mount check still waiting for a first boot's setup (efs-utils install and mount
+    retries) if its executionTimeout were shorter than the unit's own bound."""
+    import re
+
+    template = Path(__file__).parents[2] / "infra" / "modules" / "seeder" / "user_data.sh.tftpl"
+    (minutes,) = re.findall(r"^TimeoutStartSec=(\d+)min$", template.read_text(), flags=re.MULTILINE)
+    assert int(minutes) * 60 + flow.MOUNT_WAIT_S <= flow.MOUNT_CHECK_TIMEOUT_S

@@ -22,6 +22,9 @@ from sd_lambda.seeding.upload import check_bucket, read_manifest, read_object, u
 
 # How long the seeder's program waits for EFS to be mounted (first boot: user data may still run).
 MOUNT_WAIT_S = 300
+# The mount check's executionTimeout: the setup unit it may start bounds itself at 20 minutes
+# (TimeoutStartSec in infra/modules/seeder/user_data.sh.tftpl), then the mount is awaited.
+MOUNT_CHECK_TIMEOUT_S = 20 * 60 + MOUNT_WAIT_S + 60
 
 
 def log(message: str) -> None:
@@ -182,7 +185,7 @@ def check_mount(ssm: Any, target: Target, options: RunOptions) -> None:
         ssm,
         target.instance_id,
         mount_check_script(target.mount_path, MOUNT_WAIT_S),
-        execution_timeout=MOUNT_WAIT_S + 60,
+        execution_timeout=MOUNT_CHECK_TIMEOUT_S,
         comment=f"sd-lambda mount check {target.mount_path}",
         **options.timing(),
     )
