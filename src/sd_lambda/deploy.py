@@ -4,8 +4,9 @@ The function needs an image pinned by digest, and the image needs the ECR reposi
 ``apply`` first runs the preflight (``sd-lambda deploy preflight``: credentials, terraform, docker, the
 account's Lambda limits), then breaks that loop in stages: a targeted plan + apply of the repository, then
 the image (``--image-uri`` or the digest ``make push-image`` leaves in ``.image-digest``, checked to be a
-manifest Lambda runs), then the full apply with ``image_uri = <repo>@sha256:<digest>``, then a wait until
-Lambda reports the function Active.
+manifest Lambda runs), then the full apply with ``image_uri = <repo>@sha256:<digest>``, then a
+``deployed-<UTC time>`` tag on that digest (the ECR lifecycle keeps the image the function runs), then a
+wait until Lambda reports the function Active.
 
 Without a new image, ``plan`` and ``apply`` keep the one the function runs (the ``image_uri`` output).
 Every plan is saved, checked and only then applied: one that would delete or replace the live function
@@ -207,6 +208,26 @@ def verify_image(ecr: Any, image: PinnedImage) -> None:
         raise StackError(problem)
 
 
+def mark_deployed(ecr: Any, image: PinnedImage) -> str:
+    """Tag the digest the function now runs ``deployed-<UTC time>``; returns the tag.
+
+    The ECR lifecycle's first rule keeps the last ``repository_keep_deployments`` of these, and no
+    lower-priority rule (git-* or untagged) can expire an image a higher one matched: the running image
+    survives any number of later pushes. Tagged only after the apply succeeded, so a failed apply never
+    protects an image nothing runs.
+    https://docs.aws.amazon.com/AmazonECR/latest/userguide/LifecyclePolicies.html
+    """
+    from sd_lambda.container.registry import PushError, add_tag, deployed_tag
+
+    tag = deployed_tag()
+    try:
+        add_tag(ecr, image.repository, image.digest, tag)
+    except PushError as exc:
+        raise StackError(f"the function runs {image.uri}, but {exc}") from None
+    print(f"==> tagged the deployed image {tag}", flush=True)
+    return tag
+
+
 def wait_until_ready(lambda_client: Any, function_name: str, timeout_seconds: int) -> dict[str, Any]:
     """Block until the function is Active and its last update finished (bounded by ``timeout_seconds``)."""
     from botocore.exceptions import WaiterError
@@ -323,6 +344,7 @@ def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_c
 
     print(f"==> stage 2/3: the full stack with image_uri={image.uri}", flush=True)
     _apply_checked(stack, {**variables, "image_uri": image.uri}, options)
+    mark_deployed(clients("ecr", image.region), image)
     outputs = stack.outputs()
     function_name = outputs.get("function_name")
     if not function_name:

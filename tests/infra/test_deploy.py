@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -718,3 +719,84 @@ def test_other_apply_errors_pass_through_unchanged(aws: None) -> None:
         deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}"), stack)
 
     assert raised.value is error
+
+
+################################################################################
+# Item 17: the digest the function runs carries a deployed-* tag the ECR lifecycle keeps
+################################################################################
+
+
+def _tags_of(digest: str) -> list[str]:
+    ecr = boto3.client("ecr", region_name=REGION)
+    details = ecr.describe_images(repositoryName="sd-lambda", imageIds=[{"imageDigest": digest}])
+    return details["imageDetails"][0].get("imageTags", [])
+
+
+def test_apply_tags_the_deployed_digest_for_the_lifecycle_to_keep(aws: None) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+
+    deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}", wait_seconds=10), FakeStack())
+
+    deployed = [tag for tag in _tags_of(digest) if tag.startswith("deployed-")]
+    assert len(deployed) == 1
+    assert re.fullmatch(r"deployed-\d{8}T\d{6}Z", deployed[0])
+    assert "build-1" in _tags_of(digest)  # the push tag stays: a tag is added, none is moved
+
+
+def test_a_failed_apply_tags_nothing(aws: None) -> None:
+    from sd_lambda.stack_outputs import TerraformCommandError
+
+    digest = push_image_to_moto()
+    stack = FakeStack()
+    stack.apply_error = TerraformCommandError(
+        "terraform apply failed in infra (exit 1): Error: x", "Error: x"
+    )
+
+    with pytest.raises(TerraformCommandError):
+        deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}"), stack)
+
+    assert _tags_of(digest) == ["build-1"]
+
+
+def test_the_same_tag_twice_is_not_an_error(aws: None) -> None:
+    """PutImage answers ImageAlreadyExistsException when the digest already has the tag."""
+    from sd_lambda.container.registry import add_tag
+
+    digest = push_image_to_moto()
+    ecr = boto3.client("ecr", region_name=REGION)
+
+    add_tag(ecr, "sd-lambda", digest, "deployed-20260101T000000Z")
+    add_tag(ecr, "sd-lambda", digest, "deployed-20260101T000000Z")
+
+    assert sorted(_tags_of(digest)) == ["build-1", "deployed-20260101T000000Z"]
+
+
+@pytest.mark.parametrize("operation", ["batch_get_image", "put_image"])
+def test_a_tagging_refusal_is_one_line_naming_both_permissions(operation: str) -> None:
+    client = boto3.client("ecr", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="y")
+    image = parse_pinned_image(f"{REPOSITORY_URL}@{DIGEST}")
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"})
+    with Stubber(client) as stubber:
+        if operation == "put_image":
+            stubber.add_response(
+                "batch_get_image",
+                {
+                    "images": [
+                        {
+                            "imageId": {"imageDigest": DIGEST},
+                            "imageManifest": manifest,
+                            "imageManifestMediaType": "application/vnd.oci.image.manifest.v1+json",
+                        }
+                    ],
+                    "failures": [],
+                },
+            )
+        stubber.add_client_error(operation, "AccessDeniedException", "not authorized to perform")
+        with pytest.raises(StackError) as refused:
+            deploy.mark_deployed(client, image)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"the function runs {image.uri}, but could not tag")
+    assert "ecr:BatchGetImage and ecr:PutImage" in message

@@ -164,3 +164,50 @@ def write_reference(path: Path, reference: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(reference + "\n")
     os.replace(temporary, path)
+
+
+DEPLOYED_TAG_PREFIX = "deployed-"
+
+
+def deployed_tag(now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> str:
+    """``deployed-<UTC yyyymmddThhmmssZ>``: the tag the ECR lifecycle's first rule keeps."""
+    return f"{DEPLOYED_TAG_PREFIX}{now():%Y%m%dT%H%M%SZ}"
+
+
+def add_tag(ecr: Any, repository_name: str, digest: str, tag: str) -> None:
+    """Give the image ``digest`` one more tag, without docker: its manifest is put again under ``tag``.
+
+    Tag immutability forbids moving a tag to another image, not adding a new tag to an existing one
+    (https://docs.aws.amazon.com/AmazonECR/latest/userguide/image-retag.html,
+    https://docs.aws.amazon.com/AmazonECR/latest/userguide/image-tag-mutability.html).
+    """
+    from botocore.exceptions import ClientError
+
+    try:
+        images = ecr.batch_get_image(repositoryName=repository_name, imageIds=[{"imageDigest": digest}])
+        if not images.get("images"):
+            raise PushError(f"image {digest} is not in ECR repository {repository_name}: cannot tag it {tag}")
+        image = images["images"][0]
+        media_type = image.get("imageManifestMediaType")
+        ecr.put_image(
+            repositoryName=repository_name,
+            imageManifest=image["imageManifest"],
+            imageTag=tag,
+            imageDigest=digest,
+            **({"imageManifestMediaType": media_type} if media_type else {}),
+        )
+    except ecr.exceptions.ImageAlreadyExistsException:
+        # PutImage's answer when this digest already carries this tag: the tag is there, as wanted.
+        # https://docs.aws.amazon.com/AmazonECR/latest/APIReference/API_PutImage.html
+        return
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        hint = (
+            "the deploying identity needs ecr:BatchGetImage and ecr:PutImage on the repository"
+            if "AccessDenied" in code or "Unauthorized" in code
+            else "rerun the apply"
+        )
+        raise PushError(
+            f"could not tag {repository_name}@{digest} as {tag} ({code}: {error.get('Message')}); {hint}"
+        ) from None
