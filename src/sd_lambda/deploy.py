@@ -208,6 +208,23 @@ def verify_image(ecr: Any, image: PinnedImage) -> None:
         raise StackError(problem)
 
 
+def refuse_an_image_the_lifecycle_would_expire(ecr: Any, image: PinnedImage, options: DeployOptions) -> None:
+    """Before the full apply: a rollback to an image pushed before ``ecr_keep_deployments`` newer deployed
+    ones would be expired by the lifecycle's first rule (it ranks by push time), so refuse it."""
+    from sd_lambda.container.registry import deployed_images_pushed_after
+
+    keep = _effective(options, "ecr_keep_deployments")
+    if keep is None:
+        return
+    newer = deployed_images_pushed_after(ecr, image.repository, image.digest)
+    if newer >= int(keep):
+        raise StackError(
+            f"image {image.digest} was pushed before {newer} newer deployed images and the ECR lifecycle "
+            f"keeps the newest {keep} by push time, so it would expire while the function runs it: set "
+            f"ecr_keep_deployments = {newer + 1} (TFVARS=... or --var ecr_keep_deployments={newer + 1})"
+        )
+
+
 def mark_deployed(ecr: Any, image: PinnedImage) -> str:
     """Tag the digest the function now runs ``deployed-<UTC time>``; returns the tag.
 
@@ -341,6 +358,7 @@ def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_c
     image = parse_pinned_image(str(image_uri))
     check_image_region(image, _stack_region(options, deployed))
     verify_image(clients("ecr", image.region), image)
+    refuse_an_image_the_lifecycle_would_expire(clients("ecr", image.region), image, options)
 
     print(f"==> stage 2/3: the full stack with image_uri={image.uri}", flush=True)
     _apply_checked(stack, {**variables, "image_uri": image.uri}, options)

@@ -800,3 +800,60 @@ def test_a_tagging_refusal_is_one_line_naming_both_permissions(operation: str) -
     assert "\n" not in message
     assert message.startswith(f"the function runs {image.uri}, but could not tag")
     assert "ecr:BatchGetImage and ecr:PutImage" in message
+
+
+def _push_in_order(count: int) -> list[str]:
+    """``count`` distinct images in moto ECR, pushed one second apart (moto records whole seconds)."""
+    from moto.ecr.models import ecr_backends
+
+    ecr = boto3.client("ecr", region_name=REGION)
+    ecr.create_repository(repositoryName="sd-lambda")
+    digests = []
+    for index in range(count):
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "n": index}
+        pushed = ecr.put_image(
+            repositoryName="sd-lambda", imageManifest=json.dumps(manifest), imageTag=f"git-{index}"
+        )
+        digests.append(pushed["image"]["imageId"]["imageDigest"])
+    images = ecr_backends["123456789012"][REGION].repositories["sd-lambda"].images
+    for image in images:
+        image.image_pushed_at = 1_700_000_000 + digests.index(image.image_digest)
+    return digests
+
+
+def test_a_rollback_the_lifecycle_would_expire_is_refused_before_the_full_apply(aws: None) -> None:
+    """The deployed-* rule ranks by push time; a retag does not move an old image up (item 17)."""
+    from sd_lambda.container.registry import add_tag
+
+    oldest, *newer = _push_in_order(4)
+    ecr = boto3.client("ecr", region_name=REGION)
+    for index, digest in enumerate(newer):
+        add_tag(ecr, "sd-lambda", digest, f"deployed-2026010{index + 1}T000000Z")
+    stack = FakeStack()
+
+    with pytest.raises(StackError) as refused:
+        deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{oldest}", wait_seconds=10), stack)
+
+    assert str(refused.value).endswith(
+        "set ecr_keep_deployments = 4 (TFVARS=... or --var ecr_keep_deployments=4)"
+    )
+    assert stack.names == ["init", "plan", "apply_plan"]  # the targeted registry stage only
+
+
+def test_a_rollback_within_the_kept_deployments_goes_ahead(aws: None) -> None:
+    from sd_lambda.container.registry import add_tag
+
+    oldest, *newer = _push_in_order(4)
+    create_function_in_moto(f"{REPOSITORY_URL}@{oldest}")
+    ecr = boto3.client("ecr", region_name=REGION)
+    for index, digest in enumerate(newer):
+        add_tag(ecr, "sd-lambda", digest, f"deployed-2026010{index + 1}T000000Z")
+    options = DeployOptions(
+        image_uri=f"{REPOSITORY_URL}@{oldest}", variables={"ecr_keep_deployments": "4"}, wait_seconds=10
+    )
+    stack = FakeStack()
+
+    deploy.apply(options, stack)
+
+    assert stack.names == ["init", "plan", "apply_plan", "plan", "apply_plan"]
+    assert len([tag for tag in _tags_of(oldest) if tag.startswith("deployed-")]) == 1

@@ -211,3 +211,25 @@ def add_tag(ecr: Any, repository_name: str, digest: str, tag: str) -> None:
         raise PushError(
             f"could not tag {repository_name}@{digest} as {tag} ({code}: {error.get('Message')}); {hint}"
         ) from None
+
+
+def deployed_images_pushed_after(ecr: Any, repository_name: str, digest: str) -> int:
+    """How many other ``deployed-*`` images were pushed after ``digest`` (the lifecycle's order).
+
+    ``imageCountMoreThan`` ranks images by push time, and adding a tag does not change it, so an older
+    image deployed again (a rollback) ranks behind every newer deployed one.
+    https://docs.aws.amazon.com/AmazonECR/latest/userguide/lifecycle_policy_parameters.html
+    """
+    details = [
+        image
+        for page in ecr.get_paginator("describe_images").paginate(repositoryName=repository_name)
+        for image in page["imageDetails"]
+    ]
+    pushed_at = next(image["imagePushedAt"] for image in details if image["imageDigest"] == digest)
+    return sum(
+        1
+        for image in details
+        if image["imageDigest"] != digest
+        and image["imagePushedAt"] > pushed_at
+        and any(tag.startswith(DEPLOYED_TAG_PREFIX) for tag in image.get("imageTags", []))
+    )
