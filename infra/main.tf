@@ -192,8 +192,9 @@ module "lambda" {
   region = var.region
   tags   = local.tags
 
-  repository_force_delete = var.ecr_force_delete
-  repository_keep_images  = var.ecr_keep_images
+  repository_force_delete     = var.ecr_force_delete
+  repository_keep_images      = var.ecr_keep_images
+  repository_keep_deployments = var.ecr_keep_deployments
 
   image_uri              = var.image_uri
   architecture           = var.architecture

@@ -148,9 +148,16 @@ variable "ecr_force_delete" {
 }
 
 variable "ecr_keep_images" {
-  description = "How many untagged images the ECR lifecycle policy keeps (older untagged ones expire). Tagged images, such as the git-<sha> images the function runs, never expire."
+  description = "How many git-<sha> images, and separately how many untagged images, the ECR lifecycle policy keeps; older ones expire unless ecr_keep_deployments keeps them."
   type        = number
   default     = 10
+  nullable    = false
+}
+
+variable "ecr_keep_deployments" {
+  description = "How many images tagged deployed-* by `sd-lambda deploy apply` (the digest the function runs) the ECR lifecycle policy keeps, by push time; they outrank the git-* and untagged counts, so the running image survives later pushes."
+  type        = number
+  default     = 3
   nullable    = false
 }
 

@@ -1029,12 +1029,24 @@ def test_flow_logs_role_trusts_only_this_accounts_flow_logs(root_defaults_plan: 
     assert logs["actions"] == {"logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"}
 
 
-def test_ecr_lifecycle_keeps_the_last_git_images_and_expires_older_pushes(any_plan: dict[str, Any]) -> None:
-    """Item 17: `make push-image` tags every image git-<sha>; the last N stay, older ones expire."""
+def test_ecr_lifecycle_keeps_the_deployed_image_first_then_the_last_git_images(
+    any_plan: dict[str, Any],
+) -> None:
+    """Item 17: `deploy apply` tags the running digest deployed-<time>; rule 1 keeps the last K of those.
+
+    Rule 1 must outrank the git-* rule: an image a higher-priority rule matched is never expired by a lower
+    one (LifecyclePolicies.html), so N later git-* pushes cannot expire the image the function runs.
+    """
     rules = json.loads(one(any_plan, "aws_ecr_lifecycle_policy")["policy"])["rules"]
     by_priority = {rule["rulePriority"]: rule for rule in rules}
-    assert sorted(by_priority) == [1, 2]
-    git, untagged = by_priority[1]["selection"], by_priority[2]["selection"]
+    assert sorted(by_priority) == [1, 2, 3]
+    deployed, git, untagged = (by_priority[priority]["selection"] for priority in (1, 2, 3))
+    assert deployed == {
+        "tagStatus": "tagged",
+        "tagPatternList": ["deployed-*"],
+        "countType": "imageCountMoreThan",
+        "countNumber": 3,
+    }
     assert git == {
         "tagStatus": "tagged",
         "tagPatternList": ["git-*"],
@@ -1045,6 +1057,17 @@ def test_ecr_lifecycle_keeps_the_last_git_images_and_expires_older_pushes(any_pl
     assert all(rule["action"] == {"type": "expire"} for rule in rules)
     # No `any` rule: it would count (and could expire) whatever the operator tagged by hand.
     assert "any" not in {rule["selection"]["tagStatus"] for rule in rules}
+
+
+def test_the_deployed_image_count_is_passed_through_from_the_root(root_defaults_plan: dict[str, Any]) -> None:
+    """ecr_keep_deployments reaches rule 1; the default plan must not only hold by coincidence."""
+    variables = root_defaults_plan["variables"]
+    assert variables["ecr_keep_deployments"]["value"] == 3
+    module_call = root_defaults_plan["configuration"]["root_module"]["module_calls"]["lambda"]
+    assert (
+        module_call["expressions"]["repository_keep_deployments"]["references"][0]
+        == "var.ecr_keep_deployments"
+    )
 
 
 def test_ecr_pull_is_granted_to_this_function_exactly(known_arns_plan: dict[str, Any]) -> None:

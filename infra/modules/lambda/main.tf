@@ -52,20 +52,33 @@ resource "aws_ecr_lifecycle_policy" "this" {
   region     = var.region
   repository = aws_ecr_repository.this.name
 
-  # ECR cannot see which digest a function runs, so the rule keeps the last N `git-<sha>` pushes: the
-  # image of every deployment among them stays, and older ones expire (their tags are immutable, so an
-  # image never loses its tag to a newer push). A function whose digest is gone can fail with
-  # StateReasonCode ImageDeleted, so a rollback reaches back at most N pushes.
-  # https://docs.aws.amazon.com/lambda/latest/api/API_FunctionConfiguration.html
-  # An image matched by a higher-priority rule is never expired by a lower one, and a `tagStatus = any`
-  # rule would have to come last: untagged leftovers (interrupted pushes) get their own count instead.
-  # https://docs.aws.amazon.com/AmazonECR/latest/userguide/lifecycle_policy_parameters.html
+  # ECR cannot see which digest a function runs, so `sd-lambda deploy apply` tags it
+  # `deployed-<UTC time>` once the apply succeeded, and rule 1 keeps the last N of those. An image matched
+  # by a higher-priority rule is never expired by a lower-priority one, so later `git-*` pushes cannot
+  # expire a deployed image (a function whose digest is gone fails with StateReasonCode ImageDeleted).
+  # Counts go by push time, and a retag does not change it: a rollback to an image pushed before the last
+  # N deployed ones is expired by rule 1.
   # https://docs.aws.amazon.com/AmazonECR/latest/userguide/LifecyclePolicies.html
+  # https://docs.aws.amazon.com/lambda/latest/api/API_FunctionConfiguration.html
+  # A `tagStatus = any` rule would have to come last: untagged leftovers (interrupted pushes) get their
+  # own count instead.
+  # https://docs.aws.amazon.com/AmazonECR/latest/userguide/lifecycle_policy_parameters.html
   policy = jsonencode({
     rules = [
       {
         rulePriority = 1
-        description  = "Keep the last ${var.repository_keep_images} git-<sha> images; the function runs one of them"
+        description  = "Keep the last ${var.repository_keep_deployments} deployed-* images; the function runs one of them"
+        selection = {
+          tagStatus      = "tagged"
+          tagPatternList = ["deployed-*"]
+          countType      = "imageCountMoreThan"
+          countNumber    = var.repository_keep_deployments
+        }
+        action = { type = "expire" }
+      },
+      {
+        rulePriority = 2
+        description  = "Keep the last ${var.repository_keep_images} git-<sha> images"
         selection = {
           tagStatus      = "tagged"
           tagPatternList = ["git-*"]
@@ -75,7 +88,7 @@ resource "aws_ecr_lifecycle_policy" "this" {
         action = { type = "expire" }
       },
       {
-        rulePriority = 2
+        rulePriority = 3
         description  = "Keep the last ${var.repository_keep_images} untagged images"
         selection = {
           tagStatus   = "untagged"

@@ -39,7 +39,7 @@ variable "repository_force_delete" {
 }
 
 variable "repository_keep_images" {
-  description = "How many untagged images the ECR lifecycle policy keeps (older untagged ones expire). Tagged images, such as the git-<sha> images the function runs, never expire."
+  description = "How many git-<sha> images, and separately how many untagged images, the ECR lifecycle policy keeps; older ones expire unless the deployed-* rule keeps them."
   type        = number
   default     = 10
   nullable    = false
@@ -47,6 +47,18 @@ variable "repository_keep_images" {
   validation {
     condition     = var.repository_keep_images >= 1 && var.repository_keep_images <= 1000
     error_message = "repository_keep_images must be between 1 and 1000."
+  }
+}
+
+variable "repository_keep_deployments" {
+  description = "How many deployed-* images (the tag `sd-lambda deploy apply` adds to the digest the function runs) the ECR lifecycle policy keeps, newest pushes first; its highest-priority rule, so the running image never expires by later pushes."
+  type        = number
+  default     = 3
+  nullable    = false
+
+  validation {
+    condition     = var.repository_keep_deployments >= 1 && var.repository_keep_deployments <= 1000
+    error_message = "repository_keep_deployments must be between 1 and 1000."
   }
 }
 
