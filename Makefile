@@ -46,7 +46,7 @@ format: $(INSTALL_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-docs: $(INSTALL_STAMP) ## Regenerate every generated README table (request fields, environment, make targets, Terraform)
+docs: $(INSTALL_STAMP) ## Regenerate every generated table (make targets in README.md, request fields + environment in docs/api.md, Terraform in infra/)
 	$(PY) -m sd_lambda.docs
 	$(PY) scripts/gen_tf_docs.py
 
@@ -148,7 +148,7 @@ apply: $(INSTALL_STAMP) ## Deploy: preflight, ECR repo first, build+push the ima
 destroy: $(INSTALL_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
 	$(BIN)/sd-lambda deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
 
-docs-tf: $(INSTALL_STAMP) ## Regenerate the README's Terraform inputs/outputs tables from infra/
+docs-tf: $(INSTALL_STAMP) ## Regenerate the Terraform inputs/outputs tables of infra/README.md and each module's README
 	$(PY) scripts/gen_tf_docs.py
 
 # ---- seeding models onto EFS (real AWS: the stack's bucket + seeder instance, driven through SSM) ----------

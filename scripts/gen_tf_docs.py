@@ -4,9 +4,9 @@
     python scripts/gen_tf_docs.py            # rewrite the block between the markers in each README
     python scripts/gen_tf_docs.py --check    # exit 1 if a README is not up to date (used by the tests)
 
-The top-level README.md gets the tables of the root stack and every module under infra/modules/; each
-module's own README.md (terraform-aws-modules style) gets its module's table. Tables list every
-``variable`` and ``output`` block in the order they are declared.
+Each module's own README.md (terraform-aws-modules style) gets its module's table: infra/README.md the
+root module's, infra/modules/<name>/README.md each submodule's. Tables list every ``variable`` and
+``output`` block in the order they are declared.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def _cell(text: Any) -> str:
     return flat.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def module_tables(directory: Path, title: str, heading: str = "####") -> str:
-    lines = [f"{heading} {title}", "", "| Input | Type | Default | Description |", "|---|---|---|---|"]
+def module_tables(directory: Path) -> str:
+    lines = ["## Inputs and outputs", "", "| Input | Type | Default | Description |", "|---|---|---|---|"]
     for name, body in _blocks(directory, "variable"):
         description = _cell(body.get("description", ""))
         lines.append(
@@ -71,16 +71,9 @@ def module_tables(directory: Path, title: str, heading: str = "####") -> str:
     return "\n".join(lines)
 
 
-def render(infra: Path) -> str:
-    sections = [module_tables(infra, "Root stack (`infra/`)")]
-    for module in sorted(path for path in (infra / "modules").iterdir() if path.is_dir()):
-        sections.append(module_tables(module, f"Module `{module.name}` (`infra/modules/{module.name}`)"))
-    return "\n\n".join([BEGIN, *sections, END])
-
-
 def render_module(module: Path) -> str:
-    """The block of a module's own README."""
-    return "\n".join([BEGIN, module_tables(module, "Inputs and outputs", heading="##"), END])
+    """The block of a module's own README (the root module's, infra/README.md, too)."""
+    return "\n".join([BEGIN, module_tables(module), END])
 
 
 def replace_block(readme_text: str, block: str) -> str:
@@ -93,11 +86,11 @@ def replace_block(readme_text: str, block: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the README tables are out of date")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, help="the root module's README (default: <infra>/README.md)")
     parser.add_argument("--infra", type=Path, default=ROOT / "infra")
     args = parser.parse_args(argv)
 
-    documents = [(args.readme, render(args.infra))]
+    documents = [(args.readme or args.infra / "README.md", render_module(args.infra))]
     documents += [
         (module / "README.md", render_module(module))
         for module in sorted(path for path in (args.infra / "modules").iterdir() if path.is_dir())

@@ -1,7 +1,8 @@
-"""README tables generated from the code that enforces them: request fields, environment, make targets.
+"""Documentation tables generated from the code that enforces them: request fields, environment, make targets.
 
 ``python -m sd_lambda.docs`` rewrites the blocks between ``<!-- BEGIN generated: NAME -->`` and
-``<!-- END generated: NAME -->`` in README.md; ``--check`` only reports drift (a test runs it).
+``<!-- END generated: NAME -->`` wherever they stand in README.md and docs/*.md (each block in exactly one
+page); ``--check`` only reports drift (a test runs it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sd_lambda.settings import Settings, documented_variables
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 MAKEFILE = REPO / "Makefile"
 # `target: prerequisites ## description` — the same lines `make help` prints.
 MAKE_TARGET = re.compile(r"^([A-Za-z0-9_-]+):[^=]*?## (.+)$", re.MULTILINE)
@@ -96,33 +98,63 @@ GENERATORS: dict[str, Callable[[], str]] = {
 }
 
 
+def _block(name: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"(<!-- BEGIN generated: {re.escape(name)} -->\n).*?(<!-- END generated: {re.escape(name)} -->)",
+        re.DOTALL,
+    )
+
+
+def blocks_in(text: str) -> list[str]:
+    """The names of the generated blocks ``text`` holds."""
+    return [name for name in GENERATORS if _block(name).search(text)]
+
+
 def render(text: str) -> str:
-    """``text`` with every generated block replaced by its current content."""
-    for name, generate in GENERATORS.items():
-        pattern = re.compile(
-            rf"(<!-- BEGIN generated: {re.escape(name)} -->\n).*?(<!-- END generated: {re.escape(name)} -->)",
-            re.DOTALL,
-        )
-        if not pattern.search(text):
-            raise ValueError(f"README has no generated block {name!r}")
-        text = pattern.sub(lambda match, g=generate: f"{match[1]}{g()}\n{match[2]}", text)
+    """``text`` with every generated block it holds replaced by its current content."""
+    for name in blocks_in(text):
+        text = _block(name).sub(lambda match, g=GENERATORS[name]: f"{match[1]}{g()}\n{match[2]}", text)
     return text
+
+
+def documents() -> list[Path]:
+    """The pages that may hold generated blocks: the README and every page under docs/."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def placement_problems(pages: list[Path]) -> list[str]:
+    """Each generated block must stand in exactly one page, so no table is kept in two places."""
+    found: dict[str, list[Path]] = {name: [] for name in GENERATORS}
+    for page in pages:
+        for name in blocks_in(page.read_text()):
+            found[name].append(page)
+    return [
+        f"generated block {name!r} is in {len(places)} pages ({', '.join(map(str, places)) or 'none'}); "
+        "it belongs in exactly one"
+        for name, places in found.items()
+        if len(places) != 1
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sd_lambda.docs", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
+    parser.add_argument("pages", nargs="*", type=Path, help="pages to render (default: README.md, docs/*.md)")
     args = parser.parse_args(argv)
-    current = args.readme.read_text()
-    updated = render(current)
-    if args.check:
-        if updated != current:
-            print(f"{args.readme} is out of date: run python -m sd_lambda.docs", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(updated)
-    return 0
+    pages = args.pages or documents()
+    problems = [] if args.pages else placement_problems(pages)
+    for page in pages:
+        current = page.read_text()
+        updated = render(current)
+        if updated == current:
+            continue
+        if args.check:
+            problems.append(f"{page} is out of date: run python -m sd_lambda.docs")
+        else:
+            page.write_text(updated)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -84,8 +84,17 @@ def test_demo_runs_the_real_entrypoint_and_writes_the_image(
 # ---- README's generated tables ----------------------------------------------------------------------
 
 
-def test_readme_tables_are_up_to_date() -> None:
-    assert docs.main(["--check"]) == 0, "README.md is out of date: run .venv/bin/python -m sd_lambda.docs"
+def test_generated_tables_are_up_to_date_and_each_in_one_page() -> None:
+    assert docs.main(["--check"]) == 0, "a page is out of date: run .venv/bin/python -m sd_lambda.docs"
+
+
+def test_a_table_kept_in_two_pages_is_refused(tmp_path: Path) -> None:
+    api = (docs.DOCS / "api.md").read_text()
+    copy = tmp_path / "api-copy.md"
+    copy.write_text(api)
+    assert docs.placement_problems([docs.README, docs.DOCS / "api.md"]) == []
+    problems = docs.placement_problems([docs.README, docs.DOCS / "api.md", copy])
+    assert [problem.split("'")[1] for problem in problems] == ["request-fields", "configuration"]
 
 
 def test_request_table_has_every_field_and_its_limits() -> None:
@@ -103,13 +112,13 @@ def test_configuration_table_has_every_variable() -> None:
 
 
 def test_check_reports_drift(tmp_path: Path) -> None:
-    original = docs.README.read_text()
-    readme = tmp_path / "README.md"
-    readme.write_text(original.replace("| `prompt` |", "| `prompt_old` |"))
-    assert docs.main(["--check", "--readme", str(readme)]) == 1
-    assert docs.main(["--readme", str(readme)]) == 0
-    assert "| `prompt_old` |" not in readme.read_text()
-    assert readme.read_text() == docs.render(original)
+    original = (docs.DOCS / "api.md").read_text()
+    page = tmp_path / "api.md"
+    page.write_text(original.replace("| `prompt` |", "| `prompt_old` |"))
+    assert docs.main(["--check", str(page)]) == 1
+    assert docs.main([str(page)]) == 0
+    assert "| `prompt_old` |" not in page.read_text()
+    assert page.read_text() == docs.render(original) == original
 
 
 def test_a_folder_name_that_cannot_be_a_revision_is_a_clear_error(

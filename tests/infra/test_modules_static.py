@@ -21,6 +21,8 @@ INFRA = REPO / "infra"
 MODULES = sorted(p for p in (INFRA / "modules").iterdir() if p.is_dir())
 EXAMPLES = sorted(p for p in (INFRA / "examples").iterdir() if p.is_dir())
 GEN_DOCS = REPO / "scripts" / "gen_tf_docs.py"
+# The root module's README (terraform-aws-modules style) carries its inputs/outputs table.
+ROOT_README = REPO / "infra" / "README.md"
 _OPTIONS = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
 
 
@@ -83,7 +85,7 @@ def test_readme_terraform_tables_are_up_to_date() -> None:
 
 def test_docs_check_fails_on_a_stale_table(tmp_path: Path) -> None:
     stale = tmp_path / "README.md"
-    stale.write_text((REPO / "README.md").read_text().replace("| `memory_size` |", "| `memory_mb` |", 1))
+    stale.write_text(ROOT_README.read_text().replace("| `memory_size` |", "| `memory_mb` |", 1))
 
     result = subprocess.run(
         [sys.executable, str(GEN_DOCS), "--check", "--readme", str(stale)],
@@ -98,11 +100,11 @@ def test_docs_check_fails_on_a_stale_table(tmp_path: Path) -> None:
         [sys.executable, str(GEN_DOCS), "--readme", str(stale)], capture_output=True, text=True, check=False
     )
     assert regenerated.returncode == 0
-    assert stale.read_text() == (REPO / "README.md").read_text()
+    assert stale.read_text() == ROOT_README.read_text()
 
 
 def test_tables_list_every_root_variable_with_its_default() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = ROOT_README.read_text()
     for name in named(parse(INFRA)["variable"]):
         assert f"| `{name}` |" in readme
     assert "| `memory_size` | `number` | `10240` |" in readme
