@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd_lambda.aws_identity import CredentialsError, caller_identity
 from sd_lambda.container.docker import Docker, DockerFailed, DockerUnavailable, has_buildx, require_engine
 from sd_lambda.stack_outputs import TERRAFORM_INSTALL_HINT
 
@@ -136,25 +137,15 @@ def _reserved_by_function(lambda_client: Any, function_name: str) -> int:
 
 
 def aws_findings(inputs: PreflightInputs, clients: ClientFactory, findings: Findings) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
-
     if not inputs.region:
         findings.problems.append(
             "no AWS region: pass REGION=<region> (or set AWS_REGION, or region in your profile or tfvars)"
         )
         return
     try:
-        identity = clients("sts", inputs.region).get_caller_identity()
-    except NoCredentialsError:
-        findings.problems.append(
-            "no AWS credentials found: configure a profile, SSO (aws sso login) or environment credentials"
-        )
-        return
-    except NoRegionError:
-        findings.problems.append("no AWS region: pass REGION=<region>")
-        return
-    except (BotoCoreError, ClientError) as exc:
-        findings.problems.append(f"AWS credentials do not work (sts:GetCallerIdentity): {exc}")
+        identity = caller_identity(clients("sts", inputs.region))
+    except CredentialsError as exc:
+        findings.problems.append(str(exc))
         return
     findings.facts.append(f"AWS account {identity['Account']} as {identity['Arn']} in {inputs.region}")
     _account_findings(inputs, clients("lambda", inputs.region), findings)

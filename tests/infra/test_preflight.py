@@ -187,8 +187,7 @@ def test_rejected_credentials_skip_the_lambda_checks() -> None:
     findings = check(inputs(reserved=2), aws)
 
     assert findings.problems == [
-        "AWS credentials do not work (sts:GetCallerIdentity): An error occurred (ExpiredToken) when "
-        "calling the GetCallerIdentity operation: The security token expired"
+        "AWS credentials do not work (sts:GetCallerIdentity): ExpiredToken: The security token expired"
     ]
 
 

@@ -181,7 +181,7 @@ def test_no_credentials_is_one_line_before_anything(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     # Were credentials found after all, a request would be refused here, never sent to AWS.
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    message = "no AWS credentials: set AWS_PROFILE (or run aws configure / aws sso login) and retry"
+    message = "no AWS credentials found: configure a profile, SSO (aws sso login) or environment credentials"
     with pytest.raises(SeedError) as caught:  # a fresh session: the default one may hold other tests' keys
         check_caller(boto3.Session().client("sts", region_name=REGION))
     assert str(caught.value) == message
@@ -300,7 +300,7 @@ def test_expired_credentials_are_one_line(aws_env: dict[str, str]) -> None:
         with pytest.raises(SeedError) as caught:
             check_caller(sts)
     assert str(caught.value) == (
-        "sts:GetCallerIdentity on your credentials failed: ExpiredToken: "
+        "AWS credentials do not work (sts:GetCallerIdentity): ExpiredToken: "
         "The security token included in the request is expired"
     )
 

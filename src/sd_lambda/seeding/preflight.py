@@ -8,24 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from botocore.exceptions import ClientError, NoCredentialsError
-
-from sd_lambda.seeding.errors import SeedError, aws_error
+from sd_lambda.aws_identity import CredentialsError, caller_identity
+from sd_lambda.seeding.errors import SeedError
 from sd_lambda.seeding.upload import check_bucket
 
 
 def check_caller(sts: Any) -> str:
-    """The caller's ARN: credentials resolve and AWS accepts them. GetCallerIdentity needs no IAM
-    permission, so a failure here is about the credentials themselves, never a policy
-    (https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html)."""
+    """The caller's ARN: credentials resolve and AWS accepts them."""
     try:
-        return str(sts.get_caller_identity()["Arn"])
-    except NoCredentialsError as exc:
-        raise SeedError(
-            "no AWS credentials: set AWS_PROFILE (or run aws configure / aws sso login) and retry"
-        ) from exc
-    except ClientError as exc:  # expired or invalid keys, a token for another partition
-        raise aws_error(exc, "sts", "your credentials") from exc
+        return caller_identity(sts)["Arn"]
+    except CredentialsError as exc:
+        raise SeedError(str(exc)) from None
 
 
 def check_aws(clients: Any, bucket: str) -> str:
