@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from sd_lambda.layout import TINY_DECODER_FOLDER
 
+if TYPE_CHECKING:
+    import torch
+
+# torch, diffusers and transformers load only when a model is built: `sd-lambda --help` and the operator
+# commands import this module's command but must not pay for (or need) torch.
 Size = Literal["tiny", "sd15"]
 TOKENIZER_MAX_LENGTH = 77
 
@@ -145,6 +148,7 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def _components(spec: ModelSpec, seed: int) -> dict[str, torch.nn.Module]:
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -166,6 +170,7 @@ def _components(spec: ModelSpec, seed: int) -> dict[str, torch.nn.Module]:
 
 
 def _tiny_decoder(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    import torch
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed + 3)
@@ -198,6 +203,8 @@ def build_test_model(out_dir: Path, size: Size = "tiny", *, seed: int = 0, tiny_
 
 def parameter_counts(size: Size = "sd15") -> dict[str, int]:
     """Parameters per component, counted on the meta device: no weights are allocated."""
+    import torch
+
     spec = SPECS[size]
     with torch.device("meta"):
         modules = {**_components(spec, seed=0), "vae_tiny": _tiny_decoder(spec, seed=0)}
