@@ -334,7 +334,7 @@ def _subnet(config: dict[str, Any], world: World) -> dict[str, Any]:
         "id": subnet_id,
         "arn": world.arn("ec2", f"subnet/{subnet_id}"),
         # Ids ending in consecutive characters land in distinct zones, as a stack's subnets spread over zones.
-        "availability_zone": f"{world.region}{'abc'[ord(subnet_id[-1]) % 3]}",
+        "availability_zone": f"{world.region}{ZONE_LETTERS[ord(subnet_id[-1]) % len(ZONE_LETTERS)]}",
         "vpc_id": "vpc-0123456789abcdef0",
         "cidr_block": "172.31.0.0/20",
     }
