@@ -52,10 +52,60 @@ def test_module_layout_and_constraints(module: Path) -> None:
     assert "provider" not in config, f"{module.name} declares a provider block"
     terraform = config["terraform"][0]
     assert terraform["required_version"] == ">= 1.6"
-    assert terraform["required_providers"][0]["aws"] == {
-        "source": "hashicorp/aws",
-        "version": ">= 6.0, < 7.0",
-    }
+    aws = terraform["required_providers"][0]["aws"]
+    assert aws["source"] == "hashicorp/aws"
+    # Any 6.x floor (each module's own, checked against what it uses below), never 7.
+    assert re.fullmatch(r">= 6\.\d+, < 7\.0", aws["version"]), aws["version"]
+
+
+# Provider arguments this repository uses and the first hashicorp/aws release that has them (the provider's
+# CHANGELOG): a module using one must not allow an older provider, or `terraform init` picks a release that
+# rejects the argument at plan time.
+PROVIDER_FEATURES: dict[tuple[str, str], tuple[int, int]] = {
+    # CHANGELOG 6.28.0 (January 7, 2026): "resource/aws_lambda_permission: Add `invoked_via_function_url`
+    # argument (#44858)".
+    ("aws_lambda_permission", "invoked_via_function_url"): (6, 28),
+}
+
+
+def provider_floor(module: Path) -> tuple[int, int]:
+    """The lowest hashicorp/aws ``major.minor`` this module's versions.tf allows."""
+    version = parse(module)["terraform"][0]["required_providers"][0]["aws"]["version"]
+    match = re.search(r">=\s*(\d+)\.(\d+)", version)
+    assert match, f"{module.name}: no >= floor in {version!r}"
+    return int(match[1]), int(match[2])
+
+
+def provider_needed(module: Path) -> tuple[int, int]:
+    """The lowest provider every resource in ``module`` and the local modules it calls can be planned with."""
+    config = parse(module)
+    needed = (6, 0)
+    for block in config.get("resource", []):
+        for type_name, instances in block.items():
+            for body in instances.values():
+                for (feature_type, argument), version in PROVIDER_FEATURES.items():
+                    if type_name.strip('"') == feature_type and argument in body:
+                        needed = max(needed, version)
+    for call in named(config.get("module", [])).values():
+        if str(call.get("source", "")).startswith("."):
+            needed = max(needed, provider_needed((module / call["source"]).resolve()))
+    return needed
+
+
+@pytest.mark.parametrize("module", [INFRA, *MODULES, *EXAMPLES], ids=lambda p: p.name)
+def test_no_versions_tf_allows_a_provider_older_than_its_module_uses(module: Path) -> None:
+    needed = provider_needed(module)
+    assert provider_floor(module) >= needed, (
+        f"{module.name}/versions.tf allows hashicorp/aws {provider_floor(module)}, but the module (or a "
+        f"module it calls) uses an argument added in {needed}"
+    )
+
+
+def test_the_lambda_module_needs_the_invoked_via_function_url_provider() -> None:
+    # Guards the check above: it must see the argument where the stack uses it.
+    assert provider_needed(INFRA / "modules" / "lambda") == (6, 28)
+    assert provider_needed(INFRA) == (6, 28)
+    assert provider_needed(INFRA / "examples" / "complete") == (6, 28)
 
 
 @pytest.mark.parametrize("module", [INFRA, *MODULES, *EXAMPLES], ids=lambda p: p.name)
