@@ -339,3 +339,50 @@ def test_docker_unavailable_is_raised_by_the_real_runner() -> None:
 
     with pytest.raises(DockerUnavailable, match="not found on PATH"):
         require_engine(DockerCLI("sd-lambda-test-no-such-docker"))
+
+
+@pytest.mark.parametrize(
+    ("args", "streamed"),
+    [
+        (["build", "--tag", "x", "."], True),
+        (["push", "repo:tag"], True),
+        (["buildx", "build", "--load", "."], True),
+        (["buildx", "version"], False),  # has_buildx reads it: captured, never on the terminal
+        (["version", "--format", "{{.Server.Version}}"], False),
+        (["image", "inspect", "x"], False),
+        ([], False),
+    ],
+)
+def test_the_real_runner_streams_exactly_build_push_and_buildx_build(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], streamed: bool
+) -> None:
+    from sd_lambda.container import docker as docker_module
+
+    captured: list[bool] = []
+
+    def run(argv: list[str], **options: object) -> subprocess.CompletedProcess[str]:
+        captured.append(bool(options["capture_output"]))
+        return subprocess.CompletedProcess(argv, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(docker_module.shutil, "which", lambda binary: "/usr/bin/docker")
+    monkeypatch.setattr(docker_module.subprocess, "run", run)
+
+    docker_module.DockerCLI("docker", stream=True)(args)
+
+    assert captured == [not streamed]
+
+
+def test_a_failing_plugin_command_is_named_in_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd_lambda.container import docker as docker_module
+
+    monkeypatch.setattr(docker_module.shutil, "which", lambda binary: "/usr/bin/docker")
+    monkeypatch.setattr(
+        docker_module.subprocess,
+        "run",
+        lambda argv, **_: subprocess.CompletedProcess(argv, 1, stdout="", stderr="ERROR: no builder\n"),
+    )
+
+    with pytest.raises(DockerFailed) as failed:
+        docker_module.DockerCLI("docker", stream=False)(["buildx", "build", "."])
+
+    assert str(failed.value) == "docker buildx build failed (exit 1): ERROR: no builder"

@@ -51,7 +51,7 @@ class DockerCLI:
     ) -> str:
         import os
 
-        streaming = self.stream and args[0] in ("build", "buildx", "push")
+        streaming = self.stream and _long_running(args)
         completed = subprocess.run(
             [self._resolve(), *args],
             input=stdin,
@@ -62,8 +62,23 @@ class DockerCLI:
         )
         if completed.returncode != 0:
             detail = _last_line(completed.stderr or completed.stdout or "")
-            raise DockerFailed(f"docker {args[0]} failed (exit {completed.returncode}){detail}")
+            raise DockerFailed(f"docker {_command_name(args)} failed (exit {completed.returncode}){detail}")
         return completed.stdout or ""
+
+
+# Commands that take minutes and whose progress the user watches; everything else (e.g. `buildx version`,
+# whose output has_buildx reads) is captured.
+_STREAMED = (("build",), ("push",), ("buildx", "build"))
+
+
+def _long_running(args: Sequence[str]) -> bool:
+    return any(tuple(args[: len(command)]) == command for command in _STREAMED)
+
+
+def _command_name(args: Sequence[str]) -> str:
+    """``buildx build`` for a plugin command, else the first word; empty args are just ``docker``."""
+    words = list(args[:2]) if list(args[:1]) == ["buildx"] else list(args[:1])
+    return " ".join(words) or "(no command)"
 
 
 def _last_line(text: str) -> str:
