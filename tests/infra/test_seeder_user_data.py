@@ -1,5 +1,6 @@
 """The seeder's user data, rendered by Terraform's own templatefile() and run as a shell script with fake
-system tools (no root): the boot-setup unit it installs, the unit's script, and the first-boot stop."""
+system tools (no root): the boot-setup unit it installs, the unit's script, and the first-boot stop, which
+never cuts off a seed that reached the instance during the first boot (with the driver's mount check)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_lambda.seeding.efs_sync import MOUNT_UNIT
+from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, MOUNT_UNIT, SEED_MARKER
+from sd_lambda.seeding.remote import mount_check_script
 from sd_lambda.stack_outputs import StackTerraform
 
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
@@ -83,7 +85,7 @@ def _machine(
     root = tmp_path / "machine"
     fake = root / "fake-bin"
     fake.mkdir(parents=True)
-    for folder in (SETUP_SCRIPT, UNIT_FILE):
+    for folder in (SETUP_SCRIPT, UNIT_FILE, SEED_MARKER, FIRST_BOOT_STOP):
         (root / folder.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
     calls = root / "calls"
     calls.write_text("")
@@ -111,7 +113,7 @@ def _machine(
 
 def _user_data_in(machine: Machine, rendered: str) -> str:
     script = rendered
-    for absolute in (SETUP_SCRIPT, UNIT_FILE, "/mnt/models"):
+    for absolute in (SETUP_SCRIPT, UNIT_FILE, "/mnt/models", SEED_MARKER, FIRST_BOOT_STOP):
         script = script.replace(absolute, str(machine.path(absolute)))
     return script
 
@@ -156,6 +158,7 @@ def test_first_boot_stops_the_instance_when_done(rendered: str, tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     (shutdown,) = machine.log("shutdown")
     assert shutdown.startswith("-h ")  # halt: with instance_initiated_shutdown_behavior "stop", a stop
+    assert machine.path(FIRST_BOOT_STOP).exists()  # what a mount check arriving meanwhile cancels
 
 
 def test_first_boot_leaves_a_running_seed_alone(rendered: str, tmp_path: Path) -> None:
@@ -171,6 +174,62 @@ def test_first_boot_leaves_a_running_seed_alone(rendered: str, tmp_path: Path) -
     regex = pattern.removeprefix("-f ")
     assert re.search(regex, "python3 /tmp/sd-lambda-efs-sync.Ab3dE6gH/efs-sync.pyz sync --mount /mnt/models")
     assert not re.search(regex, "aws s3 cp s3://b/models/.sd-lambda/efs-sync-0123.pyz /tmp/x")
+
+
+def _mount_check_in(machine: Machine) -> str:
+    """The driver's mount check (remote.py), as the seeder's sh runs it through SSM, on this machine."""
+    script = "\n".join(mount_check_script("/mnt/models", 0))
+    for absolute in ("/mnt/models", SEED_MARKER, FIRST_BOOT_STOP):
+        script = script.replace(absolute, str(machine.path(absolute)))
+    return script
+
+
+def test_a_seed_that_reached_the_first_boot_is_not_stopped(rendered: str, tmp_path: Path) -> None:
+    """The driver's mount check waited on the same unit as the user data, and the driver now downloads
+    from the hub for minutes with no sync program running yet: the mount check's marker keeps the instance
+    up (the driver stops it after the seed)."""
+    machine = _machine(tmp_path, installed=True, mounted=True)
+    mount_check = machine.run(_mount_check_in(machine))  # arrived during the boot, while the unit ran
+    assert mount_check.returncode == 0, mount_check.stderr
+    assert machine.path(SEED_MARKER).exists()
+    assert machine.log("shutdown") == []  # nothing was pending: nothing to cancel
+
+    result = machine.run(_user_data_in(machine, rendered))
+
+    assert result.returncode == 0, result.stderr
+    assert machine.log("shutdown") == []
+    assert "a seeding run is in progress" in result.stdout
+    assert not machine.path(FIRST_BOOT_STOP).exists()
+
+
+def test_a_mount_check_after_the_first_boot_cancels_its_stop(rendered: str, tmp_path: Path) -> None:
+    """A seed that arrives in the minute between the scheduled stop and the stop itself."""
+    machine = _machine(tmp_path, installed=True, mounted=True)
+    machine.run(_user_data_in(machine, rendered))
+    assert [call.split(" ", 1)[0] for call in machine.log("shutdown")] == ["-h"]
+    assert machine.path(FIRST_BOOT_STOP).exists()
+
+    mount_check = machine.run(_mount_check_in(machine))
+
+    assert mount_check.returncode == 0, mount_check.stderr
+    assert machine.log("shutdown")[1:] == ["-c"]
+
+
+def test_a_seed_arriving_while_the_stop_is_scheduled_is_seen(rendered: str, tmp_path: Path) -> None:
+    """The mount check touches the marker just after the user data looked for it, and looks for the pending
+    stop just before the user data marks it: the user data's second look cancels the stop."""
+    machine = _machine(tmp_path, installed=True, mounted=True)
+    shutdown = machine.root / "fake-bin" / "shutdown"
+    shutdown.write_text(
+        f'#!/bin/bash\necho "shutdown $*" >> {machine.calls}\n'
+        f'if [ "$1" = -h ]; then touch {machine.path(SEED_MARKER)}; fi\n'
+    )
+
+    result = machine.run(_user_data_in(machine, rendered))
+
+    assert result.returncode == 0, result.stderr
+    assert [call.split(" ", 1)[0] for call in machine.log("shutdown")] == ["-h", "-c"]
+    assert "stop cancelled" in result.stdout
 
 
 def test_package_install_is_retried_while_the_network_settles(rendered: str, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ checks every byte it gets against the manifest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -56,6 +57,13 @@ RESULT_PREFIX = "RESULT "
 # Installed by the seeder's user data (infra/modules/seeder/user_data.sh.tftpl): installs
 # amazon-efs-utils and mounts the access point, on every boot and whenever a run starts it.
 MOUNT_UNIT = "sd-lambda-efs-mount.service"
+# The user data's first-boot stop (`shutdown -h +1`) is skipped while SEED_MARKER exists (the driver's
+# mount check touches it) and cancelled by a mount check that finds FIRST_BOOT_STOP; both files are in the
+# user data and remote.mount_check_script too, spelled out (tests check the three agree).
+SEED_MARKER = "/run/sd-lambda-seeding"
+FIRST_BOOT_STOP = "/run/sd-lambda-stop-pending"
+# `shutdown -c` talks to logind over D-Bus: bounded, so a wedged bus cannot hold a seed up.
+SHUTDOWN_CANCEL_TIMEOUT_S = 30
 DEFAULT_AWS_CLI = "aws"
 # Downloads land here first and take the file's name only once verified.
 PART_SUFFIX = ".part"
@@ -217,6 +225,27 @@ def _unit_failure(unit: str, systemctl_stderr: bytes) -> str:
     return f"{found or unit + ' failed'} (details: journalctl -u {unit} on the seeder)"
 
 
+def _cancel_pending_shutdown(args: argparse.Namespace) -> None:
+    """On the seeder (``--require-mount`` with its unit), cancel a stop the first boot scheduled.
+
+    The user data stops a freshly set up instance a minute after its setup (``shutdown -h +1``) unless it
+    saw a seed arrive; a run that arrives in that minute anyway would be killed half-way. ``shutdown -c``
+    cancels a pending shutdown, one scheduled with a time other than "now" (shutdown(8),
+    https://www.freedesktop.org/software/systemd/man/249/shutdown.html). When none is pending, or there
+    is no shutdown command (local runs), nothing is lost: every outcome is ignored. The seeding driver
+    stops the instance after the run.
+    """
+    if not args.require_mount or args.mount_unit == "none":
+        return  # not on the seeder: never touch the power state of the machine a test or a user runs on
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            ["shutdown", "-c"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=SHUTDOWN_CANCEL_TIMEOUT_S,
+        )
+
+
 def _wait_for_mount(args: argparse.Namespace) -> None:
     """Never fill the instance's root volume because EFS is not mounted. With ``--mount-unit`` the
     boot setup unit is (re)started first, so a setup that failed at boot is retried by every run."""
@@ -340,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cancel_pending_shutdown(args)  # first, before the mount wait: the stop may be seconds away
     try:
         result = args.func(args)
     except LockBusyError as exc:
