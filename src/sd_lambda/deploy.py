@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from sd_lambda.cli import CommandError
 from sd_lambda.container.manifest import lambda_manifest_problem
-from sd_lambda.plan_guard import data_loss, data_loss_message
+from sd_lambda.plan_guard import data_loss, data_loss_message, function_removal
 from sd_lambda.preflight import PreflightInputs, memory_cap_advice, run_preflight
 from sd_lambda.stack_outputs import DEFAULT_INFRA_DIR, StackError, StackTerraform, TerraformCommandError
 
@@ -73,9 +73,6 @@ class Stack(Protocol):
         targets: Sequence[str] = (),
     ) -> None: ...
     def show_plan(self, plan_file: Path) -> dict[str, Any]: ...
-    def apply(
-        self, variables: Mapping[str, Any], var_files: Sequence[Path] = (), targets: Sequence[str] = ()
-    ) -> None: ...
     def apply_plan(self, plan_file: Path) -> None: ...
     def destroy(self, variables: Mapping[str, Any], var_files: Sequence[Path] = ()) -> None: ...
     def outputs(self) -> dict[str, Any]: ...
@@ -169,15 +166,13 @@ def refuse_function_deletion(plan_document: Mapping[str, Any], options: DeployOp
     """A clear error when the saved plan deletes or replaces the live function, unless allowed."""
     if options.allow_function_delete:
         return
-    for change in plan_document.get("resource_changes", []):
-        actions = change.get("change", {}).get("actions", [])
-        if change.get("address") == options.function_address and "delete" in actions:
-            verb = "replace" if "create" in actions else "delete"
-            raise StackError(
-                f"refusing to {verb} the live function ({options.function_address}); its function URL "
-                "would change. Pass an image (IMAGE_URI=, or push one), or allow it with "
-                "--allow-function-delete (ALLOW_FUNCTION_DELETE=1)"
-            )
+    verb = function_removal(plan_document, options.function_address)
+    if verb is not None:
+        raise StackError(
+            f"refusing to {verb} the live function ({options.function_address}); its function URL "
+            "would change. Pass an image (IMAGE_URI=, or push one), or allow it with "
+            "--allow-function-delete (ALLOW_FUNCTION_DELETE=1)"
+        )
 
 
 def refuse_data_loss(plan_document: Mapping[str, Any], options: DeployOptions) -> None:
@@ -187,37 +182,46 @@ def refuse_data_loss(plan_document: Mapping[str, Any], options: DeployOptions) -
         raise StackError(data_loss_message(losses))
 
 
-def verify_image(ecr: Any, image: PinnedImage) -> None:
-    """Fail before the full apply, with the repository named, when the digest is not in the registry or
-    is stored as a manifest Lambda refuses at CreateFunction (an image index)."""
+def repository_images(ecr: Any, image: PinnedImage) -> list[dict[str, Any]]:
+    """The image's repository as one DescribeImages listing, which both checks before the full apply read."""
+    from sd_lambda.container.registry import PushError
+    from sd_lambda.container.registry import repository_images as listing
+
     try:
-        details = ecr.describe_images(
-            repositoryName=image.repository, imageIds=[{"imageDigest": image.digest}]
-        )["imageDetails"]
-    except ecr.exceptions.ImageNotFoundException:
+        return listing(ecr, image.repository)
+    except PushError as exc:
+        raise StackError(f"{exc} (in {image.region})") from None
+
+
+def verify_image(images: Sequence[Mapping[str, Any]], image: PinnedImage) -> None:
+    """Fail before the full apply, with the repository named, when the digest is not in the registry's
+    listing ``images`` or is stored as a manifest Lambda refuses at CreateFunction (an image index)."""
+    detail = next((entry for entry in images if entry.get("imageDigest") == image.digest), None)
+    if detail is None:
         raise StackError(
             f"image {image.digest} is not in ECR repository {image.repository}: "
             "push it first (`make push-image`)"
-        ) from None
-    except ecr.exceptions.RepositoryNotFoundException:
-        raise StackError(f"ECR repository {image.repository} does not exist in {image.region}") from None
-    problem = lambda_manifest_problem(
-        image.uri, details[0].get("imageManifestMediaType") if details else None
-    )
+        )
+    problem = lambda_manifest_problem(image.uri, detail.get("imageManifestMediaType"))
     if problem is not None:
         raise StackError(problem)
 
 
-def refuse_an_image_the_lifecycle_would_expire(ecr: Any, image: PinnedImage, options: DeployOptions) -> None:
-    """Before the full apply: a rollback to an image pushed before ``ecr_keep_deployments`` newer deployed
-    ones would be expired by the lifecycle's first rule (it ranks by push time), so refuse it."""
-    from sd_lambda.container.registry import deployed_images_pushed_after
+def refuse_an_image_the_lifecycle_would_expire(
+    images: list[dict[str, Any]], image: PinnedImage, keep: int | None
+) -> None:
+    """Before the full apply: a rollback to an image pushed before ``keep`` (``ecr_keep_deployments``)
+    newer deployed ones would be expired by the lifecycle's first rule (it ranks by push time), so refuse
+    it."""
+    from sd_lambda.container.registry import PushError, deployed_images_pushed_after
 
-    keep = _effective(options, "ecr_keep_deployments")
     if keep is None:
         return
-    newer = deployed_images_pushed_after(ecr, image.repository, image.digest)
-    if newer >= int(keep):
+    try:
+        newer = deployed_images_pushed_after(images, image.digest)
+    except PushError as exc:
+        raise StackError(f"{image.repository}: {exc}") from None
+    if newer >= keep:
         raise StackError(
             f"image {image.digest} was pushed before {newer} newer deployed images and the ECR lifecycle "
             f"keeps the newest {keep} by push time, so it would expire while the function runs it: set "
@@ -307,7 +311,11 @@ def _plan_checked(
 
 
 def _apply_checked(
-    stack: Stack, variables: Mapping[str, Any], options: DeployOptions, targets: Sequence[str] = ()
+    stack: Stack,
+    variables: Mapping[str, Any],
+    options: DeployOptions,
+    values: StackValues,
+    targets: Sequence[str] = (),
 ) -> None:
     """plan -out -> show -json -> refuse what must not happen -> apply exactly that saved plan."""
     with tempfile.TemporaryDirectory(prefix="sd-lambda-plan-") as scratch:
@@ -317,32 +325,72 @@ def _apply_checked(
             stack.apply_plan(plan_file)
         except TerraformCommandError as exc:
             if _MEMORY_REFUSAL.search(" ".join(exc.output.replace("│", " ").split())):
-                memory = _effective(options, "memory_size")
                 raise StackError(
-                    f"Lambda refused the function's memory: {memory_cap_advice(memory)}"
+                    f"Lambda refused the function's memory: {memory_cap_advice(values.memory_size)}"
                 ) from exc
             raise
 
 
-def _effective(options: DeployOptions, name: str) -> Any:
-    """The value ``name`` has in this deploy's plans, or None if the var files cannot be read."""
+# The variables the driver reads before Terraform runs: the preflight's and the lifecycle check's.
+STACK_VARIABLES = ("name", "region", "reserved_concurrency", "memory_size", "ecr_keep_deployments")
+
+
+@dataclass(frozen=True)
+class StackValues:
+    """The effective values of :data:`STACK_VARIABLES` for this deploy's var files and ``--var``s."""
+
+    name: str
+    region: str | None
+    reserved_concurrency: int | None
+    memory_size: int | None
+    ecr_keep_deployments: int | None
+
+
+def _whole(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise StackError(f"{name} must be a whole number or null, got {value!r}") from None
+
+
+def stack_values(options: DeployOptions) -> StackValues:
+    """Read the var files once, before anything is created; a file that cannot be read is one line."""
     from sd_lambda.tfvars import VariablesError, effective_values
 
     try:
-        values = effective_values(options.infra_dir, [name], options.var_files, options.variables)
-    except (VariablesError, OSError):
-        return None
-    return values[name]
+        values = effective_values(options.infra_dir, STACK_VARIABLES, options.var_files, options.variables)
+    except VariablesError as exc:
+        raise StackError(str(exc)) from None
+    except OSError as exc:  # e.g. an unreadable infra/*.tf: still one line, naming the file
+        raise StackError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    return StackValues(
+        name=str(values["name"]),
+        region=values["region"],
+        reserved_concurrency=_whole("reserved_concurrency", values["reserved_concurrency"]),
+        memory_size=_whole("memory_size", values["memory_size"]),
+        ecr_keep_deployments=_whole("ecr_keep_deployments", values["ecr_keep_deployments"]),
+    )
 
 
-def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_client) -> dict[str, Any]:
-    """Registry first, then the image, then everything, then wait until Active. Returns the outputs."""
+def apply(
+    options: DeployOptions,
+    stack: Stack,
+    clients: ClientFactory = boto3_client,
+    values: StackValues | None = None,
+) -> dict[str, Any]:
+    """Registry first, then the image, then everything, then wait until Active. Returns the outputs.
+
+    ``values``: the var files as the preflight read them; read here when not given, before Terraform runs.
+    """
+    values = stack_values(options) if values is None else values
     variables = options.terraform_variables
     stack.init(options.backend_config, migrate_state=options.migrate_state)
     deployed = stack.outputs()  # before the targeted apply, which may leave unrelated outputs stale
 
     print("==> stage 1/3: the ECR repository (targeted plan, checked, applied)", flush=True)
-    _apply_checked(stack, variables, options, targets=options.registry_targets)
+    _apply_checked(stack, variables, options, values, targets=options.registry_targets)
     repository_url = _repository_url(stack)
     if repository_url is None:
         raise StackError("the targeted apply left no ecr_repository_url output")
@@ -357,12 +405,14 @@ def apply(options: DeployOptions, stack: Stack, clients: ClientFactory = boto3_c
         read_digest(options.digest_file)  # raises: how to get an image
     image = parse_pinned_image(str(image_uri))
     check_image_region(image, _stack_region(options, deployed))
-    verify_image(clients("ecr", image.region), image)
-    refuse_an_image_the_lifecycle_would_expire(clients("ecr", image.region), image, options)
+    ecr = clients("ecr", image.region)
+    images = repository_images(ecr, image)
+    verify_image(images, image)
+    refuse_an_image_the_lifecycle_would_expire(images, image, values.ecr_keep_deployments)
 
     print(f"==> stage 2/3: the full stack with image_uri={image.uri}", flush=True)
-    _apply_checked(stack, {**variables, "image_uri": image.uri}, options)
-    mark_deployed(clients("ecr", image.region), image)
+    _apply_checked(stack, {**variables, "image_uri": image.uri}, options, values)
+    mark_deployed(ecr, image)
     outputs = stack.outputs()
     function_name = outputs.get("function_name")
     if not function_name:
@@ -434,8 +484,6 @@ def destroy(
 # Preflight: before anything is created
 ################################################################################
 
-PREFLIGHT_VARIABLES = ("name", "region", "reserved_concurrency", "memory_size")
-
 
 def docker_cli(binary: str) -> Any:
     """The docker runner the preflight asks (tests replace this function)."""
@@ -450,39 +498,26 @@ def _default_region() -> str | None:
     return boto3.session.Session().region_name  # AWS_REGION / AWS_DEFAULT_REGION / the profile's region
 
 
-def _whole(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise StackError(f"{name} must be a whole number or null, got {value!r}") from None
-
-
-def preflight_inputs(options: DeployOptions, build_image: bool) -> PreflightInputs:
+def preflight_inputs(options: DeployOptions, values: StackValues) -> PreflightInputs:
     """The stack's effective name, region, reservation and memory for this deploy's flags."""
-    from sd_lambda.tfvars import VariablesError, effective_values
-
-    try:
-        values = effective_values(
-            options.infra_dir, PREFLIGHT_VARIABLES, options.var_files, options.variables
-        )
-    except VariablesError as exc:
-        raise StackError(str(exc)) from None
     return PreflightInputs(
-        region=options.region or values["region"] or _default_region(),
-        function_name=str(values["name"]),
-        reserved_concurrency=_whole("reserved_concurrency", values["reserved_concurrency"]),
-        memory_size=_whole("memory_size", values["memory_size"]),
-        build_image=build_image,
+        region=options.region or values.region or _default_region(),
+        function_name=values.name,
+        reserved_concurrency=values.reserved_concurrency,
+        memory_size=values.memory_size,
     )
 
 
-def preflight(options: DeployOptions, build_image: bool, docker_binary: str = "docker") -> None:
+def preflight(
+    options: DeployOptions,
+    build_image: bool,
+    docker_binary: str = "docker",
+    values: StackValues | None = None,
+) -> None:
     """Run every check, print one line per finding, and raise if any problem would stop the deploy."""
     if not Path(options.infra_dir).is_dir():
         raise StackError(f"stack directory {options.infra_dir} does not exist")
-    inputs = preflight_inputs(options, build_image)
+    inputs = preflight_inputs(options, stack_values(options) if values is None else values)
     findings = run_preflight(inputs, boto3_client, docker_cli(docker_binary) if build_image else None)
     for fact in findings.facts:
         print(f"preflight: {fact}", flush=True)
@@ -538,8 +573,11 @@ def _run(args: argparse.Namespace) -> int:
             preflight(options, build_image=options.image_uri is None, docker_binary=args.docker)
         elif args.deploy_command == "apply":
             needs_docker = options.image_uri is None and options.push_command is not None
-            preflight(options, build_image=needs_docker, docker_binary=args.docker)
-            apply(options, _stack(options))
+            if not Path(options.infra_dir).is_dir():
+                raise StackError(f"stack directory {options.infra_dir} does not exist")
+            values = stack_values(options)  # once: the preflight and the apply read the same values
+            preflight(options, build_image=needs_docker, docker_binary=args.docker, values=values)
+            apply(options, _stack(options), values=values)
         elif args.deploy_command == "plan":
             plan(options, _stack(options))
         else:

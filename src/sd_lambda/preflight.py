@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 
 from sd_lambda.aws_identity import CredentialsError, caller_identity
 from sd_lambda.container.docker import Docker, DockerFailed, DockerUnavailable, has_buildx, require_engine
-from sd_lambda.stack_outputs import TERRAFORM_INSTALL_HINT
+from sd_lambda.stack_outputs import TERRAFORM_INSTALL_HINT, TerraformNotFoundError, terraform_binary
 
 MINIMUM_TERRAFORM = (1, 6)
 # PutFunctionConcurrency: "you can reserve concurrency ... as long as you leave at least 100 simultaneous
@@ -52,7 +51,6 @@ class PreflightInputs:
     function_name: str
     reserved_concurrency: int | None  # None: no reservation
     memory_size: int | None
-    build_image: bool  # False when IMAGE_URI is given: no docker needed
 
 
 @dataclass
@@ -63,12 +61,14 @@ class Findings:
 
 
 def terraform_problem(
-    which: Callable[[str], str | None] = shutil.which,
+    find: Callable[[], str] = terraform_binary,
     run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
 ) -> str | None:
-    binary = which("terraform")
-    if binary is None:
-        return f"terraform is not on PATH: {TERRAFORM_INSTALL_HINT}"
+    # The same lookup and message the deploy commands use when they start terraform.
+    try:
+        binary = find()
+    except TerraformNotFoundError as exc:
+        return str(exc)
     completed = run([binary, "version", "-json"], capture_output=True, text=True, check=False)
     try:
         version = json.loads(completed.stdout)["terraform_version"]
@@ -101,7 +101,8 @@ def _account_findings(inputs: PreflightInputs, lambda_client: Any, findings: Fin
         limits = lambda_client.get_account_settings()["AccountLimit"]
     except (BotoCoreError, ClientError) as exc:
         findings.problems.append(
-            f"cannot read the account's Lambda limits (lambda:GetAccountSettings in {inputs.region}): {exc}"
+            f"cannot read the account's Lambda limits (lambda:GetAccountSettings in {inputs.region}): "
+            + _aws_refusal(exc)
         )
         return
     total = int(limits.get("ConcurrentExecutions", 0))
@@ -111,15 +112,22 @@ def _account_findings(inputs: PreflightInputs, lambda_client: Any, findings: Fin
     )
     if inputs.reserved_concurrency is not None:
         # A reservation this function already holds is counted as reserved; updating it frees that first.
-        held = _reserved_by_function(lambda_client, inputs.function_name)
-        left = unreserved + held - inputs.reserved_concurrency
-        if left < MINIMUM_UNRESERVED_CONCURRENCY:
+        try:
+            held = _reserved_by_function(lambda_client, inputs.function_name)
+        except (BotoCoreError, ClientError) as exc:
             findings.problems.append(
-                f"reserved_concurrency={inputs.reserved_concurrency} would leave {left} of this account's "
-                f"{total} concurrent executions unreserved in {inputs.region}; Lambda refuses fewer than "
-                f"{MINIMUM_UNRESERVED_CONCURRENCY}: set reserved_concurrency = null (no reservation) or a "
-                f"smaller number, or request more ({CONCURRENCY_QUOTA})"
+                f"cannot read {inputs.function_name}'s reserved concurrency (lambda:GetFunctionConcurrency "
+                f"in {inputs.region}): {_aws_refusal(exc)}"
             )
+        else:
+            left = unreserved + held - inputs.reserved_concurrency
+            if left < MINIMUM_UNRESERVED_CONCURRENCY:
+                findings.problems.append(
+                    f"reserved_concurrency={inputs.reserved_concurrency} would leave {left} of this "
+                    f"account's {total} concurrent executions unreserved in {inputs.region}; Lambda refuses "
+                    f"fewer than {MINIMUM_UNRESERVED_CONCURRENCY}: set reserved_concurrency = null (no "
+                    f"reservation) or a smaller number, or request more ({CONCURRENCY_QUOTA})"
+                )
     memory = inputs.memory_size
     if total <= NEW_ACCOUNT_CONCURRENCY_LIMIT and memory is not None and memory > NEW_ACCOUNT_MEMORY_MB:
         findings.warnings.append(
@@ -129,11 +137,24 @@ def _account_findings(inputs: PreflightInputs, lambda_client: Any, findings: Fin
 
 
 def _reserved_by_function(lambda_client: Any, function_name: str) -> int:
+    """What ``function_name`` reserves now; 0 when it does not exist yet (GetFunctionConcurrency answers
+    ResourceNotFoundException, https://docs.aws.amazon.com/lambda/latest/api/API_GetFunctionConcurrency.html).
+    Any other refusal (AccessDeniedException without lambda:GetFunctionConcurrency) propagates."""
     try:
         answer = lambda_client.get_function_concurrency(FunctionName=function_name)
     except lambda_client.exceptions.ResourceNotFoundException:
         return 0
     return int(answer.get("ReservedConcurrentExecutions") or 0)
+
+
+def _aws_refusal(exc: Exception) -> str:
+    """One line from a botocore error: its code and message, never a traceback."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', 'ClientError')}: {error.get('Message', '')}".strip()
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def aws_findings(inputs: PreflightInputs, clients: ClientFactory, findings: Findings) -> None:
@@ -163,7 +184,7 @@ def run_preflight(
     terraform = terraform_check()
     if terraform is not None:
         findings.problems.append(terraform)
-    if inputs.build_image and docker is not None:
+    if docker is not None:  # None: an image is given, so nothing is built
         try:
             docker_findings(docker, findings)
         except DockerFailed as exc:

@@ -106,12 +106,6 @@ class FakeStack:
         if self.apply_error is not None and not self.plan_targets:  # the full apply fails
             raise self.apply_error
 
-    def apply(
-        self, variables: dict[str, Any], var_files: tuple[Path, ...] = (), targets: tuple[str, ...] = ()
-    ) -> None:
-        self.calls.append(("apply", {"variables": dict(variables), "targets": tuple(targets)}))
-        self.applied_outputs = {"ecr_repository_url": REPOSITORY_URL} if targets else dict(self.full_outputs)
-
     def destroy(self, variables: dict[str, Any], var_files: tuple[Path, ...] = ()) -> None:
         self.calls.append(("destroy", {"variables": dict(variables)}))
 
@@ -500,7 +494,7 @@ def test_cli_passes_allow_function_delete(
     seen: list[DeployOptions] = []
     monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
     monkeypatch.setattr(deploy, "preflight", lambda options, **checks: None)
-    monkeypatch.setattr(deploy, action, lambda options, stack, *rest: seen.append(options))
+    monkeypatch.setattr(deploy, action, lambda options, stack, *rest, **more: seen.append(options))
 
     assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *flag]) == 0
 
@@ -608,7 +602,7 @@ def test_cli_passes_allow_data_loss(
     seen: list[DeployOptions] = []
     monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
     monkeypatch.setattr(deploy, "preflight", lambda options, **checks: None)
-    monkeypatch.setattr(deploy, action, lambda options, stack, *rest: seen.append(options))
+    monkeypatch.setattr(deploy, action, lambda options, stack, *rest, **more: seen.append(options))
 
     assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *flag]) == 0
 
@@ -655,12 +649,8 @@ def test_single_manifests_lambda_supports_pass(media_type: str) -> None:
     image = parse_pinned_image(f"{REPOSITORY_URL}@{DIGEST}")
     detail = {"imageDigest": DIGEST, "imageManifestMediaType": media_type, "repositoryName": "sd-lambda"}
     with Stubber(client) as stubber:
-        stubber.add_response(
-            "describe_images",
-            {"imageDetails": [detail]},
-            {"repositoryName": "sd-lambda", "imageIds": [{"imageDigest": DIGEST}]},
-        )
-        deploy.verify_image(client, image)
+        stubber.add_response("describe_images", {"imageDetails": [detail]}, {"repositoryName": "sd-lambda"})
+        deploy.verify_image(deploy.repository_images(client, image), image)
         stubber.assert_no_pending_responses()
 
 
@@ -857,3 +847,133 @@ def test_a_rollback_within_the_kept_deployments_goes_ahead(aws: None) -> None:
 
     assert stack.names == ["init", "plan", "apply_plan", "plan", "apply_plan"]
     assert len([tag for tag in _tags_of(oldest) if tag.startswith("deployed-")]) == 1
+
+
+################################################################################
+# Review of #21: AWS refusals are one line, the var files are read once, one ECR client and listing
+################################################################################
+
+INFRA = Path(__file__).parents[2] / "infra"
+
+
+def test_a_refused_image_listing_is_one_line_naming_describe_images() -> None:
+    client = boto3.client("ecr", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="y")
+    image = parse_pinned_image(f"{REPOSITORY_URL}@{DIGEST}")
+    with Stubber(client) as stubber:
+        stubber.add_client_error(
+            "describe_images", "AccessDeniedException", "not authorized to perform: ecr:DescribeImages"
+        )
+        with pytest.raises(StackError) as refused:
+            deploy.repository_images(client, image)
+
+    assert str(refused.value) == (
+        "cannot list the images of ECR repository sd-lambda (ecr:DescribeImages): AccessDeniedException: "
+        "not authorized to perform: ecr:DescribeImages; the deploying identity needs ecr:DescribeImages on "
+        "the repository (in us-east-1)"
+    )
+
+
+def test_a_digest_the_listing_lacks_is_a_stack_error_not_stop_iteration() -> None:
+    image = parse_pinned_image(f"{REPOSITORY_URL}@{DIGEST}")
+    other = {"imageDigest": "sha256:" + "cd" * 32, "imagePushedAt": 1, "imageTags": ["deployed-x"]}
+
+    with pytest.raises(StackError) as missing:
+        deploy.refuse_an_image_the_lifecycle_would_expire([other], image, keep=3)
+
+    assert str(missing.value) == (
+        f"sd-lambda: image {DIGEST} is not in the repository's image list: push it again"
+    )
+
+
+def test_apply_uses_one_ecr_client_and_one_listing(aws: None) -> None:
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    made: list[str] = []
+    listings: list[str] = []
+
+    def clients(service: str, region: str) -> Any:
+        made.append(service)
+        client = boto3.client(service, region_name=region)
+        client.meta.events.register(
+            "before-call.ecr.DescribeImages", lambda **_: listings.append("DescribeImages")
+        )
+        return client
+
+    deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}", wait_seconds=10), FakeStack(), clients)
+
+    assert made == ["ecr", "lambda"]
+    assert listings == ["DescribeImages"]  # the manifest check and the lifecycle check read one listing
+
+
+def test_an_unreadable_var_file_stops_apply_in_one_line_before_terraform(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tfvars"
+    broken.write_text('ecr_keep_deployments = = "a"\n')
+    stack = FakeStack()
+    options = DeployOptions(infra_dir=INFRA, var_files=(broken,), image_uri=f"{REPOSITORY_URL}@{DIGEST}")
+
+    with pytest.raises(StackError) as refused:
+        deploy.apply(options, stack)
+
+    assert str(refused.value).startswith(f"cannot parse {broken}: ")
+    assert "\n" not in str(refused.value)
+    assert stack.names == []  # nothing planned, nothing created
+
+
+def test_cli_apply_reads_the_var_files_once(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sd_lambda.tfvars
+    from sd_lambda.preflight import Findings
+
+    digest = push_image_to_moto()
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    reads: list[tuple[str, ...]] = []
+    real = sd_lambda.tfvars.effective_values
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        reads.append(tuple(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sd_lambda.tfvars, "effective_values", counted)
+    monkeypatch.setattr(deploy, "run_preflight", lambda inputs, clients, docker: Findings())
+    monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
+    image_uri = f"{REPOSITORY_URL}@{digest}"
+
+    code = cli_main(
+        [
+            "deploy",
+            "apply",
+            "--infra-dir",
+            str(INFRA),
+            "--region",
+            REGION,
+            "--image-uri",
+            image_uri,
+            "--wait-seconds",
+            "10",
+        ]
+    )
+
+    assert code == 0
+    assert reads == [deploy.STACK_VARIABLES]
+
+
+def test_both_plan_refusals_share_one_walk_over_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd_lambda import plan_guard
+
+    def one_walk(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+        yield "replace", {"address": deploy.FUNCTION_ADDRESS, "type": "aws_ecr_repository"}
+
+    monkeypatch.setattr(plan_guard, "removals", one_walk)
+    empty: dict[str, Any] = {"resource_changes": []}  # only the shared walk can find anything in it
+
+    with pytest.raises(StackError, match=r"^refusing a plan that would replace "):
+        deploy.refuse_data_loss(empty, DeployOptions())
+    with pytest.raises(StackError, match=r"^refusing to replace the live function "):
+        deploy.refuse_function_deletion(empty, DeployOptions())
+    deploy.refuse_data_loss(empty, DeployOptions(allow_data_loss=True))
+    deploy.refuse_function_deletion(empty, DeployOptions(allow_function_delete=True))
+
+
+def test_the_stack_protocol_has_no_unplanned_apply() -> None:
+    # Every apply goes through a saved, checked plan (apply_plan); a plain apply would skip the checks.
+    assert "apply" not in vars(deploy.Stack)
+    assert "apply_plan" in vars(deploy.Stack)

@@ -3,6 +3,7 @@ Lambda, a fake docker, the real var-file resolution against infra/variables.tf).
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from sd_lambda import deploy
 from sd_lambda.cli import main as cli_main
 from sd_lambda.container.docker import DockerFailed
 from sd_lambda.preflight import Findings, PreflightInputs, run_preflight, terraform_problem
+from sd_lambda.stack_outputs import TerraformNotFoundError, terraform_binary
 from sd_lambda.tfvars import effective_values
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,23 +96,22 @@ class FakeDocker:
         return ""
 
 
-def inputs(reserved: int | None = None, memory: int = 10240, build_image: bool = True) -> PreflightInputs:
+def inputs(reserved: int | None = None, memory: int = 10240) -> PreflightInputs:
     return PreflightInputs(
-        region=REGION,
-        function_name="sd-lambda",
-        reserved_concurrency=reserved,
-        memory_size=memory,
-        build_image=build_image,
+        region=REGION, function_name="sd-lambda", reserved_concurrency=reserved, memory_size=memory
     )
+
+
+A_WORKING_DOCKER = FakeDocker()
 
 
 def check(
     given: PreflightInputs,
     aws: StubbedAws,
-    docker: FakeDocker | None = None,
+    docker: FakeDocker | None = A_WORKING_DOCKER,  # None: an image is given, no docker
     terraform: Callable[[], str | None] = lambda: None,
 ) -> Findings:
-    findings = run_preflight(given, aws, docker or FakeDocker(), terraform_check=terraform)
+    findings = run_preflight(given, aws, docker, terraform_check=terraform)
     aws.assert_used()
     return findings
 
@@ -193,7 +194,7 @@ def test_rejected_credentials_skip_the_lambda_checks() -> None:
 
 def test_no_region_is_one_line() -> None:
     findings = run_preflight(
-        PreflightInputs(None, "sd-lambda", None, 3008, build_image=False),
+        PreflightInputs(None, "sd-lambda", None, 3008),
         lambda service, region: pytest.fail("no AWS call without a region"),
         None,
         terraform_check=lambda: None,
@@ -222,14 +223,70 @@ def test_docker_engine_and_buildx(docker: FakeDocker, problem: str | None, warni
         )
 
 
-def test_docker_is_not_asked_when_an_image_is_given() -> None:
-    findings = check(
-        inputs(memory=3008, build_image=False),
-        StubbedAws().identity().account(1000),
-        FakeDocker(engine=False),
+def test_docker_is_not_asked_when_an_image_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without docker (None: what deploy.preflight passes when an image is given) nothing docker is checked.
+    assert check(inputs(memory=3008), StubbedAws().identity().account(1000), None).problems == []
+    monkeypatch.setattr(deploy, "docker_cli", lambda binary: pytest.fail("an image is given: no docker"))
+    monkeypatch.setattr(deploy, "run_preflight", lambda given, clients, docker: Findings())
+
+    deploy.preflight(deploy.DeployOptions(infra_dir=INFRA, region=REGION), build_image=False)
+
+
+def test_no_permission_to_read_the_reservation_is_one_problem_naming_the_action() -> None:
+    """AccessDeniedException from GetFunctionConcurrency (not just ResourceNotFoundException) is a finding."""
+    aws = StubbedAws().identity().account(10)
+    aws.stubbers["lambda"].add_client_error(
+        "get_function_concurrency",
+        "AccessDeniedException",
+        "User: arn:aws:iam::123456789012:user/deployer is not authorized to perform: "
+        "lambda:GetFunctionConcurrency",
+        http_status_code=403,
     )
 
-    assert findings.problems == []
+    findings = check(inputs(reserved=2, memory=10240), aws)
+
+    assert findings.problems == [
+        "cannot read sd-lambda's reserved concurrency (lambda:GetFunctionConcurrency in eu-west-1): "
+        "AccessDeniedException: User: arn:aws:iam::123456789012:user/deployer is not authorized to "
+        "perform: lambda:GetFunctionConcurrency"
+    ]
+    assert findings.warnings[0].startswith("this account's Lambda concurrency limit is 10")  # still checked
+
+
+def test_cli_preflight_turns_an_access_denied_into_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    aws = StubbedAws().identity().account(1000)
+    aws.stubbers["lambda"].add_client_error(
+        "get_function_concurrency", "AccessDeniedException", "not authorized", http_status_code=403
+    )
+    monkeypatch.setattr(deploy, "boto3_client", aws)
+    monkeypatch.setattr("sd_lambda.preflight.terraform_problem", lambda: None)
+    image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd-lambda@sha256:" + "ab" * 32
+
+    code = cli_main(
+        [
+            "deploy",
+            "preflight",
+            "--infra-dir",
+            str(INFRA),
+            "--region",
+            REGION,
+            "--var",
+            "reserved_concurrency=3",
+            "--image-uri",
+            image,
+        ]
+    )
+
+    err = capfd.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        "preflight: cannot read sd-lambda's reserved concurrency (lambda:GetFunctionConcurrency in "
+        "eu-west-1): AccessDeniedException: not authorized",
+        "sd-lambda deploy: error: preflight found 1 problem (above); nothing was created",
+    ]
 
 
 def _run_returning(stdout: str) -> Callable[..., subprocess.CompletedProcess[str]]:
@@ -237,17 +294,23 @@ def _run_returning(stdout: str) -> Callable[..., subprocess.CompletedProcess[str
 
 
 def test_terraform_version_is_checked() -> None:
-    found = lambda name: "/usr/bin/terraform"  # noqa: E731
+    found = lambda: "/usr/bin/terraform"  # noqa: E731
 
-    assert terraform_problem(lambda name: None).startswith(
-        "terraform is not on PATH: install Terraform >= 1.6"
-    )
     assert terraform_problem(found, _run_returning('{"terraform_version": "1.5.7"}')) == (
         "terraform 1.5.7 is older than 1.6: install Terraform >= 1.6 "
         "(https://developer.hashicorp.com/terraform/install) and put it on PATH"
     )
     assert terraform_problem(found, _run_returning('{"terraform_version": "1.6.0"}')) is None
     assert terraform_problem(found, _run_returning('{"terraform_version": "1.10.2"}')) is None
+
+
+def test_the_terraform_check_finds_terraform_as_the_deploy_commands_do(no_terraform_on_path: None) -> None:
+    # One lookup (stack_outputs.terraform_binary) and one message for the preflight and the commands.
+    assert inspect.signature(terraform_problem).parameters["find"].default is terraform_binary
+    with pytest.raises(TerraformNotFoundError) as missing:
+        terraform_binary()
+    assert terraform_problem() == str(missing.value)
+    assert terraform_problem().startswith("terraform is not on PATH: install Terraform >= 1.6")
 
 
 ################################################################################
@@ -364,7 +427,9 @@ def test_cli_preflight_reads_the_stack_values_and_passes(
 def test_apply_runs_the_preflight_before_terraform(monkeypatch: pytest.MonkeyPatch) -> None:
     order: list[str] = []
 
-    def failing_preflight(options: deploy.DeployOptions, build_image: bool, docker_binary: str) -> None:
+    def failing_preflight(
+        options: deploy.DeployOptions, build_image: bool, docker_binary: str, values: deploy.StackValues
+    ) -> None:
         order.append(f"preflight build_image={build_image} docker={docker_binary}")
         raise deploy.StackError("preflight found 1 problem (above); nothing was created")
 

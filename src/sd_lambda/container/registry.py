@@ -213,22 +213,54 @@ def add_tag(ecr: Any, repository_name: str, digest: str, tag: str) -> None:
         ) from None
 
 
-def deployed_images_pushed_after(ecr: Any, repository_name: str, digest: str) -> int:
-    """How many other ``deployed-*`` images were pushed after ``digest`` (the lifecycle's order).
+def repository_images(ecr: Any, repository_name: str) -> list[dict[str, Any]]:
+    """Every image ECR lists in ``repository_name`` (DescribeImages, all pages: digest, tags, push time,
+    manifest media type), or a one-line PushError naming the permission when ECR refuses.
+    https://docs.aws.amazon.com/AmazonECR/latest/APIReference/API_DescribeImages.html
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return [
+            image
+            for page in ecr.get_paginator("describe_images").paginate(repositoryName=repository_name)
+            for image in page["imageDetails"]
+        ]
+    except ecr.exceptions.RepositoryNotFoundException:
+        raise PushError(f"ECR repository {repository_name} does not exist") from None
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        hint = (
+            "; the deploying identity needs ecr:DescribeImages on the repository"
+            if "AccessDenied" in code or "Unauthorized" in code
+            else ""
+        )
+        raise PushError(
+            f"cannot list the images of ECR repository {repository_name} (ecr:DescribeImages): "
+            f"{code}: {error.get('Message')}{hint}"
+        ) from None
+    except BotoCoreError as exc:
+        raise PushError(
+            f"cannot list the images of ECR repository {repository_name} (ecr:DescribeImages): {exc}"
+        ) from None
+
+
+def deployed_images_pushed_after(images: list[dict[str, Any]], digest: str) -> int:
+    """How many other ``deployed-*`` images of the listing ``images`` (:func:`repository_images`) were
+    pushed after ``digest`` (the lifecycle's order).
 
     ``imageCountMoreThan`` ranks images by push time, and adding a tag does not change it, so an older
     image deployed again (a rollback) ranks behind every newer deployed one.
     https://docs.aws.amazon.com/AmazonECR/latest/userguide/lifecycle_policy_parameters.html
     """
-    details = [
-        image
-        for page in ecr.get_paginator("describe_images").paginate(repositoryName=repository_name)
-        for image in page["imageDetails"]
-    ]
-    pushed_at = next(image["imagePushedAt"] for image in details if image["imageDigest"] == digest)
+    pushed_at = next((image["imagePushedAt"] for image in images if image["imageDigest"] == digest), None)
+    if pushed_at is None:
+        # Not listed: deleted since it was checked, or never there. No order to rank it by.
+        raise PushError(f"image {digest} is not in the repository's image list: push it again")
     return sum(
         1
-        for image in details
+        for image in images
         if image["imageDigest"] != digest
         and image["imagePushedAt"] > pushed_at
         and any(tag.startswith(DEPLOYED_TAG_PREFIX) for tag in image.get("imageTags", []))
