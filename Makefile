@@ -103,7 +103,7 @@ OUT ?= out.png
 requirements: $(INSTALL_STAMP) ## Regenerate image/requirements.txt (the image's complete pinned lock) from pyproject
 	$(BIN)/sd-lambda requirements
 
-build-image: $(INSTALL_STAMP) ## docker (buildx) build image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
+build-image: $(INSTALL_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
 	$(BIN)/sd-lambda build-image --platform "$(PLATFORM)" --tag "$(IMAGE)" --docker "$(DOCKER)" \
 		$(addprefix --build-arg ,$(BUILD_ARGS))
 
@@ -171,7 +171,7 @@ seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision of the ser
 
 rollback: $(INSTALL_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model)
 	@test -n "$(REVISION)" || { echo 'make rollback: set REVISION=<release> (and NAME=<model folder> unless the served one)' >&2; exit 2; }
-	$(BIN)/sd-lambda rollback $(if $(or $(NAME),$(MODEL)),--name "$(or $(NAME),$(MODEL))") --revision "$(REVISION)" $(SEED_STACK_ARGS)
+	$(BIN)/sd-lambda rollback $(if $(or $(NAME),$(MODEL)),--name "$(or $(NAME),$(MODEL))") --revision "$(REVISION)" $(if $(NOT_SERVED),--not-served) $(SEED_STACK_ARGS)
 
 # ---- performance -----------------------------------------------------------------------------------
 .PHONY: bench
