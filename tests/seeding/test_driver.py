@@ -165,7 +165,7 @@ def test_access_denied_names_the_permission(aws_env: dict[str, str]) -> None:
     with Stubber(ec2) as stub:
         stub.add_client_error("describe_instances", service_error_code="UnauthorizedOperation")
         with pytest.raises(SeedError, match=r"AccessDenied: you need ec2:DescribeInstances on i-1"):
-            Seeder(ec2, ssm, "i-1").ensure_running()
+            Seeder(ec2, ssm, "i-1").start_if_stopped()
 
 
 def test_from_s3_reads_the_uploaded_manifest(aws: flow.AwsClients, tmp_path: Path) -> None:
@@ -195,21 +195,11 @@ def _online_stub(client: Any, statuses: list[str | None], instance_id: str) -> S
 
 
 def _ready_stub(client: Any, instance_id: str) -> Stubber:
-    """What the agent answers while a session opens (Online, the mount check succeeds) and again when the
-    run's command is about to be sent (Online)."""
+    """What the agent answers while a session opens (Online, the mount check succeeds): asked once per
+    run, the seeder still running when the run's command is sent (#21 item 7)."""
     stub = _online_stub(client, ["Online"], instance_id)
     stub.add_response(
         "get_command_invocation", {"Status": "Success", "ResponseCode": 0, "StandardOutputContent": "mounted"}
-    )
-    return _add_online(stub, instance_id)
-
-
-def _add_online(stub: Stubber, instance_id: str) -> Stubber:
-    found = [{"InstanceId": instance_id, "PingStatus": "Online"}]
-    stub.add_response(
-        "describe_instance_information",
-        {"InstanceInformationList": found},
-        {"Filters": [{"Key": "InstanceIds", "Values": [instance_id]}]},
     )
     return stub
 
@@ -219,11 +209,11 @@ def test_start_wait_online(aws: flow.AwsClients) -> None:
     ssm = boto3.client("ssm", region_name=REGION)
     clock = FakeClock()
     seeder = Seeder(aws.ec2, ssm, instance_id, sleep=clock.sleep, clock=clock, log=lambda _: None)
-    assert seeder.ensure_running() is True
+    seeder.start_if_stopped()
     assert _state(aws, instance_id) == "running"
-    assert seeder.ensure_running() is False  # already running: not ours to stop
+    seeder.start_if_stopped()  # already running: nothing asked of EC2
     with _online_stub(ssm, [None, "ConnectionLost", "Online"], instance_id) as stub:
-        seeder.wait_online(timeout=60)
+        seeder.wait_ready(online_timeout=60)
         stub.assert_no_pending_responses()
     assert clock.sleeps == [5.0, 5.0]
     seeder.stop()
@@ -237,20 +227,23 @@ def test_agent_never_online(aws: flow.AwsClients) -> None:
     with _online_stub(ssm, [None] + ["ConnectionLost"] * 3, "i-1"), pytest.raises(SeedError) as caught:
         seeder.wait_online(timeout=30)
     assert "not Online after 30s (status: ConnectionLost)" in str(caught.value)
+    # The role carries the agent's actions inline, not the managed policy (#21 item 21).
+    assert str(caught.value).endswith("(ssm:UpdateInstanceInformation, ec2messages:*, ssmmessages:*)")
+    assert "AmazonSSMManagedInstanceCore" not in str(caught.value)
     assert clock.now == 30
 
 
 def test_instance_not_found(aws: flow.AwsClients) -> None:
     seeder = Seeder(aws.ec2, aws.ssm, "i-0123456789abcdef0")
     with pytest.raises(SeedError, match="seeder instance i-0123456789abcdef0 not found"):
-        seeder.ensure_running()
+        seeder.start_if_stopped()
 
 
 def test_terminated_instance(aws: flow.AwsClients) -> None:
     instance_id = _instance(aws, "running")
     aws.ec2.terminate_instances(InstanceIds=[instance_id])
     with pytest.raises(SeedError, match="is terminated: re-apply the stack"):
-        Seeder(aws.ec2, aws.ssm, instance_id).ensure_running()
+        Seeder(aws.ec2, aws.ssm, instance_id).start_if_stopped()
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -439,6 +432,26 @@ def test_command_timeout_cancels(aws_env: dict[str, str]) -> None:
             )
         stub.assert_no_pending_responses()
     assert clock.now == 800  # gave up at the first poll past delivery + execution timeout + margin
+
+
+def test_a_command_cancelling_or_delayed_is_still_awaited(aws_env: dict[str, str]) -> None:
+    """Cancelling and Delayed are not final (monitor-commands.html): the poll waits on them, as the stop
+    rule does, both from one set (#21 item 10)."""
+    from sd_lambda.seeding import remote, seeder
+
+    assert seeder.FINISHED is remote.FINISHED == {"Success", "Failed", "Cancelled", "TimedOut"}
+    ssm = boto3.client("ssm", region_name=REGION)
+    clock = FakeClock()
+    with Stubber(ssm) as stub:
+        stub.add_response("send_command", {"Command": {"CommandId": COMMAND_ID}})
+        for status in ("Delayed", "Cancelling", "Cancelled"):
+            stub.add_response("get_command_invocation", {"Status": status})
+        sent: set[str] = set()
+        invocation = run_command(
+            ssm, "i-1", ["true"], execution_timeout=60, comment="c", sleep=clock.sleep, clock=clock, sent=sent
+        )
+        stub.assert_no_pending_responses()
+    assert (invocation.status, sent) == ("Cancelled", {COMMAND_ID})
 
 
 def _invoke_response(payload: bytes, function_error: str | None = None) -> dict[str, Any]:

@@ -138,6 +138,31 @@ def test_a_second_model_is_seeded_when_deliberate(
     assert printed["uploaded"] == "s3://stack-weights/models/acme--other/r1/"
 
 
+@pytest.mark.usefixtures("stack", "no_aws")
+def test_a_rollback_of_a_model_not_served_is_refused_like_a_seed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make rollback`` passes NAME (or MODEL): a folder the function does not read is refused before AWS,
+    as seed refuses it, unless --not-served (#21 item 7)."""
+    refused = (
+        f"sd-lambda rollback: error: --name acme--other is not the model the function serves ({SERVED}): "
+        f"drop --name/NAME= to roll back {SERVED}, or pass --not-served (NOT_SERVED=1) to roll back "
+        "acme--other anyway"
+    )
+    assert _one_line(capsys, ["rollback", "--name", "acme/other", "--revision", "r1"]) == refused
+    assert flow.rollback_name(None, STACK) == flow.rollback_name("segmind/tiny-sd", STACK) == SERVED
+    assert flow.rollback_name("mine", FLAGS_ONLY) == "mine"  # no served model to compare with
+    with pytest.raises(SeedError, match="no model name: pass --name"):
+        flow.rollback_name(None, FLAGS_ONLY)
+    rolled: list[tuple[str, str]] = []
+    monkeypatch.setattr(flow.AwsClients, "create", lambda region: None)
+    monkeypatch.setattr(
+        flow, "rollback", lambda c, t, name, revision, o: rolled.append((name, revision)) or {}
+    )
+    assert main(["rollback", "--name", "acme/other", "--not-served", "--revision", "r1"]) == 0
+    assert rolled == [("acme--other", "r1")]
+
+
 def test_the_make_target_passes_name() -> None:
     from .test_cli import _make
 
@@ -147,3 +172,6 @@ def test_the_make_target_passes_name() -> None:
     assert "--name" not in _make("-n", "seed-models", "MODEL=acme/tiny-sd").stdout  # the served model
     dry = _make("-n", "rollback", "NAME=acme/other", "REVISION=r1")
     assert 'sd-lambda rollback --name "acme/other" --revision "r1"' in dry.stdout
+    assert "--not-served" not in dry.stdout
+    dry = _make("-n", "rollback", "NAME=acme/other", "REVISION=r1", "NOT_SERVED=1")
+    assert 'sd-lambda rollback --name "acme/other" --revision "r1" --not-served' in dry.stdout

@@ -21,8 +21,9 @@ from sd_lambda.seeding.efs_sync import MOUNT_UNIT
 from sd_lambda.seeding.errors import SeedError
 from sd_lambda.seeding.preflight import check_caller
 from sd_lambda.seeding.remote import Invocation, mount_check_script
+from sd_lambda.seeding.target import Target
 
-from .conftest import REGION
+from .conftest import REGION, make_model
 from .test_driver import FakeClock, _instance, _state
 from .test_sources import FakeHub, install_fake_hub
 
@@ -139,7 +140,6 @@ def test_every_aws_check_comes_before_the_hub(
     instance_id = _instance(aws, "stopped")
     _online(agent, instance_id)
     _invocation(agent, "Success", "mounted: /mnt/models")  # the mount check
-    _online(agent, instance_id)  # again before the sync is sent
     result = {"model": NAME, "revision": "r", "previous": None}
     _invocation(agent, "Success", "RESULT " + json.dumps(result))
 
@@ -160,9 +160,49 @@ def test_every_aws_check_comes_before_the_hub(
         call for i, call in enumerate(before_the_hub) if call in checks and call not in before_the_hub[:i]
     ]
     assert firsts == checks
+    # Each check once (#21 items 7 and 8): the bucket in the preflight only, not again when staging;
+    # the seeder started and its agent asked once, the sync sent to a seeder that is still running.
+    assert calls.count("s3.head_bucket") == 1
+    assert calls.count("ec2.start_instances") == calls.count("ssm.describe_instance_information") == 1
     assert "ssm.send_command seed" in calls[first_hub_call:]
     assert calls[-1] == "ec2.stop_instances"
     assert _state(aws, instance_id) in {"stopping", "stopped"}
+
+
+def test_the_guide_says_why_the_seeder_starts_before_the_hub() -> None:
+    """The order above is deliberate (#21 item 8); docs/seeding.md says why, so it is not "optimized"."""
+    guide = " ".join((Path(__file__).parents[2] / "docs/seeding.md").read_text().split())
+    assert "The seeder is started before the hub is asked for anything, on purpose" in guide
+    assert "must be found before a multi-GB download, not after it" in guide
+
+
+@pytest.mark.parametrize("source", ["--from-dir", "--from-s3"])
+def test_the_bucket_and_the_folder_are_each_checked_once(
+    aws: flow.AwsClients, calls: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str
+) -> None:
+    """The preflight asks for the bucket, the local checks walk the folder: staging asks neither again
+    (#21 item 8)."""
+    from sd_lambda.seeding import sources
+
+    aws.s3.create_bucket(Bucket="weights")
+    folder = make_model(tmp_path / "m", "v1")
+    if source == "--from-s3":
+        target = Target(bucket="weights", instance_id="i-1", region=REGION)
+        flow.stage_local(aws, target, sources.from_dir(folder), NAME, "r1", progress=False)
+        argv = ["--from-s3", f"s3://weights/models/{NAME}/r1/"]
+    else:
+        argv = ["--from-dir", str(folder), "--no-progress"]
+    clients = flow.AwsClients(
+        Recorded("s3", aws.s3, calls), aws.ec2, aws.ssm, sts=Recorded("sts", aws.sts, calls)
+    )
+    monkeypatch.setattr(flow.AwsClients, "create", lambda region: clients)
+    walked: list[Path] = []
+    check_dir = sources.check_dir
+    monkeypatch.setattr(sources, "check_dir", lambda path, **kw: walked.append(path) or check_dir(path, **kw))
+    stack = ["--bucket", "weights", "--instance-id", "i-1", "--region", REGION, "--name", NAME]
+    assert main(["seed", *argv, "--upload-only", *stack]) == 0
+    assert calls.count("s3.head_bucket") == 1
+    assert walked == ([folder] if source == "--from-dir" else [])
 
 
 def test_no_credentials_is_one_line_before_anything(

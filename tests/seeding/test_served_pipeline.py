@@ -10,10 +10,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx2
 import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import httpx as hub_http
 
 from sd_lambda.seeding import sources
 from sd_lambda.seeding.errors import SeedError
@@ -171,33 +171,33 @@ def test_a_refused_connection_is_one_line_naming_the_repo(
     assert "\n" not in message
 
 
-def _request() -> httpx2.Request:
-    return httpx2.Request("GET", "https://huggingface.co/api/models/acme/tiny-sd")
+def _request() -> hub_http.Request:
+    return hub_http.Request("GET", "https://huggingface.co/api/models/acme/tiny-sd")
 
 
 @pytest.mark.parametrize(
     ("error", "message"),
     [
         (
-            lambda: httpx2.ConnectError("[Errno -2] Name or service not known", request=_request()),
+            lambda: hub_http.ConnectError("[Errno -2] Name or service not known", request=_request()),
             "cannot reach the hub for acme/tiny-sd@v1: [Errno -2] Name or service not known "
             "(network, proxy or HF_ENDPOINT?)",
         ),
         (
-            lambda: httpx2.ReadTimeout("The read operation timed out", request=_request()),
+            lambda: hub_http.ReadTimeout("The read operation timed out", request=_request()),
             "the hub did not answer in time for acme/tiny-sd@v1: The read operation timed out "
             "(network/proxy?)",
         ),
         (
             lambda: HfHubHTTPError(
                 "401 Client Error: Unauthorized\nInvalid credentials in Authorization header",
-                response=httpx2.Response(401, request=_request()),
+                response=hub_http.Response(401, request=_request()),
             ),
             "the hub refused access to acme/tiny-sd@v1 (HTTP 401): check HF_TOKEN",
         ),
         (
             lambda: HfHubHTTPError(
-                "500 Server Error\nsomething broke", response=httpx2.Response(500, request=_request())
+                "500 Server Error\nsomething broke", response=hub_http.Response(500, request=_request())
             ),
             "the hub could not serve acme/tiny-sd@v1: 500 Server Error",
         ),

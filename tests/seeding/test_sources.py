@@ -397,3 +397,26 @@ def test_hub_errors_are_one_line(hub: FakeHub, tmp_path: Path, ref: str, message
         from_hub(ref, tmp_path / "work")
     assert str(caught.value) == message
     assert hub.downloads == []
+
+
+def test_the_sources_import_only_declared_dependencies() -> None:
+    """httpx2 is huggingface_hub's dependency, not ours: sources.py reaches its errors through the hub's
+    own export (``huggingface_hub.utils.httpx``), so nothing it imports is undeclared (#21 item 18)."""
+    import ast
+    import re
+    import sys
+    import tomllib
+
+    tree = ast.parse(Path(sources.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level
+    }
+    tops = {name.split(".")[0] for name in imported} - {"sd_lambda"} - set(sys.stdlib_module_names)
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + project["optional-dependencies"]["ops"]
+    declared = {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower().replace("-", "_") for spec in specs}
+    assert tops
+    assert tops <= declared, tops - declared

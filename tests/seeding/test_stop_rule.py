@@ -15,6 +15,7 @@ from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
 from sd_lambda.seeding import flow
+from sd_lambda.seeding.errors import SeedError
 from sd_lambda.seeding.seeder import LOOKBACK, Seeder
 from sd_lambda.seeding.target import Target
 
@@ -47,11 +48,13 @@ class Agent:
         response = {"Status": "Success", "ResponseCode": 0, "StandardOutputContent": stdout}
         self.stub.add_response("get_command_invocation", response)
 
-    def a_run(self, instance_id: str) -> None:
-        """What one rollback hears from the agent: Online, mount check done, Online, its result."""
+    def a_run(self, instance_id: str, restarted: bool = False) -> None:
+        """What one rollback hears from the agent: Online, mount check done, its result; Online once more
+        before the result when the seeder had to be started again (``restarted``)."""
         self.online(instance_id)
         self.invocation("mounted: /mnt/models")
-        self.online(instance_id)
+        if restarted:
+            self.online(instance_id)
         self.invocation("RESULT {}")
 
     def commands(self, *commands: dict[str, Any]) -> None:
@@ -135,7 +138,8 @@ def test_overlapping_runs_the_last_one_out_stops_the_seeder(
 
 
 def test_a_seed_that_found_the_seeder_running_stops_it(aws: flow.AwsClients, agent: Agent) -> None:
-    """``make apply`` leaves the seeder running after its first boot: the first seed stops it."""
+    """A seeder found running (started by hand, kept up with --keep-running, or reached in the minute
+    before its first boot's own stop) is stopped by the run that found it."""
     instance_id = _instance(aws, "running")
     target = _target(aws, instance_id)
     with agent.stub:
@@ -167,7 +171,7 @@ def test_a_seeder_stopped_by_another_run_meanwhile_is_started_again(
     clients = _clients(aws, agent)
     options = _options()
     with agent.stub:
-        agent.a_run(instance_id)
+        agent.a_run(instance_id, restarted=True)
         agent.commands()
         with flow.seeder_session(clients, target, options) as run:
             release = from_dir(make_model(tmp_path / "m", "v1"))
@@ -180,3 +184,74 @@ def test_a_seeder_stopped_by_another_run_meanwhile_is_started_again(
     assert _state(aws, instance_id) in {"stopping", "stopped"}
     sent = [c["Comment"] for c in aws.ssm.list_commands()["Commands"]]
     assert sent == ["sd-lambda mount check /mnt/models", f"sd-lambda seed {NAME}@r1"]
+
+
+class AgentTakingCommands(Agent):
+    """The Stubber'd client also takes SendCommand and CancelCommand: the run's own command ids are then
+    known in advance, for the ListCommands answer to show them still unfinished."""
+
+    STUBBED = Agent.STUBBED | {"send_command", "cancel_command"}
+
+    def takes(self, command_id: str) -> None:
+        self.stub.add_response("send_command", {"Command": {"CommandId": command_id}})
+
+
+MOUNT_CHECK = "aaaaaaaa-2222-4333-8444-555555555555"
+OURS = "bbbbbbbb-2222-4333-8444-555555555555"
+
+
+def _interrupt(seconds: float) -> None:
+    raise KeyboardInterrupt  # Ctrl-C while the driver waits between two polls of the sync
+
+
+@pytest.mark.parametrize("ending", ["timed out", "interrupted"])
+@pytest.mark.parametrize("other_run", [False, True], ids=["alone", "another run busy"])
+def test_a_run_that_gives_up_on_its_command_stops_the_seeder_unless_another_runs_there(
+    aws: flow.AwsClients, ending: str, other_run: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The driver's own command, cancelled (timeout or Ctrl-C) and so still Cancelling in ListCommands, is
+    not a reason to leave the seeder running (#21 item 10); another run's InProgress command is."""
+    agent = AgentTakingCommands(aws.ssm)
+    instance_id = _instance(aws, "stopped")
+    target = _target(aws, instance_id)
+    clock = FakeClock()
+    # Polls at t = 0 and 1000: past 600 + 60 + 120, the poll's deadline for a 60 s executionTimeout.
+    options = flow.RunOptions(
+        execution_timeout=60,
+        poll_interval=1000,
+        clock=clock,
+        sleep=clock.sleep if ending == "timed out" else _interrupt,
+    )
+    with agent.stub:
+        agent.online(instance_id)
+        agent.takes(MOUNT_CHECK)
+        agent.invocation("mounted: /mnt/models")
+        agent.takes(OURS)
+        agent.stub.add_response("get_command_invocation", {"Status": "InProgress"})
+        if ending == "timed out":
+            agent.stub.add_response("get_command_invocation", {"Status": "InProgress"})
+        agent.stub.add_response("cancel_command", {}, {"CommandId": OURS, "InstanceIds": [instance_id]})
+        others = [_command(OTHER_RUN, instance_id, "InProgress")] if other_run else []
+        agent.commands(
+            _command(OURS, instance_id, "Cancelling"), _command(MOUNT_CHECK, instance_id, "Success"), *others
+        )
+        expected = SeedError if ending == "timed out" else KeyboardInterrupt
+        with pytest.raises(expected):
+            flow.rollback(flow.AwsClients(aws.s3, aws.ec2, agent), target, NAME, "r1", options)
+        agent.stub.assert_no_pending_responses()
+    err = capsys.readouterr().err
+    if other_run:
+        assert _state(aws, instance_id) == "running"
+        assert f"left running: command {OTHER_RUN} still runs on it" in err
+    else:
+        assert _state(aws, instance_id) in {"stopping", "stopped"}
+        assert "left running" not in err
+
+
+def test_the_docs_say_the_first_boot_stops_the_seeder() -> None:
+    """The user data stops the instance after its first-boot setup: the guide must not say it stays up."""
+    root = Path(__file__).parents[2]
+    assert "shutdown -h" in (root / "infra/modules/seeder/user_data.sh.tftpl").read_text()
+    guide = " ".join((root / "docs/seeding.md").read_text().split())
+    assert "leaves it running after its first boot" not in guide
+    assert "the first boot stops the instance itself once its setup is done" in guide

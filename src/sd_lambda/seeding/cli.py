@@ -86,6 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     back.add_argument("--name", help="model folder on EFS (default: the stack's model_name)")
+    back.add_argument(
+        "--not-served",
+        action="store_true",
+        help="allow a --name the function does not serve (a second model seeded with --not-served)",
+    )
     back.add_argument("--revision", required=True, help="release to switch to")
     _stack_arguments(back)
     back.set_defaults(func=run_rollback)
@@ -153,9 +158,9 @@ def run_seed(args: argparse.Namespace) -> int:
     target = _target(args)
     if args.warm and not target.function_name:
         raise SeedError("--warm needs --function-name (the stack has no function_name output)")
-    if args.from_dir:
-        sources.check_dir(args.from_dir, bf16_copy=args.bf16_copy)
-    source_name = hub_repo or (flow.parse_s3_url(args.from_s3)[2] if args.from_s3 else None)
+    checked = sources.check_dir(args.from_dir, bf16_copy=args.bf16_copy) if args.from_dir else None
+    s3_url = flow.parse_s3_url(args.from_s3) if args.from_s3 else None
+    source_name = hub_repo or (s3_url[2] if s3_url else None)
     name = seed_name(target, args.name, source_name, not_served=args.not_served)
     served = model_slug(target.model_name) if target.model_name else None
     if args.warm and served and name != served:
@@ -163,11 +168,12 @@ def run_seed(args: argparse.Namespace) -> int:
     if hub_repo and name == served != model_slug(hub_repo):
         flow.log(f"seeding {hub_repo} as {name}, the model the function serves (model_name)")
     clients = flow.AwsClients.create(target.region)
-    flow.log(f"AWS: {preflight.check_aws(clients, target.bucket)}, bucket {target.bucket}")
+    buckets = [target.bucket, *([s3_url[0]] if s3_url else [])]
+    flow.log(f"AWS: {preflight.check_aws(clients, *buckets)}, bucket {', '.join(dict.fromkeys(buckets))}")
     # An uploaded revision is checked (manifest, pipeline class) before the seeder starts.
     staged = flow.stage_s3(clients, args.from_s3, name) if args.from_s3 else None
     if args.upload_only:
-        staged = staged or _stage(args, clients, target, name)
+        staged = staged or _stage(args, clients, target, name, checked)
         print(
             json.dumps({"uploaded": f"s3://{staged.bucket}/{staged.key_prefix}", "revision": staged.revision})
         )
@@ -175,7 +181,7 @@ def run_seed(args: argparse.Namespace) -> int:
     options = _options(args)
     # The seeder is ready (running, agent Online, EFS mounted) before the hub is asked for a byte.
     with flow.seeder_session(clients, target, options) as run:
-        staged = staged or _stage(args, clients, target, name)
+        staged = staged or _stage(args, clients, target, name, checked)
         result = flow.sync_on_seeder(clients, target, staged, options, run)
     print(json.dumps(result, sort_keys=True))
     if args.warm:
@@ -183,7 +189,7 @@ def run_seed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str) -> Any:
+def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str, checked: Any) -> Any:
     """A hub or folder source in S3 (downloaded, copied and uploaded as asked): an ``S3Release``."""
     from sd_lambda.seeding import flow, sources
 
@@ -192,7 +198,7 @@ def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str) -> An
             args.model, args.work_dir, variant=args.variant, tiny_decoder=args.tiny_decoder
         )
     else:
-        release = sources.from_dir(args.from_dir, bf16_copy=args.bf16_copy)
+        release = sources.from_dir(args.from_dir, bf16_copy=args.bf16_copy, checked=checked)
     if args.bf16_copy:
         release = sources.with_bf16_copy(release, args.work_dir)
     return flow.stage_local(clients, target, release, name, args.revision, progress=not args.no_progress)
@@ -203,7 +209,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     from sd_lambda.seeding import flow
 
     target = _target(args)
-    name = flow.rollback_name(args.name, target)
+    name = flow.rollback_name(args.name, target, not_served=args.not_served)
     result = flow.rollback(flow.AwsClients.create(target.region), target, name, args.revision, _options(args))
     print(json.dumps(result, sort_keys=True))
     return 0

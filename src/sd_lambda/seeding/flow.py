@@ -17,8 +17,8 @@ from sd_lambda.seeding.pipeline import check_served_class, parse_model_index
 from sd_lambda.seeding.remote import mount_check_script, run_command, shell_script
 from sd_lambda.seeding.seeder import Seeder
 from sd_lambda.seeding.sources import LocalRelease, check_pipeline_files
-from sd_lambda.seeding.target import Target
-from sd_lambda.seeding.upload import check_bucket, read_manifest, read_object, upload_release
+from sd_lambda.seeding.target import Target, seed_name
+from sd_lambda.seeding.upload import read_manifest, read_object, upload_release
 
 # How long the seeder's program waits for EFS to be mounted (first boot: user data may still run).
 MOUNT_WAIT_S = 300
@@ -105,8 +105,8 @@ def stage_local(
     revision: str | None,
     progress: bool,
 ) -> S3Release:
+    """Upload ``release`` to the target's bucket (checked by ``preflight.check_aws`` before the run)."""
     revision = check_name(revision or release.revision, "revision")
-    check_bucket(clients.s3, target.bucket)
     key_prefix = target.revision_prefix(name, revision)
     log(
         f"uploading {len(release.files)} files ({release.manifest.total_bytes} bytes) to s3://{target.bucket}/{key_prefix}"
@@ -121,10 +121,10 @@ def stage_local(
 
 
 def stage_s3(clients: AwsClients, url: str, name: str | None = None) -> S3Release:
-    """An uploaded revision, checked (manifest, files, pipeline class) before the seeder starts."""
+    """An uploaded revision, checked (manifest, files, pipeline class) before the seeder starts; its
+    bucket was checked by ``preflight.check_aws``."""
     bucket, key_prefix, url_name, revision = parse_s3_url(url)
     name = model_slug(name) if name else url_name
-    check_bucket(clients.s3, bucket)
     found = read_manifest(clients.s3, bucket, key_prefix)
     if found is None:
         raise SeedError(
@@ -152,18 +152,18 @@ class SeederRun:
 
 @contextmanager
 def seeder_session(clients: AwsClients, target: Target, options: RunOptions) -> Iterator[SeederRun]:
-    """The seeder, ready for the block; afterwards stopped unless ``--keep-running`` or another command
-    still runs on it (the last run out stops it, also one that found it running)."""
+    """The seeder, ready for the block; afterwards stopped unless ``--keep-running`` or another run's
+    command still runs on it (the last run out stops it, also one that found it running)."""
     # Before the seeder starts: a bucket this operator cannot write fails fast, with nothing to stop.
     program = ship_program(clients.s3, target.bucket, target.key_prefix)
     log(f"sync program {program.url} ({'uploaded' if program.uploaded else 'already there'})")
     seeder = Seeder(clients.ec2, clients.ssm, target.instance_id, log=log, **options.timing())
     seeder.start_if_stopped(options.start_timeout)  # a missing or terminated seeder: nothing to stop
     try:
-        seeder.ensure_ready(options.start_timeout, options.online_timeout)
-        check_mount(clients.ssm, target, options)
+        seeder.wait_ready(options.start_timeout, options.online_timeout)
+        check_mount(seeder, target, options)
         yield SeederRun(seeder, program)
-    except BaseException:
+    except BaseException:  # KeyboardInterrupt too: run_command has cancelled this run's command
         try:
             _leave(seeder, options)
         except SeedError as exc:  # the run's own error is the one worth reporting
@@ -179,14 +179,15 @@ def _leave(seeder: Seeder, options: RunOptions) -> None:
         seeder.stop_unless_busy()
 
 
-def check_mount(ssm: Any, target: Target, options: RunOptions) -> None:
+def check_mount(seeder: Seeder, target: Target, options: RunOptions) -> None:
     """EFS is mounted on the seeder (waiting for a first boot's user data), before anything is fetched."""
     invocation = run_command(
-        ssm,
+        seeder.ssm,
         target.instance_id,
         mount_check_script(target.mount_path, MOUNT_WAIT_S),
         execution_timeout=MOUNT_CHECK_TIMEOUT_S,
         comment=f"sd-lambda mount check {target.mount_path}",
+        sent=seeder.sent,
         **options.timing(),
     )
     if invocation.status != "Success":
@@ -208,10 +209,19 @@ def _run(
     run: SeederRun | None = None,
 ) -> dict[str, Any]:
     if run is None:
-        with seeder_session(clients, target, options) as run:
-            return _run(clients, target, argv, comment, options, run)
-    # Another run that ended while this one downloaded may have stopped the seeder: start it again.
-    run.seeder.ensure_ready(options.start_timeout, options.online_timeout)
+        with seeder_session(clients, target, options) as run:  # ready: nothing to check again
+            return _send(clients, target, argv, comment, options, run)
+    # The session was opened before the download: another run that ended meanwhile may have stopped
+    # the seeder. Only then is it started and awaited again; a running one was checked by the session.
+    if run.seeder.state() != "running":
+        run.seeder.start_if_stopped(options.start_timeout)
+        run.seeder.wait_ready(options.start_timeout, options.online_timeout)
+    return _send(clients, target, argv, comment, options, run)
+
+
+def _send(
+    clients: AwsClients, target: Target, argv: list[str], comment: str, options: RunOptions, run: SeederRun
+) -> dict[str, Any]:
     log(f"running on {target.instance_id} via SSM: {comment}")
     invocation = run_command(
         clients.ssm,
@@ -219,6 +229,7 @@ def _run(
         shell_script(run.program, argv, bucket_region(clients, target)),
         execution_timeout=options.execution_timeout,
         comment=comment,
+        sent=run.seeder.sent,
         **options.timing(),
     )
     if invocation.status != "Success":
@@ -270,13 +281,10 @@ def rollback(
     return _run(clients, target, argv, f"sd-lambda rollback {name}@{revision}", options)
 
 
-def rollback_name(explicit: str | None, target: Target) -> str:
-    """The model to roll back: --name, else the model the stack's function serves."""
-    if explicit:
-        return model_slug(explicit)
-    if target.model_name:
-        return model_slug(target.model_name)
-    raise SeedError("no model name: pass --name (the stack has no model_name output)")
+def rollback_name(explicit: str | None, target: Target, *, not_served: bool = False) -> str:
+    """The model to roll back: --name, else the model the stack's function serves; a --name the function
+    does not serve is refused as seed refuses it, unless ``not_served``."""
+    return seed_name(target, explicit, None, not_served=not_served, command="rollback")
 
 
 # The smallest request the handler accepts as a direct invoke: loads the new revision, one step.

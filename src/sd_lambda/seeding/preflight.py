@@ -21,8 +21,11 @@ def check_caller(sts: Any) -> str:
         raise SeedError(str(exc)) from None
 
 
-def check_aws(clients: Any, bucket: str) -> str:
-    """Credentials, then the bucket (exists, and this caller may list it); the caller's ARN."""
+def check_aws(clients: Any, *buckets: str) -> str:
+    """Credentials, then each bucket once (exists, and this caller may list it): the stack's, and a
+    ``--from-s3`` URL's when it is another one; the caller's ARN. Staging relies on it and does not ask
+    again."""
     caller = check_caller(clients.sts)
-    check_bucket(clients.s3, bucket)
+    for bucket in dict.fromkeys(buckets):
+        check_bucket(clients.s3, bucket)
     return caller

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from sd_lambda.seeding.efs_sync import MOUNT_UNIT, RESULT_PREFIX
 from sd_lambda.seeding.errors import SeedError, aws_error
@@ -24,7 +24,13 @@ from sd_lambda.seeding.payload import ShippedProgram
 DOCUMENT = "AWS-RunShellScript"
 DELIVERY_TIMEOUT_S = 600  # SendCommand TimeoutSeconds: how long the command may wait for the agent
 POLL_MARGIN_S = 120  # polling gives up this long after executionTimeout
-TERMINAL = frozenset({"Success", "Failed", "Cancelled", "TimedOut", "Cancelling"})
+# The command statuses that are final (the Status of GetCommandInvocation and of ListCommands' commands).
+# Every other one (Pending, InProgress, Delayed, Cancelling, and any AWS adds) is a command that still
+# runs, or may yet run, on its instance: the poll below waits on it and the seeder's stop rule counts it
+# (https://docs.aws.amazon.com/systems-manager/latest/userguide/monitor-commands.html: Success, Failed,
+# Cancelled and the timeouts are "a terminal state"; Delayed is retried; Cancelling is not final,
+# https://docs.aws.amazon.com/systems-manager/latest/APIReference/API_GetCommandInvocation.html).
+FINISHED = frozenset({"Success", "Failed", "Cancelled", "TimedOut"})
 TAIL_LINES = 15
 
 
@@ -67,6 +73,7 @@ def mount_check_script(mount_path: str, wait_s: int, unit: str = MOUNT_UNIT) -> 
     )
     return [
         "set -u",
+        "touch /run/sd-lambda-seeding 2>/dev/null && [ -e /run/sd-lambda-stop-pending ] && shutdown -c",
         f"mountpoint -q {mount} || systemctl start {unit_q} || {{ {setup_failed}; }}",
         "waited=0",
         f"until mountpoint -q {mount}; do",
@@ -110,8 +117,13 @@ def run_command(
     poll_interval: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    sent: set[str] | None = None,
 ) -> Invocation:
-    """Send ``commands`` and poll until they finish; raises SeedError if polling outlives the timeout."""
+    """Send ``commands`` and poll until they finish; raises SeedError if polling outlives the timeout.
+
+    The command's id goes into ``sent`` as soon as it exists: the seeder's stop rule must not take this
+    run's own command, still cancelling after a timeout or a Ctrl-C, for another run's (#21 item 10).
+    Interrupted (Ctrl-C) while polling, the command is cancelled before the interrupt goes on."""
     try:
         command_id = ssm.send_command(
             InstanceIds=[instance_id],
@@ -122,6 +134,31 @@ def run_command(
         )["Command"]["CommandId"]
     except ClientError as exc:
         raise aws_error(exc, "ssm", f"{instance_id} with document {DOCUMENT}") from exc
+    if sent is not None:
+        sent.add(command_id)
+    try:
+        return _poll(ssm, instance_id, command_id, execution_timeout, poll_interval, sleep, clock)
+    except KeyboardInterrupt:
+        # Left alone, the sync would run on for up to its executionTimeout with nobody waiting for it.
+        _cancel(ssm, instance_id, command_id)
+        raise
+
+
+def _cancel(ssm: Any, instance_id: str, command_id: str) -> None:
+    """Best effort: the timeout or the interrupt is what the operator needs to hear about."""
+    with contextlib.suppress(ClientError, BotoCoreError):
+        ssm.cancel_command(CommandId=command_id, InstanceIds=[instance_id])
+
+
+def _poll(
+    ssm: Any,
+    instance_id: str,
+    command_id: str,
+    execution_timeout: int,
+    poll_interval: float,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> Invocation:
     deadline = clock() + DELIVERY_TIMEOUT_S + execution_timeout + POLL_MARGIN_S
     while True:
         try:
@@ -131,7 +168,7 @@ def run_command(
                 raise aws_error(exc, "ssm", f"command {command_id}") from exc
             invocation = {"Status": "Pending"}
         status = str(invocation.get("Status"))
-        if status in TERMINAL:
+        if status in FINISHED:
             return Invocation(
                 command_id=command_id,
                 status=status,
@@ -140,8 +177,7 @@ def run_command(
                 stderr=str(invocation.get("StandardErrorContent", "")),
             )
         if clock() >= deadline:
-            with contextlib.suppress(ClientError):  # best effort: the timeout is the error worth reporting
-                ssm.cancel_command(CommandId=command_id, InstanceIds=[instance_id])
+            _cancel(ssm, instance_id, command_id)
             raise SeedError(
                 f"command {command_id} on {instance_id} still {status} after "
                 f"{execution_timeout}s (executionTimeout); cancelled it"

@@ -11,11 +11,9 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from sd_lambda.seeding.errors import SeedError, aws_error
+from sd_lambda.seeding.remote import FINISHED
 
 NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
-# Command statuses of a command that still runs, or may yet run, on its instance
-# (https://docs.aws.amazon.com/systems-manager/latest/userguide/monitor-commands.html).
-UNFINISHED = frozenset({"Pending", "InProgress", "Cancelling"})
 # Older commands are finished: a command waits for delivery at most TimeoutSeconds (the driver's: 600 s)
 # plus its executionTimeout, then runs at most its executionTimeout, which AWS-RunShellScript caps at
 # 172800 s (monitor-commands.html above, "Delivery Timed Out").
@@ -31,6 +29,10 @@ class Seeder:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     log: Callable[[str], None] = field(default=print)
+    # Ids of the commands this run sent to the instance (``remote.run_command(sent=...)``): the stop rule
+    # waits for other runs' commands, never for this run's own, which may still be Cancelling after a
+    # timeout or a Ctrl-C.
+    sent: set[str] = field(default_factory=set)
 
     def state(self) -> str:
         try:
@@ -53,11 +55,11 @@ class Seeder:
                 raise SeedError(f"seeder instance {self.instance_id} is {state}, not {wanted}, after waiting")
             self.sleep(self.poll_interval)
 
-    def start_if_stopped(self, timeout: float = 300) -> bool:
-        """Ask EC2 to start the instance unless it is running or starting; True if this call started it."""
+    def start_if_stopped(self, timeout: float = 300) -> None:
+        """Ask EC2 to start the instance unless it is running or starting."""
         state = self.state()
         if state in {"running", "pending"}:
-            return False
+            return
         if state in {"terminated", "shutting-down"}:
             raise SeedError(f"seeder instance {self.instance_id} is {state}: re-apply the stack")
         if state == "stopping":
@@ -67,22 +69,11 @@ class Seeder:
             self.ec2.start_instances(InstanceIds=[self.instance_id])
         except ClientError as exc:
             raise aws_error(exc, "ec2", self.instance_id) from exc
-        return True
 
-    def wait_running(self, timeout: float = 300) -> None:
-        self._wait_state("running", timeout)
-
-    def ensure_running(self, timeout: float = 300) -> bool:
-        """Start the instance if needed and wait until it runs; True when this call started it."""
-        started = self.start_if_stopped(timeout)
-        self.wait_running(timeout)
-        return started
-
-    def ensure_ready(self, start_timeout: float = 300, online_timeout: float = 600) -> bool:
-        """Running with its SSM agent Online (started if needed); True when this call started it."""
-        started = self.ensure_running(start_timeout)
+    def wait_ready(self, start_timeout: float = 300, online_timeout: float = 600) -> None:
+        """After :meth:`start_if_stopped`: running, with its SSM agent Online."""
+        self._wait_state("running", start_timeout)
         self.wait_online(online_timeout)
-        return started
 
     def wait_online(self, timeout: float = 600) -> None:
         """Until the SSM agent reports Online; a clear error after ``timeout`` seconds."""
@@ -103,13 +94,14 @@ class Seeder:
                 raise SeedError(
                     f"the SSM agent on {self.instance_id} is not Online after {timeout:.0f}s "
                     f"(status: {status}): check the ssm/ssmmessages/ec2messages VPC endpoints "
-                    "and the instance role's AmazonSSMManagedInstanceCore policy"
+                    "and that the instance role's inline policy allows the agent's actions "
+                    "(ssm:UpdateInstanceInformation, ec2messages:*, ssmmessages:*)"
                 )
             self.sleep(self.poll_interval)
 
     def unfinished_commands(self, now: datetime | None = None) -> list[str]:
         """Ids of Run Command commands sent to this instance that are not finished yet: another seeding
-        run's sync or rollback (or anything else someone runs on it).
+        run's sync or rollback (or anything else someone runs on it); never one this run sent.
 
         ListCommands is asked without InstanceId and filtered here: AWS documents that a command still
         Pending cannot be listed by instance ID (it has not reached the node), and a Pending command is
@@ -125,7 +117,9 @@ class Seeder:
                 str(command["CommandId"])
                 for page in pages
                 for command in page.get("Commands", [])
-                if self.instance_id in command.get("InstanceIds", []) and command.get("Status") in UNFINISHED
+                if self.instance_id in command.get("InstanceIds", [])
+                and command.get("Status") not in FINISHED
+                and command["CommandId"] not in self.sent
             ]
         except ClientError as exc:
             raise aws_error(exc, "ssm", self.instance_id) from exc

@@ -13,7 +13,6 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import httpx2
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -21,6 +20,10 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+# huggingface_hub's own HTTP client module (httpx2 in 2.x), as the hub exports it for downstream code
+# (huggingface_hub.utils.httpx, kept "across major versions"): it is the hub's dependency, not ours.
+from huggingface_hub.utils import httpx as hub_http
 
 from sd_lambda.layout import (
     BF16_COPY_COMPONENTS,
@@ -140,9 +143,17 @@ def check_dir(folder: Path, *, bf16_copy: bool = False) -> dict[str, Path]:
     return files
 
 
-def from_dir(folder: Path, revision: str | None = None, *, bf16_copy: bool = False) -> LocalRelease:
-    """A local diffusers folder (see :func:`check_dir`), its files hashed into a manifest."""
-    files = check_dir(folder, bf16_copy=bf16_copy)
+def from_dir(
+    folder: Path,
+    revision: str | None = None,
+    *,
+    bf16_copy: bool = False,
+    checked: dict[str, Path] | None = None,
+) -> LocalRelease:
+    """A local diffusers folder (see :func:`check_dir`), its files hashed into a manifest. ``checked``:
+    what :func:`check_dir` returned for it earlier in the run (the driver checks before AWS), so the
+    folder is not walked and its model index read twice."""
+    files = checked if checked is not None else check_dir(folder, bf16_copy=bf16_copy)
     return LocalRelease.from_files(files, source=f"dir:{Path(folder).resolve()}", revision=revision)
 
 
@@ -220,9 +231,9 @@ def select_hub_files(filenames: list[str], components: list[str], variant: str |
     return chosen
 
 
-# huggingface_hub's HTTP client is httpx2: a refused connection, a DNS failure or a timeout raises its
-# transport errors, which are not OSErrors; HfHubHTTPError (401/404/gated) subclasses httpx2.HTTPError.
-HUB_ERRORS = (httpx2.HTTPError, HfHubHTTPError, OSError)
+# A refused connection, a DNS failure or a timeout raises the hub's HTTP client's transport errors, which
+# are not OSErrors; HfHubHTTPError (401/404/gated) subclasses its HTTPError.
+HUB_ERRORS = (hub_http.HTTPError, HfHubHTTPError, OSError)
 
 
 def _first_line(exc: Exception) -> str:
@@ -248,10 +259,10 @@ class Hub:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             return SeedError(f"the hub refused access to {where} (HTTP {status}): check HF_TOKEN")
-        if isinstance(exc, httpx2.TimeoutException):
+        if isinstance(exc, hub_http.TimeoutException):
             cause = _first_line(exc)
             return SeedError(f"the hub did not answer in time for {where}: {cause} (network/proxy?)")
-        if isinstance(exc, httpx2.TransportError):  # connection refused, DNS, TLS, proxy
+        if isinstance(exc, hub_http.TransportError):  # connection refused, DNS, TLS, proxy
             cause = _first_line(exc)
             return SeedError(f"cannot reach the hub for {where}: {cause} (network, proxy or HF_ENDPOINT?)")
         return SeedError(f"the hub could not serve {where}: {_first_line(exc)}")

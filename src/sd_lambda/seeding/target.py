@@ -81,14 +81,23 @@ def resolve_target(
     )
 
 
-def seed_name(target: Target, explicit: str | None, source_name: str | None, *, not_served: bool) -> str:
+def seed_name(
+    target: Target,
+    explicit: str | None,
+    source_name: str | None,
+    *,
+    not_served: bool,
+    command: str = "seed",
+) -> str:
     """The EFS folder a seed writes: the model the stack's function serves (its ``model_name``).
 
     Decided before anything is downloaded, so a mismatch is one line instead of a function that answers
     503 after a multi-GB seed. ``--name`` must be the served model unless ``not_served`` says a second
     model is seeded on purpose (e.g. before switching ``model_name`` to it). Without a served model to
     compare with (flags instead of stack outputs), ``--name`` or the source's own name (``source_name``:
-    the hub id or the S3 URL's folder) is taken as given.
+    the hub id or the S3 URL's folder) is taken as given. ``command`` ``rollback`` words the refusal
+    for a rollback, which is held to the same rule: switching a folder the function does not read is
+    almost always a typo, and it would leave the served model where it was.
     """
     name = model_slug(explicit) if explicit else None
     served = model_slug(target.model_name) if target.model_name else None
@@ -100,8 +109,13 @@ def seed_name(target: Target, explicit: str | None, source_name: str | None, *, 
         return served
     if not_served:
         return name
+    mismatch = f"--name {name} is not the model the function serves ({served})"
+    if command == "rollback":
+        raise SeedError(
+            f"{mismatch}: drop --name/NAME= to roll back {served}, or pass --not-served (NOT_SERVED=1) "
+            f"to roll back {name} anyway"
+        )
     raise SeedError(
-        f"--name {name} is not the model the function serves ({served}): drop --name/NAME= to seed "
-        f'{served}, or set model_name = "{name}" in terraform.tfvars and make apply, or pass '
-        "--not-served to seed it for later"
+        f"{mismatch}: drop --name/NAME= to seed {served}, or set model_name = "
+        f'"{name}" in terraform.tfvars and make apply, or pass --not-served to seed it for later'
     )
