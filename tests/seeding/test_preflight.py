@@ -17,7 +17,7 @@ from moto import mock_aws
 
 from sd_lambda.cli import main
 from sd_lambda.seeding import flow
-from sd_lambda.seeding.efs_sync import MOUNT_UNIT
+from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, MOUNT_UNIT, SEED_MARKER
 from sd_lambda.seeding.errors import SeedError
 from sd_lambda.seeding.preflight import check_caller
 from sd_lambda.seeding.remote import Invocation, mount_check_script
@@ -300,6 +300,9 @@ def _run_mount_check(
         (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n{body}\n')
         (bin_dir / name).chmod(0o755)
     script = "\n".join(mount_check_script("/mnt/models", wait_s))
+    for absolute in (SEED_MARKER, FIRST_BOOT_STOP):  # never the real /run of the machine the tests run on
+        script = script.replace(absolute, str(tmp_path / absolute.lstrip("/")))
+    (tmp_path / "run").mkdir(exist_ok=True)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
 
@@ -309,6 +312,22 @@ def test_mount_check_passes_when_mounted(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert done.stdout.strip() == "mounted: /mnt/models"
     assert "systemctl" not in (tmp_path / "calls").read_text()  # nothing to set up
+
+
+@pytest.mark.parametrize("stop_pending", [False, True])
+def test_mount_check_marks_the_seed_and_cancels_a_first_boot_stop(tmp_path: Path, stop_pending: bool) -> None:
+    """The first boot's user data skips (or, pending, has cancelled) its stop for a seed it can see: the
+    mount check marks the seed before the driver's minutes of hub download (#21 item 2)."""
+    (tmp_path / "run").mkdir()
+    if stop_pending:
+        (tmp_path / FIRST_BOOT_STOP.lstrip("/")).touch()
+    done = _run_mount_check(tmp_path, {"mountpoint": "exit 0", "shutdown": "exit 0"})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / SEED_MARKER.lstrip("/")).exists()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call for call in calls if call.startswith("shutdown")] == (
+        ["shutdown -c"] if stop_pending else []
+    )
 
 
 def test_mount_check_names_what_the_setup_unit_says_failed(tmp_path: Path) -> None:
