@@ -124,18 +124,17 @@ class Seeder:
         except ClientError as exc:
             raise aws_error(exc, "ssm", self.instance_id) from exc
 
-    def stop_unless_busy(self, now: datetime | None = None) -> bool:
-        """Stop the instance unless a command is still unfinished on it (the last run out stops it);
-        True if it was asked to stop."""
+    def stop_unless_busy(self, now: datetime | None = None) -> None:
+        """Stop the instance unless another run's command is still unfinished on it (the last run out
+        stops it)."""
         busy = self.unfinished_commands(now)
         if busy:
             self.log(
                 f"seeder {self.instance_id} left running: command {', '.join(busy)} still runs on it "
                 "(the run that sent it stops the seeder when it ends)"
             )
-            return False
+            return
         self.stop()
-        return True
 
     def stop(self) -> None:
         self.log(f"stopping seeder {self.instance_id}")
