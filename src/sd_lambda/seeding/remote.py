@@ -145,7 +145,10 @@ def run_command(
 
 
 def _cancel(ssm: Any, instance_id: str, command_id: str) -> None:
-    """Best effort: the timeout or the interrupt is what the operator needs to hear about."""
+    """Best effort: the timeout or the interrupt is what the operator needs to hear about. AWS does not
+    promise a cancel stops the process either ("no guarantee that the command will be terminated",
+    https://docs.aws.amazon.com/systems-manager/latest/APIReference/API_CancelCommand.html): the stop rule,
+    which ignores this run's own commands, stops the seeder under it."""
     with contextlib.suppress(ClientError, BotoCoreError):
         ssm.cancel_command(CommandId=command_id, InstanceIds=[instance_id])
 
