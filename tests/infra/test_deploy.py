@@ -486,19 +486,23 @@ def _fixture() -> dict[str, Any]:
     return {"registry_targets": FIXTURE_TARGETS, "function_address": FIXTURE_FUNCTION}
 
 
-@pytest.mark.parametrize(("flag", "allowed"), [([], False), (["--allow-function-delete"], True)])
+@pytest.mark.parametrize(
+    ("flag", "option"),
+    [("--allow-function-delete", "allow_function_delete"), ("--allow-data-loss", "allow_data_loss")],
+)
+@pytest.mark.parametrize("given", [False, True])
 @pytest.mark.parametrize("action", ["plan", "apply"])
-def test_cli_passes_allow_function_delete(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, action: str, flag: list[str], allowed: bool
+def test_cli_passes_the_protection_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, action: str, given: bool, flag: str, option: str
 ) -> None:
     seen: list[DeployOptions] = []
     monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
     monkeypatch.setattr(deploy, "preflight", lambda options, **checks: None)
     monkeypatch.setattr(deploy, action, lambda options, stack, *rest, **more: seen.append(options))
 
-    assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *flag]) == 0
+    assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *([flag] if given else [])]) == 0
 
-    assert seen[0].allow_function_delete is allowed
+    assert getattr(seen[0], option) is given
     assert seen[0].function_address == deploy.FUNCTION_ADDRESS
 
 
@@ -592,21 +596,6 @@ def test_full_apply_never_applies_a_plan_that_replaces_the_file_system(aws: None
     create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
     deploy.apply(DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}", allow_data_loss=True), allowed)
     assert allowed.names[-1] == "apply_plan"
-
-
-@pytest.mark.parametrize(("flag", "allowed"), [([], False), (["--allow-data-loss"], True)])
-@pytest.mark.parametrize("action", ["plan", "apply"])
-def test_cli_passes_allow_data_loss(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, action: str, flag: list[str], allowed: bool
-) -> None:
-    seen: list[DeployOptions] = []
-    monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
-    monkeypatch.setattr(deploy, "preflight", lambda options, **checks: None)
-    monkeypatch.setattr(deploy, action, lambda options, stack, *rest, **more: seen.append(options))
-
-    assert cli_main(["deploy", action, "--infra-dir", str(tmp_path), *flag]) == 0
-
-    assert seen[0].allow_data_loss is allowed
 
 
 ################################################################################
