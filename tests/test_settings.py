@@ -1,7 +1,13 @@
+"""Settings: every environment variable, typed and validated in one place. Bad configuration fails when
+Settings is built, naming the variable; it never looks like a bad model."""
+
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest
 
+from sd_lambda.generation import SCHEDULERS
 from sd_lambda.settings import Settings, documented_variables
 
 
@@ -17,12 +23,35 @@ def test_environment_overrides_with_types() -> None:
     assert settings.max_steps == 8
 
 
-def test_bad_value_names_the_variable() -> None:
-    with pytest.raises(ValueError, match="SD_MAX_STEPS='many'"):
-        Settings.from_env({"SD_MAX_STEPS": "many"})
-
-
 def test_every_field_is_documented() -> None:
     rows = documented_variables()
     assert {"MODEL_ROOT", "MODEL_NAME"} <= {name for name, _, _ in rows}
     assert all(description for _, _, description in rows)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SD_DTYPE": "fp16"}, "SD_DTYPE='fp16' is not one of auto, float32, bfloat16"),
+        ({"SD_DEFAULT_DECODER": "huge"}, "SD_DEFAULT_DECODER='huge' is not one of auto, full, tiny"),
+        ({"SD_DEFAULT_SCHEDULER": "karras"}, "SD_DEFAULT_SCHEDULER='karras' is not one of auto, model, pndm"),
+        ({"SD_MAX_STEPS": "0"}, "SD_MAX_STEPS=0 is below the minimum 1"),
+        ({"SD_MAX_PIXELS": "-1"}, "SD_MAX_PIXELS=-1 is below the minimum"),
+        ({"SD_MAX_SIDE": "0"}, "SD_MAX_SIDE=0 is below the minimum"),
+        ({"SD_FEATURE_REUSE": "0"}, "SD_FEATURE_REUSE=0 is below the minimum 1"),
+        ({"SD_MALLOC_TUNE": "2"}, "SD_MALLOC_TUNE=2 is above the maximum 1"),
+        ({"SD_MAX_RESPONSE_BYTES": "7000000"}, "SD_MAX_RESPONSE_BYTES=7000000 is above the maximum 6000000"),
+        ({"SD_MAX_REQUEST_BYTES": "10"}, "SD_MAX_REQUEST_BYTES=10 is below the minimum"),
+        ({"SD_MAX_STEPS": "many"}, "SD_MAX_STEPS='many' is not a valid int"),
+    ],
+)
+def test_invalid_values_fail_naming_the_variable(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")):
+        Settings.from_env(environ)
+
+
+def test_every_scheduler_and_the_defaults_are_accepted() -> None:
+    assert Settings() == Settings.from_env({})
+    for name in ("auto", "model", *SCHEDULERS):
+        assert Settings.from_env({"SD_DEFAULT_SCHEDULER": name}).default_scheduler == name
+    assert Settings.from_env({"SD_MAX_RESPONSE_BYTES": "6000000"}).max_response_bytes == 6_000_000
