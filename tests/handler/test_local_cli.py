@@ -79,6 +79,17 @@ def test_demo_runs_the_real_entrypoint_and_writes_the_image(
         assert (image.format, image.size) == ("PNG", (64, 64))
     assert '"seed": 9' in printed
     assert (tmp_path / "demo-lambda.log").read_text().count('"outcome":"ok"') == 2
+    assert "random weights" not in printed  # a real folder: no word about noise
+
+
+def test_demo_of_the_test_model_says_its_picture_is_noise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--cache-dir", str(tmp_path), "--out", str(out), "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "random weights" in printed
+    assert "make demo MODEL_DIR=" in printed
 
 
 # ---- README's generated tables ----------------------------------------------------------------------

@@ -133,4 +133,9 @@ def run_demo(args: argparse.Namespace) -> int:
             )
     args.out.write_bytes(data)
     print(f"wrote     {args.out} (seed {headers['x-seed']}, revision {headers['x-model-revision']})")
+    if args.model_dir is None:
+        print(
+            "note      the test model has random weights, so its picture is noise; to see a real one, "
+            "make demo MODEL_DIR=<a diffusers folder>"
+        )
     return 0
