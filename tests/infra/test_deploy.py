@@ -789,11 +789,23 @@ def _push_in_order(count: int) -> list[str]:
     ecr.create_repository(repositoryName="sd-lambda")
     digests = []
     for index in range(count):
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "n": index}
+        # moto derives the digest from the layers' digests, and picks one of 101 at random without layers:
+        # distinct layers give distinct, repeatable digests.
+        layer = {
+            "digest": f"sha256:{index:064x}",
+            "size": 1,
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+        }
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "layers": [layer],
+        }
         pushed = ecr.put_image(
             repositoryName="sd-lambda", imageManifest=json.dumps(manifest), imageTag=f"git-{index}"
         )
         digests.append(pushed["image"]["imageId"]["imageDigest"])
+    assert len(set(digests)) == count
     images = ecr_backends["123456789012"][REGION].repositories["sd-lambda"].images
     for image in images:
         image.image_pushed_at = 1_700_000_000 + digests.index(image.image_digest)
