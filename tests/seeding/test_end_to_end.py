@@ -21,6 +21,7 @@ from botocore.stub import Stubber
 from sd_lambda.cli import main
 from sd_lambda.layout import ModelPaths, verify_release
 from sd_lambda.seeding import flow
+from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, SEED_MARKER
 from sd_lambda.seeding.payload import program_bytes, program_key, program_sha256
 from sd_lambda.seeding.upload import SHA256_METADATA
 
@@ -33,9 +34,10 @@ AMI_ID = "ami-12c6146b"  # one of the images moto knows
 class LocalAgent:
     """moto's SSM, plus an agent that runs what moto recorded, here, and reports like SSM does."""
 
-    def __init__(self, ssm: Any, env: dict[str, str], instance_id: str) -> None:
+    def __init__(self, ssm: Any, env: dict[str, str], instance_id: str, run_dir: Path) -> None:
         self.ssm = ssm
         self.env = env
+        self.run_dir = run_dir  # stands in for the seeder's /run: never the test machine's own
         self.invocations: dict[str, dict[str, Any]] = {}
         self.scripts: list[list[str]] = []
         self.online = boto3.client("ssm", region_name=REGION)
@@ -58,6 +60,8 @@ class LocalAgent:
         # The one adaptation: the temp "EFS" is not a mount point (test_efs_sync covers the refusal).
         if kwargs["Comment"].startswith("sd-lambda mount check "):  # test_preflight covers its refusals
             script = "\n".join(lines).replace("mountpoint -q ", "test -d ")
+            for absolute in (SEED_MARKER, FIRST_BOOT_STOP):
+                script = script.replace(absolute, str(self.run_dir / Path(absolute).name))
         else:
             self.scripts.append(lines)
             assert " --require-mount --mount-wait 300 " in lines[-1]
@@ -101,7 +105,8 @@ def local_aws(
     bin_dir.mkdir()
     (bin_dir / "python3").symlink_to(seeder.python)
     env = {**seeder.env, "PATH": f"{bin_dir}{os.pathsep}{seeder.env['PATH']}"}
-    agent = LocalAgent(boto3.client("ssm", region_name=REGION), env, instance_id)
+    (tmp_path / "run").mkdir()
+    agent = LocalAgent(boto3.client("ssm", region_name=REGION), env, instance_id, tmp_path / "run")
     real_create = flow.AwsClients.create
 
     def create(region: str | None) -> flow.AwsClients:
