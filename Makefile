@@ -12,7 +12,7 @@ INSTALL_STAMP := $(VENV)/.stamp-install
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.stamp-checkov
 CHECKOV_SPEC := checkov>=3.3.30,<4
-# Offline Terraform checks (sd_lambda.tfcheck): the root stack and every example under it.
+# Offline Terraform checks (sd_lambda.devtools.tfcheck): the root stack and every example under it.
 TF_ROOT ?= infra
 TF_EXAMPLES = $(patsubst %/,%,$(wildcard $(TF_ROOT)/examples/*/))
 # Example variables for planning the root stack, and per example (tests/infra/examples/<example>.tfvars).
@@ -47,14 +47,14 @@ format: $(INSTALL_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff format .
 
 docs: $(INSTALL_STAMP) ## Regenerate every generated table (make targets in README.md, request fields + environment in docs/api.md, Terraform in infra/)
-	$(PY) -m sd_lambda.docs
+	$(PY) -m sd_lambda.devtools.docs
 	$(PY) scripts/gen_tf_docs.py
 
 clean: ## Remove caches and build outputs (never anything tracked)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 
-# ---- running the real handler locally (sd_lambda.local) ------------------------------------------------
+# ---- running the real handler locally (sd_lambda.devtools.local) ------------------------------------------------
 # MODEL_DIR: a diffusers folder or an EFS-layout model folder; empty = the tiny test model under .cache/.
 MODEL_DIR ?=
 PORT ?= 8080

@@ -1,5 +1,5 @@
 # The names of these outputs are a contract: the seeding driver, `make invoke` and the deploy driver
-# read them with `terraform output -json` (sd_lambda.stack_outputs). Named <thing>_<attr>.
+# read them with `terraform output -json` (sd_lambda.ops.stack_outputs). Named <thing>_<attr>.
 
 ################################################################################
 # Function

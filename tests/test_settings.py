@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_lambda.generation import SCHEDULERS
+from sd_lambda.engine.generation import SCHEDULERS
 from sd_lambda.settings import Settings, documented_variables
 
 

@@ -13,14 +13,14 @@ from collections.abc import Sequence
 
 # Modules that contribute subcommands, in `sd-lambda --help` order.
 COMMAND_MODULES: tuple[str, ...] = (
-    "sd_lambda.testing.cli",
-    "sd_lambda.tfcheck.cli",
-    "sd_lambda.container.cli",
-    "sd_lambda.client",
-    "sd_lambda.local.cli",
-    "sd_lambda.deploy",
+    "sd_lambda.devtools.testing.cli",
+    "sd_lambda.devtools.tfcheck.cli",
+    "sd_lambda.ops.container.cli",
+    "sd_lambda.ops.client",
+    "sd_lambda.devtools.local.cli",
+    "sd_lambda.ops.deploy",
     "sd_lambda.seeding.cli",
-    "sd_lambda.bench",
+    "sd_lambda.devtools.bench",
 )
 
 

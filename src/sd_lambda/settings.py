@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.generation import DECODERS, SCHEDULERS
+from sd_lambda.engine.generation import DECODERS, SCHEDULERS
 
 # Lambda caps a synchronous response (and a function URL's request) at 6 MB.
 LAMBDA_PAYLOAD_BYTES = 6_000_000

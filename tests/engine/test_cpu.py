@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_lambda import cpu
+from sd_lambda.engine import cpu
 
 SAPPHIRE_RAPIDS = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -1,6 +1,6 @@
 """Run by the image venv's python: which imports of the Lambda's code cannot be satisfied there?
 
-Walks ``sd_lambda.handler`` and every ``sd_lambda`` module it imports (at module level or inside
+Walks ``sd_lambda.serving.handler`` and every ``sd_lambda`` module it imports (at module level or inside
 functions, so lazy imports on rare paths count too) and prints, as JSON, each external top-level module
 the walk found and whether this interpreter can import it. Standard library only.
 """
@@ -72,4 +72,4 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sd_lambda.handler")
+    main(sys.argv[1] if len(sys.argv) > 1 else "sd_lambda.serving.handler")

@@ -114,7 +114,7 @@ def test_runs_as_non_root_with_the_lambda_entrypoint(dockerfile) -> None:
     assert users
     assert users[-1] not in ("root", "0", "0:0")
     assert json.loads(runtime.all("ENTRYPOINT")[-1]) == ["python", "-m", "awslambdaric"]
-    assert json.loads(runtime.all("CMD")[-1]) == ["sd_lambda.handler.handler"]
+    assert json.loads(runtime.all("CMD")[-1]) == ["sd_lambda.serving.handler.handler"]
     env = " ".join(runtime.all("ENV"))
     assert "HF_HUB_OFFLINE=1" in env
     assert "HF_HUB_DISABLE_PROGRESS_BARS=1" in env  # cold-start logs stay JSON lines
@@ -161,7 +161,7 @@ def test_build_context_holds_what_the_dockerfile_copies(dockerfile, ignore_patte
     for source in sources:
         assert (ROOT / source).exists(), source
         assert dockerignore_admits(source, ignore_patterns), f"{source} is excluded from the build context"
-    assert dockerignore_admits("src/sd_lambda/handler.py", ignore_patterns)
+    assert dockerignore_admits("src/sd_lambda/serving/handler.py", ignore_patterns)
 
 
 @pytest.mark.parametrize(

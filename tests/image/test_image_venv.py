@@ -2,8 +2,9 @@
 
 A fresh venv gets exactly what image/Dockerfile installs: ``image/requirements.txt`` with ``--no-deps``
 (so nothing unpinned and none of the ops/dev extras), then the package itself with ``--no-deps``. From
-that venv, ``python -m awslambdaric sd_lambda.handler.handler`` (the image's ENTRYPOINT + CMD) serves a
-real invocation from the local Lambda Runtime API with the tiny model. The venv's installed size, plus
+that venv, ``python -m awslambdaric sd_lambda.serving.handler.handler`` (the image's ENTRYPOINT + CMD)
+serves a real invocation from the local Lambda Runtime API with the tiny model. The venv's installed size,
+plus
 the base image, is checked against the 1.5 GB image budget.
 """
 
@@ -19,11 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_MODEL_NAME
+from helpers import TEST_MODEL_NAME
 from PIL import Image
 
-from sd_lambda.container.requirements import parse, unsupported_via
-from sd_lambda.local.launcher import LocalLambda
+from sd_lambda.devtools.local.launcher import LocalLambda
+from sd_lambda.ops.container.requirements import parse, unsupported_via
 
 pytestmark = pytest.mark.slow
 
@@ -105,10 +106,14 @@ def test_lock_provenance_matches_the_installed_metadata(image_python: Path) -> N
 
 def test_runtime_code_imports_only_what_the_image_installs(image_python: Path, tmp_path: Path) -> None:
     helper = Path(__file__).with_name("runtime_imports.py")
-    completed = _run([str(image_python), str(helper), "sd_lambda.handler"], cwd=tmp_path, env=_isolated_env())
+    completed = _run(
+        [str(image_python), str(helper), "sd_lambda.serving.handler"], cwd=tmp_path, env=_isolated_env()
+    )
     report = json.loads(completed.stdout)
     assert Path(report["package_dir"]).is_relative_to(image_python.parent.parent)  # not the repo's src/
-    assert {"sd_lambda.handler", "sd_lambda.service", "sd_lambda.engine"} <= set(report["modules"])
+    assert {"sd_lambda.serving.handler", "sd_lambda.serving.service", "sd_lambda.engine.torch_engine"} <= set(
+        report["modules"]
+    )
     missing = [name for name, importable in report["external"].items() if not importable]
     assert missing == [], (
         f"the Lambda's code imports {missing}, which image/requirements.txt does not install"
@@ -132,7 +137,12 @@ def test_awslambdaric_serves_the_handler_from_the_image_venv(
     }
     log_path = tmp_path / "lambda.log"
     with LocalLambda(env, python=str(image_python), timeout_s=240, log_path=log_path) as function:
-        assert function.command == [str(image_python), "-m", "awslambdaric", "sd_lambda.handler.handler"]
+        assert function.command == [
+            str(image_python),
+            "-m",
+            "awslambdaric",
+            "sd_lambda.serving.handler.handler",
+        ]
         result = function.invoke({"prompt": "a red cube", "seed": 5, "num_inference_steps": 2}, timeout_s=240)
     assert result.ok, f"{result.error_type}: {result.error}\n{log_path.read_text()[-3000:]}"
     response = json.loads(result.payload)

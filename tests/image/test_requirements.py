@@ -9,8 +9,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from sd_lambda.cli import main
-from sd_lambda.container import requirements
-from sd_lambda.container.requirements import (
+from sd_lambda.ops.container import requirements
+from sd_lambda.ops.container.requirements import (
     PROJECT,
     LockEntry,
     ProjectDependencies,

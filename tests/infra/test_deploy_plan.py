@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from sd_lambda import deploy
-from sd_lambda.plan_guard import PROTECTED_TYPES, data_loss
-from sd_lambda.tfcheck.runner import plan
+from sd_lambda.devtools.tfcheck.runner import plan
+from sd_lambda.ops import deploy
+from sd_lambda.ops.plan_guard import PROTECTED_TYPES, data_loss
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

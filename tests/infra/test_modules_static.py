@@ -14,7 +14,7 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
-from sd_lambda.tfcheck import validate
+from sd_lambda.devtools.tfcheck import validate
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

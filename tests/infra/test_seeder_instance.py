@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sd_lambda.tfcheck import plan
+from sd_lambda.devtools.tfcheck import plan
 
 pytestmark = pytest.mark.slow
 

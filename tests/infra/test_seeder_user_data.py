@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sd_lambda.ops.stack_outputs import StackTerraform
 from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, MOUNT_UNIT, SEED_MARKER
 from sd_lambda.seeding.remote import mount_check_script
-from sd_lambda.stack_outputs import StackTerraform
 
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
 

@@ -16,9 +16,9 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
-from sd_lambda.deploy import FUNCTION_ADDRESS, REGISTRY_TARGETS
-from sd_lambda.tfcheck import PlanError, plan
-from sd_lambda.tfcheck.schema import load_schema
+from sd_lambda.devtools.tfcheck import PlanError, plan
+from sd_lambda.devtools.tfcheck.schema import load_schema
+from sd_lambda.ops.deploy import FUNCTION_ADDRESS, REGISTRY_TARGETS
 
 pytestmark = pytest.mark.slow
 

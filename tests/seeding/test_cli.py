@@ -75,9 +75,9 @@ def test_cli_reads_the_stack_through_stack_outputs(monkeypatch: pytest.MonkeyPat
         seen.append(infra_dir)
         return OUTPUTS
 
-    import sd_lambda.stack_outputs
+    import sd_lambda.ops.stack_outputs
 
-    monkeypatch.setattr(sd_lambda.stack_outputs, "read_outputs", read_outputs)
+    monkeypatch.setattr(sd_lambda.ops.stack_outputs, "read_outputs", read_outputs)
     # A folder that passes the local checks, seeded under a name the stack does not serve: refused from
     # the stack's model_name, before anything touches AWS.
     folder = make_model(tmp_path / "m", "v1")

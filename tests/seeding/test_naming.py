@@ -65,9 +65,9 @@ OUTPUTS = {
 
 @pytest.fixture
 def stack(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sd_lambda.stack_outputs
+    import sd_lambda.ops.stack_outputs
 
-    monkeypatch.setattr(sd_lambda.stack_outputs, "read_outputs", lambda infra_dir: OUTPUTS)
+    monkeypatch.setattr(sd_lambda.ops.stack_outputs, "read_outputs", lambda infra_dir: OUTPUTS)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Which diffusers pipelines the engine serves, and which of their components it loads.
 
-``sd_lambda.engine`` loads every model with ``StableDiffusionPipeline.from_pretrained(...,
+``sd_lambda.engine.torch_engine`` loads every model with ``StableDiffusionPipeline.from_pretrained(...,
 safety_checker=None)``. diffusers takes the class it is called on, not the folder's ``_class_name``, so an
 SDXL or Flux folder would load (or half-load) and fail on the first request: seeding refuses it instead,
 from ``model_index.json`` alone, before any weights move.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sd_lambda.aws_identity import CredentialsError, caller_identity
+from sd_lambda.ops.aws_identity import CredentialsError, caller_identity
 from sd_lambda.seeding.errors import SeedError
 from sd_lambda.seeding.upload import check_bucket
 

@@ -172,10 +172,13 @@ def _bf16_sources(files: Collection[str]) -> dict[str, str]:
 
 
 def with_bf16_copy(release: LocalRelease, work_dir: Path) -> LocalRelease:
-    """``release`` plus a bf16 copy of its text encoder, UNet and VAE weights (sd_lambda.bf16_copy),
-    written under ``work_dir``; a copy already in the release is written again from its weights. The
+    """``release`` plus a bf16 copy of its text encoder, UNet and VAE weights
+    (sd_lambda.engine.accel.bf16_copy), written under ``work_dir``; a copy already in the release is written
+    again from its weights. The
     default release name gets a ``-bf16copy`` suffix."""
-    from sd_lambda.bf16_copy import write_bf16_copy  # torch: imported only when a copy is asked for
+    from sd_lambda.engine.accel.bf16_copy import (
+        write_bf16_copy,  # torch: imported only when a copy is asked for
+    )
 
     files = dict(release.files)
     out_dir = Path(work_dir) / "bf16-copies" / release.revision

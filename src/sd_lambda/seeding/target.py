@@ -46,7 +46,7 @@ class Target:
 
 
 def _read_outputs(infra_dir: Path) -> dict[str, Any]:
-    from sd_lambda.stack_outputs import read_outputs
+    from sd_lambda.ops.stack_outputs import read_outputs
 
     return read_outputs(infra_dir)
 

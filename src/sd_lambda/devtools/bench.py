@@ -1,0 +1,469 @@
+"""``sd-lambda bench``: the project's pipeline against the naive one, in one run, on this machine.
+
+Variants (same prompt, seed, size and steps; each run in its own process, alternating):
+  naive    what the source articles do: DiffusionPipeline.from_pretrained, fp32, full VAE,
+           default threads, guidance 7.5, the model's own scheduler;
+  project  the engine the handler uses, like-for-like: same guidance (7.5), same (full) decoder;
+  reuse    project plus DeepCache-style feature reuse every other UNet call (opt-in per request:
+           it changes the image, so it is not a default);
+  fast     the engine's user-visible defaults: tiny decoder when the model has one, the guidance the
+           model's configuration asks for (an SD 1.5 model still needs classifier-free guidance);
+  fast_lcm the same defaults on the same weights configured with an LCM scheduler, which is what an
+           LCM-LoRA-fused SD 1.5 runs (same UNet, no classifier-free guidance): the case "no CFG where
+           the model allows" is for. The timing is that model's; the image quality is not (random weights).
+Each variant runs under ``--isa native`` and/or ``--isa avx2`` (ATen and oneDNN capped at AVX2, the
+only vector ISA AWS Lambda documents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd_lambda.devtools.bench_worker import ALL_VARIANTS, RESULT_PREFIX, VARIANTS
+from sd_lambda.engine import cpu
+
+# Each library that picks its own kernels from the CPU gets the cap: ATen, oneDNN and MKL (the BLAS of
+# the linear layers and of the im2col convolutions).
+ISA_ENV: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+DEFAULT_CACHE = Path(".cache/models")
+NAIVE_GUIDANCE = 7.5
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+# Targets from the performance issue (SD 1.5 architecture, 512x512, 4 steps).
+TARGETS = {"project_speedup": {"avx2": 1.3, "native": 1.8}, "fast_speedup": 3.0}
+TARGET_PEAK_RSS_GB = 5.5
+TARGET_IMPORT_LOAD_SECONDS = 4.0
+WORKER_TIMEOUT_SECONDS = 3600
+LCM_VIEW_MARKER = ".sd-lambda-bench-lcm-view"
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+# --cold without --variants: naive against the fast default with and without the weight prefetch.
+COLD_VARIANTS = ("naive", "fast", "fast_no_prefetch")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_dir: Path
+    width: int
+    height: int
+    steps: int
+    repeats: int
+    rounds: int
+    isas: tuple[str, ...]
+    variants: tuple[str, ...] = VARIANTS
+    prompt: str = PROMPT
+    seed: int = 1234
+    guidance_scale: float = NAIVE_GUIDANCE
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # The fast_lcm variant's model: the same weights with an LCM scheduler (see ``lcm_view``).
+    lcm_model_dir: Path | None = None
+    # Drop the page cache before each process: a cold start, the model and the libraries read from disk.
+    cold: bool = False
+
+    def model_for(self, variant: str) -> Path:
+        if variant == "fast_lcm":
+            if self.lcm_model_dir is None:
+                raise ValueError("the fast_lcm variant needs lcm_model_dir")
+            return self.lcm_model_dir
+        return self.model_dir
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time the project's pipeline against the naive diffusers one (one run, one table)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="a diffusers folder (default: the sd15 test model, built once)"
+    )
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where test models are built")
+    parser.add_argument("--isa", choices=["native", "avx2", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="256x256, 2 steps, 1 round, no repeats")
+    parser.add_argument("--size", type=int, help="image side in pixels (default 512; 256 with --quick)")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default 4; 2 with --quick)")
+    parser.add_argument("--repeats", type=int, help="warm images per process after the first (default 1)")
+    parser.add_argument("--rounds", type=int, help="processes per variant and ISA, alternating (default 2)")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: tuple(text.split(",")),
+        help=f"comma-separated, from {', '.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)}; "
+        f"with --cold: {','.join(COLD_VARIANTS)}); speed-ups need naive",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help=f"drop the page cache before each process (root: writes {DROP_CACHES})",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (bench.json)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sd_lambda.cli import CommandError
+
+    quick = args.quick
+    side = args.size or (256 if quick else 512)
+    steps = args.steps or (2 if quick else 4)
+    repeats = args.repeats if args.repeats is not None else (0 if quick else 1)
+    rounds = args.rounds or (1 if quick else 2)
+    if side % 8 or side < 64:
+        raise CommandError(f"--size must be a multiple of 8 and at least 64, got {side}")
+    if steps < 1 or repeats < 0 or rounds < 1:
+        raise CommandError("--steps and --rounds must be >= 1 and --repeats >= 0")
+    if args.model_dir is not None:
+        if not (args.model_dir / "model_index.json").is_file():
+            raise CommandError(f"{args.model_dir} is not a diffusers folder (no model_index.json)")
+        model_dir = args.model_dir
+    else:
+        model_dir = ensure_test_model(args.cache / "sd15")
+    variants = args.variants or (COLD_VARIANTS if args.cold else VARIANTS)
+    unknown = [name for name in variants if name not in ALL_VARIANTS]
+    if unknown or not variants:
+        known = ", ".join(ALL_VARIANTS)
+        raise CommandError(f"--variants takes names from {known}; got {','.join(variants) or 'none'}")
+    if args.cold:
+        try:
+            drop_page_cache()
+        except OSError as exc:
+            raise CommandError(f"--cold needs root: cannot write {DROP_CACHES} ({exc.strerror})") from None
+    isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
+    lcm_dir = lcm_view(model_dir, args.cache / "lcm-views" / model_dir.resolve().name)
+    config = BenchConfig(
+        model_dir, side, side, steps, repeats, rounds, isas, variants, lcm_model_dir=lcm_dir, cold=args.cold
+    )
+    try:
+        report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except WorkerError as exc:
+        raise CommandError(str(exc)) from exc
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def ensure_test_model(folder: Path, size: str = "sd15") -> Path:
+    """The random-weight test model (sd15: the SD 1.5 architecture, 4.3 GB, half a minute, plus its
+    2.1 GB bf16 copy), built once."""
+    from sd_lambda.engine.accel.bf16_copy import add_bf16_copy
+
+    if (folder / "model_index.json").is_file():
+        if add_bf16_copy(folder):  # a model cached before the bench used copies
+            print(f"added a bf16 copy to {folder}", file=sys.stderr, flush=True)
+        return folder
+    from sd_lambda.devtools.testing.models import build_test_model
+
+    staging = folder.with_name(folder.name + ".partial")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    print(f"building the {size} test model in {folder} (once)", file=sys.stderr, flush=True)
+    build_test_model(staging, size)
+    add_bf16_copy(staging)
+    staging.rename(folder)
+    return folder
+
+
+def lcm_view(model_dir: Path, folder: Path) -> Path:
+    """``model_dir`` with its scheduler swapped for LCMScheduler: every other entry is a symlink to the
+    original, so the weights are shared, not copied. Rebuilt on every call (it is cheap); an existing
+    ``folder`` is replaced only if it is such a view. The model's own defaults marker is left out, so
+    the engine derives the LCM defaults (no classifier-free guidance) as it would for an LCM model."""
+    from diffusers import LCMScheduler
+
+    from sd_lambda.cli import CommandError
+    from sd_lambda.engine.torch_engine import DEFAULTS_MARKER
+
+    if folder.exists():
+        if not (folder / LCM_VIEW_MARKER).is_file():
+            raise CommandError(
+                f"{folder} exists and is not a bench LCM view; move it or pass another --cache"
+            )
+        import shutil
+
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / LCM_VIEW_MARKER).write_text(f"LCM-scheduler view of {model_dir.resolve()}\n")
+    for entry in model_dir.resolve().iterdir():
+        if entry.name not in ("scheduler", "model_index.json", DEFAULTS_MARKER):
+            (folder / entry.name).symlink_to(entry)
+    config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    LCMScheduler.from_config(config).save_pretrained(folder / "scheduler")
+    index = json.loads((model_dir / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def drop_page_cache() -> None:
+    """Write dirty pages back, then drop the clean page cache (not dentries and inodes): the next
+    process reads the model and the libraries from disk."""
+    os.sync()
+    DROP_CACHES.write_text("1\n")
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def run_worker(config: BenchConfig, variant: str, isa: str) -> dict[str, Any]:
+    spec = {
+        "variant": variant,
+        "isa": isa,
+        "model_dir": str(config.model_for(variant)),
+        "prompt": config.prompt,
+        "seed": config.seed,
+        "steps": config.steps,
+        "width": config.width,
+        "height": config.height,
+        "guidance_scale": config.guidance_scale,
+        "repeats": config.repeats,
+    }
+    env = {**os.environ, **ISA_ENV[isa], **config.extra_env}
+    command = [sys.executable, "-m", "sd_lambda.devtools.bench_worker", json.dumps(spec)]
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS, check=False
+    )
+    for line in reversed(completed.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line.removeprefix(RESULT_PREFIX))
+    tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
+    raise WorkerError(f"{variant} ({isa}) worker exited {completed.returncode} without a result: {tail}")
+
+
+def run_order(config: BenchConfig) -> list[tuple[int, str, str]]:
+    """(round, isa, variant) in run order. Each round starts one variant later, so no variant always
+    runs first after the previous ISA's processes (or the model build), where the machine may be in a
+    different state (with as many rounds as variants, every variant runs in every position)."""
+    order = []
+    variants = list(config.variants)
+    for round_index in range(config.rounds):
+        shift = round_index % len(variants)
+        for isa in config.isas:
+            order += [(round_index, isa, variant) for variant in variants[shift:] + variants[:shift]]
+    return order
+
+
+def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]:
+    from sd_lambda.devtools.flops import count_flops
+
+    load_before = os.getloadavg()
+    started = time.time()
+    flops = count_flops(config.model_dir, config.width, config.height)
+    samples: list[dict[str, Any]] = []
+    for round_index, isa, variant in run_order(config):
+        progress(f"round {round_index + 1}/{config.rounds}: {variant} ({isa}) ...")
+        if config.cold:
+            drop_page_cache()
+        sample = run_worker(config, variant, isa)
+        samples.append({"round": round_index, **sample})
+        progress(f"  {sample['images'][-1]['seconds']:.2f} s/image, {sample['dtype']}")
+    flags = cpu.read_cpu_flags()
+    summary = summarize(samples, flops.to_dict(), flags, cpu.cpu_ghz() or 0.0)
+    return {
+        "config": {
+            **asdict(config),
+            "model_dir": str(config.model_dir),
+            "lcm_model_dir": str(config.lcm_model_dir) if config.lcm_model_dir else None,
+        },
+        "machine": {
+            "cpu_flags": sorted(flags & {"avx2", "avx512f", *cpu.NATIVE_BF16_FLAGS}),
+            "ghz": cpu.cpu_ghz(),
+            "cpus": cpu.cpu_budget().cpus,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "flops": flops.to_dict(),
+        "wall_seconds": time.time() - started,
+        "results": summary["results"],
+        "ratios": summary["ratios"],
+        "targets": summary["targets"],
+        "samples": samples,
+    }
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def isa_flags(flags: frozenset[str], isa: str) -> frozenset[str]:
+    """The flags a capped process can use: under avx2 neither AVX-512 nor native bf16."""
+    if isa == "avx2":
+        return frozenset(f for f in flags if not f.startswith("avx512") and f not in cpu.NATIVE_BF16_FLAGS)
+    return flags
+
+
+def unet_flops(flops: dict[str, Any], sample: dict[str, Any], engine: bool) -> float:
+    suffix = "_engine" if engine else ""
+    reused = sample.get("reused_calls", 0)
+    full = sample["unet_calls"] - reused
+    per_call, per_reused_call = flops["unet" + suffix], flops["unet_reused" + suffix]
+    # A guided engine call computes the layers before the first cross-attention once, not per half.
+    shared = sample.get("prefix_shared_calls", 0) * flops["unet_prefix_engine"] if engine else 0
+    return sample["unet_batch"] * (full * per_call + reused * per_reused_call) - shared
+
+
+def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str, engine: bool) -> float:
+    """What the variant computed: naive runs stock diffusers modules, the others the engine's."""
+    if decoder == "tiny":
+        decode = flops["tiny_decode"]
+    else:
+        decode = flops["vae_decode_engine" if engine else "vae_decode"]
+    return unet_flops(flops, sample, engine) + decode + flops["text_encoder"] * sample["text_encoder_calls"]
+
+
+def summarize(
+    samples: list[dict[str, Any]], flops: dict[str, Any], flags: frozenset[str], ghz: float
+) -> dict[str, Any]:
+    results: dict[str, dict[str, Any]] = {}
+    for sample in samples:
+        results.setdefault(f"{sample['isa']}/{sample['variant']}", {"runs": []})["runs"].append(sample)
+    for entry in results.values():
+        runs = entry.pop("runs")
+        first = runs[0]
+        warm = [image for run in runs for image in run["images"][1:]] or [run["images"][0] for run in runs]
+        seconds = _median([image["seconds"] for image in warm])
+        per_call = _median([image["unet_seconds"] / image["unet_calls"] for image in warm])
+        engine = first["variant"] != "naive"
+        work = _median([image_flops(flops, image, first["decoder"], engine) for image in warm])
+        peak = cpu.peak_gflops(isa_flags(flags, first["isa"]), first["threads"], ghz, first["dtype"])
+        unet_rates = [unet_flops(flops, image, engine) / image["unet_seconds"] for image in warm]
+        unet_gflops = _median(unet_rates) / 1e9
+        entry.update(
+            isa=first["isa"],
+            variant=first["variant"],
+            dtype=first["dtype"],
+            weights=first.get("weights", "stored"),
+            decoder=first["decoder"],
+            scheduler=first["scheduler"],
+            threads=first["threads"],
+            cpu_capability=first["cpu_capability"],
+            unet_calls=warm[0]["unet_calls"],
+            unet_batch=warm[0]["unet_batch"],
+            seconds_per_image=seconds,
+            cpu_seconds_per_image=_median([image.get("cpu_seconds", float("nan")) for image in warm]),
+            seconds_per_unet_call=per_call,
+            decode_seconds=_median([image["decode_seconds"] for image in warm]),
+            import_seconds=_median([run["import_seconds"] for run in runs]),
+            load_seconds=_median([run["load_seconds"] for run in runs]),
+            first_image_seconds=_median([run["first_image_seconds"] for run in runs]),
+            start_to_image_seconds=_median(
+                [run["import_seconds"] + run["load_seconds"] + run["first_image_seconds"] for run in runs]
+            ),
+            peak_rss_gb=max(run["peak_rss_bytes"] for run in runs) / 1e9,
+            image_gflop=work / 1e9,
+            gflops_per_second=work / seconds / 1e9,
+            unet_gflops_per_second=unet_gflops,
+            peak_gflops_per_second=peak,
+            warm_images=len(warm),
+        )
+    ratios: dict[str, dict[str, float]] = {}
+    targets: dict[str, dict[str, Any]] = {}
+    for isa in {entry["isa"] for entry in results.values()}:
+        naive = results.get(f"{isa}/naive")
+        if naive is None:
+            continue
+        ratios[isa] = {}
+        for variant in (v for v in ALL_VARIANTS if v != "naive"):
+            other = results.get(f"{isa}/{variant}")
+            if other is not None:
+                ratios[isa][f"{variant}_speedup"] = naive["seconds_per_image"] / other["seconds_per_image"]
+        targets[isa] = {}
+        if "project_speedup" in ratios[isa]:
+            want = TARGETS["project_speedup"][isa]
+            targets[isa]["project_speedup"] = _target(ratios[isa]["project_speedup"], want, higher=True)
+        for fast in ("fast_speedup", "fast_lcm_speedup"):
+            if fast in ratios[isa]:
+                targets[isa][fast] = _target(ratios[isa][fast], TARGETS["fast_speedup"], higher=True)
+    for entry in results.values():
+        if entry["variant"] != "naive":
+            targets.setdefault(entry["isa"], {})[f"{entry['variant']}_peak_rss_gb"] = _target(
+                entry["peak_rss_gb"], TARGET_PEAK_RSS_GB, higher=False
+            )
+            overhead = entry["import_seconds"] + entry["load_seconds"]
+            targets[entry["isa"]][f"{entry['variant']}_import_load_seconds"] = _target(
+                overhead, TARGET_IMPORT_LOAD_SECONDS, higher=False
+            )
+    return {"results": results, "ratios": ratios, "targets": targets}
+
+
+def _target(value: float, want: float, higher: bool) -> dict[str, Any]:
+    met = value >= want if higher else value <= want
+    return {"value": round(value, 3), "target": want, "met": met}
+
+
+COLUMNS = (
+    ("variant", "{isa}/{variant}", 15),
+    ("dtype", "{dtype}", 9),
+    ("weights", "{weights}", 9),
+    ("decoder", "{decoder}", 7),
+    ("UNet calls", "{unet_calls}x b{unet_batch}", 10),
+    ("s/image", "{seconds_per_image:.2f}", 8),
+    ("CPU s/image", "{cpu_seconds_per_image:.1f}", 11),
+    ("s/UNet call", "{seconds_per_unet_call:.2f}", 11),
+    ("decode s", "{decode_seconds:.2f}", 8),
+    ("import s", "{import_seconds:.2f}", 8),
+    ("load s", "{load_seconds:.2f}", 7),
+    ("1st image s", "{first_image_seconds:.2f}", 11),
+    ("start to 1st image s", "{start_to_image_seconds:.2f}", 20),
+    ("peak RSS GB", "{peak_rss_gb:.2f}", 11),
+    ("GFLOP/s (UNet)", "{gflops_per_second:.0f} ({unet_gflops_per_second:.0f})", 14),
+    ("nominal peak", "{peak_gflops_per_second:.0f}", 12),
+)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A Markdown table (it goes into the README as is), then ratios, targets, FLOPs and load."""
+    header = "| " + " | ".join(name for name, _, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("-" * (width + 2) for _, _, width in COLUMNS) + "|"
+    rows = [header, rule]
+    for entry in report["results"].values():
+        rows.append("| " + " | ".join(template.format(**entry) for _, template, _ in COLUMNS) + " |")
+    lines = ["", *rows, ""]
+    for isa, ratios in sorted(report["ratios"].items()):
+        text = ", ".join(f"{name.removesuffix('_speedup')} {value:.2f}x" for name, value in ratios.items())
+        lines.append(f"speed-up vs naive ({isa}): {text}")
+    for isa, checks in sorted(report["targets"].items()):
+        for name, check in checks.items():
+            verdict = "met" if check["met"] else "MISSED"
+            lines.append(f"target {isa}/{name}: {check['value']} (target {check['target']}) {verdict}")
+    flops = report["flops"]
+    tiny = f"{flops['tiny_decode'] / 1e9:.0f}" if flops["tiny_decode"] else "n/a"
+    lines.append(
+        f"FLOPs at {flops['width']}x{flops['height']} (torch FlopCounterMode, meta device): "
+        f"UNet {flops['unet'] / 1e9:.0f} GFLOP per call per batch item "
+        f"({flops['unet_reused'] / 1e9:.0f} with deep features reused), VAE decode "
+        f"{flops['vae_decode'] / 1e9:.0f}, tiny decode {tiny}, "
+        f"text encoder {flops['text_encoder'] / 1e9:.1f}; "
+        f"the engine's, upsample convolutions folded: UNet {flops['unet_engine'] / 1e9:.0f} "
+        f"({flops['unet_reused_engine'] / 1e9:.0f} reused), VAE decode {flops['vae_decode_engine'] / 1e9:.0f}"
+    )
+    lines.append(
+        "nominal peak = threads x the clock /proc/cpuinfo reports x FLOPs per cycle (2 FMA pipes: 64 "
+        "fp32 with AVX-512, 32 with AVX2, 128 bf16); cores that boost above that clock can exceed it"
+    )
+    machine = report["machine"]
+    before = ", ".join(f"{x:.2f}" for x in machine["loadavg_before"])
+    after = ", ".join(f"{x:.2f}" for x in machine["loadavg_after"])
+    lines.append(
+        f"machine: {machine['cpus']} CPUs at {machine['ghz']} GHz, flags {', '.join(machine['cpu_flags'])}; "
+        f"load average before {before}, after {after}; run took {report['wall_seconds']:.0f} s"
+    )
+    if report.get("config", {}).get("cold"):
+        lines.append(
+            "cold: the page cache was dropped before each process, so import, load and the first image "
+            "read the libraries and the weights from disk"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,453 @@
+"""The text-to-image engine: load a diffusers folder once, generate many images.
+
+The handler owns HTTP and validation; this module owns torch. ``Engine.load`` does every piece of
+work that does not depend on a request (threads, dtype, memory formats, decoders, scheduler instances,
+the empty negative prompt's embedding), logs each choice once, and leaves ``Engine.generate`` as short
+as it can be.
+
+A model folder may carry ``sd-lambda-defaults.json`` (keys of ``ModelDefaults``) to state its own
+request defaults, e.g. ``{"guidance_scale": 0.0, "num_inference_steps": 1}`` for a turbo model.
+Without it, defaults come from the model's configuration: an LCM scheduler or a guidance-embedding
+UNet means no classifier-free guidance; "turbo" in the model's source name means 1 step, guidance 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sd_lambda.engine.accel.feature_reuse import FeatureReuse
+from sd_lambda.engine.accel.guidance_prefix import SharedGuidancePrefix
+from sd_lambda.engine.accel.heap import keep_freed_memory, return_freed_memory
+from sd_lambda.engine.accel.in_place import decoder_in_place
+from sd_lambda.engine.accel.small_conv import route_small_map_convs
+from sd_lambda.engine.accel.upsample_fold import fold_upsamplers
+from sd_lambda.engine.accel.weights import cast_releasing_pages, release_mapped_pages
+from sd_lambda.engine.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
+from sd_lambda.engine import cpu
+from sd_lambda.layout import (
+    BF16_VARIANT,
+    TINY_DECODER_FOLDER,
+    LayoutError,
+    bf16_copy_files,
+    find_pickle_weights,
+)
+from sd_lambda.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS_MARKER = "sd-lambda-defaults.json"
+# PNDM (SD 1.x's stock scheduler) spends an extra UNet call warming up; DPM-Solver++ 2M reaches the same
+# quality in fewer steps, so "auto" swaps it in for PNDM models and keeps every other model's own.
+AUTO_SCHEDULER_REPLACES = {"PNDMScheduler": ("dpmpp_2m", 20)}
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    # What ran: unet_calls, unet_batch, reused_calls, prefix_shared_calls, scheduler, decoder, dtype.
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuntimeChoices:
+    """What ``Engine.load`` decided, and why (``describe()`` and the load log show these)."""
+
+    threads: int
+    threads_reason: str
+    dtype: torch.dtype
+    dtype_reason: str
+    default_decoder: str
+    default_scheduler: str | None
+    scheduler_reason: str
+    malloc_tuned: bool
+    folded_upsamplers: int = 0
+    in_place_decoder_modules: int = 0
+    # Which files were mapped: the model's stored weights (cast at load when dtype differs) or its
+    # bf16 copy (sd_lambda.engine.accel.bf16_copy), mapped as stored.
+    weights: str = "stored"
+    # UNet convolutions routed to the im2col kernel for small fp32 maps (sd_lambda.engine.accel.small_conv);
+    # which of them take it depends on the image size (at 512², 26 of SD 1.5's 49).
+    small_map_convs: int = 0
+
+
+class UnetRecorder:
+    """Counts UNet calls, their batch size and their time, via forward hooks (no pipeline changes)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.calls, self.batch, self.seconds, self._started = 0, 0, 0.0, 0.0
+        unet.register_forward_pre_hook(self._before)
+        unet.register_forward_hook(self._after)
+
+    def reset(self) -> None:
+        self.calls, self.batch, self.seconds = 0, 0, 0.0
+
+    def _before(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self._started = time.perf_counter()
+        self.batch = int(args[0].shape[0])
+
+    def _after(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.calls += 1
+        self.seconds += time.perf_counter() - self._started
+
+
+def choose_threads(settings: Settings) -> tuple[int, str]:
+    if settings.threads > 0:
+        return settings.threads, "SD_THREADS"
+    budget = cpu.cpu_budget()
+    if budget.source == "affinity":
+        return budget.cpus, f"affinity mask ({budget.affinity} CPUs, no lower cgroup quota)"
+    return budget.cpus, f"cgroup quota {budget.quota:g} CPUs ({budget.source}); affinity {budget.affinity}"
+
+
+def choose_dtype(settings: Settings, flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
+    if settings.dtype == "float32":
+        return torch.float32, "SD_DTYPE=float32"
+    if settings.dtype == "bfloat16":
+        return torch.bfloat16, "SD_DTYPE=bfloat16"
+    if settings.dtype != "auto":
+        raise ValueError(f"SD_DTYPE={settings.dtype!r} is not one of auto, float32, bfloat16")
+    flags = cpu.read_cpu_flags() if flags is None else flags
+    capability = torch.backends.cpu.get_cpu_capability()
+    if cpu.has_native_bf16(flags) and capability.startswith("AVX512"):
+        return torch.bfloat16, f"native bf16 ({', '.join(sorted(flags & cpu.NATIVE_BF16_FLAGS))})"
+    return torch.float32, f"no native bf16 (ATen {capability}): emulated bf16 is slower than fp32"
+
+
+def drop_vae_encoder(vae: torch.nn.Module) -> None:
+    """Text-to-image only decodes: free the VAE's encoder half (34 M parameters) before the decoder is
+    copied to channels_last. ``vae.encode`` then fails loudly instead of running on missing weights."""
+    vae.encoder = None
+    vae.quant_conv = None
+
+
+def read_model_defaults(model_dir: Path, pipeline: Any, steps: int | None = None) -> ModelDefaults:
+    """Defaults from the marker file, else from what the model's configuration says about guidance."""
+    unet_config = pipeline.unet.config
+    side = unet_config.sample_size * pipeline.vae_scale_factor
+    values: dict[str, Any] = {"width": side, "height": side}
+    if steps is not None:
+        values["num_inference_steps"] = steps
+    scheduler_class = type(pipeline.scheduler).__name__
+    source = _model_source(model_dir).lower()
+    if getattr(unet_config, "time_cond_proj_dim", None) is not None:
+        # Guidance is an input embedding (LCM-distilled): no unconditional batch, w = 8.5 as trained.
+        values.update(num_inference_steps=4, guidance_scale=8.5)
+    elif scheduler_class == "LCMScheduler":
+        values.update(num_inference_steps=4, guidance_scale=1.0)
+    elif "turbo" in source:
+        values.update(num_inference_steps=1, guidance_scale=0.0)
+    marker = model_dir / DEFAULTS_MARKER
+    if marker.is_file():
+        known = {f.name for f in fields(ModelDefaults)}
+        data = json.loads(marker.read_text())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{marker}: unknown keys {unknown}; allowed: {sorted(known)}")
+        values.update(data)
+    return ModelDefaults(**values)
+
+
+def _model_source(model_dir: Path) -> str:
+    for name, key in (("manifest.json", "source"), ("model_index.json", "_name_or_path")):
+        try:
+            value = json.loads((model_dir / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if value:
+            return str(value)
+    return model_dir.resolve().name
+
+
+class Engine:
+    """One loaded pipeline. Not thread-safe: one generation at a time, like one Lambda environment."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        model_dir: Path,
+        load_seconds: float,
+        *,
+        tiny_decoder: Any | None = None,
+        choices: RuntimeChoices | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.model_dir = model_dir
+        self.load_seconds = load_seconds
+        self.settings = settings or Settings()
+        self.tiny_decoder = tiny_decoder
+        self.choices = choices or RuntimeChoices(
+            threads=torch.get_num_threads(),
+            threads_reason="as found",
+            dtype=pipeline.unet.dtype,
+            dtype_reason="as loaded",
+            default_decoder="full",
+            default_scheduler=None,
+            scheduler_reason="model's own",
+            malloc_tuned=False,
+        )
+        self._schedulers = {"model": pipeline.scheduler}
+        steps = None
+        if self.choices.default_scheduler is not None:
+            self._scheduler(self.choices.default_scheduler)  # built once, here, not on a request
+            steps = AUTO_SCHEDULER_REPLACES.get(type(pipeline.scheduler).__name__, (None, None))[1]
+        self.defaults = read_model_defaults(model_dir, pipeline, steps)
+        self._unet_recorder = UnetRecorder(pipeline.unet)
+        self._feature_reuse = FeatureReuse(pipeline.unet)
+        self._guidance_prefix = SharedGuidancePrefix(pipeline.unet)
+        with torch.inference_mode():
+            self._empty_prompt_embeds = self._encode("")
+
+    @classmethod
+    def load(cls, model_dir: Path, settings: Settings | None = None) -> Engine:
+        from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+        settings = settings or Settings.from_env()
+        started = time.perf_counter()
+        pickles = find_pickle_weights(model_dir)
+        if pickles:
+            raise LayoutError(f"refusing pickle weights in {model_dir}: {', '.join(pickles)}")
+        threads, threads_reason = choose_threads(settings)
+        torch.set_num_threads(threads)
+        dtype, dtype_reason = choose_dtype(settings)
+        malloc_tuned = keep_freed_memory() if settings.malloc_tune else False
+        # A bf16 copy is mapped as stored: no cast, half the bytes. Otherwise weights stay memory-mapped
+        # as stored and a cast releases each source tensor's pages as it goes, so bf16 from fp32 peaks
+        # at about the bf16 size instead of fp32 + bf16.
+        use_copy = (
+            settings.bf16_copy == 1 and dtype == torch.bfloat16 and bf16_copy_files(model_dir) is not None
+        )
+        copy_options = {"variant": BF16_VARIANT, "dtype": dtype} if use_copy else {}
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model_dir,
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            low_cpu_mem_usage=True,
+            **copy_options,
+        )
+        drop_vae_encoder(pipeline.vae)
+        # Before the cast, so the summed taps are rounded once, to the runtime dtype (from a bf16 copy
+        # the taps were rounded when it was written, and the sums once more).
+        replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
+        release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
+        # Between the decoder's up blocks too: the lower resolutions' freed activations (heap-sized at
+        # 64² and 128²) would otherwise stay resident under the full-resolution blocks' peak.
+        in_place = decoder_in_place(
+            pipeline.vae.decoder, between_blocks=None if malloc_tuned else return_freed_memory
+        )
+        # fp32 only: that is where the im2col kernel was measured faster.
+        route = settings.small_map_convs == 1 and dtype == torch.float32
+        small_map_convs = route_small_map_convs(pipeline.unet) if route else 0
+        # Decoders are convolutions over full-resolution images: channels_last lets oneDNN skip layout
+        # reorders there. The UNet measured no faster with it and cost a weight copy, so it stays NCHW.
+        for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
+            cast_releasing_pages(component, dtype, channels_last=component is pipeline.vae)
+        pipeline.set_progress_bar_config(disable=True)
+        tiny_decoder = None
+        if (model_dir / TINY_DECODER_FOLDER).is_dir():
+            tiny_decoder = AutoencoderTiny.from_pretrained(
+                model_dir / TINY_DECODER_FOLDER, use_safetensors=True
+            )
+            cast_releasing_pages(tiny_decoder.eval(), dtype, channels_last=True)
+        default_decoder = resolve_default_decoder(settings.default_decoder, tiny_decoder is not None)
+        default_scheduler, scheduler_reason = resolve_default_scheduler(
+            settings.default_scheduler, type(pipeline.scheduler).__name__
+        )
+        choices = RuntimeChoices(
+            threads=threads,
+            threads_reason=threads_reason,
+            dtype=dtype,
+            dtype_reason=dtype_reason,
+            default_decoder=default_decoder,
+            default_scheduler=default_scheduler,
+            scheduler_reason=scheduler_reason,
+            malloc_tuned=malloc_tuned,
+            folded_upsamplers=len(replaced),
+            in_place_decoder_modules=in_place,
+            weights=f"{BF16_VARIANT} copy" if use_copy else "stored",
+            small_map_convs=small_map_convs,
+        )
+        engine = cls(
+            pipeline,
+            model_dir,
+            0.0,
+            tiny_decoder=tiny_decoder,
+            choices=choices,
+            settings=settings,
+        )
+        engine.load_seconds = time.perf_counter() - started
+        engine._log_choices()
+        return engine
+
+    def _log_choices(self) -> None:
+        c = self.choices
+        logger.info("engine threads=%d: %s", c.threads, c.threads_reason)
+        logger.info(
+            "engine dtype=%s: %s; weights: %s", str(c.dtype).removeprefix("torch."), c.dtype_reason, c.weights
+        )
+        logger.info("engine decoder default=%s, available=%s", c.default_decoder, ",".join(self.decoders))
+        scheduler = c.default_scheduler or "model's own"
+        logger.info("engine scheduler default=%s: %s", scheduler, c.scheduler_reason)
+        logger.info(
+            "engine defaults: %s (classifier-free guidance %s)",
+            self.defaults,
+            "on" if self.defaults.uses_guidance else "off",
+        )
+        logger.info(
+            "engine guidance: the %d UNet layers before the first cross-attention run once per guided call",
+            len(self._guidance_prefix.layers),
+        )
+        logger.info(
+            "engine memory: channels_last decoders, %d VAE decoder modules in place, NCHW UNet,"
+            " %d upsample+conv pairs folded, %d UNet convs routed to im2col for small fp32 maps,"
+            " glibc heap: %s, load %.2fs",
+            c.in_place_decoder_modules,
+            c.folded_upsamplers,
+            c.small_map_convs,
+            "freed memory kept (SD_MALLOC_TUNE=1)"
+            if c.malloc_tuned
+            else "freed memory returned before each decode and its up blocks",
+            self.load_seconds,
+        )
+
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        return tuple(SCHEDULERS)
+
+    @property
+    def decoders(self) -> tuple[str, ...]:
+        return DECODERS if self.tiny_decoder is not None else ("full",)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "dtype": str(self.pipeline.unet.dtype).removeprefix("torch."),
+            "weights": self.choices.weights,
+            "threads": torch.get_num_threads(),
+            "decoders": list(self.decoders),
+            "default_decoder": self.choices.default_decoder,
+            "schedulers": list(self.schedulers),
+            "default_scheduler": self.choices.default_scheduler or type(self.pipeline.scheduler).__name__,
+            "classifier_free_guidance_default": self.defaults.uses_guidance,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def _scheduler(self, name: str | None) -> Any:
+        name = name or self.choices.default_scheduler
+        if name is None:
+            return self._schedulers["model"]
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
+        if name not in self._schedulers:
+            import diffusers
+
+            scheduler_class = getattr(diffusers, SCHEDULERS[name])
+            self._schedulers[name] = scheduler_class.from_config(self._schedulers["model"].config)
+        return self._schedulers[name]
+
+    def _encode(self, text: str) -> torch.Tensor:
+        embeds, _ = self.pipeline.encode_prompt(
+            text, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return embeds
+
+    def _decode(self, latents: torch.Tensor, decoder: str) -> torch.Tensor:
+        model = self.tiny_decoder if decoder == "tiny" else self.pipeline.vae
+        if model is None:
+            raise ValueError(f"decoder {decoder!r} is not available; available: {', '.join(self.decoders)}")
+        scaled = (latents / model.config.scaling_factor).to(memory_format=torch.channels_last)
+        return model.decode(scaled, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def generate(self, params: GenerationParams) -> GenerationResult:
+        started = time.perf_counter()
+        pipeline = self.pipeline
+        decoder = params.decoder or self.choices.default_decoder
+        if decoder not in self.decoders:
+            raise ValueError(f"decoder {decoder!r} is not available; available: {', '.join(self.decoders)}")
+        pipeline.scheduler = self._scheduler(params.scheduler)
+        guided = params.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+        prompt_embeds = self._encode(params.prompt)
+        negative_embeds = None
+        if guided:
+            negative_embeds = (
+                self._encode(params.negative_prompt) if params.negative_prompt else self._empty_prompt_embeds
+            )
+        encoded = time.perf_counter()
+        self._unet_recorder.reset()
+        self._guidance_prefix.shared_calls = 0
+        self._feature_reuse.start(params.feature_reuse or self.settings.feature_reuse)
+        try:
+            latents = pipeline(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                width=params.width,
+                height=params.height,
+                generator=torch.Generator().manual_seed(params.seed),
+                output_type="latent",
+            ).images
+        finally:
+            self._feature_reuse.stop()
+        denoised = time.perf_counter()
+        if not self.choices.malloc_tuned:
+            # The UNet's freed activations would otherwise stay resident under the decoder's peak.
+            return_freed_memory()
+        pixels = self._decode(latents, decoder)
+        decoded = time.perf_counter()
+        image = pipeline.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+        finished = time.perf_counter()
+        recorder = self._unet_recorder
+        timings = {
+            "text_encoder": (encoded - started) * 1000,
+            "denoise": (denoised - encoded) * 1000,
+            "unet": recorder.seconds * 1000,
+            "decode": (decoded - denoised) * 1000,
+            "postprocess": (finished - decoded) * 1000,
+            "inference": (finished - started) * 1000,
+        }
+        stats = {
+            "unet_calls": recorder.calls,
+            "unet_batch": recorder.batch,
+            "reused_calls": self._feature_reuse.reused_calls,
+            "prefix_shared_calls": self._guidance_prefix.shared_calls,
+            "guided": guided,
+            "scheduler": type(pipeline.scheduler).__name__,
+            "decoder": decoder,
+            "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+        }
+        return GenerationResult(image, timings, stats)
+
+
+def resolve_default_decoder(setting: str, tiny_available: bool) -> str:
+    if setting == "auto":
+        return "tiny" if tiny_available else "full"
+    if setting not in DECODERS:
+        raise ValueError(f"SD_DEFAULT_DECODER={setting!r} is not one of auto, {', '.join(DECODERS)}")
+    if setting == "tiny" and not tiny_available:
+        raise ValueError(f"SD_DEFAULT_DECODER=tiny but the model has no {TINY_DECODER_FOLDER}/ folder")
+    return setting
+
+
+def resolve_default_scheduler(setting: str, model_scheduler: str) -> tuple[str | None, str]:
+    if setting == "auto":
+        replacement = AUTO_SCHEDULER_REPLACES.get(model_scheduler)
+        if replacement is None:
+            return None, f"model's own {model_scheduler}"
+        return replacement[0], f"{model_scheduler} replaced by {replacement[0]} (no warm-up UNet call)"
+    if setting == "model":
+        return None, f"SD_DEFAULT_SCHEDULER=model ({model_scheduler})"
+    if setting not in SCHEDULERS:
+        known = ", ".join(SCHEDULERS)
+        raise ValueError(f"SD_DEFAULT_SCHEDULER={setting!r} is not one of auto, model, {known}")
+    return setting, "SD_DEFAULT_SCHEDULER"

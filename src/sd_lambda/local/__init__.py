@@ -1,8 +1,0 @@
-"""Run the real Lambda entrypoint locally: a Runtime API, a function URL front door, a launcher.
-
-- ``runtime.RuntimeAPI``: the Lambda Runtime API of one execution environment on 127.0.0.1.
-- ``launcher.LocalLambda``: ``python -m awslambdaric sd_lambda.handler.handler`` as a subprocess
-  pointed at that API (the image's exact command); ``invoke(event) -> InvocationResult``.
-- ``frontdoor.FrontDoor``: plain HTTP -> function URL 2.0 events -> HTTP, bounded queue, 429 when full.
-- ``cli``: ``sd-lambda serve`` and ``sd-lambda demo``.
-"""

@@ -1,0 +1,189 @@
+"""``sd-lambda requirements | build-image | push-image``: the container image's operator commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sd_lambda.ops.container.docker import Docker
+
+DEFAULT_PYPROJECT = Path("pyproject.toml")
+DEFAULT_LOCK = Path("image/requirements.txt")
+DEFAULT_TORCH_LOCK = Path("image/requirements-torch.txt")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "requirements",
+        help="regenerate (or --check) the image's hash-pinned locks from pyproject's base dependencies",
+        description="Resolve pyproject's base dependencies with `uv pip compile --generate-hashes` and write "
+        "image/requirements.txt (PyPI) and image/requirements-torch.txt (the CPU build of torch).",
+    )
+    parser.add_argument("--pyproject", type=Path, default=DEFAULT_PYPROJECT)
+    parser.add_argument("--output", type=Path, default=DEFAULT_LOCK)
+    parser.add_argument("--torch-output", type=Path, default=DEFAULT_TORCH_LOCK)
+    parser.add_argument(
+        "--check", action="store_true", help="only verify the existing locks against pyproject (offline)"
+    )
+    parser.add_argument(
+        "--torch-index-url",
+        action="append",
+        default=[],
+        help="index to resolve the CPU torch build from (default, unless --find-links: "
+        "https://download.pytorch.org/whl/cpu)",
+    )
+    parser.add_argument(
+        "--find-links",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder holding the CPU torch wheel, for machines that cannot reach PyTorch's index",
+    )
+    parser.set_defaults(func=run_requirements)
+    register_image_commands(subparsers)
+
+
+def run_requirements(args: argparse.Namespace) -> int:
+    from sd_lambda.cli import CommandError
+    from sd_lambda.ops.container import requirements
+
+    if not args.pyproject.is_file():
+        raise CommandError(f"{args.pyproject} not found (run from the repository root)")
+    dependencies = requirements.ProjectDependencies.from_pyproject(args.pyproject)
+    try:
+        if args.check:
+            missing = [str(path) for path in (args.output, args.torch_output) if not path.is_file()]
+            if missing:
+                raise CommandError(f"{', '.join(missing)} not found: run `make requirements`")
+            pypi = requirements.parse(args.output.read_text())
+            torch = requirements.parse(args.torch_output.read_text())
+            problems = requirements.check([*pypi, *torch], dependencies)
+            problems += requirements.check_split(pypi, torch)
+            if problems:
+                raise CommandError(f"the image locks are out of date: {'; '.join(problems)}")
+            print(f"{args.output} and {args.torch_output} match {args.pyproject}")
+            return 0
+        index_urls = args.torch_index_url or ([] if args.find_links else [requirements.DEFAULT_TORCH_INDEX])
+        entries = requirements.resolve(
+            dependencies.base, extra_index_urls=index_urls, find_links=args.find_links
+        )
+    except requirements.RequirementsError as exc:
+        raise CommandError(str(exc)) from exc
+    problems = requirements.check(entries, dependencies)
+    if problems:
+        raise CommandError(f"the resolution does not satisfy pyproject: {'; '.join(problems)}")
+    pypi, torch = requirements.split(entries)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(requirements.render(pypi))
+    args.torch_output.write_text(requirements.render(torch, requirements.TORCH_HEADER))
+    print(f"wrote {len(pypi)} hash-pinned packages to {args.output} and torch to {args.torch_output}")
+    return 0
+
+
+# ---- build-image / push-image ------------------------------------------------------------------------
+
+DEFAULT_LOCAL_IMAGE = "sd-lambda:local"
+
+
+def docker_cli(binary: str) -> Docker:
+    """The docker runner the commands use (tests replace this function)."""
+    from sd_lambda.ops.container.docker import DockerCLI
+
+    return DockerCLI(binary)
+
+
+def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
+    from sd_lambda.ops.container.docker import DEFAULT_DOCKERFILE, DEFAULT_PLATFORM, PLATFORMS
+    from sd_lambda.ops.deploy import DEFAULT_DIGEST_FILE
+
+    build = subparsers.add_parser(
+        "build-image",
+        help="docker build the Lambda image (linux/amd64 by default, --platform linux/arm64)",
+        description="Build image/Dockerfile from the repository root with `docker build --platform`.",
+    )
+    build.add_argument("--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM)
+    build.add_argument("--tag", default=DEFAULT_LOCAL_IMAGE, help="local image name")
+    build.add_argument("--dockerfile", type=Path, default=DEFAULT_DOCKERFILE)
+    build.add_argument("--context", type=Path, default=Path("."))
+    build.add_argument(
+        "--build-arg", action="append", default=[], metavar="NAME=VALUE", help="e.g. BASE_DIGEST=sha256:..."
+    )
+    build.add_argument("--docker", default="docker", help="docker CLI to run")
+    build.set_defaults(func=run_build_image)
+
+    push = subparsers.add_parser(
+        "push-image",
+        help="push the built image to the stack's ECR repository and write .image-digest",
+        description="Log in to ECR (GetAuthorizationToken), tag with the git commit, push, record the digest",
+    )
+    push.add_argument("--image", default=DEFAULT_LOCAL_IMAGE, help="local image to push")
+    where = push.add_mutually_exclusive_group()
+    where.add_argument("--repository-url", help="<account>.dkr.ecr.<region>.amazonaws.com/<name>")
+    where.add_argument(
+        "--infra", type=Path, default=Path("infra"), help="stack whose ecr_repository_url to use"
+    )
+    push.add_argument("--tag", help="remote tag (default: git-<sha>, plus -dirty-<time> for a dirty tree)")
+    push.add_argument("--digest-file", type=Path, default=DEFAULT_DIGEST_FILE)
+    push.add_argument("--docker", default="docker", help="docker CLI to run")
+    push.set_defaults(func=run_push_image)
+
+
+def run_build_image(args: argparse.Namespace) -> int:
+    from sd_lambda.cli import CommandError
+    from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable, build
+
+    build_args = {}
+    for item in args.build_arg:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CommandError(f"--build-arg {item!r} is not NAME=VALUE")
+        build_args[name] = value
+    if not args.dockerfile.is_file():
+        raise CommandError(f"{args.dockerfile} not found (run from the repository root)")
+    try:
+        build(
+            docker_cli(args.docker),
+            args.tag,
+            platform=args.platform,
+            dockerfile=args.dockerfile,
+            context=args.context,
+            build_args=build_args,
+        )
+    except (DockerUnavailable, DockerFailed) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"built {args.tag} for {args.platform}")
+    return 0
+
+
+def run_push_image(args: argparse.Namespace) -> int:
+    import boto3
+    import botocore.exceptions
+
+    from sd_lambda.cli import CommandError
+    from sd_lambda.ops.container import registry
+    from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable
+    from sd_lambda.ops.stack_outputs import output_for_command
+
+    try:
+        repository = registry.Repository.parse(
+            args.repository_url or output_for_command(args.infra, "ecr_repository_url", "--repository-url")
+        )
+        tag = args.tag or registry.image_tag(registry.git_state())
+        ecr = boto3.client("ecr", region_name=repository.region)
+        result = registry.push(docker_cli(args.docker), ecr, args.image, repository, tag)
+    except (registry.PushError, DockerUnavailable, DockerFailed) as exc:
+        raise CommandError(str(exc)) from None
+    except botocore.exceptions.NoCredentialsError:
+        raise CommandError(
+            "no AWS credentials found: configure a profile, SSO or environment credentials"
+        ) from None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise CommandError(f"ECR: {exc}") from None
+    registry.write_reference(args.digest_file, result.reference)
+    verb = "pushed" if result.pushed else "already in ECR (tags are immutable), reusing"
+    print(f"{verb} {repository.url}:{result.tag}")
+    print(result.reference)
+    print(f"wrote {args.digest_file}")
+    return 0

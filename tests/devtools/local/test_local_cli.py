@@ -1,0 +1,143 @@
+"""``sd-lambda demo`` / ``serve``, their model folders, and README's generated tables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from helpers import TEST_MODEL_NAME
+from PIL import Image
+
+from sd_lambda.cli import main
+from sd_lambda.devtools import docs
+from sd_lambda.devtools.local.models import DEMO_MODEL, ModelDirError, as_efs_layout, ensure_demo_model
+from sd_lambda.layout import Manifest, ModelPaths
+from sd_lambda.serving.request import GenerationRequest
+from sd_lambda.settings import documented_variables
+
+
+def test_a_plain_diffusers_folder_is_wrapped_not_copied(tiny_model_dir: Path, tmp_path: Path) -> None:
+    paths = as_efs_layout(tiny_model_dir, tmp_path / "cache")
+    assert not os.readlink(paths.current).startswith("/")  # relative, as the layout contract says
+    assert paths.resolve_current() == tiny_model_dir.resolve()
+    assert paths.model_dir.is_relative_to(tmp_path / "cache")
+    assert as_efs_layout(tiny_model_dir, tmp_path / "cache") == paths  # idempotent
+
+
+def test_an_efs_layout_folder_is_used_as_it_is(module_model_root: Path, tmp_path: Path) -> None:
+    paths = as_efs_layout(module_model_root / TEST_MODEL_NAME, tmp_path / "cache")
+    assert paths.model_dir == module_model_root / TEST_MODEL_NAME
+    assert not (tmp_path / "cache").exists()
+
+
+def test_any_other_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ModelDirError, match="neither a diffusers folder"):
+        as_efs_layout(tmp_path, tmp_path / "cache")
+    assert main(["serve", "--model-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sd-lambda serve: error:")
+    assert "\n" not in error
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(
+    module_model_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert (
+            main(["serve", "--model-dir", str(module_model_root / TEST_MODEL_NAME), "--port", str(port)]) == 1
+        )
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_demo_model_is_built_once_in_the_efs_layout(tmp_path: Path) -> None:
+    paths = ensure_demo_model(tmp_path)
+    assert paths.model_dir == tmp_path / "demo-models" / DEMO_MODEL
+    release = paths.resolve_current()
+    assert Manifest.from_json((release / "manifest.json").read_text()).problems(release) == []
+    stamp = (release / "model_index.json").stat().st_mtime_ns
+    assert ensure_demo_model(tmp_path) == paths
+    assert (release / "model_index.json").stat().st_mtime_ns == stamp
+    assert ModelPaths(paths.model_dir).revisions() == [release.name]
+
+
+def test_demo_runs_the_real_entrypoint_and_writes_the_image(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo.png"
+    args = ["demo", "--model-dir", str(tiny_model_dir), "--cache-dir", str(tmp_path), "--out", str(out)]
+    assert main([*args, "--steps", "1", "--seed", "9"]) == 0
+    printed = capsys.readouterr().out
+    assert "cold" in printed
+    assert "warm" in printed
+    assert "load;dur=0.0" in printed  # the warm request did not load again
+    with Image.open(out) as image:
+        assert (image.format, image.size) == ("PNG", (64, 64))
+    assert '"seed": 9' in printed
+    assert (tmp_path / "demo-lambda.log").read_text().count('"outcome":"ok"') == 2
+    assert "random weights" not in printed  # a real folder: no word about noise
+
+
+def test_demo_of_the_test_model_says_its_picture_is_noise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--cache-dir", str(tmp_path), "--out", str(out), "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "random weights" in printed
+    assert "make demo MODEL_DIR=" in printed
+
+
+# ---- README's generated tables ----------------------------------------------------------------------
+
+
+def test_generated_tables_are_up_to_date_and_each_in_one_page() -> None:
+    assert docs.main(["--check"]) == 0, (
+        "a page is out of date: run .venv/bin/python -m sd_lambda.devtools.docs"
+    )
+
+
+def test_a_table_kept_in_two_pages_is_refused(tmp_path: Path) -> None:
+    api = (docs.DOCS / "api.md").read_text()
+    copy = tmp_path / "api-copy.md"
+    copy.write_text(api)
+    assert docs.placement_problems([docs.README, docs.DOCS / "api.md"]) == []
+    problems = docs.placement_problems([docs.README, docs.DOCS / "api.md", copy])
+    assert [problem.split("'")[1] for problem in problems] == ["request-fields", "configuration"]
+
+
+def test_request_table_has_every_field_and_its_limits() -> None:
+    table = docs.request_table()
+    for name in GenerationRequest.model_fields:
+        assert f"| `{name}` |" in table
+    assert "1 to 50 (max: `SD_MAX_STEPS`)" in table
+    assert "**required**" in table
+
+
+def test_configuration_table_has_every_variable() -> None:
+    table = docs.configuration_table()
+    for env, default, _ in documented_variables():
+        assert f"| `{env}` | `{default}` |" in table
+
+
+def test_check_reports_drift(tmp_path: Path) -> None:
+    original = (docs.DOCS / "api.md").read_text()
+    page = tmp_path / "api.md"
+    page.write_text(original.replace("| `prompt` |", "| `prompt_old` |"))
+    assert docs.main(["--check", str(page)]) == 1
+    assert docs.main([str(page)]) == 0
+    assert "| `prompt_old` |" not in page.read_text()
+    assert page.read_text() == docs.render(original) == original
+
+
+def test_a_folder_name_that_cannot_be_a_revision_is_a_clear_error(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    alias = tmp_path / "My Model"
+    alias.symlink_to(tiny_model_dir, target_is_directory=True)
+    with pytest.raises(ModelDirError, match="invalid model name 'My Model'"):
+        as_efs_layout(alias, tmp_path / "cache")
