@@ -46,9 +46,8 @@ format: $(INSTALL_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-docs: $(INSTALL_STAMP) ## Regenerate every generated table (make targets in README.md, request fields + environment in docs/api.md, Terraform in infra/)
+docs: $(INSTALL_STAMP) ## Regenerate every generated table (make targets in README.md, request fields + environment in docs/api.md, each Terraform module's inputs/outputs in its README)
 	$(PY) -m sd_lambda.devtools.docs
-	$(PY) scripts/gen_tf_docs.py
 
 clean: ## Remove caches and build outputs (never anything tracked)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
@@ -130,7 +129,7 @@ STATE_ARGS = $(if $(filter 1,$(MIGRATE_STATE)),--migrate-state)
 PROTECTION_ARGS = $(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-delete) \
 	$(if $(filter 1,$(ALLOW_DATA_LOSS)),--allow-data-loss)
 
-.PHONY: preflight plan apply destroy docs-tf
+.PHONY: preflight plan apply destroy
 
 preflight: $(INSTALL_STAMP) ## Check credentials, terraform, docker and the account's Lambda limits before apply (REGION= TFVARS= IMAGE_URI=)
 	$(BIN)/sd-lambda deploy preflight --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
@@ -147,9 +146,6 @@ apply: $(INSTALL_STAMP) ## Deploy: preflight, ECR repo first, build+push the ima
 
 destroy: $(INSTALL_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
 	$(BIN)/sd-lambda deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
-
-docs-tf: $(INSTALL_STAMP) ## Regenerate the Terraform inputs/outputs tables of infra/README.md and each module's README
-	$(PY) scripts/gen_tf_docs.py
 
 # ---- seeding models onto EFS (real AWS: the stack's bucket + seeder instance, driven through SSM) ----------
 # MODEL (hub id[@rev]), NAME (EFS folder; default: the model the stack serves, its model_name), REVISION

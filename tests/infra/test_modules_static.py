@@ -1,12 +1,11 @@
-"""Static shape of infra/: module files, no provider blocks, version constraints, documented variables,
-and README tables in sync with the code (scripts/gen_tf_docs.py --check)."""
+"""Static shape of infra/: module files, no provider blocks, version constraints, documented variables.
+
+The READMEs' generated inputs/outputs tables are checked with every other generated table
+(tests/devtools/test_docs.py)."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 MODULES = sorted(p for p in (INFRA / "modules").iterdir() if p.is_dir())
 EXAMPLES = sorted(p for p in (INFRA / "examples").iterdir() if p.is_dir())
-GEN_DOCS = REPO / "scripts" / "gen_tf_docs.py"
 # The root module's README (terraform-aws-modules style) carries its inputs/outputs table.
 ROOT_README = REPO / "infra" / "README.md"
 _OPTIONS = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
@@ -126,33 +124,6 @@ def test_examples_have_a_provider_a_readme_and_call_the_root(example: Path) -> N
     assert (example / "README.md").read_text().startswith("# Example")
 
 
-def test_readme_terraform_tables_are_up_to_date() -> None:
-    result = subprocess.run(
-        [sys.executable, str(GEN_DOCS), "--check"], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-
-
-def test_docs_check_fails_on_a_stale_table(tmp_path: Path) -> None:
-    stale = tmp_path / "README.md"
-    stale.write_text(ROOT_README.read_text().replace("| `memory_size` |", "| `memory_mb` |", 1))
-
-    result = subprocess.run(
-        [sys.executable, str(GEN_DOCS), "--check", "--readme", str(stale)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-    assert result.returncode == 1
-    assert "out of date: run `make docs-tf`" in result.stderr
-    regenerated = subprocess.run(
-        [sys.executable, str(GEN_DOCS), "--readme", str(stale)], capture_output=True, text=True, check=False
-    )
-    assert regenerated.returncode == 0
-    assert stale.read_text() == ROOT_README.read_text()
-
-
 def test_tables_list_every_root_variable_with_its_default() -> None:
     readme = ROOT_README.read_text()
     for name in named(parse(INFRA)["variable"]):
@@ -247,21 +218,3 @@ def test_root_exposes_tracing_log_level_retention_seeder_volume_and_zones() -> N
         "seeder_root_volume_size",
         "availability_zones",
     } <= set(variables)
-
-
-def test_docs_check_fails_on_a_stale_module_readme(tmp_path: Path) -> None:
-    """Each module's README carries its own generated table, checked like the top-level one."""
-    infra = tmp_path / "infra"
-    shutil.copytree(INFRA, infra, ignore=shutil.ignore_patterns(".terraform*"))
-    readme = infra / "modules" / "lambda" / "README.md"
-    readme.write_text(readme.read_text().replace("| `memory_size` |", "| `memory_mb` |", 1))
-
-    result = subprocess.run(
-        [sys.executable, str(GEN_DOCS), "--check", "--infra", str(infra)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-    assert result.returncode == 1
-    assert f"{readme} Terraform tables are out of date" in result.stderr

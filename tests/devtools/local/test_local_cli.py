@@ -1,4 +1,4 @@
-"""``sd-lambda demo`` / ``serve``, their model folders, and README's generated tables."""
+"""``sd-lambda demo`` / ``serve`` and their model folders."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from helpers import TEST_MODEL_NAME
 from PIL import Image
 
 from sd_lambda.cli import main
-from sd_lambda.devtools import docs
 from sd_lambda.devtools.local.models import DEMO_MODEL, ModelDirError, as_efs_layout, ensure_demo_model
 from sd_lambda.layout import Manifest, ModelPaths
-from sd_lambda.serving.request import GenerationRequest
-from sd_lambda.settings import documented_variables
 
 
 def test_a_plain_diffusers_folder_is_wrapped_not_copied(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -90,48 +87,6 @@ def test_demo_of_the_test_model_says_its_picture_is_noise(
     printed = capsys.readouterr().out
     assert "random weights" in printed
     assert "make demo MODEL_DIR=" in printed
-
-
-# ---- README's generated tables ----------------------------------------------------------------------
-
-
-def test_generated_tables_are_up_to_date_and_each_in_one_page() -> None:
-    assert docs.main(["--check"]) == 0, (
-        "a page is out of date: run .venv/bin/python -m sd_lambda.devtools.docs"
-    )
-
-
-def test_a_table_kept_in_two_pages_is_refused(tmp_path: Path) -> None:
-    api = (docs.DOCS / "api.md").read_text()
-    copy = tmp_path / "api-copy.md"
-    copy.write_text(api)
-    assert docs.placement_problems([docs.README, docs.DOCS / "api.md"]) == []
-    problems = docs.placement_problems([docs.README, docs.DOCS / "api.md", copy])
-    assert [problem.split("'")[1] for problem in problems] == ["request-fields", "configuration"]
-
-
-def test_request_table_has_every_field_and_its_limits() -> None:
-    table = docs.request_table()
-    for name in GenerationRequest.model_fields:
-        assert f"| `{name}` |" in table
-    assert "1 to 50 (max: `SD_MAX_STEPS`)" in table
-    assert "**required**" in table
-
-
-def test_configuration_table_has_every_variable() -> None:
-    table = docs.configuration_table()
-    for env, default, _ in documented_variables():
-        assert f"| `{env}` | `{default}` |" in table
-
-
-def test_check_reports_drift(tmp_path: Path) -> None:
-    original = (docs.DOCS / "api.md").read_text()
-    page = tmp_path / "api.md"
-    page.write_text(original.replace("| `prompt` |", "| `prompt_old` |"))
-    assert docs.main(["--check", str(page)]) == 1
-    assert docs.main([str(page)]) == 0
-    assert "| `prompt_old` |" not in page.read_text()
-    assert page.read_text() == docs.render(original) == original
 
 
 def test_a_folder_name_that_cannot_be_a_revision_is_a_clear_error(
