@@ -1,4 +1,4 @@
-"""The image's hash-pinned locks stay in step with pyproject's base dependencies (offline: files only)."""
+"""The image's hash-pinned locks stay in step with pyproject's base + runtime dependencies (offline)."""
 
 from __future__ import annotations
 
@@ -97,10 +97,25 @@ def test_pin_outside_the_declared_range_is_drift(lock, dependencies) -> None:
     assert any("diffusers==0.30.0 is outside" in problem for problem in check(drifted, dependencies))
 
 
-def test_missing_base_dependency_is_drift(lock, dependencies) -> None:
-    drifted = [entry for entry in lock if entry.name != "pydantic"]
-    problems = check(drifted, dependencies)
-    assert any("base dependency pydantic" in problem for problem in problems)
+def test_missing_image_dependency_is_drift(lock, dependencies) -> None:
+    for name in ("pydantic", "diffusers"):  # one from the base, one from the runtime extra
+        drifted = [entry for entry in lock if entry.name != name]
+        problems = check(drifted, dependencies)
+        assert any(f"image dependency {name}" in problem for problem in problems)
+
+
+def test_the_image_installs_the_base_and_the_runtime_extra(dependencies: ProjectDependencies) -> None:
+    image = {requirement.name for requirement in dependencies.image}
+    assert {"pydantic", "torch", "diffusers", "awslambdaric"} <= image
+    assert not image & {"boto3", "python-terraform", "pytest"}
+
+
+def test_self_referencing_extras_expand_to_their_requirements(dependencies: ProjectDependencies) -> None:
+    dev = {requirement.name for requirement in dependencies.extra("dev")}
+    assert PROJECT not in dev
+    assert {"pydantic", "torch", "boto3", "pytest"} <= dev
+    with pytest.raises(RequirementsError, match=r"no \[gpu\] extra"):
+        dependencies.extra("gpu")
 
 
 def test_new_base_dependency_in_pyproject_is_drift(lock, dependencies) -> None:
@@ -114,7 +129,8 @@ def test_ops_or_dev_package_in_the_lock_is_drift(lock, dependencies) -> None:
     orphan = [*lock, LockEntry("boto3", "1.40.0", ("moto",), (HASH,))]
     problems = check(orphan, dependencies)
     assert any(
-        "boto3 is not required by any base dependency (it belongs to an ops/dev extra)" in p for p in problems
+        "boto3 is not required by any image dependency (it belongs to an ops/dev extra)" in p
+        for p in problems
     )
     claimed = [*lock, LockEntry("pytest", "8.3.0", (PROJECT,), (HASH,))]
     assert any("pytest claims to be a direct dependency" in p for p in check(claimed, dependencies))
@@ -161,12 +177,15 @@ def test_render_and_parse_round_trip(lock: list[LockEntry]) -> None:
 
 
 def test_resolve_asks_uv_for_hashes_for_the_image_platform(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[list[str], str]] = []
+    calls: list[tuple[list[str], str, str]] = []
+    current = [LockEntry("torch", "2.13.0+cpu", (PROJECT,), (HASH,))]
 
     def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         source = Path(str(kwargs["cwd"]), "sd-lambda.in").read_text()
-        calls.append((command, source))
-        return subprocess.CompletedProcess(command, 0, stdout=UV_OUTPUT, stderr="")
+        output = Path(str(kwargs["cwd"]), command[command.index("--output-file") + 1])
+        calls.append((command, source, output.read_text()))
+        output.write_text(UV_OUTPUT)  # uv writes its resolution to the output file
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
 
     monkeypatch.setattr(requirements.subprocess, "run", fake_run)
     entries = requirements.resolve(
@@ -174,21 +193,27 @@ def test_resolve_asks_uv_for_hashes_for_the_image_platform(monkeypatch: pytest.M
         python="py",
         extra_index_urls=["https://download.pytorch.org/whl/cpu"],
         find_links=["/opt/wheels"],
+        preferred=current,
     )
-    command, source = calls[0]
+    command, source, preferred = calls[0]
     assert command[:5] == ["py", "-m", "uv", "pip", "compile"]
     assert {"--generate-hashes", "sd-lambda.in", "--extra-index-url", "--find-links"} <= set(command)
     assert command[command.index("--python-version") + 1] == "3.11"
     assert command[command.index("--python-platform") + 1] == "x86_64-manylinux_2_28"
     assert source == "torch<2.14,>=2.13\n"
+    # uv starts from the current pins (its output file) and keeps those that still fit.
+    assert parse(preferred) == current
     assert entries == parse(UV_OUTPUT)
 
 
 def test_resolve_refuses_cuda_torch_and_reports_uv_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = f"nvidia-cudnn-cu12==9.1 \\\n    --hash={HASH}\n    # via torch\n" + UV_OUTPUT
-    monkeypatch.setattr(
-        requirements.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 0, cuda, "")
-    )
+
+    def uv_resolving_cuda(command: list[str], cwd: str, **_: object) -> subprocess.CompletedProcess[str]:
+        Path(cwd, command[command.index("--output-file") + 1]).write_text(cuda)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(requirements.subprocess, "run", uv_resolving_cuda)
     with pytest.raises(RequirementsError, match="CUDA build"):
         requirements.resolve([Requirement("torch==2.13.0")])
     monkeypatch.setattr(
@@ -204,9 +229,14 @@ def test_requirements_command_writes_both_locks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: list[LockEntry]
 ) -> None:
     asked: list[tuple[list[str], list[str]]] = []
+    kept: list[list[LockEntry]] = []
 
-    def fake_resolve(base: object, extra_index_urls: list[str], find_links: list[str]) -> list[LockEntry]:
+    def fake_resolve(
+        requirements_: object, extra_index_urls: list[str], find_links: list[str], preferred: list[LockEntry]
+    ) -> list[LockEntry]:
+        assert requirements_ == ProjectDependencies.from_pyproject(PYPROJECT).image
         asked.append((extra_index_urls, find_links))
+        kept.append(list(preferred))
         return lock
 
     monkeypatch.setattr(requirements, "resolve", fake_resolve)
@@ -226,11 +256,13 @@ def test_requirements_command_writes_both_locks(
     assert sorted([*parse(out.read_text()), *parse(torch_out.read_text())], key=lambda e: e.name) == sorted(
         lock, key=lambda e: e.name
     )
+    assert kept[0] == []  # no locks yet: nothing to keep
     assert main([*argv, "--find-links", "/opt/wheels"]) == 0
     assert asked[-1] == ([], ["/opt/wheels"])
+    assert sorted(kept[-1], key=lambda e: e.name) == sorted(lock, key=lambda e: e.name)  # the locked pins
 
     drifted = [entry for entry in lock if entry.name != "diffusers"]
-    monkeypatch.setattr(requirements, "resolve", lambda base, extra_index_urls, find_links: drifted)
+    monkeypatch.setattr(requirements, "resolve", lambda *_, **__: drifted)
     other = tmp_path / "other.txt"
     assert main([*argv[:-4], "--output", str(other), "--torch-output", str(tmp_path / "t.txt")]) == 1
     assert not other.exists()

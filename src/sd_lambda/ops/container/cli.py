@@ -17,9 +17,10 @@ DEFAULT_TORCH_LOCK = Path("image/requirements-torch.txt")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "requirements",
-        help="regenerate (or --check) the image's hash-pinned locks from pyproject's base dependencies",
-        description="Resolve pyproject's base dependencies with `uv pip compile --generate-hashes` and write "
-        "image/requirements.txt (PyPI) and image/requirements-torch.txt (the CPU build of torch).",
+        help="regenerate (or --check) the image's hash-pinned locks from pyproject's runtime dependencies",
+        description="Resolve pyproject's base + runtime dependencies with `uv pip compile --generate-hashes`"
+        " and write image/requirements.txt (PyPI) and image/requirements-torch.txt (the CPU build of torch), "
+        "keeping the pins already locked wherever they still fit (delete the locks to upgrade everything).",
     )
     parser.add_argument("--pyproject", type=Path, default=DEFAULT_PYPROJECT)
     parser.add_argument("--output", type=Path, default=DEFAULT_LOCK)
@@ -67,7 +68,10 @@ def run_requirements(args: argparse.Namespace) -> int:
             return 0
         index_urls = args.torch_index_url or ([] if args.find_links else [requirements.DEFAULT_TORCH_INDEX])
         entries = requirements.resolve(
-            dependencies.base, extra_index_urls=index_urls, find_links=args.find_links
+            dependencies.image,
+            extra_index_urls=index_urls,
+            find_links=args.find_links,
+            preferred=requirements.read_locks(args.output, args.torch_output),
         )
     except requirements.RequirementsError as exc:
         raise CommandError(str(exc)) from exc
