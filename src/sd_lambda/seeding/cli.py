@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.cli import add_json_flag, report
 from sd_lambda.layout import DEFAULT_KEEP, LayoutError
 from sd_lambda.seeding.errors import SeedError
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("stack (default: the outputs of the Terraform stack in --infra-dir)")
-    group.add_argument("--infra-dir", type=Path, default=Path("infra"), help="Terraform stack directory")
+    group = parser.add_argument_group("stack (default: the outputs of the Terraform root in --infra)")
+    group.add_argument("--infra", type=Path, default=Path("infra"), help="the Terraform root")
     group.add_argument("--bucket", help="weights bucket (output weights_bucket_name)")
     group.add_argument("--prefix", help="key prefix in the bucket (output weights_prefix, default models/)")
     group.add_argument("--instance-id", help="seeder instance id (output seeder_instance_id)")
@@ -28,6 +28,7 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--lock-timeout", type=float, default=0, help="wait this long for another run's lock (s)"
     )
+    add_json_flag(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--warm", action="store_true", help="afterwards, invoke the function once (loads the model)"
     )
     seed.add_argument("--function-name", help="function to warm (output function_name)")
-    seed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    seed.add_argument("--no-progress", action="store_true", help="no upload progress bar (on a terminal)")
     _stack_arguments(seed)
     seed.set_defaults(func=run_seed)
 
@@ -108,7 +109,7 @@ def _target(args: argparse.Namespace) -> Any:
         "model_name": None,
         "function_name": getattr(args, "function_name", None),
     }
-    return resolve_target(flags, args.infra_dir)
+    return resolve_target(flags, args.infra)
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -152,6 +153,14 @@ def run_seed(args: argparse.Namespace) -> int:
         raise SeedError("--variant and --tiny-decoder apply to --model (hub downloads) only")
     if args.from_s3 and args.bf16_copy:
         raise SeedError("--bf16-copy applies to --model and --from-dir (an uploaded revision is as stored)")
+    if args.bf16_copy:
+        from importlib.util import find_spec
+
+        if find_spec("torch") is None:  # before any download: an operator install has no torch
+            raise SeedError(
+                "--bf16-copy writes the copy with torch, which this install lacks: install the runtime "
+                "extra (pip install -e '.[runtime]' in the checkout) or drop --bf16-copy"
+            )
     if args.from_s3 and args.revision:
         raise SeedError("--from-s3 names the revision itself (s3://bucket/models/NAME/REVISION/)")
     hub_repo = sources.parse_model_ref(args.model)[0] if args.model else None
@@ -174,19 +183,25 @@ def run_seed(args: argparse.Namespace) -> int:
     staged = flow.stage_s3(clients, args.from_s3, name) if args.from_s3 else None
     if args.upload_only:
         staged = staged or _stage(args, clients, target, name, checked)
-        print(
-            json.dumps({"uploaded": f"s3://{staged.bucket}/{staged.key_prefix}", "revision": staged.revision})
-        )
+        uploaded = f"s3://{staged.bucket}/{staged.key_prefix}"
+        document = {"uploaded": uploaded, "model": staged.name, "revision": staged.revision}
+        report(args, {**document, "total_bytes": staged.total_bytes}, [f"uploaded {uploaded} (not seeded)"])
         return 0
     options = _options(args)
     # The seeder is ready (running, agent Online, EFS mounted) before the hub is asked for a byte.
     with flow.seeder_session(clients, target, options) as run:
         staged = staged or _stage(args, clients, target, name, checked)
         result = flow.sync_on_seeder(clients, target, staged, options, run)
-    print(json.dumps(result, sort_keys=True))
+    result = {**result, "current": result["revision"], "total_bytes": staged.total_bytes}
     if args.warm:
-        print(json.dumps(flow.warm_function(clients.lambda_, target.function_name), sort_keys=True))
+        result.update(flow.warm_function(clients.lambda_, target.function_name))
+    report(args, result, [_switched(result, f"{result['downloaded_bytes']} bytes downloaded")])
     return 0
+
+
+def _switched(result: dict[str, Any], detail: str) -> str:
+    previous = result.get("previous") or "nothing"
+    return f"{result['model']}: current -> {result['revision']} (was {previous}); {detail}"
 
 
 def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str, checked: Any) -> Any:
@@ -211,5 +226,6 @@ def run_rollback(args: argparse.Namespace) -> int:
     target = _target(args)
     name = flow.rollback_name(args.name, target, not_served=args.not_served)
     result = flow.rollback(flow.AwsClients.create(target.region), target, name, args.revision, _options(args))
-    print(json.dumps(result, sort_keys=True))
+    result = {**result, "current": result["revision"]}
+    report(args, result, [_switched(result, f"releases: {', '.join(result.get('releases', []))}")])
     return 0
