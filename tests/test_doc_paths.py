@@ -1,4 +1,6 @@
-"""Every path the documentation cites exists in the repository: links and `src/...`-style code spans."""
+"""Every path the documentation cites exists in the repository: links, `src/...`-style code spans,
+`sd_lambda.x.y` module names, and the test files and tests it names; and docs/architecture.md's code
+map has one row per package of the real tree."""
 
 import re
 import subprocess
@@ -7,6 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+PACKAGE = SRC / "sd_lambda"
+TESTS = REPO / "tests"
+ARCHITECTURE = REPO / "docs" / "architecture.md"
 PAGES = [
     REPO / "README.md",
     *sorted((REPO / "docs").glob("*.md")),
@@ -16,6 +22,13 @@ PAGES = [
 LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+)(?:#[^)]*)?\)")
 # A code span that names a file or folder of the repository from its root.
 CODE_PATH = re.compile(r"`((?:src|infra|docs|tests|scripts|image)/[A-Za-z0-9_./-]*[A-Za-z0-9_/])`")
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+# A dotted name inside a code span: a module (`sd_lambda.serving.handler`) or something defined in one
+# (`sd_lambda.serving.handler.handler`, `python -m sd_lambda.devtools.docs`).
+DOTTED = re.compile(r"(?<![\w/.-])sd_lambda(?:\.[A-Za-z_]\w*)+")
+# A test file, optionally with a test in it: `serving/test_service.py::test_x` (paths are relative to
+# tests/), `test_layout.py` (a bare name: anywhere under tests/), `test_x.py::test_some_prefix_...`.
+TEST_CITATION = re.compile(r"`((?:tests/)?(?:[\w/]+/)?(test_\w+\.py))(?:::(test_\w+)(\.\.\.)?)?")
 # Written by the operator's first `terraform init` and then committed (docs/deploy.md, the lock file policy).
 WRITTEN_BY_FIRST_INIT = {"infra/.terraform.lock.hcl"}
 
@@ -39,10 +52,70 @@ def cited_paths(page: Path) -> list[tuple[str, Path]]:
     return cited
 
 
+def module_source(dotted: str, src: Path = SRC) -> Path | None:
+    """The file of module or package ``dotted`` under ``src``, found without importing it."""
+    base = src.joinpath(*dotted.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def defines(source: str, name: str) -> bool:
+    """Whether ``source`` defines or imports ``name`` (a function, class, assignment or import)."""
+    definition = rf"(?:async\s+)?def\s+{name}\b|class\s+{name}\b|{name}\s*[:=]"
+    pattern = rf"^\s*(?:{definition}|(?:from\s.*)?import\s.*\b{name}\b)"
+    return re.search(pattern, source, re.MULTILINE) is not None
+
+
+def dotted_name_exists(dotted: str, src: Path = SRC) -> bool:
+    """``dotted`` is a module, or names defined in the longest module it starts with."""
+    parts = dotted.split(".")
+    for length in range(len(parts), 0, -1):
+        source = module_source(".".join(parts[:length]), src)
+        if source is not None:
+            text = source.read_text()
+            return all(defines(text, name) for name in parts[length:])
+    return False
+
+
+def cited_dotted_names(page: Path) -> list[str]:
+    return [name for span in CODE_SPAN.findall(page.read_text()) for name in DOTTED.findall(span)]
+
+
+def cited_test_exists(path: str, name: str, test: str | None, prefix: str | None) -> bool:
+    """A cited test file exists (a bare name anywhere under tests/), and so does the test it names."""
+    if "/" in path:
+        files = [REPO / path if path.startswith("tests/") else TESTS / path]
+    else:
+        files = list(TESTS.rglob(name))
+    files = [file for file in files if file.is_file()]
+    if test is None:
+        return bool(files)
+    definition = rf"^\s*def {test}" + ("" if prefix else r"\b")
+    return any(re.search(definition, file.read_text(), re.MULTILINE) for file in files)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
 def test_every_cited_path_exists(page: Path) -> None:
     missing = [cited for cited, path in cited_paths(page) if not path.exists()]
     assert not missing, f"{page.relative_to(REPO)} cites paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_every_cited_module_exists(page: Path) -> None:
+    missing = [name for name in cited_dotted_names(page) if not dotted_name_exists(name)]
+    assert not missing, f"{page.relative_to(REPO)} names modules or objects that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_every_cited_test_exists(page: Path) -> None:
+    missing = [
+        "::".join(filter(None, (path, test)))
+        for path, name, test, prefix in TEST_CITATION.findall(page.read_text())
+        if not cited_test_exists(path, name, test or None, prefix or None)
+    ]
+    assert not missing, f"{page.relative_to(REPO)} cites tests that do not exist: {missing}"
 
 
 def test_the_check_sees_a_missing_path(tmp_path: Path) -> None:
@@ -54,3 +127,65 @@ def test_the_check_sees_a_missing_path(tmp_path: Path) -> None:
         "nowhere.md",
         "src/sd_lambda/no_such_module.py",
     ]
+
+
+def test_the_check_sees_a_missing_module_or_object(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sd_lambda" / "serving").mkdir(parents=True)
+    (src / "sd_lambda" / "__init__.py").write_text("")
+    (src / "sd_lambda" / "serving" / "__init__.py").write_text("from .handler import handler\n")
+    (src / "sd_lambda" / "serving" / "handler.py").write_text(
+        "SETTINGS = 1\n\ndef handler(event):\n    pass\n"
+    )
+    page = tmp_path / "page.md"
+    page.write_text(
+        "`python -m sd_lambda.serving.handler`, `sd_lambda.serving.handler.handler`, "
+        "`sd_lambda.serving.handler.SETTINGS`, `sd_lambda.serving.handler`, `sd_lambda.serving.handle`, "
+        "`sd_lambda.serving.handler.PREDICTOR` and `src/sd_lambda.egg-info`.\n"
+    )
+    names = cited_dotted_names(page)
+    assert [name for name in names if not dotted_name_exists(name, src)] == [
+        "sd_lambda.serving.handle",
+        "sd_lambda.serving.handler.PREDICTOR",
+    ]
+    assert len(names) == 6
+
+
+def test_the_check_sees_a_missing_test() -> None:
+    assert cited_test_exists("serving/test_service.py", "test_service.py", None, None)
+    assert cited_test_exists("test_layout.py", "test_layout.py", None, None)
+    assert not cited_test_exists("handler/test_service.py", "test_service.py", None, None)
+    assert not cited_test_exists("test_no_such_file.py", "test_no_such_file.py", None, None)
+    assert not cited_test_exists("test_layout.py", "test_layout.py", "test_no_such_test", None)
+    assert cited_test_exists("tests/test_doc_paths.py", "test_doc_paths.py", "test_the_check_", "...")
+
+
+# ---- the code map of docs/architecture.md --------------------------------------------------------------
+
+
+def code_map_rows(text: str) -> dict[str, str]:
+    """``path -> job`` for each row of the page's "Code map" table."""
+    section = text.split("\n## Code map\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `(src/sd_lambda/[^`]*)` \|(.*)\|$", section, re.MULTILINE))
+
+
+def test_the_code_map_has_one_row_per_package_and_top_level_module() -> None:
+    packages = {
+        f"{init.parent.relative_to(REPO)}/" for init in PACKAGE.rglob("__init__.py") if init.parent != PACKAGE
+    }
+    modules = {
+        str(module.relative_to(REPO)) for module in PACKAGE.glob("*.py") if module.name != "__init__.py"
+    }
+    assert set(code_map_rows(ARCHITECTURE.read_text())) == packages | modules
+
+
+def test_every_module_a_code_map_row_names_is_in_that_package() -> None:
+    rows = code_map_rows(ARCHITECTURE.read_text())
+    named = [
+        (path, module)
+        for path, job in rows.items()
+        if path.endswith("/")
+        for module in re.findall(r"`(\w+\.py)`", job)
+    ]
+    assert len(named) > 20
+    assert [f"{path}{module}" for path, module in named if not (REPO / path / module).is_file()] == []
