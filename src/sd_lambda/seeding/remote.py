@@ -122,7 +122,7 @@ def run_command(
     """Send ``commands`` and poll until they finish; raises SeedError if polling outlives the timeout.
 
     The command's id goes into ``sent`` as soon as it exists: the seeder's stop rule must not take this
-    run's own command, still cancelling after a timeout or a Ctrl-C, for another run's (#21 item 10).
+    run's own command, still cancelling after a timeout or a Ctrl-C, for another run's.
     Interrupted (Ctrl-C) while polling, the command is cancelled before the interrupt goes on."""
     try:
         command_id = ssm.send_command(
