@@ -1,6 +1,6 @@
 """Every path the documentation cites exists in the repository: links, `src/...`-style code spans,
-`sd_lambda.x.y` module names, and the test files and tests it names; and docs/architecture.md's code
-map has one row per package of the real tree."""
+`sd_lambda.x.y` module names, and the test files and tests it names. docs/architecture.md's code map
+has one row per package of the real tree, and the README stays short and links every page of docs/."""
 
 import re
 import subprocess
@@ -189,3 +189,21 @@ def test_every_module_a_code_map_row_names_is_in_that_package() -> None:
     ]
     assert len(named) > 20
     assert [f"{path}{module}" for path, module in named if not (REPO / path / module).is_file()] == []
+
+
+# ---- the README leads ---------------------------------------------------------------------------------
+
+README_BUDGET_BYTES = 20 * 1024
+
+
+def test_the_readme_stays_within_its_budget() -> None:
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= README_BUDGET_BYTES, f"README.md is {size} bytes; move detail into docs/"
+
+
+def test_the_readme_links_every_page_under_docs() -> None:
+    linked = {
+        target for target in LINK.findall((REPO / "README.md").read_text()) if target.startswith("docs/")
+    }
+    pages = {str(page.relative_to(REPO)) for page in (REPO / "docs").glob("*.md")}
+    assert pages - linked == set(), "add each page to the README's documentation table"
