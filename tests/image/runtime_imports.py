@@ -1,8 +1,9 @@
 """Run by the image venv's python: which imports of the Lambda's code cannot be satisfied there?
 
 Walks ``sd_lambda.serving.handler`` and every ``sd_lambda`` module it imports (at module level or inside
-functions, so lazy imports on rare paths count too) and prints, as JSON, each external top-level module
-the walk found and whether this interpreter can import it. Standard library only.
+functions, so lazy imports on rare paths count too, and the packages above each module) and prints, as
+JSON, the ``sd_lambda`` modules reached and each external top-level module the walk found with whether
+this interpreter can import it. Standard library only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def imported_names(path: str, package: str) -> set[str]:
 def source_of(name: str, package_dir: Path) -> tuple[Path, bool] | None:
     """(file, is_package) for an ``sd_lambda`` module, found without importing anything."""
     relative = Path(*name.split(".")[1:])
-    if (package_dir / relative / "__init__.py").is_file():
+    if (package_dir / relative / "__init__.py").is_file():  # for "sd_lambda" itself: package_dir
         return package_dir / relative / "__init__.py", True
     if relative.parts and (package_dir / relative).with_suffix(".py").is_file():
         return (package_dir / relative).with_suffix(".py"), False
@@ -55,6 +56,8 @@ def main(root: str) -> None:
         if name in seen or found is None:
             continue
         seen.add(name)
+        # Importing a module runs every package above it first.
+        frontier.extend(name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1))
         path, is_package = found
         package = name if is_package else name.rpartition(".")[0]
         for imported in imported_names(str(path), package):

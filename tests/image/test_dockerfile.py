@@ -2,61 +2,23 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "image" / "Dockerfile"
-DOCKERIGNORE = ROOT / ".dockerignore"
+from image.dockerfile import (
+    DOCKERFILE,
+    ROOT,
+    Stage,
+    dockerignore_admits,
+    lay_out_package_source,
+    package_copies,
+    parse_dockerfile,
+)
+from image.dockerfile import ignore_patterns as read_ignore_patterns
+
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [value for kw, value in self.instructions if kw == keyword]
-
-
-def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
-    """Global ARG defaults and the stages, with continuation lines joined and comments dropped."""
-    logical, current = [], ""
-    for raw in text.splitlines():
-        stripped = raw.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.startswith("#"):
-            continue
-        current += (
-            " " + stripped.removesuffix("\\").strip() if current else stripped.removesuffix("\\").strip()
-        )
-        if not stripped.endswith("\\"):
-            logical.append(current)
-            current = ""
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for line in logical:
-        keyword, _, value = line.partition(" ")
-        keyword = keyword.upper()
-        if keyword == "FROM":
-            match = re.match(r"^(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?$", value, re.IGNORECASE)
-            assert match, line
-            stages.append(Stage(match[1], match[2]))
-        elif not stages:
-            assert keyword == "ARG", f"only ARG may precede FROM: {line}"
-            name, _, default = value.partition("=")
-            global_args[name] = default
-        else:
-            stages[-1].instructions.append((keyword, value))
-    return global_args, stages
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +67,20 @@ def test_package_is_installed_without_extras(dockerfile) -> None:
     package_installs = [run for run in stages[0].all("RUN") if "/tmp/sd-lambda" in run]
     assert package_installs
     assert not any("[" in run for run in package_installs)  # no ".[ops]" / ".[dev]"
+    # The console script's module (cli.py) is not copied: its launcher goes with it.
+    assert "pip install --no-deps /tmp/sd-lambda && rm /opt/venv/bin/sd-lambda &&" in package_installs[0]
+
+
+def test_only_the_runtime_part_of_the_package_is_copied(dockerfile, tmp_path) -> None:
+    _, stages = dockerfile
+    sources = [source for copies, _ in package_copies(stages[0]) for source in copies]
+    assert "src" not in sources
+    laid_out = lay_out_package_source(tmp_path)
+    modules = {path.split("/")[2] for path in laid_out if path.startswith("src/sd_lambda/")}
+    assert modules == {"__init__.py", "py.typed", "layout.py", "settings.py", "serving", "engine"}
+    assert "src/sd_lambda/serving/handler.py" in laid_out
+    assert "src/sd_lambda/engine/accel/upsample_fold.py" in laid_out
+    assert not [path for path in laid_out if "__pycache__" in path or path.endswith(".pyc")]
 
 
 def test_runs_as_non_root_with_the_lambda_entrypoint(dockerfile) -> None:
@@ -129,23 +105,9 @@ def test_healthcheck_skip_has_a_reason() -> None:
     assert "Lambda ignores HEALTHCHECK" in skips[0][1]
 
 
-def dockerignore_admits(path: str, patterns: list[str]) -> bool:
-    """Docker's rule: the last pattern matching the path (or one of its parent folders) decides."""
-    admitted = True
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        pattern = pattern.removeprefix("!").rstrip("/")
-        parts = path.split("/")
-        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates):
-            admitted = negated
-    return admitted
-
-
 @pytest.fixture(scope="module")
 def ignore_patterns() -> list[str]:
-    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    return read_ignore_patterns()
 
 
 def test_build_context_holds_what_the_dockerfile_copies(dockerfile, ignore_patterns) -> None:
@@ -176,6 +138,11 @@ def test_build_context_holds_what_the_dockerfile_copies(dockerfile, ignore_patte
         ".git/config",
         "src/sd_lambda/__pycache__/handler.cpython-311.pyc",
         "src/sd_lambda.egg-info/PKG-INFO",
+        # Operator and developer code never reaches the image.
+        "src/sd_lambda/cli.py",
+        "src/sd_lambda/ops/deploy.py",
+        "src/sd_lambda/seeding/flow.py",
+        "src/sd_lambda/devtools/bench.py",
     ],
 )
 def test_build_context_leaves_out_weights_state_and_caches(ignore_patterns, path: str) -> None:

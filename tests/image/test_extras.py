@@ -156,3 +156,20 @@ def test_operator_commands_run_without_the_runtime_extra() -> None:
     assert exits["seed --model owner/model --bf16-copy"] == 1
     assert "install the runtime extra (pip install -e '.[runtime]'" in stderr
     assert "Traceback" not in stderr
+
+
+def test_the_handlers_import_walk_reaches_only_runtime_modules(tmp_path: Path) -> None:
+    helper = Path(__file__).with_name("runtime_imports.py")
+    completed = subprocess.run(
+        [sys.executable, str(helper), "sd_lambda.serving.handler"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    modules = json.loads(completed.stdout)["modules"]
+    assert {"sd_lambda.serving.handler", "sd_lambda.engine.torch_engine"} <= set(modules)
+    # Only serving/, engine/ and the two top-level modules they share: no ops/, seeding/, devtools/, cli.
+    areas = {name.split(".")[1] for name in modules if name != "sd_lambda"}
+    assert areas == {"serving", "engine", "layout", "settings"}

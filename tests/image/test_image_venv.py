@@ -1,11 +1,12 @@
 """The image's Python layer, proven without Docker.
 
 A fresh venv gets exactly what image/Dockerfile installs: ``image/requirements.txt`` with ``--no-deps``
-(so nothing unpinned and none of the ops/dev extras), then the package itself with ``--no-deps``. From
+(so nothing unpinned and none of the ops/dev extras), then the package itself with ``--no-deps``, built
+from the files the Dockerfile's COPY lines lay out (only its runtime part: no ops/, seeding/, devtools/
+or cli.py). From
 that venv, ``python -m awslambdaric sd_lambda.serving.handler.handler`` (the image's ENTRYPOINT + CMD)
 serves a real invocation from the local Lambda Runtime API with the tiny model. The venv's installed size,
-plus
-the base image, is checked against the 1.5 GB image budget.
+plus the base image, is checked against the 1.5 GB image budget.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +23,7 @@ import pytest
 from helpers import TEST_MODEL_NAME
 from PIL import Image
 
+from image.dockerfile import lay_out_package_source
 from sd_lambda.devtools.local.launcher import LocalLambda
 from sd_lambda.ops.container.requirements import parse, unsupported_via
 
@@ -63,16 +64,15 @@ def image_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run([*pip, "--require-hashes", "--only-binary=:all:", "-r", str(TORCH_LOCK)], env=env)
     _run([*pip, "--require-hashes", "--only-binary=:all:", "-r", str(LOCK)], env=env)
     wheel_dir = tmp_path_factory.mktemp("image-wheel")
-    # Build from a copy of exactly what .dockerignore lets into the build context.
-    context = tmp_path_factory.mktemp("image-context")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, context / name)
-    shutil.copytree(ROOT / "src", context / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # The package source exactly as the Dockerfile's COPY lines lay it out in /tmp/sd-lambda.
+    source = tmp_path_factory.mktemp("image-package-source")
+    lay_out_package_source(source)
     _run(
-        [str(python), "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheel_dir), str(context)],
+        [str(python), "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheel_dir), str(source)],
         env=env,
     )
     _run([*pip, *map(str, wheel_dir.glob("sd_lambda-*.whl"))], env=env)
+    (venv / "bin" / "sd-lambda").unlink()  # as the Dockerfile: its cli.py is not in the image
     _run([str(python), "-m", "pip", "check"], env=env)
     return python
 
@@ -104,6 +104,30 @@ def test_lock_provenance_matches_the_installed_metadata(image_python: Path) -> N
     assert unsupported_via(locked, report["requires"], report["env"]) == []
 
 
+def test_the_image_holds_no_operator_or_developer_code(image_python: Path, tmp_path: Path) -> None:
+    script = (
+        "import importlib, importlib.util, json, pkgutil, sd_lambda\n"
+        "names = [m.name for m in pkgutil.walk_packages(sd_lambda.__path__, 'sd_lambda.')]\n"
+        "failed = {}\n"
+        "for name in names:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as exc:\n"
+        "        failed[name] = repr(exc)\n"
+        "absent = ['sd_lambda.ops', 'sd_lambda.seeding', 'sd_lambda.devtools', 'sd_lambda.cli']\n"
+        "found = [name for name in absent if importlib.util.find_spec(name) is not None]\n"
+        "print(json.dumps({'modules': names, 'failed': failed, 'found': found}))\n"
+    )
+    env = {**_isolated_env(), "MODEL_ROOT": str(tmp_path)}
+    report = json.loads(_run([str(image_python), "-c", script], cwd=tmp_path, env=env).stdout)
+    assert report["found"] == []
+    areas = {name.split(".")[1] for name in report["modules"]}
+    assert areas == {"serving", "engine", "layout", "settings"}
+    # Every module the image holds imports with what the image installs.
+    assert report["failed"] == {}
+    assert not (image_python.parent / "sd-lambda").exists()
+
+
 def test_runtime_code_imports_only_what_the_image_installs(image_python: Path, tmp_path: Path) -> None:
     helper = Path(__file__).with_name("runtime_imports.py")
     completed = _run(
@@ -114,6 +138,12 @@ def test_runtime_code_imports_only_what_the_image_installs(image_python: Path, t
     assert {"sd_lambda.serving.handler", "sd_lambda.serving.service", "sd_lambda.engine.torch_engine"} <= set(
         report["modules"]
     )
+    # The walk in the image reaches every module the same walk reaches in the repository (where ops/,
+    # seeding/ and devtools/ exist): the handler's code needs nothing the image left out.
+    in_repository = json.loads(
+        _run([sys.executable, str(helper), "sd_lambda.serving.handler"], cwd=tmp_path).stdout
+    )
+    assert report["modules"] == in_repository["modules"]
     missing = [name for name, importable in report["external"].items() if not importable]
     assert missing == [], (
         f"the Lambda's code imports {missing}, which image/requirements.txt does not install"
