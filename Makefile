@@ -8,6 +8,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 INSTALL_STAMP := $(VENV)/.stamp-install
+OPS_STAMP := $(VENV)/.stamp-ops
+# torch (pinned in pyproject's [runtime] extra) comes from PyTorch's CPU wheel index when it answers within
+# a few seconds: the default index's Linux build pulls gigabytes of CUDA libraries. Otherwise it comes from
+# the default index, and the install fails if that build is a CUDA one.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 # checkov pins an old boto3: it lives in its own venv.
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.stamp-checkov
@@ -27,12 +33,29 @@ help: ## List every target with a one-line description
 $(INSTALL_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24,<27"
-	# torch first and alone: pinned, it resolves to the local CPU build instead of CUDA wheels.
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[ops,dev]"
+	@# torch first and alone, so the extras below find it installed and never ask for another build.
+	if $(PY) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=5)' \
+			'$(TORCH_INDEX_URL)' 2>/dev/null; then \
+		$(PY) -m pip install --quiet --index-url '$(TORCH_INDEX_URL)' '$(TORCH_SPEC)'; \
+	else \
+		echo "make install: $(TORCH_INDEX_URL) did not answer; torch comes from the default index" >&2; \
+		$(PY) -m pip install --quiet '$(TORCH_SPEC)'; \
+	fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c 'import sys, torch; sys.exit(torch.version.cuda and f"make install: torch {torch.__version__} is a CUDA build (GPU libraries this CPU-only project never uses): rm -rf $(VENV), then make install where $(TORCH_INDEX_URL) is reachable or with TORCH_INDEX_URL=<an index with the CPU build>")'
+	touch $@ $(OPS_STAMP)
+
+$(OPS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24,<27"
+	$(PY) -m pip install --quiet -e ".[ops]"
 	touch $@
 
-install: $(INSTALL_STAMP) ## Create .venv and install the package with all extras (idempotent)
+.PHONY: install-ops
+
+install: $(INSTALL_STAMP) ## Create .venv with everything: runtime (CPU torch) + ops + dev tools (idempotent)
+
+install-ops: $(OPS_STAMP) ## Operator machine: .venv with the [ops] extra only, no torch (.venv/bin/sd-lambda seed/deploy/generate/rollback)
 
 test: $(INSTALL_STAMP) $(CHECKOV_STAMP) ## Run the whole test suite (THE test command; CI runs exactly this)
 	$(BIN)/pytest
@@ -99,8 +122,11 @@ OUT ?= out.png
 
 .PHONY: requirements build-image push-image invoke
 
-requirements: $(INSTALL_STAMP) ## Regenerate image/requirements.txt (the image's complete pinned lock) from pyproject
-	$(BIN)/sd-lambda requirements
+# FIND_LINKS: a folder holding the CPU torch wheel, for machines where TORCH_INDEX_URL does not answer.
+FIND_LINKS ?=
+
+requirements: $(INSTALL_STAMP) ## Regenerate the image's hash-pinned locks (image/requirements*.txt) from pyproject's base + [runtime] (FIND_LINKS=)
+	$(BIN)/sd-lambda requirements $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--torch-index-url "$(TORCH_INDEX_URL)")
 
 build-image: $(INSTALL_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
 	$(BIN)/sd-lambda build-image --platform "$(PLATFORM)" --tag "$(IMAGE)" --docker "$(DOCKER)" \
