@@ -18,12 +18,22 @@ TORCH_SPEC := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.stamp-checkov
 CHECKOV_SPEC := checkov>=3.3.30,<4
-# Offline Terraform checks (sd_lambda.devtools.tfcheck): the root stack and every example under it.
-TF_ROOT ?= infra
-TF_EXAMPLES = $(patsubst %/,%,$(wildcard $(TF_ROOT)/examples/*/))
+# INFRA: the Terraform root (--infra) every stack target uses; the offline checks also take each example
+# under it (sd_lambda.devtools.tfcheck).
+INFRA ?= infra
+TF_EXAMPLES = $(patsubst %/,%,$(wildcard $(INFRA)/examples/*/))
 # Example variables for planning the root stack, and per example (tests/infra/examples/<example>.tfvars).
 TF_PLAN_VARS ?= $(wildcard tests/infra/offline.tfvars)
 TF_EXAMPLE_VARS_DIR ?= tests/infra/examples
+
+# Each make variable is passed one-to-one to its sd-lambda flag (INFRA= --infra, OUT= --output,
+# PROMPT= --prompt, JSON=1 --json, ...; the table is sd_lambda.cli.MAKE_VARIABLES). SD_LAMBDA_FROM_MAKE=1
+# makes an error name the variable to set (PROMPT="...") instead of the flag.
+SD_LAMBDA = SD_LAMBDA_FROM_MAKE=1 $(BIN)/sd-lambda
+# A value as one single-quoted shell word, whatever quotes or spaces it holds: $(call q,$(NAME)); a
+# prompt is taken as typed, a $ in it included: $(call q,$(value PROMPT))
+q = '$(subst ','\'',$(1))'
+JSON_FLAG = $(if $(filter 1,$(JSON)),--json)
 
 .PHONY: help install test lint format docs clean
 
@@ -63,7 +73,7 @@ test: $(INSTALL_STAMP) $(CHECKOV_STAMP) ## Run the whole test suite (THE test co
 lint: $(INSTALL_STAMP) ## ruff check + ruff format --check + terraform fmt -check (infra/)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/sd-lambda tfcheck fmt $(TF_ROOT)
+	$(BIN)/sd-lambda tfcheck fmt $(INFRA)
 
 format: $(INSTALL_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
@@ -78,26 +88,31 @@ clean: ## Remove caches and build outputs (never anything tracked)
 
 # ---- running the real handler locally (sd_lambda.devtools.local) ------------------------------------------------
 # MODEL_DIR: a diffusers folder or an EFS-layout model folder; empty = the tiny test model under .cache/.
+# PROMPT, OUT: the demo's prompt and image (defaults: the CLI's, demo.png). An empty variable passes no flag.
 MODEL_DIR ?=
 PORT ?= 8080
+PROMPT ?=
+OUT ?=
+MODEL_DIR_FLAG = $(if $(MODEL_DIR),--model-dir $(call q,$(MODEL_DIR)))
+OUT_FLAG = $(if $(OUT),--output $(call q,$(OUT)))
 
 .PHONY: demo serve
 
-demo: $(INSTALL_STAMP) ## Tiny model (or MODEL_DIR) -> one request through the real Lambda entrypoint -> demo.png + timings
-	$(BIN)/sd-lambda demo $(if $(MODEL_DIR),--model-dir "$(MODEL_DIR)") --out demo.png
+demo: $(INSTALL_STAMP) ## Tiny random-weight model (or MODEL_DIR) -> one request through the real Lambda entrypoint -> demo.png + timings (PROMPT= OUT=)
+	$(SD_LAMBDA) demo $(MODEL_DIR_FLAG) $(if $(PROMPT),--prompt $(call q,$(value PROMPT))) $(OUT_FLAG)
 
 serve: $(INSTALL_STAMP) ## The real handler behind a local function URL on 127.0.0.1:PORT (MODEL_DIR=..., PORT=8080)
-	$(BIN)/sd-lambda serve $(if $(MODEL_DIR),--model-dir "$(MODEL_DIR)") --port "$(PORT)"
+	$(SD_LAMBDA) serve $(MODEL_DIR_FLAG) --port $(call q,$(PORT))
 
 .PHONY: validate plan-offline security
 
 validate: $(INSTALL_STAMP) ## terraform fmt -check, then init + validate infra/ and infra/examples/* offline
-	$(BIN)/sd-lambda tfcheck fmt $(TF_ROOT)
-	$(BIN)/sd-lambda tfcheck validate $(TF_ROOT) $(TF_EXAMPLES)
+	$(BIN)/sd-lambda tfcheck fmt $(INFRA)
+	$(BIN)/sd-lambda tfcheck validate $(INFRA) $(TF_EXAMPLES)
 
 plan-offline: $(INSTALL_STAMP) ## terraform plan infra/ and infra/examples/* offline; print addresses + actions
-	$(BIN)/sd-lambda tfcheck plan $(addprefix --var-file ,$(TF_PLAN_VARS)) $(TF_ROOT)
-	$(if $(TF_EXAMPLES),,@echo "$(TF_ROOT)/examples: no examples to plan")
+	$(BIN)/sd-lambda tfcheck plan $(addprefix --var-file ,$(TF_PLAN_VARS)) $(INFRA)
+	$(if $(TF_EXAMPLES),,@echo "$(INFRA)/examples: no examples to plan")
 	$(foreach example,$(TF_EXAMPLES),$(BIN)/sd-lambda tfcheck plan \
 		$(addprefix --var-file ,$(wildcard $(TF_EXAMPLE_VARS_DIR)/$(notdir $(example)).tfvars)) $(example) &&) true
 
@@ -117,8 +132,8 @@ IMAGE ?= sd-lambda:local
 DOCKER ?= docker
 # Extra NAME=VALUE build args, e.g. BUILD_ARGS="BASE_DIGEST=sha256:..."
 BUILD_ARGS ?=
-# make invoke: PROMPT (required), URL (default: the stack's function_url output), OUT, ARGS (e.g. "--steps 20").
-OUT ?= out.png
+# make invoke: PROMPT (required), URL (default: the stack's function_url output), OUT (default out.png),
+# REGION (signing region, default: from the URL), JSON=1, ARGS (more flags, e.g. "--steps 20").
 
 .PHONY: requirements build-image push-image invoke
 
@@ -126,31 +141,33 @@ OUT ?= out.png
 FIND_LINKS ?=
 
 requirements: $(INSTALL_STAMP) ## Regenerate the image's hash-pinned locks (image/requirements*.txt) from pyproject's base + [runtime] (FIND_LINKS=)
-	$(BIN)/sd-lambda requirements $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--torch-index-url "$(TORCH_INDEX_URL)")
+	$(SD_LAMBDA) requirements $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--torch-index-url $(call q,$(TORCH_INDEX_URL)))
 
 build-image: $(INSTALL_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
-	$(BIN)/sd-lambda build-image --platform "$(PLATFORM)" --tag "$(IMAGE)" --docker "$(DOCKER)" \
+	$(SD_LAMBDA) build-image --platform $(call q,$(PLATFORM)) --tag $(call q,$(IMAGE)) --docker $(call q,$(DOCKER)) \
 		$(addprefix --build-arg ,$(BUILD_ARGS))
 
 push-image: $(INSTALL_STAMP) ## Push IMAGE to the stack's ECR repo (tag git-<sha>), write its digest to .image-digest
-	$(BIN)/sd-lambda push-image --image "$(IMAGE)" --docker "$(DOCKER)" \
-		$(if $(REPOSITORY_URL),--repository-url "$(REPOSITORY_URL)",--infra "$(TF_ROOT)")
+	$(SD_LAMBDA) push-image --image $(call q,$(IMAGE)) --docker $(call q,$(DOCKER)) \
+		$(if $(REPOSITORY_URL),--repository-url $(call q,$(REPOSITORY_URL)),--infra $(call q,$(INFRA)))
 
 invoke: $(INSTALL_STAMP) ## Generate one image through the function URL (SigV4): make invoke PROMPT="a red fox"
-	@test -n "$${PROMPT:-}" || { echo 'make invoke: set PROMPT="..." (and optionally URL=, OUT=, ARGS=)' >&2; exit 2; }
-	$(BIN)/sd-lambda generate $(if $(URL),--url "$(URL)",--infra "$(TF_ROOT)") --prompt "$$PROMPT" \
-		--output "$(OUT)" $(ARGS)
+	$(SD_LAMBDA) generate $(if $(URL),--url $(call q,$(URL)),--infra $(call q,$(INFRA))) \
+		--prompt $(call q,$(value PROMPT)) $(OUT_FLAG) $(REGION_FLAG) $(JSON_FLAG) $(ARGS)
 
 # ---- deploying the stack (real AWS; needs `terraform` >= 1.6 on PATH) -----------------------------------
 # REGION (also AWS_REGION for terraform), TFVARS (var files), IMAGE_URI (<repo>@sha256:..., skips the
 # build+push), BACKEND_CONFIG (S3 backend settings file; local state without it), MIGRATE_STATE=1 (copy
 # existing local state into that backend), CONFIRM=1 (destroy), ALLOW_FUNCTION_DELETE=1 (let plan/apply
 # delete or replace the live function), ALLOW_DATA_LOSS=1 (let plan/apply delete or replace EFS, its access
-# point, the weights bucket, the KMS key or the ECR repository). See docs/deploy.md.
+# point, the weights bucket, the KMS key or the ECR repository), INFRA (the Terraform root), JSON=1 (one JSON
+# document on stdout). See docs/deploy.md.
 # Run by `apply` once the repository exists (not $(MAKE): `make -n apply` must not deploy anything).
 PUSH_COMMAND ?= make --no-print-directory build-image push-image
-DEPLOY_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
-	$(if $(BACKEND_CONFIG),--backend-config "$(BACKEND_CONFIG)") $(addprefix --var-file ,$(TFVARS))
+REGION_FLAG = $(if $(REGION),--region $(call q,$(REGION)))
+IMAGE_URI_FLAG = $(if $(IMAGE_URI),--image-uri $(call q,$(IMAGE_URI)))
+STACK_FLAGS = --infra $(call q,$(INFRA)) $(REGION_FLAG) $(addprefix --var-file ,$(TFVARS)) $(JSON_FLAG)
+DEPLOY_ARGS = $(STACK_FLAGS) $(if $(BACKEND_CONFIG),--backend-config $(call q,$(BACKEND_CONFIG)))
 STATE_ARGS = $(if $(filter 1,$(MIGRATE_STATE)),--migrate-state)
 PROTECTION_ARGS = $(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-delete) \
 	$(if $(filter 1,$(ALLOW_DATA_LOSS)),--allow-data-loss)
@@ -158,42 +175,41 @@ PROTECTION_ARGS = $(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-del
 .PHONY: preflight plan apply destroy
 
 preflight: $(INSTALL_STAMP) ## Check credentials, terraform, docker and the account's Lambda limits before apply (REGION= TFVARS= IMAGE_URI=)
-	$(BIN)/sd-lambda deploy preflight --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") \
-		$(addprefix --var-file ,$(TFVARS)) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--docker "$(DOCKER)")
+	$(SD_LAMBDA) deploy preflight $(STACK_FLAGS) $(or $(IMAGE_URI_FLAG),--docker $(call q,$(DOCKER)))
 
 plan: $(INSTALL_STAMP) ## terraform plan infra/ with the image apply would deploy (REGION= TFVARS= IMAGE_URI= BACKEND_CONFIG=)
-	$(BIN)/sd-lambda deploy plan $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)") \
-		$(PROTECTION_ARGS)
+	$(SD_LAMBDA) deploy plan $(DEPLOY_ARGS) $(STATE_ARGS) $(IMAGE_URI_FLAG) $(PROTECTION_ARGS)
 
 apply: $(INSTALL_STAMP) ## Deploy: preflight, ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
-	$(BIN)/sd-lambda deploy apply $(DEPLOY_ARGS) $(STATE_ARGS) \
-		$(if $(IMAGE_URI),--image-uri "$(IMAGE_URI)",--push-command "$(PUSH_COMMAND)" --docker "$(DOCKER)") \
+	$(SD_LAMBDA) deploy apply $(DEPLOY_ARGS) $(STATE_ARGS) \
+		$(or $(IMAGE_URI_FLAG),--push-command $(call q,$(PUSH_COMMAND)) --docker $(call q,$(DOCKER))) \
 		$(PROTECTION_ARGS)
 
 destroy: $(INSTALL_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
-	$(BIN)/sd-lambda deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
+	$(SD_LAMBDA) deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
 
 # ---- seeding models onto EFS (real AWS: the stack's bucket + seeder instance, driven through SSM) ----------
 # MODEL (hub id[@rev]), NAME (EFS folder; default: the model the stack serves, its model_name), REVISION
-# (release name), FROM_DIR (local diffusers folder), FROM_S3 (s3://bucket/models/<name>/<rev>/), SEED_ARGS
-# (more flags: --variant fp16, --tiny-decoder madebyollin/taesd, --not-served, --keep-running,
-# --bucket/--instance-id when the module lives in another stack, ...). With FROM_DIR/FROM_S3, MODEL= still
-# names the folder when NAME= is not given.
-SEED_STACK_ARGS = --infra-dir "$(TF_ROOT)" $(if $(REGION),--region "$(REGION)") $(SEED_ARGS)
+# (release name), FROM_DIR (local diffusers folder), FROM_S3 (s3://bucket/models/<name>/<rev>/), BF16_COPY=1,
+# NOT_SERVED=1 (a --name the function does not serve), REGION, INFRA, JSON=1, SEED_ARGS (more flags:
+# --variant fp16, --tiny-decoder madebyollin/taesd, --keep-running, --bucket/--instance-id when the module
+# lives in another stack, ...). With FROM_DIR/FROM_S3, MODEL= still names the folder when NAME= is not given.
+SEED_STACK_ARGS = --infra $(call q,$(INFRA)) $(REGION_FLAG) $(JSON_FLAG) $(SEED_ARGS)
 SEED_NAME = $(or $(NAME),$(if $(or $(FROM_DIR),$(FROM_S3)),$(MODEL)))
+NOT_SERVED_FLAG = $(if $(filter 1,$(NOT_SERVED)),--not-served)
 
 .PHONY: seed-models rollback
 
 seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] (or FROM_DIR=/FROM_S3=)
 	@test -n "$(MODEL)$(FROM_DIR)$(FROM_S3)" || { echo 'make seed-models: set MODEL=owner/name[@rev] (or FROM_DIR=path / FROM_S3=s3://...)' >&2; exit 2; }
-	$(BIN)/sd-lambda seed \
-		$(if $(FROM_DIR),--from-dir "$(FROM_DIR)",$(if $(FROM_S3),--from-s3 "$(FROM_S3)",--model "$(MODEL)")) \
-		$(if $(SEED_NAME),--name "$(SEED_NAME)") $(if $(BF16_COPY),--bf16-copy) \
-		$(if $(REVISION),--revision "$(REVISION)") $(SEED_STACK_ARGS)
+	$(SD_LAMBDA) seed \
+		$(if $(FROM_DIR),--from-dir $(call q,$(FROM_DIR)),$(if $(FROM_S3),--from-s3 $(call q,$(FROM_S3)),--model $(call q,$(MODEL)))) \
+		$(if $(SEED_NAME),--name $(call q,$(SEED_NAME))) $(if $(filter 1,$(BF16_COPY)),--bf16-copy) \
+		$(if $(REVISION),--revision $(call q,$(REVISION))) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 
 rollback: $(INSTALL_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model)
-	@test -n "$(REVISION)" || { echo 'make rollback: set REVISION=<release> (and NAME=<model folder> unless the served one)' >&2; exit 2; }
-	$(BIN)/sd-lambda rollback $(if $(or $(NAME),$(MODEL)),--name "$(or $(NAME),$(MODEL))") --revision "$(REVISION)" $(if $(NOT_SERVED),--not-served) $(SEED_STACK_ARGS)
+	$(SD_LAMBDA) rollback $(if $(or $(NAME),$(MODEL)),--name $(call q,$(or $(NAME),$(MODEL)))) \
+		--revision $(call q,$(REVISION)) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 
 # ---- performance -----------------------------------------------------------------------------------
 .PHONY: bench

@@ -91,21 +91,21 @@ def test_cli_dry_run_prints_counts(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_refuses_non_empty_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "keep.txt").write_text("user data")
-    assert main(["make-test-model", str(tmp_path)]) == 1
+    assert main(["make-test-model", "-o", str(tmp_path)]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "user data"
 
 
 def test_cli_builds_without_tiny_decoder(tmp_path: Path) -> None:
-    assert main(["make-test-model", str(tmp_path / "m"), "--no-tiny-decoder"]) == 0
+    assert main(["make-test-model", "-o", str(tmp_path / "m"), "--no-tiny-decoder"]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
     assert not (tmp_path / "m" / "vae_tiny").exists()
 
 
 def test_cli_writes_the_bf16_copy_on_request(tmp_path: Path) -> None:
-    assert main(["make-test-model", str(tmp_path / "plain")]) == 0
+    assert main(["make-test-model", "-o", str(tmp_path / "plain")]) == 0
     assert bf16_copy_files(tmp_path / "plain") is None
-    assert main(["make-test-model", str(tmp_path / "copied"), "--bf16-copy"]) == 0
+    assert main(["make-test-model", "-o", str(tmp_path / "copied"), "--bf16-copy"]) == 0
     copies = bf16_copy_files(tmp_path / "copied")
     assert copies is not None
     assert [path.parent.name for path in copies] == ["text_encoder", "unet", "vae"]

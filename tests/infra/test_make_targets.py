@@ -1,17 +1,22 @@
-"""`make plan/apply/destroy` hand the right arguments to `sd-lambda deploy` (dry runs: `make -n`)."""
+"""Each make target passes its variables one-to-one to the sd-lambda flags (dry runs: `make -n`)."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from sd_lambda.cli import FROM_MAKE_ENV, MAKE_VARIABLES
+
 REPO = Path(__file__).resolve().parents[2]
+IMAGE_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc"
 
 
-def dry_run(target: str, *assignments: str) -> str:
+def dry_run(target: str, *assignments: str) -> list[str]:
+    """The words of the one ``sd-lambda`` command ``make -n target`` would run."""
     make = shutil.which("make")
     assert make, "make is required"
     result = subprocess.run(
@@ -21,59 +26,133 @@ def dry_run(target: str, *assignments: str) -> str:
         text=True,
         check=True,
     )
-    lines = [line for line in result.stdout.replace("\\\n", " ").splitlines() if "sd-lambda deploy" in line]
+    lines = [line for line in result.stdout.replace("\\\n", " ").splitlines() if "bin/sd-lambda " in line]
     assert len(lines) == 1, result.stdout
-    return " ".join(lines[0].split())
+    return shlex.split(lines[0])
+
+
+def flag_value(words: list[str], flag: str) -> str | None:
+    return words[words.index(flag) + 1] if flag in words else None
+
+
+def _flag_of(variable: str) -> str:
+    return next(flag for flag, name in MAKE_VARIABLES.items() if name.split("=")[0] == variable)
+
+
+# target -> the make variables that carry a value (VAR=value -> --flag value) it must pass on.
+VALUE_VARIABLES = {
+    "demo": ["PROMPT", "OUT", "MODEL_DIR"],
+    "serve": ["MODEL_DIR", "PORT"],
+    "invoke": ["PROMPT", "OUT", "URL", "REGION"],
+    "preflight": ["INFRA", "REGION", "TFVARS", "IMAGE_URI"],
+    "plan": ["INFRA", "REGION", "TFVARS", "IMAGE_URI", "BACKEND_CONFIG"],
+    "apply": ["INFRA", "REGION", "TFVARS", "IMAGE_URI", "BACKEND_CONFIG"],
+    "destroy": ["INFRA", "REGION", "TFVARS", "BACKEND_CONFIG"],
+    "seed-models": ["MODEL", "NAME", "REVISION", "INFRA", "REGION"],
+    "rollback": ["NAME", "REVISION", "INFRA", "REGION"],
+    "push-image": ["IMAGE", "DOCKER", "INFRA"],
+}
+# target -> the VAR=1 switches it must pass on as flags (and not pass without).
+SWITCHES = {
+    "invoke": ["JSON=1"],
+    "preflight": ["JSON=1"],
+    "plan": ["JSON=1", "MIGRATE_STATE=1", "ALLOW_FUNCTION_DELETE=1", "ALLOW_DATA_LOSS=1"],
+    "apply": ["JSON=1", "MIGRATE_STATE=1", "ALLOW_FUNCTION_DELETE=1", "ALLOW_DATA_LOSS=1"],
+    "destroy": ["JSON=1", "MIGRATE_STATE=1", "CONFIRM=1"],
+    "seed-models": ["JSON=1", "BF16_COPY=1", "NOT_SERVED=1"],
+    "rollback": ["JSON=1", "NOT_SERVED=1"],
+}
+# What a target needs to run at all (seed-models refuses to start without a source).
+REQUIRED = {"seed-models": ["MODEL=acme/tiny-sd"], "rollback": ["REVISION=r0"]}
+
+
+@pytest.mark.parametrize(
+    ("target", "variable"), [(t, v) for t, names in VALUE_VARIABLES.items() for v in names], ids="-".join
+)
+def test_each_variable_reaches_its_flag(target: str, variable: str) -> None:
+    value = "it's a value" if variable == "PROMPT" else f"x-{variable.lower()}"
+    base = [a for a in REQUIRED.get(target, []) if not a.startswith(f"{variable}=")]
+    words = dry_run(target, *base, f"{variable}={value}")
+    assert flag_value(words, _flag_of(variable)) == value, words
+
+
+@pytest.mark.parametrize(
+    ("target", "switch"), [(t, s) for t, names in SWITCHES.items() for s in names], ids="-".join
+)
+def test_each_switch_is_passed_only_when_1(target: str, switch: str) -> None:
+    flag = next(flag for flag, name in MAKE_VARIABLES.items() if name == switch)
+    variable = switch.split("=")[0]
+    required = REQUIRED.get(target, [])
+    assert flag in dry_run(target, *required, switch)
+    assert flag not in dry_run(target, *required)
+    assert flag not in dry_run(target, *required, f"{variable}=0")
+
+
+def test_demo_honours_prompt_and_out() -> None:
+    words = dry_run("demo", "PROMPT=a red fox", "OUT=fox.png")
+    assert flag_value(words, "--prompt") == "a red fox"
+    assert flag_value(words, "--output") == "fox.png"
+    bare = dry_run("demo")  # nothing given: the command's own defaults (the CLI's --help shows them)
+    assert "--prompt" not in bare
+    assert "--output" not in bare
+
+
+def test_a_prompt_is_passed_exactly_as_typed() -> None:
+    prompt = """a fox's "den" under $HOME; `no` substitution"""
+    assert flag_value(dry_run("invoke", f"PROMPT={prompt}"), "--prompt") == prompt
+
+
+def test_every_sd_lambda_run_from_make_carries_the_make_marker() -> None:
+    for target in [*VALUE_VARIABLES, "build-image", "requirements"]:
+        assert dry_run(target, *REQUIRED.get(target, []))[0] == f"{FROM_MAKE_ENV}=1", target
+
+
+def test_the_old_names_are_gone() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "TF_ROOT" not in makefile
+    assert "--infra-dir" not in makefile
+    assert "--out " not in makefile
 
 
 def test_apply_builds_and_pushes_unless_an_image_is_given() -> None:
     staged = dry_run("apply", "REGION=eu-west-1", "TFVARS=prod.tfvars")
-    assert 'deploy apply --infra-dir "infra" --region "eu-west-1" --var-file prod.tfvars' in staged
-    assert '--push-command "make --no-print-directory build-image push-image"' in staged
-
-    pinned = dry_run("apply", "IMAGE_URI=123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc")
-    assert '--image-uri "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc"' in pinned
+    assert flag_value(staged, "--push-command") == "make --no-print-directory build-image push-image"
+    assert flag_value(staged, "--var-file") == "prod.tfvars"
+    pinned = dry_run("apply", f"IMAGE_URI={IMAGE_URI}")
+    assert flag_value(pinned, "--image-uri") == IMAGE_URI
     assert "--push-command" not in pinned
 
 
-def test_plan_passes_the_backend_config() -> None:
-    assert '--backend-config "backend.hcl"' in dry_run("plan", "BACKEND_CONFIG=backend.hcl")
+def test_preflight_needs_docker_only_without_an_image() -> None:
+    assert flag_value(dry_run("preflight", "DOCKER=podman"), "--docker") == "podman"
+    assert "--docker" not in dry_run("preflight", f"IMAGE_URI={IMAGE_URI}")
+    assert flag_value(dry_run("apply", "DOCKER=podman"), "--docker") == "podman"
+    assert "--docker" not in dry_run("apply", f"IMAGE_URI={IMAGE_URI}")
 
 
-@pytest.mark.parametrize(
-    ("confirm", "expect_yes"), [(None, False), ("CONFIRM=1", True), ("CONFIRM=0", False)]
-)
-def test_destroy_confirms_unless_confirm_is_1(confirm: str | None, expect_yes: bool) -> None:
-    line = dry_run("destroy", *([confirm] if confirm else []))
-    assert line.startswith(".venv/bin/sd-lambda deploy destroy")
-    assert line.endswith("--yes") is expect_yes
+def test_tfvars_may_name_several_files() -> None:
+    words = dry_run("plan", "TFVARS=a.tfvars b.tfvars")
+    assert [words[i + 1] for i, word in enumerate(words) if word == "--var-file"] == ["a.tfvars", "b.tfvars"]
 
 
-@pytest.mark.parametrize("target", ["plan", "apply"])
-def test_allow_function_delete_is_passed_only_when_1(target: str) -> None:
-    assert dry_run(target, "ALLOW_FUNCTION_DELETE=1").endswith("--allow-function-delete")
-    assert "--allow-function-delete" not in dry_run(target)
-    assert "--allow-function-delete" not in dry_run(target, "ALLOW_FUNCTION_DELETE=0")
+def test_invoke_reads_the_url_from_infra_unless_url_is_given() -> None:
+    assert flag_value(dry_run("invoke", "PROMPT=x", "INFRA=stacks/prod"), "--infra") == "stacks/prod"
+    given = dry_run("invoke", "PROMPT=x", "URL=https://u.lambda-url.eu-west-1.on.aws/")
+    assert "--infra" not in given
 
 
-@pytest.mark.parametrize("target", ["plan", "apply"])
-def test_allow_data_loss_is_passed_only_when_1(target: str) -> None:
-    assert dry_run(target, "ALLOW_DATA_LOSS=1").endswith("--allow-data-loss")
-    assert "--allow-data-loss" not in dry_run(target)
-    assert "--allow-data-loss" not in dry_run(target, "ALLOW_DATA_LOSS=0")
+def _make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # -o: never (re)build the venv from a test; it is there, the suite runs in it.
+    command = ["make", "--no-print-directory", "-s", "-o", ".venv/.stamp-install", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_preflight_is_its_own_target_and_needs_docker_only_without_an_image() -> None:
-    checked = dry_run("preflight", "REGION=eu-west-1", "TFVARS=prod.tfvars", "DOCKER=podman")
-    assert checked.startswith('.venv/bin/sd-lambda deploy preflight --infra-dir "infra" --region "eu-west-1"')
-    assert "--var-file prod.tfvars" in checked
-    assert checked.endswith('--docker "podman"')
-
-    pinned = dry_run("preflight", "IMAGE_URI=123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc")
-    assert pinned.endswith('--image-uri "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sd@sha256:abc"')
-    assert "--docker" not in pinned
-
-
-def test_apply_hands_the_docker_cli_to_its_preflight() -> None:
-    assert '--docker "podman"' in dry_run("apply", "DOCKER=podman")
-    assert "--docker" not in dry_run("apply", "IMAGE_URI=x@sha256:abc")
+def test_errors_from_make_name_the_make_variable(tmp_path: Path) -> None:
+    missing = _make("invoke", f"INFRA={tmp_path}")
+    assert missing.returncode != 0
+    assert 'sd-lambda generate: error: the prompt is empty: set PROMPT="a red fox"' in missing.stderr
+    no_stack = _make("invoke", "PROMPT=a fox", f"INFRA={tmp_path / 'none'}")
+    assert no_stack.returncode != 0
+    assert "(or set URL=)" in no_stack.stderr
+    no_release = _make("rollback", "SEED_ARGS=--bucket b --instance-id i-1")
+    assert "sd-lambda rollback: error: no release to switch to: set REVISION=" in no_release.stderr

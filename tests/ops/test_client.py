@@ -360,10 +360,10 @@ def test_cli_errors_are_one_line(
     server.replies.append(json_reply(403, {"Message": "Forbidden"}))
     out = tmp_path / "never.png"
     code = main(["generate", "--url", server.url, "--region", REGION, "--prompt", "x", "-o", str(out)])
-    err = capsys.readouterr().err
+    progress, error = capsys.readouterr().err.splitlines()
     assert code == 1
-    assert err.count("\n") == 1
-    assert err.startswith("sd-lambda generate: error: HTTP 403 Forbidden: Forbidden; the caller needs both")
+    assert progress.startswith(f"==> POST {server.url}")  # the wait's progress line, before the request
+    assert error.startswith("sd-lambda generate: error: HTTP 403 Forbidden: Forbidden; the caller needs both")
     assert not out.exists()
 
 
@@ -462,7 +462,7 @@ def test_client_and_request_model_import_without_torch() -> None:
 
 def test_cli_refuses_an_empty_prompt(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--url", "https://a.lambda-url.eu-west-1.on.aws/", "--prompt", " "]) == 1
-    assert "--prompt must not be empty" in capsys.readouterr().err
+    assert 'the prompt is empty: pass --prompt "a red fox"' in capsys.readouterr().err
 
 
 def test_session_token_is_sent_and_signed(server: SigV4Server, monkeypatch: pytest.MonkeyPatch) -> None:

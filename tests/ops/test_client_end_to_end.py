@@ -107,6 +107,6 @@ def test_generate_against_make_serve_writes_a_valid_png(
 
     # A request the function refuses is a one-line error with its own message, and is not retried.
     assert main([*args, "--width", "63", "-o", str(tmp_path / "bad.png")]) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("sd-lambda generate: error: HTTP 400: not_multiple: width must be a multiple of 8")
     assert not (tmp_path / "bad.png").exists()

@@ -163,7 +163,7 @@ def test_a_new_account_warns_about_memory_above_3008() -> None:
     assert findings.problems == []
     assert findings.warnings == [
         "this account's Lambda concurrency limit is 10, as in a new account: memory_size=10240 MB is above "
-        "the 3008 MB a new account may use: set memory_size = 3008 (TFVARS=... or --var "
+        "the 3008 MB a new account may use: set memory_size = 3008 (--var-file... or --var "
         "memory_size=3008), or request higher Lambda quotas (Service Quotas > AWS Lambda > 'Concurrent "
         "executions' (L-B99A9384); AWS also raises them with use)"
     ]
@@ -201,7 +201,7 @@ def test_no_region_is_one_line() -> None:
     )
 
     assert findings.problems == [
-        "no AWS region: pass REGION=<region> (or set AWS_REGION, or region in your profile or tfvars)"
+        "no AWS region: pass --region <region> (or set AWS_REGION, or region in your profile or tfvars)"
     ]
 
 
@@ -219,7 +219,7 @@ def test_docker_engine_and_buildx(docker: FakeDocker, problem: str | None, warni
     assert [w[: len(warning)] for w in findings.warnings] == ([warning] if warning else [])
     if problem:
         assert findings.problems[0].endswith(
-            "or pass IMAGE_URI=<ecr_repository_url>@sha256:<digest> to deploy an image built elsewhere"
+            "or pass --image-uri <ecr_repository_url>@sha256:<digest> to deploy an image built elsewhere"
         )
 
 
@@ -268,7 +268,7 @@ def test_cli_preflight_turns_an_access_denied_into_one_line_not_a_traceback(
         [
             "deploy",
             "preflight",
-            "--infra-dir",
+            "--infra",
             str(INFRA),
             "--region",
             REGION,
@@ -376,7 +376,7 @@ def test_cli_reports_every_problem_one_line_each_and_creates_nothing(
         deploy, "_stack", lambda options: pytest.fail("nothing may run after a failed preflight")
     )
 
-    code = cli_main(["deploy", "apply", "--infra-dir", str(INFRA), "--region", REGION, "--push-command", "x"])
+    code = cli_main(["deploy", "apply", "--infra", str(INFRA), "--region", REGION, "--push-command", "x"])
 
     err = capfd.readouterr().err.splitlines()
     assert code == 1
@@ -387,7 +387,7 @@ def test_cli_reports_every_problem_one_line_each_and_creates_nothing(
         "(https://developer.hashicorp.com/terraform/install) and put it on PATH",
         "preflight: the Docker engine is not reachable (docker version failed (exit 1): Cannot connect to "
         "the Docker daemon); start Docker and retry; or pass "
-        "IMAGE_URI=<ecr_repository_url>@sha256:<digest> to deploy an image built elsewhere",
+        "--image-uri <ecr_repository_url>@sha256:<digest> to deploy an image built elsewhere",
         "sd-lambda deploy: error: preflight found 3 problems (above); nothing was created",
     ]
 
@@ -407,7 +407,7 @@ def test_cli_preflight_reads_the_stack_values_and_passes(
         [
             "deploy",
             "preflight",
-            "--infra-dir",
+            "--infra",
             str(INFRA),
             "--region",
             REGION,
@@ -437,7 +437,7 @@ def test_apply_runs_the_preflight_before_terraform(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(deploy, "_stack", lambda options: order.append("terraform"))
 
     code = cli_main(
-        ["deploy", "apply", "--infra-dir", str(INFRA), "--push-command", "make x", "--docker", "podman"]
+        ["deploy", "apply", "--infra", str(INFRA), "--push-command", "make x", "--docker", "podman"]
     )
 
     assert code == 1
@@ -450,7 +450,7 @@ def test_a_var_file_that_does_not_parse_is_one_line(
     broken = tmp_path / "broken.tfvars"
     broken.write_text('memory_size = = "a"\n')
 
-    code = cli_main(["deploy", "preflight", "--infra-dir", str(INFRA), "--var-file", str(broken)])
+    code = cli_main(["deploy", "preflight", "--infra", str(INFRA), "--var-file", str(broken)])
 
     err = capfd.readouterr().err.splitlines()
     assert code == 1
@@ -459,7 +459,7 @@ def test_a_var_file_that_does_not_parse_is_one_line(
 
 
 def test_a_non_number_reservation_is_one_line(capfd: pytest.CaptureFixture[str]) -> None:
-    code = cli_main(["deploy", "preflight", "--infra-dir", str(INFRA), "--var", "reserved_concurrency=two"])
+    code = cli_main(["deploy", "preflight", "--infra", str(INFRA), "--var", "reserved_concurrency=two"])
 
     assert code == 1
     assert capfd.readouterr().err == (

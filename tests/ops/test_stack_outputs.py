@@ -118,5 +118,5 @@ def test_backend_config_switches_a_checkout_to_an_s3_backend(
 
 
 def test_missing_backend_config_file_is_reported(terraform_on_path: Path, applied_stack: Path) -> None:
-    with pytest.raises(StackError, match=r"BACKEND_CONFIG file .* does not exist"):
+    with pytest.raises(StackError, match=r"--backend-config file .* does not exist"):
         StackTerraform(applied_stack).init(applied_stack / "backend.hcl")

@@ -76,9 +76,9 @@ def test_local_state_is_not_left_behind_silently(stack_dir: Path, backend_config
         stack.init(backend_config)
 
     assert str(refused.value) == (
-        f"{stack_dir} has local state (3 resources in terraform.tfstate) and BACKEND_CONFIG moves the stack "
-        "to S3: rerun with MIGRATE_STATE=1 (--migrate-state) to copy it there (terraform init "
-        "-migrate-state), or unset BACKEND_CONFIG to keep it local"
+        f"{stack_dir} has local state (3 resources in terraform.tfstate) and --backend-config moves the "
+        "stack to S3: rerun with --migrate-state to copy it there (terraform init -migrate-state), or drop "
+        "--backend-config to keep it local"
     )
     assert stack.commands == []
     assert not (stack_dir / BACKEND_OVERRIDE_FILE).exists()
@@ -118,14 +118,12 @@ def test_cli_says_how_to_migrate_in_one_line(
 ) -> None:
     write_local_state(stack_dir, 2)
 
-    code = cli_main(
-        ["deploy", "plan", "--infra-dir", str(stack_dir), "--backend-config", str(backend_config)]
-    )
+    code = cli_main(["deploy", "plan", "--infra", str(stack_dir), "--backend-config", str(backend_config)])
 
     assert code == 1
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "rerun with MIGRATE_STATE=1 (--migrate-state)" in err[0]
+    assert "rerun with --migrate-state to copy it there" in err[0]
 
 
 def test_make_passes_migrate_state_only_when_1() -> None:

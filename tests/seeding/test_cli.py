@@ -81,7 +81,7 @@ def test_cli_reads_the_stack_through_stack_outputs(monkeypatch: pytest.MonkeyPat
     # A folder that passes the local checks, seeded under a name the stack does not serve: refused from
     # the stack's model_name, before anything touches AWS.
     folder = make_model(tmp_path / "m", "v1")
-    argv = ["seed", "--from-dir", str(folder), "--name", "acme/other", "--infra-dir", str(tmp_path)]
+    argv = ["seed", "--from-dir", str(folder), "--name", "acme/other", "--infra", str(tmp_path)]
     assert main(argv) == 1
     assert seen == [tmp_path]
     assert target_module.OUTPUTS["instance_id"][0] == "seeder_instance_id"
@@ -161,14 +161,16 @@ def test_make_targets_reach_the_cli(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert f"sd-lambda seed: error: {empty} is not a diffusers pipeline: no model_index.json" in done.stderr
     dry = _make("-n", "seed-models", "MODEL=acme/tiny-sd@main", "REVISION=r1")
-    assert '--model "acme/tiny-sd@main"' in dry.stdout
-    assert '--revision "r1" --infra-dir "infra"' in dry.stdout
+    assert "--model 'acme/tiny-sd@main'" in dry.stdout
+    assert "--revision 'r1'" in dry.stdout
+    assert "--infra 'infra'" in dry.stdout
     assert "--bf16-copy" not in dry.stdout
     copy = _make("-n", "seed-models", "MODEL=acme/tiny-sd", "BF16_COPY=1")
-    assert '--model "acme/tiny-sd"' in copy.stdout
+    assert "--model 'acme/tiny-sd'" in copy.stdout
     assert "--bf16-copy" in copy.stdout
-    usage = _make("rollback", "MODEL=acme/tiny-sd")
+    usage = _make("rollback", "MODEL=acme/tiny-sd", stack)
     assert usage.returncode != 0
-    assert "make rollback: set REVISION=<release>" in usage.stderr
+    assert 'sd-lambda rollback: error: no release to switch to: set REVISION="<release>"' in usage.stderr
     dry = _make("-n", "rollback", "MODEL=acme/tiny-sd", "REVISION=r1")
-    assert 'sd-lambda rollback --name "acme/tiny-sd" --revision "r1"' in dry.stdout
+    assert "sd-lambda rollback --name 'acme/tiny-sd'" in " ".join(dry.stdout.replace("\\\n", " ").split())
+    assert "--revision 'r1'" in dry.stdout

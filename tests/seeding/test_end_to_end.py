@@ -9,6 +9,7 @@ question.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -137,9 +138,11 @@ def test_seed_and_rollback(
 
     # 1. a real pipeline from a folder: upload, start the seeder, sync, switch, stop the seeder.
     seed = ["seed", "--from-dir", str(tiny_model_dir), "--name", NAME, "--revision", "r1", "--no-progress"]
-    assert main([*seed, *stack]) == 0, capsys.readouterr().err
+    assert main([*seed, *stack, "--json"]) == 0, capsys.readouterr().err
     out, err = capsys.readouterr()
-    assert '"revision": "r1"' in out
+    seeded = json.loads(out)
+    assert (seeded["model"], seeded["revision"], seeded["current"]) == (NAME, "r1", "r1")
+    assert seeded["downloaded_bytes"] == seeded["total_bytes"] > 0
     program = f"s3://{seeder.bucket}/{program_key('models/')}"
     assert f"sync program {program} (uploaded)" in err
     assert f"aws s3 cp {program} " in agent.scripts[0][4]

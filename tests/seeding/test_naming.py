@@ -24,7 +24,7 @@ SERVED = "segmind--tiny-sd"
 STACK = Target(bucket="stack-weights", instance_id="i-0stack", region=REGION, model_name=SERVED)
 FLAGS_ONLY = Target(bucket="b", instance_id="i-1", region=REGION)
 MISMATCH = (
-    f"--name acme--other is not the model the function serves ({SERVED}): drop --name/NAME= to seed "
+    f"--name acme--other is not the model the function serves ({SERVED}): drop --name to seed "
     f'{SERVED}, or set model_name = "acme--other" in terraform.tfvars and make apply, or pass '
     "--not-served to seed it for later"
 )
@@ -112,7 +112,7 @@ def aws(aws_env: dict[str, str]) -> Iterator[Any]:
 
 
 def _uploaded(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[dict[str, Any], str]:
-    assert main([*argv, "--upload-only", "--no-progress"]) == 0, capsys.readouterr().err
+    assert main([*argv, "--upload-only", "--no-progress", "--json"]) == 0, capsys.readouterr().err
     out, err = capsys.readouterr()
     return json.loads(out), err
 
@@ -146,7 +146,7 @@ def test_a_rollback_of_a_model_not_served_is_refused_like_a_seed(
     as seed refuses it, unless --not-served (#21 item 7)."""
     refused = (
         f"sd-lambda rollback: error: --name acme--other is not the model the function serves ({SERVED}): "
-        f"drop --name/NAME= to roll back {SERVED}, or pass --not-served (NOT_SERVED=1) to roll back "
+        f"drop --name to roll back {SERVED}, or pass --not-served to roll back "
         "acme--other anyway"
     )
     assert _one_line(capsys, ["rollback", "--name", "acme/other", "--revision", "r1"]) == refused
@@ -167,11 +167,12 @@ def test_the_make_target_passes_name() -> None:
     from .test_cli import _make
 
     dry = _make("-n", "seed-models", "MODEL=acme/tiny-sd", "NAME=segmind/tiny-sd")
-    assert '--model "acme/tiny-sd"' in dry.stdout
-    assert '--name "segmind/tiny-sd"' in dry.stdout
+    assert "--model 'acme/tiny-sd'" in dry.stdout
+    assert "--name 'segmind/tiny-sd'" in dry.stdout
     assert "--name" not in _make("-n", "seed-models", "MODEL=acme/tiny-sd").stdout  # the served model
     dry = _make("-n", "rollback", "NAME=acme/other", "REVISION=r1")
-    assert 'sd-lambda rollback --name "acme/other" --revision "r1"' in dry.stdout
+    assert "sd-lambda rollback --name 'acme/other'" in dry.stdout
+    assert "--revision 'r1'" in dry.stdout
     assert "--not-served" not in dry.stdout
     dry = _make("-n", "rollback", "NAME=acme/other", "REVISION=r1", "NOT_SERVED=1")
-    assert 'sd-lambda rollback --name "acme/other" --revision "r1" --not-served' in dry.stdout
+    assert "--revision 'r1' --not-served" in dry.stdout

@@ -18,6 +18,8 @@ def caller_identity(sts: Any) -> dict[str, str]:
     """``GetCallerIdentity``'s answer (``Account``, ``Arn``, ``UserId``), or :class:`CredentialsError`."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
+    from sd_lambda.cli import ask_for
+
     try:
         answer = sts.get_caller_identity()
     except NoCredentialsError:
@@ -25,7 +27,9 @@ def caller_identity(sts: Any) -> dict[str, str]:
             "no AWS credentials found: configure a profile, SSO (aws sso login) or environment credentials"
         ) from None
     except NoRegionError:
-        raise CredentialsError("no AWS region: pass REGION=<region> (or set AWS_REGION)") from None
+        raise CredentialsError(
+            f"no AWS region: {ask_for('--region', '<region>')} (or set AWS_REGION)"
+        ) from None
     except ClientError as exc:  # expired or invalid keys, a token for another partition
         error = exc.response.get("Error", {})
         reason = f"{error.get('Code', 'error')}: {_first_line(error.get('Message', ''))}"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sd_lambda.cli import add_json_flag
 from sd_lambda.serving.request import GenerationRequest, choices, type_name
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
@@ -307,9 +308,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="the function URL (https://<id>.lambda-url.<region>.on.aws/)")
-    where.add_argument("--infra", type=Path, help="read the URL from this Terraform stack's outputs")
+    where.add_argument("--infra", type=Path, help="read the URL from this Terraform root's outputs")
     add_request_options(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="where to save the image")
+    add_json_flag(parser)
     parser.add_argument("--region", help="signing region (default: parsed from the URL)")
     parser.add_argument("--profile", help="AWS profile (default: botocore's default chain)")
     parser.add_argument("--attempts", type=int, default=RetryPolicy.attempts, help="tries before giving up")
@@ -344,15 +346,20 @@ def add_request_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sd_lambda.cli import CommandError
+    from sd_lambda.cli import CommandError, ask_for, report
     from sd_lambda.ops.stack_outputs import output_for_command
 
     if args.attempts < 1:
         raise CommandError("--attempts must be at least 1")
     if not args.prompt.strip():
-        raise CommandError("--prompt must not be empty")
+        raise CommandError(f"the prompt is empty: {ask_for('--prompt', 'a red fox')}")
     url = args.url or output_for_command(args.infra, "function_url", "--url")
     fields = {name: getattr(args, name) for name in REQUEST_FIELDS if name != "prompt"}
+    print(
+        f"==> POST {url} (an environment's first request loads the model: tens of seconds)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         credentials = default_credentials(args.profile)
         response = generate(
@@ -367,8 +374,20 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(response.image)
-    print(f"wrote {args.output} ({response.content_type}, {len(response.image)} bytes)")
-    print(response.summary())
+    document = {
+        "image": str(args.output),
+        "url": url,
+        "content_type": response.content_type,
+        "bytes": len(response.image),
+        "seed": response.seed,
+        "timings_ms": response.timings_ms,
+        "model": response.model,
+        "revision": response.revision,
+        "request_id": response.request_id,
+        "attempts": response.attempts,
+    }
+    wrote = f"wrote {args.output} ({response.content_type}, {len(response.image)} bytes)"
+    report(args, document, [wrote, response.summary()])
     if response.fallback:
         print(
             f"note: the function re-encoded the image ({response.fallback}) to fit Lambda's 6 MB limit",

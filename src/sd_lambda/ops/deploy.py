@@ -12,7 +12,8 @@ Without a new image, ``plan`` and ``apply`` keep the one the function runs (the 
 Every plan is saved, checked and only then applied: one that would delete or replace the live function
 (which also changes its URL) is refused unless ``--allow-function-delete`` is given, and one that would
 delete or replace data (EFS, its access point, the weights bucket, the KMS key, the ECR repository)
-unless ``--allow-data-loss`` is given.
+unless ``--allow-data-loss`` is given. With ``--json`` each action prints one JSON document on stdout
+(apply: the stack's outputs; plan: the image and the planned changes) and everything else on stderr.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sd_lambda.cli import CommandError
+from sd_lambda.cli import CommandError, add_json_flag, ask_for, option, report
 from sd_lambda.ops.container.manifest import lambda_manifest_problem
 from sd_lambda.ops.plan_guard import data_loss, data_loss_message, function_removal
 from sd_lambda.ops.preflight import PreflightInputs, memory_cap_advice, run_preflight
@@ -143,7 +144,7 @@ def read_digest(digest_file: Path) -> str:
     except FileNotFoundError:
         raise StackError(
             f"no image digest: {digest_file} does not exist. Build and push the image (`make push-image`), "
-            "or pass IMAGE_URI=<ecr_repository_url>@sha256:<digest>"
+            f"or {ask_for('--image-uri', '<ecr_repository_url>@sha256:<digest>')}"
         ) from None
     if re.fullmatch(r"[0-9a-f]{64}", text):
         return f"sha256:{text}"
@@ -170,8 +171,8 @@ def refuse_function_deletion(plan_document: Mapping[str, Any], options: DeployOp
     if verb is not None:
         raise StackError(
             f"refusing to {verb} the live function ({options.function_address}); its function URL "
-            "would change. Pass an image (IMAGE_URI=, or push one), or allow it with "
-            "--allow-function-delete (ALLOW_FUNCTION_DELETE=1)"
+            f"would change. Pass an image ({option('--image-uri')}, or push one), or allow it with "
+            f"{option('--allow-function-delete')}"
         )
 
 
@@ -225,7 +226,8 @@ def refuse_an_image_the_lifecycle_would_expire(
         raise StackError(
             f"image {image.digest} was pushed before {newer} newer deployed images and the ECR lifecycle "
             f"keeps the newest {keep} by push time, so it would expire while the function runs it: set "
-            f"ecr_keep_deployments = {newer + 1} (TFVARS=... or --var ecr_keep_deployments={newer + 1})"
+            f"ecr_keep_deployments = {newer + 1} ({option('--var-file')}... "
+            f"or --var ecr_keep_deployments={newer + 1})"
         )
 
 
@@ -302,12 +304,23 @@ def _plan_checked(
     options: DeployOptions,
     plan_file: Path,
     targets: Sequence[str] = (),
-) -> None:
-    """Save the plan to ``plan_file`` and refuse it if it deletes the live function or stored data."""
+) -> dict[str, Any]:
+    """Save the plan to ``plan_file`` and refuse it if it deletes the live function or stored data;
+    returns the plan (``terraform show -json``)."""
     stack.plan(variables, options.var_files, out=plan_file, targets=targets)
     document = stack.show_plan(plan_file)
     refuse_data_loss(document, options)
     refuse_function_deletion(document, options)
+    return document
+
+
+def planned_changes(plan_document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The plan's resource changes that do something: ``[{"address", "actions"}]``."""
+    return [
+        {"address": change.get("address"), "actions": change.get("change", {}).get("actions", [])}
+        for change in plan_document.get("resource_changes", [])
+        if change.get("change", {}).get("actions", ["no-op"]) not in (["no-op"], ["read"])
+    ]
 
 
 def _apply_checked(
@@ -425,7 +438,13 @@ def apply(
     return outputs
 
 
-def plan(options: DeployOptions, stack: Stack) -> str | None:
+@dataclass(frozen=True)
+class PlanSummary:
+    image_uri: str | None
+    changes: list[dict[str, Any]]
+
+
+def plan(options: DeployOptions, stack: Stack) -> PlanSummary:
     """Plan with the image that ``apply`` would deploy (IMAGE_URI, the pushed digest, or the deployed one).
 
     Without any image it plans everything but the function, and refuses if that deletes a live one.
@@ -449,8 +468,8 @@ def plan(options: DeployOptions, stack: Stack) -> str | None:
             flush=True,
         )
     with tempfile.TemporaryDirectory(prefix="sd-lambda-plan-") as scratch:
-        _plan_checked(stack, variables, options, Path(scratch) / "stack.tfplan")
-    return image_uri
+        document = _plan_checked(stack, variables, options, Path(scratch) / "stack.tfplan")
+    return PlanSummary(image_uri, planned_changes(document))
 
 
 def destroy(
@@ -463,9 +482,7 @@ def destroy(
     if not confirmed:
         if ask is None:
             if not sys.stdin.isatty():
-                raise StackError(
-                    "refusing to destroy without confirmation: rerun with CONFIRM=1 (make) or --yes"
-                )
+                raise StackError(f"refusing to destroy without confirmation: rerun with {option('--yes')}")
             ask = input
         answer = ask(
             f"Destroy every resource of the stack in {options.infra_dir}? Type 'destroy' to confirm: "
@@ -547,7 +564,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def _options(args: argparse.Namespace) -> DeployOptions:
     return DeployOptions(
-        infra_dir=args.infra_dir,
+        infra_dir=args.infra,
         region=args.region or None,
         image_uri=getattr(args, "image_uri", None) or None,
         digest_file=getattr(args, "digest_file", DEFAULT_DIGEST_FILE),
@@ -571,17 +588,26 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.deploy_command == "preflight":
             preflight(options, build_image=options.image_uri is None, docker_binary=args.docker)
+            report(args, {"ok": True, "infra": str(options.infra_dir)}, [])
         elif args.deploy_command == "apply":
             needs_docker = options.image_uri is None and options.push_command is not None
             if not Path(options.infra_dir).is_dir():
                 raise StackError(f"stack directory {options.infra_dir} does not exist")
             values = stack_values(options)  # once: the preflight and the apply read the same values
             preflight(options, build_image=needs_docker, docker_binary=args.docker, values=values)
-            apply(options, _stack(options), values=values)
+            outputs = apply(options, _stack(options), values=values)
+            report(args, {"outputs": outputs}, [])
         elif args.deploy_command == "plan":
-            plan(options, _stack(options))
+            summary = plan(options, _stack(options))
+            changes = [f"  {'/'.join(c['actions']):<16} {c['address']}" for c in summary.changes]
+            report(
+                args,
+                {"image_uri": summary.image_uri, "changes": summary.changes},
+                [f"==> the plan changes {len(summary.changes)} resource(s)", *changes],
+            )
         else:
             destroy(options, _stack(options), confirmed=args.yes)
+            report(args, {"destroyed": str(options.infra_dir)}, [])
     except StackError as exc:
         raise CommandError(str(exc)) from exc
     return 0
@@ -602,10 +628,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check credentials, terraform, docker and the account's Lambda limits (apply's first step)",
     )
     for action in (apply_parser, plan_parser, destroy_parser, preflight_parser):
-        action.add_argument("--infra-dir", type=Path, default=DEFAULT_INFRA_DIR, help="stack directory")
+        action.add_argument("--infra", type=Path, default=DEFAULT_INFRA_DIR, help="the Terraform root")
         action.add_argument("--region", help="AWS region (also sets AWS_REGION for terraform)")
         action.add_argument("--backend-config", type=Path, help="S3 backend settings file (BACKEND_CONFIG)")
-        action.add_argument("--var-file", type=Path, action="append", default=[], help="tfvars (repeatable)")
+        action.add_argument(
+            "--var-file", type=Path, action="append", default=[], help="tfvars file, repeatable"
+        )
+        add_json_flag(action)
         action.add_argument(
             "--var", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
         )

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from sd_lambda.cli import option
+
 # Resource type -> what is lost with it.
 PROTECTED_TYPES: Mapping[str, str] = {
     "aws_efs_file_system": "EFS file system: every seeded model",
@@ -20,7 +22,6 @@ PROTECTED_TYPES: Mapping[str, str] = {
     "aws_kms_key": "KMS key: what it encrypted becomes unreadable",
     "aws_ecr_repository": "ECR repository: every pushed image",
 }
-ALLOW_HINT = "--allow-data-loss (ALLOW_DATA_LOSS=1)"
 
 
 def removals(plan_document: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -50,5 +51,5 @@ def function_removal(plan_document: Mapping[str, Any], address: str) -> str | No
 def data_loss_message(losses: list[str]) -> str:
     return (
         f"refusing a plan that would {'; '.join(losses)}. If that is intended (e.g. a new name), "
-        f"rerun with {ALLOW_HINT}; otherwise revert the variable that causes it"
+        f"rerun with {option('--allow-data-loss')}; otherwise revert the variable that causes it"
     )

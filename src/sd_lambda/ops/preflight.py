@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd_lambda.cli import ask_for, option
 from sd_lambda.ops.aws_identity import CredentialsError, caller_identity
 from sd_lambda.ops.container.docker import Docker, DockerFailed, DockerUnavailable, has_buildx, require_engine
 from sd_lambda.ops.stack_outputs import TERRAFORM_INSTALL_HINT, TerraformNotFoundError, terraform_binary
@@ -40,7 +41,8 @@ def memory_cap_advice(memory_size: int | None) -> str:
     translation of CreateFunction's refusal say the same."""
     return (
         f"memory_size={memory_size} MB is above the {NEW_ACCOUNT_MEMORY_MB} MB a new account may use: set "
-        f"memory_size = {NEW_ACCOUNT_MEMORY_MB} (TFVARS=... or --var memory_size={NEW_ACCOUNT_MEMORY_MB}), "
+        f"memory_size = {NEW_ACCOUNT_MEMORY_MB} ({option('--var-file')}... "
+        f"or --var memory_size={NEW_ACCOUNT_MEMORY_MB}), "
         f"or request higher Lambda quotas ({CONCURRENCY_QUOTA}; AWS also raises them with use)"
     )
 
@@ -81,7 +83,8 @@ def terraform_problem(
 
 
 def docker_findings(docker: Docker, findings: Findings) -> None:
-    hint = "or pass IMAGE_URI=<ecr_repository_url>@sha256:<digest> to deploy an image built elsewhere"
+    image = ask_for("--image-uri", "<ecr_repository_url>@sha256:<digest>")
+    hint = f"or {image} to deploy an image built elsewhere"
     try:
         require_engine(docker)
     except DockerUnavailable as exc:
@@ -160,7 +163,8 @@ def _aws_refusal(exc: Exception) -> str:
 def aws_findings(inputs: PreflightInputs, clients: ClientFactory, findings: Findings) -> None:
     if not inputs.region:
         findings.problems.append(
-            "no AWS region: pass REGION=<region> (or set AWS_REGION, or region in your profile or tfvars)"
+            f"no AWS region: {ask_for('--region', '<region>')} (or set AWS_REGION, or region in your profile "
+            "or tfvars)"
         )
         return
     try:

@@ -18,6 +18,8 @@ from typing import Any
 
 from python_terraform import IsFlagged, Terraform
 
+from sd_lambda.cli import option
+
 DEFAULT_INFRA_DIR = Path("infra")
 TERRAFORM_INSTALL_HINT = (
     "install Terraform >= 1.6 (https://developer.hashicorp.com/terraform/install) and put it on PATH"
@@ -136,13 +138,14 @@ class StackTerraform:
             options["lockfile"] = "readonly"
         if backend_config is not None:
             if not Path(backend_config).is_file():
-                raise StackError(f"BACKEND_CONFIG file {backend_config} does not exist")
+                raise StackError(f"{option('--backend-config')} file {backend_config} does not exist")
             pending = local_state_to_migrate(self.infra_dir)
+            backend = option("--backend-config")
             if pending and not migrate_state:
                 raise StackError(
-                    f"{self.infra_dir} has local state ({pending}) and BACKEND_CONFIG moves the stack to S3: "
-                    "rerun with MIGRATE_STATE=1 (--migrate-state) to copy it there "
-                    "(terraform init -migrate-state), or unset BACKEND_CONFIG to keep it local"
+                    f"{self.infra_dir} has local state ({pending}) and {backend} moves the stack to S3: "
+                    f"rerun with {option('--migrate-state')} to copy it there "
+                    f"(terraform init -migrate-state), or drop {backend} to keep it local"
                 )
             if pending:
                 # -force-copy answers terraform's "copy existing state?" question with yes.
@@ -269,9 +272,9 @@ def read_outputs(infra_dir: Path = DEFAULT_INFRA_DIR, required: Iterable[str] = 
 def output_for_command(infra_dir: Path, name: str, alternative: str) -> str:
     """One output for a CLI command: any StackError becomes a one-line CommandError naming
     ``alternative`` (e.g. ``--url``), the flag that avoids reading the stack."""
-    from sd_lambda.cli import CommandError
+    from sd_lambda.cli import CommandError, ask_for
 
     try:
         return str(read_outputs(infra_dir, required=(name,))[name])
     except StackError as exc:
-        raise CommandError(f"{exc} (or pass {alternative})") from None
+        raise CommandError(f"{exc} (or {ask_for(alternative, '')})") from None

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.cli import add_json_flag, report
 from sd_lambda.layout import DEFAULT_KEEP, LayoutError
 from sd_lambda.seeding.errors import SeedError
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("stack (default: the outputs of the Terraform stack in --infra-dir)")
-    group.add_argument("--infra-dir", type=Path, default=Path("infra"), help="Terraform stack directory")
+    group = parser.add_argument_group("stack (default: the outputs of the Terraform root in --infra)")
+    group.add_argument("--infra", type=Path, default=Path("infra"), help="the Terraform root")
     group.add_argument("--bucket", help="weights bucket (output weights_bucket_name)")
     group.add_argument("--prefix", help="key prefix in the bucket (output weights_prefix, default models/)")
     group.add_argument("--instance-id", help="seeder instance id (output seeder_instance_id)")
@@ -28,6 +28,7 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--lock-timeout", type=float, default=0, help="wait this long for another run's lock (s)"
     )
+    add_json_flag(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--warm", action="store_true", help="afterwards, invoke the function once (loads the model)"
     )
     seed.add_argument("--function-name", help="function to warm (output function_name)")
-    seed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    seed.add_argument("--no-progress", action="store_true", help="no upload progress bar (on a terminal)")
     _stack_arguments(seed)
     seed.set_defaults(func=run_seed)
 
@@ -108,7 +109,7 @@ def _target(args: argparse.Namespace) -> Any:
         "model_name": None,
         "function_name": getattr(args, "function_name", None),
     }
-    return resolve_target(flags, args.infra_dir)
+    return resolve_target(flags, args.infra)
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -182,19 +183,26 @@ def run_seed(args: argparse.Namespace) -> int:
     staged = flow.stage_s3(clients, args.from_s3, name) if args.from_s3 else None
     if args.upload_only:
         staged = staged or _stage(args, clients, target, name, checked)
-        print(
-            json.dumps({"uploaded": f"s3://{staged.bucket}/{staged.key_prefix}", "revision": staged.revision})
-        )
+        uploaded = f"s3://{staged.bucket}/{staged.key_prefix}"
+        document = {"uploaded": uploaded, "model": staged.name, "revision": staged.revision}
+        report(args, {**document, "total_bytes": staged.total_bytes}, [f"uploaded {uploaded} (not seeded)"])
         return 0
     options = _options(args)
     # The seeder is ready (running, agent Online, EFS mounted) before the hub is asked for a byte.
     with flow.seeder_session(clients, target, options) as run:
         staged = staged or _stage(args, clients, target, name, checked)
         result = flow.sync_on_seeder(clients, target, staged, options, run)
-    print(json.dumps(result, sort_keys=True))
+    result = {"model": staged.name, "revision": staged.revision, "total_bytes": staged.total_bytes, **result}
+    result["current"] = result["revision"]
     if args.warm:
-        print(json.dumps(flow.warm_function(clients.lambda_, target.function_name), sort_keys=True))
+        result.update(flow.warm_function(clients.lambda_, target.function_name))
+    report(args, result, [_switched(result, f"{result.get('downloaded_bytes', 0)} bytes downloaded")])
     return 0
+
+
+def _switched(result: dict[str, Any], detail: str) -> str:
+    previous = result.get("previous") or "nothing"
+    return f"{result['model']}: current -> {result['revision']} (was {previous}); {detail}"
 
 
 def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str, checked: Any) -> Any:
@@ -214,10 +222,14 @@ def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str, check
 
 @_guarded
 def run_rollback(args: argparse.Namespace) -> int:
+    from sd_lambda.cli import ask_for
     from sd_lambda.seeding import flow
 
+    if not args.revision.strip():
+        raise SeedError(f"no release to switch to: {ask_for('--revision', '<release>')}")
     target = _target(args)
     name = flow.rollback_name(args.name, target, not_served=args.not_served)
     result = flow.rollback(flow.AwsClients.create(target.region), target, name, args.revision, _options(args))
-    print(json.dumps(result, sort_keys=True))
+    result = {"model": name, "revision": args.revision, **result, "current": args.revision}
+    report(args, result, [_switched(result, f"releases: {', '.join(result.get('releases', []))}")])
     return 0

@@ -79,6 +79,7 @@ class S3Release:
     revision: str
     manifest_sha256: str
     uploaded: dict[str, int] = field(default_factory=dict)
+    total_bytes: int = 0  # the release's size, as its manifest lists it
 
 
 def parse_s3_url(url: str) -> tuple[str, str, str, str]:
@@ -117,7 +118,15 @@ def stage_local(
         f"{report.skipped_files} unchanged"
     )
     counts = {"uploaded_files": report.uploaded_files, "skipped_files": report.skipped_files}
-    return S3Release(target.bucket, key_prefix, name, revision, report.manifest_sha256, counts)
+    return S3Release(
+        target.bucket,
+        key_prefix,
+        name,
+        revision,
+        report.manifest_sha256,
+        counts,
+        release.manifest.total_bytes,
+    )
 
 
 def stage_s3(clients: AwsClients, url: str, name: str | None = None) -> S3Release:
@@ -139,7 +148,8 @@ def stage_s3(clients: AwsClients, url: str, name: str | None = None) -> S3Releas
     if index is None:
         raise SeedError(f"{where}{MODEL_INDEX} is listed in the manifest but missing")
     check_served_class(parse_model_index(index, where), where)
-    return S3Release(bucket, key_prefix, name, revision, hashlib.sha256(raw).hexdigest())
+    digest = hashlib.sha256(raw).hexdigest()
+    return S3Release(bucket, key_prefix, name, revision, digest, total_bytes=manifest.total_bytes)
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,7 @@ def check_mount(seeder: Seeder, target: Target, options: RunOptions) -> None:
         execution_timeout=MOUNT_CHECK_TIMEOUT_S,
         comment=f"sd-lambda mount check {target.mount_path}",
         sent=seeder.sent,
+        log=log,
         **options.timing(),
     )
     if invocation.status != "Success":
@@ -222,6 +233,8 @@ def _run(
 def _send(
     clients: AwsClients, target: Target, argv: list[str], comment: str, options: RunOptions, run: SeederRun
 ) -> dict[str, Any]:
+    # GetCommandInvocation returns a command's output only once it has finished, so the bytes copied
+    # are reported then; meanwhile the poll reports the command's status.
     log(f"running on {target.instance_id} via SSM: {comment}")
     invocation = run_command(
         clients.ssm,
@@ -230,6 +243,7 @@ def _send(
         execution_timeout=options.execution_timeout,
         comment=comment,
         sent=run.seeder.sent,
+        log=log,
         **options.timing(),
     )
     if invocation.status != "Success":
@@ -264,7 +278,12 @@ def sync_on_seeder(
     region = bucket_region(clients, target)
     if region:
         argv += ["--region", region]
-    return _run(clients, target, argv, f"sd-lambda seed {staged.name}@{staged.revision}", options, run)
+    result = _run(clients, target, argv, f"sd-lambda seed {staged.name}@{staged.revision}", options, run)
+    log(
+        f"the seeder copied {result.get('downloaded_bytes', 0)} of {staged.total_bytes} bytes "
+        f"({result.get('reused_files', 0)} files were there already)"
+    )
+    return result
 
 
 def rollback(

@@ -20,6 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sd_lambda.seeding.efs_sync import MOUNT_UNIT, RESULT_PREFIX
 from sd_lambda.seeding.errors import SeedError, aws_error
 from sd_lambda.seeding.payload import ShippedProgram
+from sd_lambda.seeding.progress import Ticker
 
 DOCUMENT = "AWS-RunShellScript"
 DELIVERY_TIMEOUT_S = 600  # SendCommand TimeoutSeconds: how long the command may wait for the agent
@@ -118,12 +119,14 @@ def run_command(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     sent: set[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Invocation:
     """Send ``commands`` and poll until they finish; raises SeedError if polling outlives the timeout.
 
     The command's id goes into ``sent`` as soon as it exists: the seeder's stop rule must not take this
     run's own command, still cancelling after a timeout or a Ctrl-C, for another run's.
-    Interrupted (Ctrl-C) while polling, the command is cancelled before the interrupt goes on."""
+    Interrupted (Ctrl-C) while polling, the command is cancelled before the interrupt goes on. ``log``
+    hears the command's status about every 15 s while it runs."""
     try:
         command_id = ssm.send_command(
             InstanceIds=[instance_id],
@@ -137,7 +140,8 @@ def run_command(
     if sent is not None:
         sent.add(command_id)
     try:
-        return _poll(ssm, instance_id, command_id, execution_timeout, poll_interval, sleep, clock)
+        progress = Ticker(log or (lambda _: None), clock)
+        return _poll(ssm, instance_id, command_id, execution_timeout, poll_interval, sleep, clock, progress)
     except KeyboardInterrupt:
         # Left alone, the sync would run on for up to its executionTimeout with nobody waiting for it.
         _cancel(ssm, instance_id, command_id)
@@ -161,6 +165,7 @@ def _poll(
     poll_interval: float,
     sleep: Callable[[float], None],
     clock: Callable[[], float],
+    progress: Ticker,
 ) -> Invocation:
     deadline = clock() + DELIVERY_TIMEOUT_S + execution_timeout + POLL_MARGIN_S
     while True:
@@ -185,4 +190,5 @@ def _poll(
                 f"command {command_id} on {instance_id} still {status} after "
                 f"{execution_timeout}s (executionTimeout); cancelled it"
             )
+        progress(f"  command {command_id} on {instance_id}: {status}")
         sleep(poll_interval)

@@ -11,6 +11,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from sd_lambda.seeding.errors import SeedError, aws_error
+from sd_lambda.seeding.progress import Ticker
 from sd_lambda.seeding.remote import FINISHED
 
 NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
@@ -50,9 +51,11 @@ class Seeder:
 
     def _wait_state(self, wanted: str, timeout: float) -> None:
         deadline = self.clock() + timeout
+        progress = Ticker(self.log, self.clock)
         while (state := self.state()) != wanted:
             if state in {"terminated", "shutting-down"} or self.clock() >= deadline:
                 raise SeedError(f"seeder instance {self.instance_id} is {state}, not {wanted}, after waiting")
+            progress(f"seeder {self.instance_id} is {state}, waiting until it is {wanted}")
             self.sleep(self.poll_interval)
 
     def start_if_stopped(self, timeout: float = 300) -> None:
@@ -79,6 +82,7 @@ class Seeder:
         """Until the SSM agent reports Online; a clear error after ``timeout`` seconds."""
         deadline = self.clock() + timeout
         status = "not registered"
+        progress = Ticker(self.log, self.clock)
         while True:
             try:
                 found = self.ssm.describe_instance_information(
@@ -97,6 +101,7 @@ class Seeder:
                     "and that the instance role's inline policy allows the agent's actions "
                     "(ssm:UpdateInstanceInformation, ec2messages:*, ssmmessages:*)"
                 )
+            progress(f"seeder {self.instance_id}: SSM agent {status}, waiting until it is Online")
             self.sleep(self.poll_interval)
 
     def unfinished_commands(self, now: datetime | None = None) -> list[str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.cli import ask_for, option
 from sd_lambda.layout import model_slug
 from sd_lambda.seeding.errors import SeedError
 
@@ -104,18 +105,19 @@ def seed_name(
     if served is None:
         if name or source_name:
             return name or model_slug(str(source_name))
-        raise SeedError("no model name: pass --name (the stack has no model_name output)")
+        raise SeedError(f"no model name: {ask_for('--name', '<model>')} (the stack has no model_name output)")
     if name is None or name == served:
         return served
     if not_served:
         return name
-    mismatch = f"--name {name} is not the model the function serves ({served})"
+    flag, not_served_flag = option("--name"), option("--not-served")
+    mismatch = f"{flag.rstrip('=')} {name} is not the model the function serves ({served})"
     if command == "rollback":
         raise SeedError(
-            f"{mismatch}: drop --name/NAME= to roll back {served}, or pass --not-served (NOT_SERVED=1) "
+            f"{mismatch}: drop {flag} to roll back {served}, or pass {not_served_flag} "
             f"to roll back {name} anyway"
         )
     raise SeedError(
-        f"{mismatch}: drop --name/NAME= to seed {served}, or set model_name = "
-        f'"{name}" in terraform.tfvars and make apply, or pass --not-served to seed it for later'
+        f"{mismatch}: drop {flag} to seed {served}, or set model_name = "
+        f'"{name}" in terraform.tfvars and make apply, or pass {not_served_flag} to seed it for later'
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 from helpers import TEST_MODEL_NAME
 from PIL import Image
 
-from sd_lambda.cli import main
+from sd_lambda.cli import FROM_MAKE_ENV, main
 from sd_lambda.devtools.local.models import DEMO_MODEL, ModelDirError, as_efs_layout, ensure_demo_model
 from sd_lambda.layout import Manifest, ModelPaths
 
@@ -66,27 +68,53 @@ def test_demo_runs_the_real_entrypoint_and_writes_the_image(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo.png"
-    args = ["demo", "--model-dir", str(tiny_model_dir), "--cache-dir", str(tmp_path), "--out", str(out)]
+    args = ["demo", "--model-dir", str(tiny_model_dir), "--cache-dir", str(tmp_path), "--output", str(out)]
     assert main([*args, "--steps", "1", "--seed", "9"]) == 0
     printed = capsys.readouterr().out
     assert "cold" in printed
     assert "warm" in printed
     assert "load;dur=0.0" in printed  # the warm request did not load again
+    assert "loading   the model with the first request" in printed
+    assert re.search(r"^loaded    the model in \d+\.\d s$", printed, re.MULTILINE)
     with Image.open(out) as image:
         assert (image.format, image.size) == ("PNG", (64, 64))
     assert '"seed": 9' in printed
     assert (tmp_path / "demo-lambda.log").read_text().count('"outcome":"ok"') == 2
-    assert "random weights" not in printed  # a real folder: no word about noise
+    assert "RANDOM weights" not in printed  # a real folder: no word about noise
 
 
 def test_demo_of_the_test_model_says_its_picture_is_noise(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo.png"
-    assert main(["demo", "--cache-dir", str(tmp_path), "--out", str(out), "--steps", "1"]) == 0
+    assert main(["demo", "--cache-dir", str(tmp_path), "-o", str(out), "--steps", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "random weights" in printed
-    assert "make demo MODEL_DIR=" in printed
+    assert "the test model has RANDOM weights: its picture is noise" in printed
+    assert "hf download segmind/tiny-sd" in printed
+    assert "sd-lambda demo --model-dir models/tiny-sd" in printed
+    assert out.is_file()
+
+
+def test_the_demo_note_names_the_make_variable_under_make(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd_lambda.devtools.local.cli import random_weights_note
+
+    monkeypatch.setenv(FROM_MAKE_ENV, "1")
+    assert random_weights_note()[-1].strip() == "make demo MODEL_DIR=models/tiny-sd"
+    monkeypatch.delenv(FROM_MAKE_ENV)
+    assert random_weights_note()[-1].strip() == "sd-lambda demo --model-dir models/tiny-sd"
+
+
+def test_serve_reports_a_model_load_from_the_response_timings() -> None:
+    from sd_lambda.devtools.local.cli import load_seconds
+    from sd_lambda.devtools.local.runtime import InvocationResult
+
+    def result(timing: str) -> InvocationResult:
+        payload = {"statusCode": 200, "headers": {"server-timing": timing}, "body": ""}
+        return InvocationResult("r-1", json.dumps(payload).encode())
+
+    assert load_seconds(result("load;dur=1520.0, inference;dur=80")) == 1.52
+    assert load_seconds(result("load;dur=0.0, inference;dur=80")) is None  # warm: nothing loaded
+    assert load_seconds(InvocationResult("r-2", error_type="Runtime.ExitError")) is None
 
 
 def test_a_folder_name_that_cannot_be_a_revision_is_a_clear_error(

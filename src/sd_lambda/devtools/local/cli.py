@@ -15,9 +15,26 @@ from sd_lambda.devtools.local.frontdoor import FrontDoor
 from sd_lambda.devtools.local.httpio import fetch
 from sd_lambda.devtools.local.launcher import LocalLambda
 from sd_lambda.devtools.local.models import ModelDirError, as_efs_layout, ensure_demo_model
+from sd_lambda.devtools.local.runtime import InvocationResult
 from sd_lambda.layout import ModelPaths
 
 DEMO_PROMPT = "a red fox in fresh snow, golden hour"
+REAL_MODEL_DIR = "models/tiny-sd"
+
+
+def random_weights_note() -> list[str]:
+    """Without --model-dir the demo serves the test model, whose weights are random: say so, and how to
+    demo a real model (as a make command when run from make)."""
+    from sd_lambda.cli import from_make, option
+
+    demo = f"make demo {option('--model-dir')}" if from_make() else "sd-lambda demo --model-dir "
+    return [
+        "note      the test model has RANDOM weights: its picture is noise, by design (it proves the path,",
+        "          not the art). To demo a real model, download one and point the demo at it:",
+        "            .venv/bin/hf download segmind/tiny-sd --include '*.json' '*.txt' '*.safetensors' "
+        f"--local-dir {REAL_MODEL_DIR}",
+        f"            {demo}{REAL_MODEL_DIR}",
+    ]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "POST / generates, GET /health reports. Stop with Ctrl-C.",
     )
     _common(serve)
-    serve.add_argument("--port", type=int, default=8080, help="front door port on 127.0.0.1 (default 8080)")
+    serve.add_argument("--port", type=int, default=8080, help="front door port on 127.0.0.1")
     serve.add_argument("--queue-size", type=int, default=4, help="requests that may wait; more get 429")
     serve.set_defaults(func=run_serve)
 
@@ -40,9 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "starts the local runtime, sends a cold and a warm request, writes the image, prints timings.",
     )
     _common(demo)
-    demo.add_argument("--out", type=Path, default=Path("demo.png"), help="where to write the image")
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("-o", "--output", type=Path, default=Path("demo.png"), help="where to write the image")
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help="what to draw")
+    demo.add_argument("--seed", type=int, default=42, help="random seed")
     demo.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
     demo.set_defaults(func=run_demo)
 
@@ -85,12 +102,45 @@ def _front_door(environment: LocalLambda, port: int, queue_size: int) -> FrontDo
         raise CommandError(str(exc)) from None
 
 
+def load_seconds(result: InvocationResult) -> float | None:
+    """The model load a response reports in its ``server-timing`` (``load;dur=<ms>``), when it loaded."""
+    from sd_lambda.ops.client import parse_server_timing
+
+    try:
+        headers = json.loads(result.payload or b"").get("headers") or {}
+    except (ValueError, AttributeError):
+        return None
+    load_ms = parse_server_timing(str(headers.get("server-timing", ""))).get("load", 0.0)
+    return load_ms / 1000 if load_ms > 0 else None
+
+
+def _reporting_loads(environment: LocalLambda) -> Any:
+    """``environment.invoke``, saying on stdout when a request loaded the model and how long it took."""
+
+    def invoke(payload: bytes) -> InvocationResult:
+        result = environment.invoke(payload)
+        seconds = load_seconds(result)
+        if seconds is not None:
+            print(f"loaded    the model in {seconds:.1f} s (request {result.request_id})", flush=True)
+        return result
+
+    return invoke
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from sd_lambda.cli import CommandError
+
     paths = _model(args)
     environment = _environment(args, paths)
-    door = _front_door(environment, args.port, args.queue_size)
+    try:
+        door = FrontDoor(_reporting_loads(environment), port=args.port, queue_size=args.queue_size)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     with environment, door:
         print(f"model     {paths.model_dir} (current -> {paths.current_revision()})")
+        print("loading   on the first request (seconds for the test model, a minute or more for a real one)")
         print(f"listening {door.url}  (POST / generates, GET /health reports; Ctrl-C stops)")
         print(f'try       curl -X POST {door.url}/ -d \'{{"prompt":"a red fox"}}\' -o fox.png', flush=True)
         stop = threading.Event()
@@ -104,6 +154,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from sd_lambda.cli import CommandError
+    from sd_lambda.ops.client import parse_server_timing
 
     paths = _model(args)
     body: dict[str, Any] = {"prompt": args.prompt, "seed": args.seed}
@@ -116,6 +167,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"logs      {log_path} (the function's JSON log lines)")
     environment = _environment(args, paths, log_path)
     with environment, _front_door(environment, 0, 1) as door:
+        print("loading   the model with the first request ...", flush=True)
         for label in ("cold", "warm"):
             started = time.perf_counter()
             status, headers, data = fetch(
@@ -127,15 +179,17 @@ def run_demo(args: argparse.Namespace) -> int:
                     f"{label} request failed with HTTP {status}: {data.decode(errors='replace')}"
                 )
             timings = headers.get("server-timing", "")
+            if label == "cold":
+                load_ms = parse_server_timing(timings).get("load", 0.0)
+                print(f"loaded    the model in {load_ms / 1000:.1f} s", flush=True)
             print(
                 f"{label:<9} HTTP {status} {headers['content-type']} {len(data)} bytes "
-                f"in {seconds:.2f} s: {timings}"
+                f"in {seconds:.2f} s: {timings}",
+                flush=True,
             )
-    args.out.write_bytes(data)
-    print(f"wrote     {args.out} (seed {headers['x-seed']}, revision {headers['x-model-revision']})")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_bytes(data)
+    print(f"wrote     {args.output} (seed {headers['x-seed']}, revision {headers['x-model-revision']})")
     if args.model_dir is None:
-        print(
-            "note      the test model has random weights, so its picture is noise; to see a real one, "
-            "make demo MODEL_DIR=<a diffusers folder>"
-        )
+        print("\n".join(random_weights_note()))
     return 0

@@ -15,9 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a random-weight Stable Diffusion pipeline (offline)",
         description=__doc__,
     )
-    parser.add_argument("out", type=Path, nargs="?", help="output folder (not needed with --dry)")
-    parser.add_argument("--size", choices=sorted(SPECS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", type=Path, help="the folder to write (not needed with --dry)")
+    parser.add_argument("--size", choices=sorted(SPECS), default="tiny", help="which test pipeline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--no-tiny-decoder", action="store_true", help="do not write vae_tiny/")
     parser.add_argument(
         "--bf16-copy",
@@ -36,14 +36,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry:
         print(json.dumps(parameter_counts(args.size), indent=2))
         return 0
-    if args.out is None:
-        raise CommandError("an output folder is required (or use --dry)")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise CommandError(f"{args.out} exists and is not empty")
-    build_test_model(args.out, args.size, seed=args.seed, tiny_decoder=not args.no_tiny_decoder)
+    if args.output is None:
+        raise CommandError("an output folder is required: pass -o/--output DIR (or use --dry)")
+    if args.output.exists() and any(args.output.iterdir()):
+        raise CommandError(f"{args.output} exists and is not empty")
+    build_test_model(args.output, args.size, seed=args.seed, tiny_decoder=not args.no_tiny_decoder)
     if args.bf16_copy:
         from sd_lambda.engine.accel.bf16_copy import add_bf16_copy
 
-        add_bf16_copy(args.out)
-    print(f"wrote {args.size} test model to {args.out}")
+        add_bf16_copy(args.output)
+    print(f"wrote {args.size} test model to {args.output}")
     return 0
