@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sd_lambda.engine.accel import registry
 from sd_lambda.engine.generation import SCHEDULERS
 from sd_lambda.settings import Settings, documented_variables
 
@@ -38,8 +39,8 @@ def test_every_field_is_documented() -> None:
         ({"SD_MAX_STEPS": "0"}, "SD_MAX_STEPS=0 is below the minimum 1"),
         ({"SD_MAX_PIXELS": "-1"}, "SD_MAX_PIXELS=-1 is below the minimum"),
         ({"SD_MAX_SIDE": "0"}, "SD_MAX_SIDE=0 is below the minimum"),
-        ({"SD_FEATURE_REUSE": "0"}, "SD_FEATURE_REUSE=0 is below the minimum 1"),
-        ({"SD_MALLOC_TUNE": "2"}, "SD_MALLOC_TUNE=2 is above the maximum 1"),
+        ({"SD_ACCEL": "fast"}, "SD_ACCEL='fast': unknown acceleration fast; known: prefetch, heap_keep"),
+        ({"SD_ACCEL": "in_place,-heap_trim"}, "SD_ACCEL='in_place,-heap_trim' mixes names with"),
         ({"SD_MAX_RESPONSE_BYTES": "7000000"}, "SD_MAX_RESPONSE_BYTES=7000000 is above the maximum 6000000"),
         ({"SD_MAX_REQUEST_BYTES": "10"}, "SD_MAX_REQUEST_BYTES=10 is below the minimum"),
         ({"SD_MAX_STEPS": "many"}, "SD_MAX_STEPS='many' is not a valid int"),
@@ -55,3 +56,23 @@ def test_every_scheduler_and_the_defaults_are_accepted() -> None:
     for name in ("auto", "model", *SCHEDULERS):
         assert Settings.from_env({"SD_DEFAULT_SCHEDULER": name}).default_scheduler == name
     assert Settings.from_env({"SD_MAX_RESPONSE_BYTES": "6000000"}).max_response_bytes == 6_000_000
+
+
+@pytest.mark.parametrize(
+    ("value", "selected"),
+    [
+        ("", registry.DEFAULTS),
+        ("default", registry.DEFAULTS),
+        ("none", ()),
+        ("all", tuple(registry.BY_NAME)),
+        ("page_release, in_place", ("in_place", "page_release")),  # registry order, not the list's
+        (
+            "-in_place,+feature_reuse",
+            tuple(
+                sorted({*registry.DEFAULTS, "feature_reuse"} - {"in_place"}, key=list(registry.BY_NAME).index)
+            ),
+        ),
+    ],
+)
+def test_sd_accel_selects_accelerations_in_registry_order(value: str, selected: tuple[str, ...]) -> None:
+    assert Settings.from_env({"SD_ACCEL": value}).accelerations == selected

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.engine.accel import registry
 from sd_lambda.engine.generation import DECODERS, SCHEDULERS
 
 # Lambda caps a synchronous response (and a function URL's request) at 6 MB.
@@ -63,40 +64,10 @@ class Settings:
         "auto (the model's own; PNDM becomes dpmpp_2m), model, or a scheduler name.",
         choices=("auto", "model", *SCHEDULERS),
     )
-    feature_reuse: int = _env(
-        "SD_FEATURE_REUSE",
-        1,
-        "Run the full UNet every N calls, reusing deep features between (1 = off).",
-        ge=1,
-    )
-    malloc_tune: int = _env(
-        "SD_MALLOC_TUNE",
-        0,
-        "1 = keep freed memory in glibc's heap (faster decode, ~1.3 GB more peak RSS); 0 = hand it"
-        " back to the OS before each decode and each of the decoder's up blocks.",
-        ge=0,
-        le=1,
-    )
-    prefetch: int = _env(
-        "SD_PREFETCH",
-        1,
-        "1 = read the current revision's weights into the page cache during init, overlapping the imports.",
-        ge=0,
-        le=1,
-    )
-    small_map_convs: int = _env(
-        "SD_SMALL_MAP_CONVS",
-        1,
-        "1 = the UNet's fp32 convolutions with at most 256 output pixels run as im2col + BLAS, not oneDNN.",
-        ge=0,
-        le=1,
-    )
-    bf16_copy: int = _env(
-        "SD_BF16_COPY",
-        1,
-        "1 = run bf16 from the model's bf16 copy when it has one (seed --bf16-copy): no cast at load.",
-        ge=0,
-        le=1,
+    accel: str = _env(
+        "SD_ACCEL",
+        "default",
+        "Accelerations (sd_lambda.engine.accel.registry): " + registry.SWITCH_HELP + ".",
     )
     max_request_bytes: int = _env(
         "SD_MAX_REQUEST_BYTES",
@@ -124,6 +95,12 @@ class Settings:
                 raise ValueError(f"{env}={value!r} is below the minimum {low}")
             if high is not None and value > high:
                 raise ValueError(f"{env}={value!r} is above the maximum {high}")
+        registry.resolve(self.accel)  # an unknown name fails here, naming the known ones
+
+    @property
+    def accelerations(self) -> tuple[str, ...]:
+        """The accelerations ``SD_ACCEL`` selects, in the order the engine applies them."""
+        return registry.resolve(self.accel)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -15,6 +15,7 @@ import torch
 
 from sd_lambda.devtools.testing.models import build_test_model
 from sd_lambda.engine import torch_engine as engine_module
+from sd_lambda.engine.accel import heap
 from sd_lambda.engine.torch_engine import Engine, GenerationParams, choose_dtype, choose_threads
 from sd_lambda.settings import Settings
 
@@ -157,22 +158,20 @@ def test_empty_negative_prompt_is_encoded_once_at_load(engine: Engine, spies: di
     assert len(spies["text"].calls) == 3
 
 
-def test_feature_reuse_skips_the_deep_blocks(engine: Engine) -> None:
+def test_feature_reuse_is_opt_in_and_skips_the_deep_blocks(engine: Engine, tiny_model_dir: Path) -> None:
+    reusing = Engine.load(tiny_model_dir, replace(FP32, accel="+feature_reuse"))
     mid_calls: list[int] = []
-    deep_layer = engine.pipeline.unet.mid_block.resnets[0]  # inside the reused part: runs only on full calls
-    handle = deep_layer.register_forward_pre_hook(lambda m, a: mid_calls.append(1))
-    try:
-        plain = engine.generate(params(num_inference_steps=4))
-        assert (len(mid_calls), plain.stats["reused_calls"]) == (4, 0)
-        mid_calls.clear()
-        reused = engine.generate(params(num_inference_steps=4, feature_reuse=2))
-        assert (len(mid_calls), reused.stats["reused_calls"], reused.stats["unet_calls"]) == (2, 2, 4)
-    finally:
-        handle.remove()
+    for loaded in (engine, reusing):  # inside the reused part: runs only on full calls
+        loaded.pipeline.unet.mid_block.resnets[0].register_forward_pre_hook(lambda m, a: mid_calls.append(1))
+    plain = engine.generate(params(num_inference_steps=4))
+    assert (len(mid_calls), plain.stats["reused_calls"]) == (4, 0)
+    mid_calls.clear()
+    reused = reusing.generate(params(num_inference_steps=4))
+    assert (len(mid_calls), reused.stats["reused_calls"], reused.stats["unet_calls"]) == (2, 2, 4)
     plain_pixels = np.asarray(plain.image, dtype=np.int16)
     assert np.abs(plain_pixels - np.asarray(reused.image, dtype=np.int16)).max() > 0
-    again = engine.generate(params(num_inference_steps=4))  # reuse is per generation: nothing leaks
-    assert np.array_equal(np.asarray(again.image), np.asarray(plain.image))
+    again = reusing.generate(params(num_inference_steps=4))  # the cache is per generation: nothing leaks
+    assert np.array_equal(np.asarray(again.image), np.asarray(reused.image))
 
 
 def test_generation_is_deterministic_and_timed(engine: Engine) -> None:
@@ -254,35 +253,41 @@ def test_vae_encoder_is_freed_and_the_full_decoder_still_works(engine: Engine) -
     assert vae.quant_conv is None
     assert not any(name.startswith(("encoder.", "quant_conv.")) for name, _ in vae.named_parameters())
     assert sum(p.numel() for p in vae.parameters()) > 0  # the decoder half is still there
-    assert vae.decoder.conv_act.inplace
-    assert engine.choices.in_place_decoder_modules > 1  # the resnets and conv_act
+    assert "in_place" in engine.choices.accelerations
     image = engine.generate(params(decoder="full")).image
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 0
 
 
-@pytest.mark.parametrize("malloc_tune", [0, 1])
-def test_freed_memory_goes_back_before_the_decode_and_between_its_up_blocks(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, malloc_tune: int
+@pytest.mark.parametrize("accel", ["default", "-heap_trim", "-in_place"])
+def test_freed_memory_goes_back_before_the_decode_and_before_each_up_block(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, accel: str
 ) -> None:
     events: list[str] = []
-    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: True)  # no mallopt in the test process
-    monkeypatch.setattr(engine_module, "return_freed_memory", lambda: events.append("returned") or True)
-    engine = Engine.load(tiny_model_dir, replace(FP32, malloc_tune=malloc_tune))
-    assert engine.choices.malloc_tuned is bool(malloc_tune)
+    monkeypatch.setattr(heap, "return_freed_memory", lambda: events.append("returned") or True)
+    engine = Engine.load(tiny_model_dir, replace(FP32, accel=accel))
     decode = engine._decode
     monkeypatch.setattr(engine, "_decode", lambda *args: events.append("decode") or decode(*args))
     engine.pipeline.unet.register_forward_pre_hook(lambda module, args: events.append("unet"))
     for block in engine.pipeline.vae.decoder.up_blocks:
-        block.resnets[0].register_forward_pre_hook(lambda module, args: events.append("up block"))
+        block.resnets[1].register_forward_pre_hook(lambda module, args: events.append("up block"))
     engine.generate(params(decoder="full"))
     blocks = len(engine.pipeline.vae.decoder.up_blocks)
     assert blocks > 1
-    # SD_MALLOC_TUNE=1 asked for the heap to be kept, so it is never trimmed.
-    if malloc_tune:
+    # Into the decoder, then into each up block (before its first resnet), with or without in_place.
+    if accel == "-heap_trim":
         assert events == ["unet"] * 3 + ["decode"] + ["up block"] * blocks
     else:
-        assert events == ["unet"] * 3 + ["returned", "decode"] + ["returned", "up block"] * blocks
+        assert events == ["unet"] * 3 + ["decode", "returned"] + ["returned", "up block"] * blocks
+    events.clear()
+    engine.generate(params(decoder="tiny"))
+    assert events == ["unet"] * 3 + ["decode"] + (["returned"] if accel != "-heap_trim" else [])
+
+
+def test_heap_keep_is_skipped_beside_heap_trim(tiny_model_dir: Path) -> None:
+    both = Engine.load(tiny_model_dir, replace(FP32, accel="+heap_keep"))
+    assert "heap_trim" in both.choices.accelerations
+    assert "heap_trim is selected" in both.choices.skipped_accelerations["heap_keep"]
 
 
 def test_describe_reports_the_choices(engine: Engine) -> None:
@@ -292,3 +297,8 @@ def test_describe_reports_the_choices(engine: Engine) -> None:
     assert described["default_decoder"] == "tiny"
     assert described["default_scheduler"] == "dpmpp_2m"
     assert described["classifier_free_guidance_default"] is True
+    assert described["accelerations"] == list(engine.choices.accelerations)
+    assert "upsample_fold" in described["accelerations"]
+    assert described["skipped_accelerations"] == {
+        "bf16_copy": engine.choices.skipped_accelerations["bf16_copy"]
+    }

@@ -1,18 +1,20 @@
 """``sd-lambda bench``: the project's pipeline against the naive one, in one run, on this machine.
 
 Variants (same prompt, seed, size and steps; each run in its own process, alternating):
-  naive    what the source articles do: DiffusionPipeline.from_pretrained, fp32, full VAE,
-           default threads, guidance 7.5, the model's own scheduler;
-  project  the engine the handler uses, like-for-like: same guidance (7.5), same (full) decoder;
-  reuse    project plus DeepCache-style feature reuse every other UNet call (opt-in per request:
-           it changes the image, so it is not a default);
-  fast     the engine's user-visible defaults: tiny decoder when the model has one, the guidance the
-           model's configuration asks for (an SD 1.5 model still needs classifier-free guidance);
-  fast_lcm the same defaults on the same weights configured with an LCM scheduler, which is what an
-           LCM-LoRA-fused SD 1.5 runs (same UNet, no classifier-free guidance): the case "no CFG where
-           the model allows" is for. The timing is that model's; the image quality is not (random weights).
+  naive       what the source articles do: DiffusionPipeline.from_pretrained, fp32, full VAE,
+              default threads, guidance 7.5, the model's own scheduler;
+  accel:SEL   the engine the handler uses, like-for-like (guidance 7.5, full decoder), with the
+              accelerations SD_ACCEL=SEL selects: accel:none (stock diffusers modules), accel:default,
+              accel:all, accel:-name (the defaults without one), accel:+name (the defaults and an
+              opt-in one); accel:each stands for none, default and every -name / +name;
+  fast        the engine's user-visible defaults: tiny decoder when the model has one, the guidance the
+              model's configuration asks for (an SD 1.5 model still needs classifier-free guidance);
+  fast_lcm    the same defaults on the same weights configured with an LCM scheduler, which is what an
+              LCM-LoRA-fused SD 1.5 runs (same UNet, no classifier-free guidance). The timing is that
+              model's; the image quality is not (random weights).
 Each variant runs under ``--isa native`` and/or ``--isa avx2`` (ATen and oneDNN capped at AVX2, the
-only vector ISA AWS Lambda documents).
+only vector ISA AWS Lambda documents). With accel:default and accel:-name / accel:+name variants, the
+report adds each acceleration's gain (s/image, peak RSS) and the run-to-run spread over the rounds.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.devtools.bench_worker import ALL_VARIANTS, RESULT_PREFIX, VARIANTS
+from sd_lambda.devtools.bench_worker import (
+    ACCEL_PREFIX,
+    NAMED_VARIANTS,
+    RESULT_PREFIX,
+    VARIANTS,
+    check_variant,
+)
 from sd_lambda.engine import cpu
 
 # Each library that picks its own kernels from the CPU gets the cap: ATen, oneDNN and MKL (the BLAS of
@@ -41,14 +49,23 @@ DEFAULT_CACHE = Path(".cache/models")
 NAIVE_GUIDANCE = 7.5
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 # Targets from the performance issue (SD 1.5 architecture, 512x512, 4 steps).
-TARGETS = {"project_speedup": {"avx2": 1.3, "native": 1.8}, "fast_speedup": 3.0}
+TARGETS = {"accel:default_speedup": {"avx2": 1.3, "native": 1.8}, "fast_speedup": 3.0}
 TARGET_PEAK_RSS_GB = 5.5
 TARGET_IMPORT_LOAD_SECONDS = 4.0
 WORKER_TIMEOUT_SECONDS = 3600
 LCM_VIEW_MARKER = ".sd-lambda-bench-lcm-view"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-# --cold without --variants: naive against the fast default with and without the weight prefetch.
-COLD_VARIANTS = ("naive", "fast", "fast_no_prefetch")
+# --cold without --variants: naive against the defaults with and without the weight prefetch.
+COLD_VARIANTS = ("naive", "accel:default", "accel:-prefetch")
+EACH = "accel:each"
+
+
+def each_acceleration() -> tuple[str, ...]:
+    """``accel:each``: stock, the defaults, and the defaults without each default / with each opt-in."""
+    from sd_lambda.engine.accel import registry
+
+    changes = [f"{'-' if a.default else '+'}{a.name}" for a in registry.ACCELERATIONS]
+    return ("accel:none", "accel:default", *(ACCEL_PREFIX + change for change in changes))
 
 
 @dataclass(frozen=True)
@@ -97,16 +114,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, help="processes per variant and ISA, alternating (default 2)")
     parser.add_argument(
         "--variants",
-        type=lambda text: tuple(text.split(",")),
-        help=f"comma-separated, from {', '.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)}; "
-        f"with --cold: {','.join(COLD_VARIANTS)}); speed-ups need naive",
+        type=lambda text: tuple(name for name in text.split(",") if name.strip()),
+        help=f"comma-separated: {', '.join(NAMED_VARIANTS)}, accel:SEL or {EACH} (default: "
+        f"{','.join(VARIANTS)}; with --cold: {','.join(COLD_VARIANTS)}); speed-ups need naive",
     )
     parser.add_argument(
         "--cold",
         action="store_true",
         help=f"drop the page cache before each process (root: writes {DROP_CACHES})",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (bench.json)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("bench.json"), help="JSON results (default: %(default)s)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -128,11 +147,17 @@ def run(args: argparse.Namespace) -> int:
         model_dir = args.model_dir
     else:
         model_dir = ensure_test_model(args.cache / "sd15")
-    variants = args.variants or (COLD_VARIANTS if args.cold else VARIANTS)
-    unknown = [name for name in variants if name not in ALL_VARIANTS]
-    if unknown or not variants:
-        known = ", ".join(ALL_VARIANTS)
-        raise CommandError(f"--variants takes names from {known}; got {','.join(variants) or 'none'}")
+    variants = args.variants if args.variants is not None else (COLD_VARIANTS if args.cold else VARIANTS)
+    variants = tuple(
+        dict.fromkeys(v for name in variants for v in (each_acceleration() if name == EACH else [name]))
+    )
+    if not variants:
+        raise CommandError("--variants is empty")
+    for variant in variants:
+        try:
+            check_variant(variant)
+        except ValueError as exc:
+            raise CommandError(f"--variants: {exc}") from None
     if args.cold:
         try:
             drop_page_cache()
@@ -147,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
         report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except WorkerError as exc:
         raise CommandError(str(exc)) from exc
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.output}")
     return 0
 
 
@@ -290,6 +315,7 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
         "results": summary["results"],
         "ratios": summary["ratios"],
         "targets": summary["targets"],
+        "accelerations": summary["accelerations"],
         "samples": samples,
     }
 
@@ -305,18 +331,24 @@ def isa_flags(flags: frozenset[str], isa: str) -> frozenset[str]:
     return flags
 
 
+def folded(sample: dict[str, Any]) -> bool:
+    """Whether the variant ran the folded upsamplers (the engine's FLOPs) or stock diffusers modules."""
+    return "upsample_fold" in sample.get("accelerations", ())
+
+
 def unet_flops(flops: dict[str, Any], sample: dict[str, Any], engine: bool) -> float:
     suffix = "_engine" if engine else ""
     reused = sample.get("reused_calls", 0)
     full = sample["unet_calls"] - reused
     per_call, per_reused_call = flops["unet" + suffix], flops["unet_reused" + suffix]
-    # A guided engine call computes the layers before the first cross-attention once, not per half.
-    shared = sample.get("prefix_shared_calls", 0) * flops["unet_prefix_engine"] if engine else 0
+    # A guided call with guidance_prefix computes the layers before the first cross-attention once
+    # (no upsampler among them: folded or not, the same FLOPs).
+    shared = sample.get("prefix_shared_calls", 0) * flops["unet_prefix_engine"]
     return sample["unet_batch"] * (full * per_call + reused * per_reused_call) - shared
 
 
 def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str, engine: bool) -> float:
-    """What the variant computed: naive runs stock diffusers modules, the others the engine's."""
+    """What the variant computed: ``engine`` with the folded upsamplers, else stock diffusers modules."""
     if decoder == "tiny":
         decode = flops["tiny_decode"]
     else:
@@ -336,7 +368,7 @@ def summarize(
         warm = [image for run in runs for image in run["images"][1:]] or [run["images"][0] for run in runs]
         seconds = _median([image["seconds"] for image in warm])
         per_call = _median([image["unet_seconds"] / image["unet_calls"] for image in warm])
-        engine = first["variant"] != "naive"
+        engine = folded(first)
         work = _median([image_flops(flops, image, first["decoder"], engine) for image in warm])
         peak = cpu.peak_gflops(isa_flags(flags, first["isa"]), first["threads"], ghz, first["dtype"])
         unet_rates = [unet_flops(flops, image, engine) / image["unet_seconds"] for image in warm]
@@ -348,6 +380,7 @@ def summarize(
             weights=first.get("weights", "stored"),
             decoder=first["decoder"],
             scheduler=first["scheduler"],
+            accelerations=first.get("accelerations"),
             threads=first["threads"],
             cpu_capability=first["cpu_capability"],
             unet_calls=warm[0]["unet_calls"],
@@ -376,14 +409,17 @@ def summarize(
         if naive is None:
             continue
         ratios[isa] = {}
-        for variant in (v for v in ALL_VARIANTS if v != "naive"):
-            other = results.get(f"{isa}/{variant}")
-            if other is not None:
-                ratios[isa][f"{variant}_speedup"] = naive["seconds_per_image"] / other["seconds_per_image"]
+        for other in results.values():
+            if other["isa"] == isa and other["variant"] != "naive":
+                ratios[isa][f"{other['variant']}_speedup"] = (
+                    naive["seconds_per_image"] / other["seconds_per_image"]
+                )
         targets[isa] = {}
-        if "project_speedup" in ratios[isa]:
-            want = TARGETS["project_speedup"][isa]
-            targets[isa]["project_speedup"] = _target(ratios[isa]["project_speedup"], want, higher=True)
+        if "accel:default_speedup" in ratios[isa]:
+            want = TARGETS["accel:default_speedup"][isa]
+            targets[isa]["accel:default_speedup"] = _target(
+                ratios[isa]["accel:default_speedup"], want, higher=True
+            )
         for fast in ("fast_speedup", "fast_lcm_speedup"):
             if fast in ratios[isa]:
                 targets[isa][fast] = _target(ratios[isa][fast], TARGETS["fast_speedup"], higher=True)
@@ -396,7 +432,79 @@ def summarize(
             targets[entry["isa"]][f"{entry['variant']}_import_load_seconds"] = _target(
                 overhead, TARGET_IMPORT_LOAD_SECONDS, higher=False
             )
-    return {"results": results, "ratios": ratios, "targets": targets}
+    return {
+        "results": results,
+        "ratios": ratios,
+        "targets": targets,
+        "accelerations": acceleration_gains(samples),
+    }
+
+
+def _per_round(samples: list[dict[str, Any]], isa: str, variant: str) -> list[dict[str, float]]:
+    """Each process of one variant: its warm s/image (median), peak RSS (GB), import + load + first image."""
+    rounds = []
+    for sample in samples:
+        if (sample["isa"], sample["variant"]) == (isa, variant):
+            warm = sample["images"][1:] or sample["images"]
+            rounds.append(
+                {
+                    "seconds": _median([image["seconds"] for image in warm]),
+                    "cpu": _median([image.get("cpu_seconds", float("nan")) for image in warm]),
+                    "rss": sample["peak_rss_bytes"] / 1e9,
+                    "start": sample["import_seconds"]
+                    + sample["load_seconds"]
+                    + sample["first_image_seconds"],
+                }
+            )
+    return rounds
+
+
+def _gain(without: list[dict[str, float]], with_: list[dict[str, float]], key: str) -> tuple[float, float]:
+    """(median without - median with, the larger of the two variants' run-to-run ranges)."""
+    values = [[run[key] for run in runs] for runs in (without, with_)]
+    spread = max(max(v) - min(v) for v in values)
+    return _median(values[0]) - _median(values[1]), spread
+
+
+def acceleration_gains(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ISA and acceleration, from accel:default against accel:-name (a default) or accel:+name (an
+    opt-in): what it saves per image and in peak RSS (positive = it helps), with the spread; "pays"
+    when either saving is larger than its spread."""
+    gains: dict[str, dict[str, Any]] = {}
+    for isa in sorted({sample["isa"] for sample in samples}):
+        default = _per_round(samples, isa, "accel:default")
+        if not default:
+            continue
+        for sample in samples:
+            variant = sample["variant"]
+            change = variant.removeprefix(ACCEL_PREFIX)
+            if sample["isa"] != isa or not variant.startswith(ACCEL_PREFIX) or change[:1] not in "+-":
+                continue
+            name = change[1:]
+            if not name.isidentifier() or f"{isa}/{name}" in gains:
+                continue  # only single changes: accel:-name, accel:+name
+            runs = _per_round(samples, isa, variant)
+            without, with_ = (runs, default) if change[0] == "-" else (default, runs)
+            seconds, seconds_spread = _gain(without, with_, "seconds")
+            cpu_seconds, cpu_spread = _gain(without, with_, "cpu")
+            rss, rss_spread = _gain(without, with_, "rss")
+            start, start_spread = _gain(without, with_, "start")
+            gains[f"{isa}/{name}"] = {
+                "isa": isa,
+                "acceleration": name,
+                "variant": variant,
+                "rounds": min(len(runs), len(default)),
+                "seconds_per_image_saved": seconds,
+                "seconds_spread": seconds_spread,
+                "cpu_seconds_per_image_saved": cpu_seconds,
+                "cpu_seconds_spread": cpu_spread,
+                "peak_rss_gb_saved": rss,
+                "peak_rss_spread_gb": rss_spread,
+                "start_to_image_seconds_saved": start,
+                "start_spread": start_spread,
+                "pays": seconds > seconds_spread or rss > rss_spread,
+            }
+    return gains
 
 
 def _target(value: float, want: float, higher: bool) -> dict[str, Any]:
@@ -454,6 +562,8 @@ def format_report(report: dict[str, Any]) -> str:
         "nominal peak = threads x the clock /proc/cpuinfo reports x FLOPs per cycle (2 FMA pipes: 64 "
         "fp32 with AVX-512, 32 with AVX2, 128 bf16); cores that boost above that clock can exceed it"
     )
+    if report.get("accelerations"):
+        lines += ["", format_gains(report["accelerations"]), ""]
     machine = report["machine"]
     before = ", ".join(f"{x:.2f}" for x in machine["loadavg_before"])
     after = ", ".join(f"{x:.2f}" for x in machine["loadavg_after"])
@@ -467,3 +577,26 @@ def format_report(report: dict[str, Any]) -> str:
             "read the libraries and the weights from disk"
         )
     return "\n".join(lines)
+
+
+def format_gains(gains: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: per acceleration, what it saves against the defaults without it (or with it)."""
+    from sd_lambda.engine.accel import registry
+
+    rows = [
+        "| acceleration | default | variant | s/image saved (spread) | CPU s/image saved (spread) "
+        "| peak RSS GB saved (spread) | start to 1st image s saved (spread) | pays |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in gains.values():
+        known = registry.BY_NAME.get(entry["acceleration"])
+        default = "on" if known is not None and known.default else "opt-in"
+        rows.append(
+            f"| {entry['isa']}/{entry['acceleration']} | {default} | {entry['variant']} "
+            f"| {entry['seconds_per_image_saved']:+.2f} ({entry['seconds_spread']:.2f}) "
+            f"| {entry['cpu_seconds_per_image_saved']:+.2f} ({entry['cpu_seconds_spread']:.2f}) "
+            f"| {entry['peak_rss_gb_saved']:+.2f} ({entry['peak_rss_spread_gb']:.2f}) "
+            f"| {entry['start_to_image_seconds_saved']:+.2f} ({entry['start_spread']:.2f}) "
+            f"| {'yes' if entry['pays'] else 'no'} |"
+        )
+    return "\n".join(rows)

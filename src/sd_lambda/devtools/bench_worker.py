@@ -7,6 +7,7 @@ one JSON line (the last line of stdout). Nothing heavy is imported before the cl
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import time
@@ -14,24 +15,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("naive", "project", "reuse", "fast", "fast_lcm")
-# Run on request (``sd-lambda bench --variants``): the fast default without the init's weight prefetch
-# (also a default with ``--cold``), to show what the prefetch buys on a cold page cache.
-# And the fast default from the model's stored weights, cast at load, not its bf16 copy (SD_BF16_COPY=0).
-# And like-for-like with every UNet convolution on oneDNN (SD_SMALL_MAP_CONVS=0).
-EXTRA_VARIANTS = ("fast_no_prefetch", "fast_no_bf16_copy", "project_no_small_map_convs")
-ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
-# Variants that start the weight prefetch before their imports, as the handler's init does: every engine
-# variant but the one that measures going without it.
-PREFETCHING = tuple(variant for variant in ALL_VARIANTS if variant not in ("naive", "fast_no_prefetch"))
-FAST_VARIANTS = ("fast", "fast_lcm", "fast_no_prefetch", "fast_no_bf16_copy")
-# Settings a variant changes from the environment's (the rest come from Settings.from_env()).
-VARIANT_SETTINGS: dict[str, dict[str, Any]] = {
-    "fast_no_bf16_copy": {"bf16_copy": 0},
-    "project_no_small_map_convs": {"small_map_convs": 0},
-}
-FEATURE_REUSE_INTERVAL = 2
+# naive: stock diffusers as the source articles use it; fast, fast_lcm: the engine's user-visible
+# defaults; accel:<selection>: the engine like-for-like with naive (full VAE, guidance 7.5) with the
+# accelerations SD_ACCEL=<selection> selects, where -name/+name change the defaults
+# (accel:-in_place+feature_reuse is SD_ACCEL=-in_place,+feature_reuse).
+NAMED_VARIANTS = ("naive", "fast", "fast_lcm")
+ACCEL_PREFIX = "accel:"
+VARIANTS = ("naive", "accel:none", "accel:default", "accel:+feature_reuse", "fast", "fast_lcm")
+FAST_VARIANTS = ("fast", "fast_lcm")
 RESULT_PREFIX = "BENCH-RESULT "
+
+
+def accel_switch(variant: str) -> str | None:
+    """The SD_ACCEL value an ``accel:`` variant stands for (None for the named variants)."""
+    if not variant.startswith(ACCEL_PREFIX):
+        return None
+    selection = variant.removeprefix(ACCEL_PREFIX)
+    if selection[:1] in ("+", "-"):
+        return ",".join(re.findall(r"[+-][^+-]+", selection))
+    return selection
+
+
+def check_variant(variant: str) -> None:
+    """ValueError unless ``variant`` is a named variant or an ``accel:`` one SD_ACCEL accepts."""
+    from sd_lambda.engine.accel import registry
+
+    switch = accel_switch(variant)
+    if switch is None:
+        if variant not in NAMED_VARIANTS:
+            raise ValueError(
+                f"unknown variant {variant!r}; known: {', '.join(NAMED_VARIANTS)}, accel:<selection>"
+            )
+        return
+    try:
+        registry.resolve(switch)
+    except ValueError as exc:
+        raise ValueError(f"variant {variant!r}: {exc}") from None
 
 
 def _naive(spec: dict[str, Any]) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
@@ -96,8 +115,6 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
         width=spec["width"],
         height=spec["height"],
         seed=spec["seed"],
-        # "reuse" is "project" plus DeepCache-style feature reuse (opt-in: it changes the image).
-        feature_reuse=FEATURE_REUSE_INTERVAL if variant == "reuse" else None,
     )
 
     def one_image() -> dict[str, Any]:
@@ -117,20 +134,22 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
         "decoder": engine.choices.default_decoder,
         "scheduler": engine.describe()["default_scheduler"],
         "guidance_scale": params.guidance_scale,
-        "feature_reuse": params.feature_reuse or settings.feature_reuse,
         "weights": engine.choices.weights,
-        "small_map_convs": engine.choices.small_map_convs,
+        "accelerations": list(engine.choices.accelerations),
+        "skipped_accelerations": engine.choices.skipped_accelerations,
     }
     return one_image, info
 
 
 def variant_settings(variant: str) -> Any:
-    """The engine's settings for ``variant``: the environment's, with the variant's own changes."""
+    """The engine's settings for ``variant``: the environment's, with an ``accel:`` variant's SD_ACCEL."""
     from dataclasses import replace
 
     from sd_lambda.settings import Settings
 
-    return replace(Settings.from_env(), **VARIANT_SETTINGS.get(variant, {}))
+    settings = Settings.from_env()
+    switch = accel_switch(variant)
+    return settings if switch is None else replace(settings, accel=switch)
 
 
 PROC_SELF_STATUS = Path("/proc/self/status")
@@ -165,15 +184,16 @@ def _cpu_seconds() -> float:
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     variant = spec["variant"]
-    if variant not in ALL_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(ALL_VARIANTS)}")
+    check_variant(variant)
     started = time.perf_counter()
     prefetch = None
-    if variant in PREFETCHING:
+    # The engine's variants start the weight prefetch before their imports, as the handler's init does,
+    # when their selection has it.
+    settings = None if variant == "naive" else variant_settings(variant)
+    if settings is not None and "prefetch" in settings.accelerations:
         from sd_lambda.engine.accel.prefetch import expects_bf16_copy, prefetch_model
 
-        bf16 = expects_bf16_copy(variant_settings(variant))
-        prefetch = prefetch_model(Path(spec["model_dir"]), bf16=bf16)
+        prefetch = prefetch_model(Path(spec["model_dir"]), bf16=expects_bf16_copy(settings))
     import diffusers  # noqa: F401  (what a handler imports at init, for both variants)
     import torch
     from diffusers import StableDiffusionPipeline  # noqa: F401

@@ -33,7 +33,6 @@ class GenerationParams:
     negative_prompt: str | None = None
     scheduler: str | None = None  # a SCHEDULERS key; None = the engine's default
     decoder: str | None = None  # a DECODERS value; None = the engine's default
-    feature_reuse: int | None = None  # full UNet every N calls (1 = off); None = SD_FEATURE_REUSE
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The text-to-image engine: load a diffusers folder once, generate many images.
 
 The handler owns HTTP and validation; this module owns torch. ``Engine.load`` does every piece of
-work that does not depend on a request (threads, dtype, memory formats, decoders, scheduler instances,
-the empty negative prompt's embedding), logs each choice once, and leaves ``Engine.generate`` as short
-as it can be.
+work that does not depend on a request (threads, dtype, the accelerations ``SD_ACCEL`` selects,
+decoders, scheduler instances, the empty negative prompt's embedding), logs each choice once, and
+leaves ``Engine.generate`` as short as it can be. The accelerations are applied in the registry's order
+(sd_lambda.engine.accel.registry); each one that does not apply to the loaded model, or is not tested
+on the installed diffusers, is skipped and logged, and that part runs stock diffusers.
 
 A model folder may carry ``sd-lambda-defaults.json`` (keys of ``ModelDefaults``) to state its own
 request defaults, e.g. ``{"guidance_scale": 0.0, "num_inference_steps": 1}`` for a turbo model.
@@ -23,22 +25,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sd_lambda.engine.accel.feature_reuse import FeatureReuse
-from sd_lambda.engine.accel.guidance_prefix import SharedGuidancePrefix
-from sd_lambda.engine.accel.heap import keep_freed_memory, return_freed_memory
-from sd_lambda.engine.accel.in_place import decoder_in_place
-from sd_lambda.engine.accel.small_conv import route_small_map_convs
-from sd_lambda.engine.accel.upsample_fold import fold_upsamplers
-from sd_lambda.engine.accel.weights import cast_releasing_pages, release_mapped_pages
-from sd_lambda.engine.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
 from sd_lambda.engine import cpu
-from sd_lambda.layout import (
-    BF16_VARIANT,
-    TINY_DECODER_FOLDER,
-    LayoutError,
-    bf16_copy_files,
-    find_pickle_weights,
-)
+from sd_lambda.engine.accel import registry
+from sd_lambda.engine.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
+from sd_lambda.layout import BF16_VARIANT, TINY_DECODER_FOLDER, LayoutError, find_pickle_weights
 from sd_lambda.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -68,15 +58,12 @@ class RuntimeChoices:
     default_decoder: str
     default_scheduler: str | None
     scheduler_reason: str
-    malloc_tuned: bool
-    folded_upsamplers: int = 0
-    in_place_decoder_modules: int = 0
     # Which files were mapped: the model's stored weights (cast at load when dtype differs) or its
     # bf16 copy (sd_lambda.engine.accel.bf16_copy), mapped as stored.
     weights: str = "stored"
-    # UNet convolutions routed to the im2col kernel for small fp32 maps (sd_lambda.engine.accel.small_conv);
-    # which of them take it depends on the image size (at 512², 26 of SD 1.5's 49).
-    small_map_convs: int = 0
+    # name -> what it did, in the order applied; name -> why it was not (selected by SD_ACCEL but skipped).
+    accelerations: dict[str, str] = field(default_factory=dict)
+    skipped_accelerations: dict[str, str] = field(default_factory=dict)
 
 
 class UnetRecorder:
@@ -120,13 +107,6 @@ def choose_dtype(settings: Settings, flags: frozenset[str] | None = None) -> tup
     if cpu.has_native_bf16(flags) and capability.startswith("AVX512"):
         return torch.bfloat16, f"native bf16 ({', '.join(sorted(flags & cpu.NATIVE_BF16_FLAGS))})"
     return torch.float32, f"no native bf16 (ATen {capability}): emulated bf16 is slower than fp32"
-
-
-def drop_vae_encoder(vae: torch.nn.Module) -> None:
-    """Text-to-image only decodes: free the VAE's encoder half (34 M parameters) before the decoder is
-    copied to channels_last. ``vae.encode`` then fails loudly instead of running on missing weights."""
-    vae.encoder = None
-    vae.quant_conv = None
 
 
 def read_model_defaults(model_dir: Path, pipeline: Any, steps: int | None = None) -> ModelDefaults:
@@ -179,6 +159,7 @@ class Engine:
         tiny_decoder: Any | None = None,
         choices: RuntimeChoices | None = None,
         settings: Settings | None = None,
+        accel_state: dict[str, Any] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.model_dir = model_dir
@@ -193,7 +174,6 @@ class Engine:
             default_decoder="full",
             default_scheduler=None,
             scheduler_reason="model's own",
-            malloc_tuned=False,
         )
         self._schedulers = {"model": pipeline.scheduler}
         steps = None
@@ -202,13 +182,14 @@ class Engine:
             steps = AUTO_SCHEDULER_REPLACES.get(type(pipeline.scheduler).__name__, (None, None))[1]
         self.defaults = read_model_defaults(model_dir, pipeline, steps)
         self._unet_recorder = UnetRecorder(pipeline.unet)
-        self._feature_reuse = FeatureReuse(pipeline.unet)
-        self._guidance_prefix = SharedGuidancePrefix(pipeline.unet)
+        # Accelerations with per-generation state (start() before, stop() after each generation).
+        self._accel_state = accel_state or {}
         with torch.inference_mode():
             self._empty_prompt_embeds = self._encode("")
 
     @classmethod
     def load(cls, model_dir: Path, settings: Settings | None = None) -> Engine:
+        import diffusers
         from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
         settings = settings or Settings.from_env()
@@ -219,46 +200,46 @@ class Engine:
         threads, threads_reason = choose_threads(settings)
         torch.set_num_threads(threads)
         dtype, dtype_reason = choose_dtype(settings)
-        malloc_tuned = keep_freed_memory() if settings.malloc_tune else False
-        # A bf16 copy is mapped as stored: no cast, half the bytes. Otherwise weights stay memory-mapped
-        # as stored and a cast releases each source tensor's pages as it goes, so bf16 from fp32 peaks
-        # at about the bf16 size instead of fp32 + bf16.
-        use_copy = (
-            settings.bf16_copy == 1 and dtype == torch.bfloat16 and bf16_copy_files(model_dir) is not None
-        )
-        copy_options = {"variant": BF16_VARIANT, "dtype": dtype} if use_copy else {}
+        target = registry.Target(model_dir, dtype, frozenset(settings.accelerations))
+        applied, skipped = {}, {}
+
+        def apply_stage(stage: str) -> None:
+            for name in settings.accelerations:
+                acceleration = registry.BY_NAME[name]
+                if acceleration.stage != stage:
+                    continue
+                if not registry.tested_on(acceleration, diffusers.__version__):
+                    skipped[name] = (
+                        f"tested on diffusers {acceleration.diffusers}, not {diffusers.__version__}"
+                    )
+                elif (reason := acceleration.check(target)) is not None:
+                    skipped[name] = reason
+                else:
+                    applied[name] = acceleration.apply(target)
+
+        apply_stage("init")
+        apply_stage("load")
         pipeline = StableDiffusionPipeline.from_pretrained(
             model_dir,
             use_safetensors=True,
             safety_checker=None,
             requires_safety_checker=False,
             low_cpu_mem_usage=True,
-            **copy_options,
+            **target.load_options,
         )
-        drop_vae_encoder(pipeline.vae)
-        # Before the cast, so the summed taps are rounded once, to the runtime dtype (from a bf16 copy
-        # the taps were rounded when it was written, and the sums once more).
-        replaced = fold_upsamplers(pipeline.unet) + fold_upsamplers(pipeline.vae)
-        release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
-        # Between the decoder's up blocks too: the lower resolutions' freed activations (heap-sized at
-        # 64² and 128²) would otherwise stay resident under the full-resolution blocks' peak.
-        in_place = decoder_in_place(
-            pipeline.vae.decoder, between_blocks=None if malloc_tuned else return_freed_memory
-        )
-        # fp32 only: that is where the im2col kernel was measured faster.
-        route = settings.small_map_convs == 1 and dtype == torch.float32
-        small_map_convs = route_small_map_convs(pipeline.unet) if route else 0
-        # Decoders are convolutions over full-resolution images: channels_last lets oneDNN skip layout
-        # reorders there. The UNet measured no faster with it and cost a weight copy, so it stays NCHW.
-        for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
-            cast_releasing_pages(component, dtype, channels_last=component is pipeline.vae)
         pipeline.set_progress_bar_config(disable=True)
         tiny_decoder = None
         if (model_dir / TINY_DECODER_FOLDER).is_dir():
             tiny_decoder = AutoencoderTiny.from_pretrained(
                 model_dir / TINY_DECODER_FOLDER, use_safetensors=True
-            )
-            cast_releasing_pages(tiny_decoder.eval(), dtype, channels_last=True)
+            ).eval()
+        target.pipeline, target.tiny_decoder = pipeline, tiny_decoder
+        apply_stage("pipeline")
+        # Whatever no acceleration cast yet (all of it with SD_ACCEL=none): stock torch casts, no-ops
+        # for what is already in the runtime dtype.
+        for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae, tiny_decoder):
+            if component is not None and component.dtype != dtype:
+                component.to(dtype)
         default_decoder = resolve_default_decoder(settings.default_decoder, tiny_decoder is not None)
         default_scheduler, scheduler_reason = resolve_default_scheduler(
             settings.default_scheduler, type(pipeline.scheduler).__name__
@@ -271,11 +252,9 @@ class Engine:
             default_decoder=default_decoder,
             default_scheduler=default_scheduler,
             scheduler_reason=scheduler_reason,
-            malloc_tuned=malloc_tuned,
-            folded_upsamplers=len(replaced),
-            in_place_decoder_modules=in_place,
-            weights=f"{BF16_VARIANT} copy" if use_copy else "stored",
-            small_map_convs=small_map_convs,
+            weights=f"{BF16_VARIANT} copy" if "bf16_copy" in applied else "stored",
+            accelerations=applied,
+            skipped_accelerations=skipped,
         )
         engine = cls(
             pipeline,
@@ -284,6 +263,7 @@ class Engine:
             tiny_decoder=tiny_decoder,
             choices=choices,
             settings=settings,
+            accel_state=target.state,
         )
         engine.load_seconds = time.perf_counter() - started
         engine._log_choices()
@@ -303,20 +283,14 @@ class Engine:
             self.defaults,
             "on" if self.defaults.uses_guidance else "off",
         )
+        for name, detail in c.accelerations.items():
+            logger.info("engine acceleration %s: %s", name, detail)
+        for name, reason in c.skipped_accelerations.items():
+            logger.info("engine acceleration %s skipped: %s", name, reason)
         logger.info(
-            "engine guidance: the %d UNet layers before the first cross-attention run once per guided call",
-            len(self._guidance_prefix.layers),
-        )
-        logger.info(
-            "engine memory: channels_last decoders, %d VAE decoder modules in place, NCHW UNet,"
-            " %d upsample+conv pairs folded, %d UNet convs routed to im2col for small fp32 maps,"
-            " glibc heap: %s, load %.2fs",
-            c.in_place_decoder_modules,
-            c.folded_upsamplers,
-            c.small_map_convs,
-            "freed memory kept (SD_MALLOC_TUNE=1)"
-            if c.malloc_tuned
-            else "freed memory returned before each decode and its up blocks",
+            "engine accelerations: %s (SD_ACCEL=%s); load %.2fs",
+            ", ".join(c.accelerations) or "none, stock diffusers",
+            self.settings.accel,
             self.load_seconds,
         )
 
@@ -338,6 +312,8 @@ class Engine:
             "schedulers": list(self.schedulers),
             "default_scheduler": self.choices.default_scheduler or type(self.pipeline.scheduler).__name__,
             "classifier_free_guidance_default": self.defaults.uses_guidance,
+            "accelerations": list(self.choices.accelerations),
+            "skipped_accelerations": dict(self.choices.skipped_accelerations),
             "load_seconds": round(self.load_seconds, 3),
         }
 
@@ -364,7 +340,9 @@ class Engine:
         model = self.tiny_decoder if decoder == "tiny" else self.pipeline.vae
         if model is None:
             raise ValueError(f"decoder {decoder!r} is not available; available: {', '.join(self.decoders)}")
-        scaled = (latents / model.config.scaling_factor).to(memory_format=torch.channels_last)
+        scaled = latents / model.config.scaling_factor
+        if "channels_last" in self.choices.accelerations:
+            scaled = scaled.to(memory_format=torch.channels_last)
         return model.decode(scaled, return_dict=False)[0]
 
     @torch.inference_mode()
@@ -384,8 +362,8 @@ class Engine:
             )
         encoded = time.perf_counter()
         self._unet_recorder.reset()
-        self._guidance_prefix.shared_calls = 0
-        self._feature_reuse.start(params.feature_reuse or self.settings.feature_reuse)
+        for state in self._accel_state.values():
+            state.start()
         try:
             latents = pipeline(
                 prompt_embeds=prompt_embeds,
@@ -398,11 +376,9 @@ class Engine:
                 output_type="latent",
             ).images
         finally:
-            self._feature_reuse.stop()
+            for state in self._accel_state.values():
+                state.stop()
         denoised = time.perf_counter()
-        if not self.choices.malloc_tuned:
-            # The UNet's freed activations would otherwise stay resident under the decoder's peak.
-            return_freed_memory()
         pixels = self._decode(latents, decoder)
         decoded = time.perf_counter()
         image = pipeline.image_processor.postprocess(pixels.float(), output_type="pil")[0]
@@ -419,8 +395,8 @@ class Engine:
         stats = {
             "unet_calls": recorder.calls,
             "unet_batch": recorder.batch,
-            "reused_calls": self._feature_reuse.reused_calls,
-            "prefix_shared_calls": self._guidance_prefix.shared_calls,
+            "reused_calls": getattr(self._accel_state.get("feature_reuse"), "reused_calls", 0),
+            "prefix_shared_calls": getattr(self._accel_state.get("guidance_prefix"), "shared_calls", 0),
             "guided": guided,
             "scheduler": type(pipeline.scheduler).__name__,
             "decoder": decoder,

@@ -25,7 +25,7 @@ from sd_lambda.settings import Settings
 
 SETTINGS = Settings.from_env()
 # Started before the imports below, which spend seconds of CPU (torch, diffusers, transformers) while
-# the disk sits idle: reading the weights (from EFS on Lambda) overlaps them. SD_PREFETCH=0 turns it off.
+# the disk sits idle: reading the weights (from EFS on Lambda) overlaps them. SD_ACCEL=-prefetch turns it off.
 PREFETCH = prefetch_current(SETTINGS)
 
 from aws_lambda_powertools import Logger  # noqa: E402  (after the prefetch has started, see above)

@@ -85,7 +85,7 @@ def test_with_a_bf16_copy_the_prefetch_reads_the_copy_only_where_bf16_runs(
     [
         ({"SD_DTYPE": "bfloat16"}, set(), True),
         ({"SD_DTYPE": "float32"}, {"avx512_bf16"}, False),
-        ({"SD_DTYPE": "bfloat16", "SD_BF16_COPY": "0"}, {"avx512_bf16"}, False),
+        ({"SD_DTYPE": "bfloat16", "SD_ACCEL": "-bf16_copy"}, {"avx512_bf16"}, False),
         ({}, {"avx512f", "avx512_bf16"}, True),
         ({}, {"avx2", "avx512f"}, False),
         ({"ATEN_CPU_CAPABILITY": "avx2"}, {"avx512f", "avx512_bf16"}, False),  # bench --isa avx2
@@ -200,7 +200,9 @@ def test_prefetch_current_reads_the_current_release_unless_switched_off(
     release = model_root / TEST_MODEL_NAME / "releases" / TEST_REVISION
     assert prefetch.files == weight_files(release)
     assert prefetch.state == "done"
-    assert prefetch_current(Settings.from_env({"MODEL_ROOT": str(model_root), "SD_PREFETCH": "0"})) is None
+    assert (
+        prefetch_current(Settings.from_env({"MODEL_ROOT": str(model_root), "SD_ACCEL": "-prefetch"})) is None
+    )
     # Not seeded yet: nothing to read; the first request reports model_not_seeded as before.
     assert prefetch_current(Settings(model_root=tmp_path / "empty", model_name=TEST_MODEL_NAME)) is None
 
@@ -247,12 +249,6 @@ def test_the_handler_starts_the_prefetch_before_it_imports_torch(model_root: Pat
     assert report["prefetch_before_torch"] is True
     assert report["state"] == "done"
     assert report["read_bytes"] == report["bytes"] > 0
-
-
-@pytest.mark.parametrize("value", ["2", "-1"])
-def test_sd_prefetch_accepts_only_0_or_1(value: str) -> None:
-    with pytest.raises(ValueError, match="SD_PREFETCH"):
-        Settings.from_env({"SD_PREFETCH": value})
 
 
 def test_a_listing_error_skips_the_prefetch_instead_of_failing_init(

@@ -104,24 +104,31 @@ def test_only_dense_convs_larger_than_1x1_are_routed() -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "setting", "routed"), [("float32", 1, True), ("float32", 0, False), ("bfloat16", 1, False)]
+    ("dtype", "setting", "routed"),
+    [
+        ("float32", "+small_map_convs", True),
+        ("float32", "-small_map_convs", False),
+        ("bfloat16", "all", False),
+    ],
 )
-def test_the_engine_routes_the_unets_fp32_convs_unless_told_not_to(
-    tiny_model_dir: Path, dtype: str, setting: int, routed: bool
+def test_the_engine_routes_the_unets_fp32_convs_when_selected(
+    tiny_model_dir: Path, dtype: str, setting: str, routed: bool
 ) -> None:
-    engine = Engine.load(tiny_model_dir, Settings(dtype=dtype, small_map_convs=setting))
+    engine = Engine.load(tiny_model_dir, Settings(dtype=dtype, accel=setting))
     unet_convs = [m for m in engine.pipeline.unet.modules() if isinstance(m, torch.nn.Conv2d)]
     small = [m for m in unet_convs if type(m) is SmallMapConv2d]
-    assert engine.choices.small_map_convs == len(small)
+    assert ("small_map_convs" in engine.choices.accelerations) is routed
     assert bool(small) is routed
+    if dtype == "bfloat16":
+        assert "fp32" in engine.choices.skipped_accelerations["small_map_convs"]
     if routed:  # every 3x3 one; the 1x1 ones stay stock
         assert {m.kernel_size for m in small} == {(3, 3)}
         assert all(m.kernel_size == (1, 1) for m in unet_convs if type(m) is not SmallMapConv2d)
 
 
 def test_a_routed_unet_computes_what_the_stock_one_does(tiny_model_dir: Path) -> None:
-    routed = Engine.load(tiny_model_dir, Settings(dtype="float32")).pipeline.unet
-    stock = Engine.load(tiny_model_dir, Settings(dtype="float32", small_map_convs=0)).pipeline.unet
+    routed = Engine.load(tiny_model_dir, Settings(dtype="float32", accel="all")).pipeline.unet
+    stock = Engine.load(tiny_model_dir, Settings(dtype="float32", accel="-small_map_convs")).pipeline.unet
     torch.manual_seed(2)
     latents = torch.randn(2, routed.config.in_channels, 8, 8)
     embeds = torch.randn(2, 77, routed.config.cross_attention_dim)

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sd_lambda.layout import BF16_COPY_COMPONENTS, LayoutError, bf16_copy_path, single_weights_file
+from sd_lambda.layout import (
+    BF16_COPY_COMPONENTS,
+    BF16_VARIANT,
+    LayoutError,
+    bf16_copy_files,
+    bf16_copy_path,
+    single_weights_file,
+)
 
 
 def stored_weights(model_dir: Path) -> dict[str, Path]:
@@ -62,3 +70,20 @@ def add_bf16_copy(model_dir: Path) -> list[Path]:
         if not copy.is_file() or copy.stat().st_mtime < weights.stat().st_mtime:
             written.append(write_bf16_copy(weights))
     return written
+
+
+class Bf16Copy:
+    """The registry's entry (sd_lambda.engine.accel.registry): load the copy instead of the stored weights."""
+
+    @staticmethod
+    def check(target: Any) -> str | None:
+        if target.dtype != torch.bfloat16:
+            return f"runs {str(target.dtype).removeprefix('torch.')}: the stored weights are what it needs"
+        if bf16_copy_files(target.model_dir) is None:
+            return "the model has no complete bf16 copy (seed --bf16-copy)"
+        return None
+
+    @staticmethod
+    def apply(target: Any) -> str:
+        target.load_options.update(variant=BF16_VARIANT, dtype=target.dtype)
+        return "weights mapped from the bf16 copy, as stored"

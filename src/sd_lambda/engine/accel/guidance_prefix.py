@@ -5,22 +5,22 @@ sees the prompt, the other the negative prompt. The prompts first enter at the f
 so every layer before it gets the same input in both halves and computes the same output twice: in
 SD 1.5 at 512², ``conv_in``, the first resnet, the first transformer's input projection and its
 self-attention over 4,096 tokens, 41 GFLOP of a guided call's 1,538. Here those layers compute one
-half and stack it twice. One guided SD 1.5 call at 512², medians of four alternating calls in one
-process: 8.15 -> 7.76 s in fp32 under AVX2, 3.22 -> 3.12 s in bf16 (each shared call was faster
-than the stock one before it).
+half and stack it twice (docs/performance.md has what that measured).
 
 Each UNet call decides once, before it starts: only a plain call (latents, one timestep, prompt
 embeddings, nothing else) whose two latent halves are equal is shared. Every prefix layer is then a
 per-image function of the same input, so the result is what each half would compute on its own.
+Both parts are diffusers hooks: one on the UNet decides per call, one on each prefix layer halves it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 # The arguments of UNet2DConditionModel.forward a shared call may carry; anything else (class labels,
 # added conditions, attention kwargs, adapter residuals) could differ between the halves.
@@ -51,31 +51,30 @@ def _until_first_cross_attention(down_blocks: torch.nn.ModuleList) -> Iterator[t
         yield from block.downsamplers or ()
 
 
+HOOK = "sd_lambda.guidance_prefix"
+
+
 class SharedGuidancePrefix:
-    """Installed once on a UNet; ``shared_calls`` counts the calls whose prefix ran once (the engine
-    resets it per generation)."""
+    """Installed once on a UNet; ``shared_calls`` counts the calls whose prefix ran once since ``start()``
+    (the engine calls it before each generation)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.layers = guidance_prefix(unet)
         self.shared_calls = 0
-        self._sharing = False
-        self._signature = inspect.signature(unet.forward)
+        self.sharing = False
+        self.signature = inspect.signature(unet.forward)
+        HookRegistry.check_if_exists_or_initialize(unet).register_hook(_DecidePerCall(self), HOOK)
         for layer in self.layers:
-            layer.forward = self._wrap(layer.forward)
-        unet.register_forward_pre_hook(self._before_unet_call, with_kwargs=True)
-        unet.register_forward_hook(self._after_unet_call)
+            HookRegistry.check_if_exists_or_initialize(layer).register_hook(_OnceForBothHalves(self), HOOK)
 
-    def _before_unet_call(
-        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        self._sharing = self._is_shareable(self._signature.bind(*args, **kwargs).arguments)
-        self.shared_calls += self._sharing
+    def start(self) -> None:
+        self.shared_calls = 0
 
-    def _after_unet_call(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._sharing = False
+    def stop(self) -> None:
+        self.sharing = False
 
     @staticmethod
-    def _is_shareable(arguments: dict[str, Any]) -> bool:
+    def is_shareable(arguments: dict[str, Any]) -> bool:
         if any(value is not None for name, value in arguments.items() if name not in PLAIN_CALL_ARGUMENTS):
             return False
         sample, timestep = arguments["sample"], arguments.get("timestep")
@@ -83,14 +82,34 @@ class SharedGuidancePrefix:
             return False
         return sample.dim() == 4 and _equal_halves(sample)
 
-    def _wrap(self, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def once_for_both_halves(*args: Any, **kwargs: Any) -> torch.Tensor:
-            if not self._sharing:
-                return forward(*args, **kwargs)
-            half = forward(*map(_first_half, args), **{name: _first_half(v) for name, v in kwargs.items()})
-            return torch.cat([half, half])
 
-        return once_for_both_halves
+class _DecidePerCall(ModelHook):
+    def __init__(self, owner: SharedGuidancePrefix) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict]:
+        owner = self.owner
+        owner.sharing = owner.is_shareable(owner.signature.bind(*args, **kwargs).arguments)
+        owner.shared_calls += owner.sharing
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.owner.sharing = False
+        return output
+
+
+class _OnceForBothHalves(ModelHook):
+    def __init__(self, owner: SharedGuidancePrefix) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        forward = self.fn_ref.original_forward
+        if not self.owner.sharing:
+            return forward(*args, **kwargs)
+        half = forward(*map(_first_half, args), **{name: _first_half(v) for name, v in kwargs.items()})
+        return torch.cat([half, half])
 
 
 def _equal_halves(tensor: torch.Tensor) -> bool:
@@ -102,3 +121,22 @@ def _first_half(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 2:
         return value[:1]
     return value
+
+
+class GuidancePrefix:
+    """The registry's entry (sd_lambda.engine.accel.registry)."""
+
+    @staticmethod
+    def check(target: Any) -> str | None:
+        unet = target.pipeline.unet
+        if not hasattr(unet, "conv_in") or not hasattr(unet, "down_blocks"):
+            return f"{type(unet).__name__} is not a UNet2DConditionModel-like UNet"
+        if len(guidance_prefix(unet)) < 2:
+            return "no layers run before the first cross-attention"
+        return None
+
+    @staticmethod
+    def apply(target: Any) -> str:
+        shared = SharedGuidancePrefix(target.pipeline.unet)
+        target.state["guidance_prefix"] = shared
+        return f"{len(shared.layers)} UNet layers before the first cross-attention run once per guided call"

@@ -60,7 +60,7 @@ def expects_bf16_copy(settings: Settings) -> bool:
     """Whether the engine will load a bf16 copy (where the model has one): it runs bf16, by the setting
     or the CPU flags, read without importing torch. The engine decides for itself (with ``auto`` it also
     asks torch for an AVX-512 capability); a wrong guess here costs the prefetch its use, not results."""
-    if not settings.bf16_copy:
+    if "bf16_copy" not in settings.accelerations:
         return False
     if settings.dtype == "auto":
         return cpu.has_native_bf16(cpu.read_cpu_flags())
@@ -215,12 +215,25 @@ def prefetch_model(model_dir: Path, meminfo: Path = PROC_MEMINFO, bf16: bool = F
 
 
 def prefetch_current(settings: Settings) -> WeightPrefetch | None:
-    """The handler's init: prefetch the revision ``current`` points at now. None when switched off
-    (``SD_PREFETCH=0``) or when nothing is seeded yet (the first request reports that)."""
-    if not settings.prefetch:
+    """The handler's init: prefetch the revision ``current`` points at now. None when not selected
+    (``SD_ACCEL``) or when nothing is seeded yet (the first request reports that)."""
+    if "prefetch" not in settings.accelerations:
         return None
     try:
         release = ModelPaths(settings.model_dir).resolve_current()
     except (LayoutError, OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
         return None
     return prefetch_model(release, bf16=expects_bf16_copy(settings))
+
+
+class Prefetch:
+    """The registry's entry (sd_lambda.engine.accel.registry). The handler applies it at init, before
+    the engine exists; the engine only reports it."""
+
+    @staticmethod
+    def check(target: Any) -> str | None:
+        return None
+
+    @staticmethod
+    def apply(target: Any) -> str:
+        return "the handler's init reads the weights ahead (prefetch in /health)"

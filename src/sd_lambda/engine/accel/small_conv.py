@@ -14,6 +14,8 @@ here that measured as fast or faster (16x16 x 2560 channels at batch 2: 246 ms a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Output pixels per image up to which the im2col kernel measured faster (a 16x16 map; 32x32 was slower).
@@ -69,3 +71,19 @@ def route_small_map_convs(model: torch.nn.Module) -> int:
             module.__class__ = SmallMapConv2d
             routed += 1
     return routed
+
+
+class SmallMapConvs:
+    """The registry's entry (sd_lambda.engine.accel.registry): the UNet, in fp32 only."""
+
+    @staticmethod
+    def check(target: Any) -> str | None:
+        if target.dtype != torch.float32:
+            return f"runs {str(target.dtype).removeprefix('torch.')}: the im2col kernel pays only in fp32"
+        if not any(routable(module) for module in target.pipeline.unet.modules()):
+            return "the UNet has no dense convolutions larger than 1x1"
+        return None
+
+    @staticmethod
+    def apply(target: Any) -> str:
+        return f"{route_small_map_convs(target.pipeline.unet)} UNet convolutions routed"

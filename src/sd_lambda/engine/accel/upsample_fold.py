@@ -132,3 +132,23 @@ def fold_upsamplers(model: torch.nn.Module) -> list[Upsample2D]:
         replaced.append(getattr(parent, child))
         setattr(parent, child, FoldedUpsample2D(replaced[-1]))
     return replaced
+
+
+class UpsampleFold:
+    """The registry's entry (sd_lambda.engine.accel.registry): the UNet's and the full VAE's upsamplers.
+    The replaced kernels' mapped pages are dropped (sd_lambda.engine.accel.weights)."""
+
+    @staticmethod
+    def check(target: Any) -> str | None:
+        pipeline = target.pipeline
+        if not any(foldable(m) for model in (pipeline.unet, pipeline.vae) for m in model.modules()):
+            return "no diffusers Upsample2D with a nearest-2x upsample and a 3x3 conv"
+        return None
+
+    @staticmethod
+    def apply(target: Any) -> str:
+        from sd_lambda.engine.accel.weights import release_mapped_pages
+
+        replaced = fold_upsamplers(target.pipeline.unet) + fold_upsamplers(target.pipeline.vae)
+        release_mapped_pages(tensor for module in replaced for tensor in module.parameters())
+        return f"{len(replaced)} upsample+conv pairs folded"

@@ -1,0 +1,130 @@
+"""The acceleration registry's contract: one switch, registry order, stock diffusers with ``none``, and an
+acceleration that does not apply is skipped and logged instead of breaking the load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+
+from sd_lambda.engine.accel import registry
+from sd_lambda.engine.accel.upsample_fold import FoldedUpsample2D, UpsampleFold
+from sd_lambda.engine.torch_engine import Engine, GenerationParams
+from sd_lambda.settings import Settings
+
+FP32 = Settings(dtype="float32")
+
+
+def test_the_registry_and_the_switch_import_no_torch() -> None:
+    probe = (
+        "import json, sys; from sd_lambda.settings import Settings;"
+        "selected = Settings.from_env({'SD_ACCEL': 'all'}).accelerations;"
+        "print(json.dumps([selected, 'torch' in sys.modules, 'diffusers' in sys.modules]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    selected, torch_imported, diffusers_imported = json.loads(done.stdout)
+    assert selected == list(registry.BY_NAME)
+    assert (torch_imported, diffusers_imported) == (False, False)
+
+
+def test_entries_are_in_stage_order_and_each_names_its_implementation() -> None:
+    stages = [registry.STAGES.index(a.stage) for a in registry.ACCELERATIONS]
+    assert stages == sorted(stages)  # so applying stage by stage is applying in registry order
+    assert len(registry.BY_NAME) == len(registry.ACCELERATIONS)
+    for acceleration in registry.ACCELERATIONS:
+        implementation = acceleration.implementation()
+        assert callable(implementation.check), acceleration.name
+        assert callable(implementation.apply), acceleration.name
+        assert acceleration.summary
+    assert "feature_reuse" not in registry.DEFAULTS
+    assert "feature_reuse" not in registry.SAME_IMAGE
+
+
+@pytest.mark.parametrize("value", ["fastest", "in_place,warp", "+nothing", ","])
+def test_an_unknown_name_is_refused_naming_the_known_ones(value: str) -> None:
+    with pytest.raises(ValueError, match="known: prefetch, heap_keep, bf16_copy") as raised:
+        registry.resolve(value)
+    assert "SD_ACCEL" in str(raised.value)
+
+
+def test_none_loads_stock_diffusers_modules_with_no_hooks(tiny_model_dir: Path) -> None:
+    engine = Engine.load(tiny_model_dir, replace(FP32, accel="none"))
+    assert engine.choices.accelerations == {}
+    assert engine.describe()["accelerations"] == []
+    modules = [
+        module
+        for component in (engine.pipeline.text_encoder, engine.pipeline.unet, engine.pipeline.vae)
+        for module in component.modules()
+    ]
+    modules += list(engine.tiny_decoder.modules())
+    assert not [m for m in modules if type(m).__module__.startswith("sd_lambda")]
+    assert not [m for m in modules if hasattr(m, "_diffusers_hook")]
+    assert not [m for m in modules if "forward" in vars(m)]
+    assert engine.pipeline.vae.encoder is not None  # not even the encoder dropped
+    assert engine.pipeline.vae.decoder.conv_in.weight.is_contiguous()  # NCHW, as loaded
+    params = GenerationParams(
+        prompt="a fox", num_inference_steps=2, guidance_scale=7.5, width=64, height=64, seed=1
+    )
+    assert engine.generate(params).image.size == (64, 64)
+
+
+def test_engine_load_applies_the_selection_in_registry_order(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    applied: list[str] = []
+    apply = registry.Acceleration.apply
+
+    def recording(self: registry.Acceleration, target: registry.Target) -> str:
+        applied.append(self.name)
+        return apply(self, target)
+
+    monkeypatch.setattr(registry.Acceleration, "apply", recording)
+    # Listed backwards: the order is the registry's, not the switch's.
+    selection = ",".join(reversed(registry.SAME_IMAGE))
+    engine = Engine.load(tiny_model_dir, replace(FP32, accel=selection))
+    assert applied == list(engine.choices.accelerations)
+    assert applied == [name for name in registry.BY_NAME if name in applied]
+    assert len(applied) >= 8
+
+
+def test_an_acceleration_that_does_not_apply_is_skipped_and_logged(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(UpsampleFold, "check", staticmethod(lambda target: "no foldable upsampler here"))
+    with caplog.at_level(logging.INFO, logger="sd_lambda.engine.torch_engine"):
+        engine = Engine.load(tiny_model_dir, replace(FP32, accel="all"))
+    assert engine.choices.skipped_accelerations["upsample_fold"] == "no foldable upsampler here"
+    assert "upsample_fold" not in engine.choices.accelerations
+    assert "in_place" in engine.choices.accelerations  # the others still apply
+    assert not any(isinstance(m, FoldedUpsample2D) for m in engine.pipeline.unet.modules())
+    assert "engine acceleration upsample_fold skipped: no foldable upsampler here" in caplog.text
+    assert engine.describe()["skipped_accelerations"]["upsample_fold"] == "no foldable upsampler here"
+
+
+def test_a_component_an_acceleration_does_not_support_stays_stock(tiny_model_dir: Path) -> None:
+    engine = Engine.load(tiny_model_dir, replace(FP32, accel="all"))
+    assert engine.choices.skipped_accelerations["bf16_copy"].startswith("runs float32")
+    bf16 = Engine.load(tiny_model_dir, Settings(dtype="bfloat16", accel="all"))
+    assert "fp32" in bf16.choices.skipped_accelerations["small_map_convs"]
+    assert not any(type(m).__name__ == "SmallMapConv2d" for m in bf16.pipeline.unet.modules())
+    assert bf16.pipeline.unet.dtype == torch.bfloat16
+
+
+def test_outside_its_tested_diffusers_range_an_acceleration_is_skipped(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(diffusers, "__version__", "9.0.0")
+    engine = Engine.load(tiny_model_dir, replace(FP32, accel="default"))
+    reason = f"tested on diffusers {registry.TESTED_DIFFUSERS}, not 9.0.0"
+    assert engine.choices.skipped_accelerations["upsample_fold"] == reason
+    assert engine.choices.skipped_accelerations["in_place"] == reason
+    # The ones that do not touch diffusers modules still apply.
+    assert {"channels_last", "page_release"} <= set(engine.choices.accelerations)
+    assert not any(hasattr(m, "_diffusers_hook") for m in engine.pipeline.unet.modules())
