@@ -107,8 +107,17 @@ class Parser(argparse.ArgumentParser):
     """Every sd-lambda parser; subparsers inherit the class, so every ``--help`` shows defaults."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
+        given = kwargs.get("formatter_class", HelpFormatter)
+        if not issubclass(given, HelpFormatter):  # e.g. RawDescriptionHelpFormatter: keep it, add defaults
+            given = type(f"Defaults{given.__name__}", (HelpFormatter, given), {})
+        kwargs["formatter_class"] = given
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        # An option without help text still shows its default.
+        if kwargs.get("help") is None and kwargs.get("default") not in (None, False, []):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -474,3 +474,32 @@ def test_session_token_is_sent_and_signed(server: SigV4Server, monkeypatch: pyte
     assert received.verdict == "ok"
     assert received.headers["x-amz-security-token"] == "test-session-token"
     assert "x-amz-security-token" in received.headers["authorization"]
+
+
+def test_cli_json_prints_one_document_and_nothing_else_on_stdout(
+    server: SigV4Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.replies.append(Reply(200, PNG, IMAGE_HEADERS))
+    out = tmp_path / "cube.png"
+    argv = [
+        "generate",
+        "--url",
+        server.url,
+        "--region",
+        REGION,
+        "--prompt",
+        "a cube",
+        "-o",
+        str(out),
+        "--json",
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)  # the whole of stdout is one JSON document
+    assert document["image"] == str(out)
+    assert document["url"] == server.url
+    assert document["seed"] == 7
+    assert document["timings_ms"]["inference"] == 800.1
+    assert (document["model"], document["revision"]) == ("test--tiny-sd", "r1")
+    assert document["bytes"] == len(PNG) == out.stat().st_size
+    assert f"==> POST {server.url}" in captured.err  # the human lines went to stderr

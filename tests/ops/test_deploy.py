@@ -170,10 +170,54 @@ def test_destroy_with_confirmation_flag_empties_the_state(
         StackTerraform(deploy_stack),
     )
 
-    code = cli_main(["deploy", "destroy", "--infra", str(deploy_stack), "--yes"])
+    capfd.readouterr()
+
+    code = cli_main(["deploy", "destroy", "--infra", str(deploy_stack), "--yes", "--json"])
 
     assert code == 0
     assert StackTerraform(deploy_stack).outputs() == {}
+    out, err = capfd.readouterr()
+    # terraform's own output (a child process writing to file descriptor 1) went to stderr with --json
+    assert json.loads(out) == {"destroyed": str(deploy_stack)}
+    assert "Destroy complete" in err
+
+
+def test_plan_json_lists_the_changes_on_stdout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = FakeStack()
+    stack.applied_outputs = dict(DEPLOYED)
+    stack.planned_changes = [
+        {"address": "module.lambda.aws_lambda_function.this[0]", "change": {"actions": ["update"]}},
+        {"address": "data.aws_region.current", "change": {"actions": ["read"]}},
+        {"address": "aws_kms_key.this[0]", "change": {"actions": ["no-op"]}},
+    ]
+    monkeypatch.setattr(deploy, "_stack", lambda options: stack)
+
+    argv = ["deploy", "plan", "--infra", str(tmp_path), "--digest-file", str(tmp_path / "none")]
+    assert cli_main([*argv, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document == {
+        "image_uri": f"{REPOSITORY_URL}@{DIGEST}",
+        "changes": [{"address": "module.lambda.aws_lambda_function.this[0]", "actions": ["update"]}],
+    }
+
+    assert cli_main(argv) == 0  # for people: one line per change
+    assert "update           module.lambda.aws_lambda_function.this[0]" in capsys.readouterr().out
+
+
+def test_apply_json_prints_the_stack_outputs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(deploy, "_stack", lambda options: FakeStack())
+    monkeypatch.setattr(deploy, "stack_values", lambda options: None)
+    monkeypatch.setattr(deploy, "preflight", lambda options, **checks: print("preflight: ok"))
+    monkeypatch.setattr(deploy, "apply", lambda options, stack, values: dict(DEPLOYED))
+
+    assert cli_main(["deploy", "apply", "--infra", str(tmp_path), "--image-uri", "x", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"outputs": DEPLOYED}
+    assert "preflight: ok" in captured.err
 
 
 def test_apply_with_image_uri_skips_the_push_and_pins_that_image(aws: None) -> None:
