@@ -143,15 +143,15 @@ FIND_LINKS ?=
 requirements: $(INSTALL_STAMP) ## Regenerate the image's hash-pinned locks (image/requirements*.txt) from pyproject's base + [runtime] (FIND_LINKS=)
 	$(SD_LAMBDA) requirements $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--torch-index-url $(call q,$(TORCH_INDEX_URL)))
 
-build-image: $(INSTALL_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
+build-image: $(OPS_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
 	$(SD_LAMBDA) build-image --platform $(call q,$(PLATFORM)) --tag $(call q,$(IMAGE)) --docker $(call q,$(DOCKER)) \
 		$(addprefix --build-arg ,$(BUILD_ARGS))
 
-push-image: $(INSTALL_STAMP) ## Push IMAGE to the stack's ECR repo (tag git-<sha>), write its digest to .image-digest
+push-image: $(OPS_STAMP) ## Push IMAGE to the stack's ECR repo (tag git-<sha>), write its digest to .image-digest
 	$(SD_LAMBDA) push-image --image $(call q,$(IMAGE)) --docker $(call q,$(DOCKER)) \
 		$(if $(REPOSITORY_URL),--repository-url $(call q,$(REPOSITORY_URL)),--infra $(call q,$(INFRA)))
 
-invoke: $(INSTALL_STAMP) ## Generate one image through the function URL (SigV4): make invoke PROMPT="a red fox"
+invoke: $(OPS_STAMP) ## Generate one image through the function URL (SigV4): make invoke PROMPT="a red fox"
 	$(SD_LAMBDA) generate $(if $(URL),--url $(call q,$(URL)),--infra $(call q,$(INFRA))) \
 		--prompt $(call q,$(value PROMPT)) $(OUT_FLAG) $(REGION_FLAG) $(JSON_FLAG) $(ARGS)
 
@@ -174,18 +174,18 @@ PROTECTION_ARGS = $(if $(filter 1,$(ALLOW_FUNCTION_DELETE)),--allow-function-del
 
 .PHONY: preflight plan apply destroy
 
-preflight: $(INSTALL_STAMP) ## Check credentials, terraform, docker and the account's Lambda limits before apply (REGION= TFVARS= IMAGE_URI=)
+preflight: $(OPS_STAMP) ## Check credentials, terraform, docker and the account's Lambda limits before apply (REGION= TFVARS= IMAGE_URI=)
 	$(SD_LAMBDA) deploy preflight $(STACK_FLAGS) $(or $(IMAGE_URI_FLAG),--docker $(call q,$(DOCKER)))
 
-plan: $(INSTALL_STAMP) ## terraform plan infra/ with the image apply would deploy (REGION= TFVARS= IMAGE_URI= BACKEND_CONFIG=)
+plan: $(OPS_STAMP) ## terraform plan infra/ with the image apply would deploy (REGION= TFVARS= IMAGE_URI= BACKEND_CONFIG=)
 	$(SD_LAMBDA) deploy plan $(DEPLOY_ARGS) $(STATE_ARGS) $(IMAGE_URI_FLAG) $(PROTECTION_ARGS)
 
-apply: $(INSTALL_STAMP) ## Deploy: preflight, ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
+apply: $(OPS_STAMP) ## Deploy: preflight, ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
 	$(SD_LAMBDA) deploy apply $(DEPLOY_ARGS) $(STATE_ARGS) \
 		$(or $(IMAGE_URI_FLAG),--push-command $(call q,$(PUSH_COMMAND)) --docker $(call q,$(DOCKER))) \
 		$(PROTECTION_ARGS)
 
-destroy: $(INSTALL_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
+destroy: $(OPS_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
 	$(SD_LAMBDA) deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
 
 # ---- seeding models onto EFS (real AWS: the stack's bucket + seeder instance, driven through SSM) ----------
@@ -200,14 +200,14 @@ NOT_SERVED_FLAG = $(if $(filter 1,$(NOT_SERVED)),--not-served)
 
 .PHONY: seed-models rollback
 
-seed-models: $(INSTALL_STAMP) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] (or FROM_DIR=/FROM_S3=)
+seed-models: $(OPS_STAMP) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] (or FROM_DIR=/FROM_S3=)
 	@test -n "$(MODEL)$(FROM_DIR)$(FROM_S3)" || { echo 'make seed-models: set MODEL=owner/name[@rev] (or FROM_DIR=path / FROM_S3=s3://...)' >&2; exit 2; }
 	$(SD_LAMBDA) seed \
 		$(if $(FROM_DIR),--from-dir $(call q,$(FROM_DIR)),$(if $(FROM_S3),--from-s3 $(call q,$(FROM_S3)),--model $(call q,$(MODEL)))) \
 		$(if $(SEED_NAME),--name $(call q,$(SEED_NAME))) $(if $(filter 1,$(BF16_COPY)),--bf16-copy) \
 		$(if $(REVISION),--revision $(call q,$(REVISION))) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 
-rollback: $(INSTALL_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model)
+rollback: $(OPS_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model)
 	$(SD_LAMBDA) rollback $(if $(or $(NAME),$(MODEL)),--name $(call q,$(or $(NAME),$(MODEL)))) \
 		--revision $(call q,$(REVISION)) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 

@@ -143,7 +143,16 @@ def test_invoke_reads_the_url_from_infra_unless_url_is_given() -> None:
 
 def _make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # -o: never (re)build the venv from a test; it is there, the suite runs in it.
-    command = ["make", "--no-print-directory", "-s", "-o", ".venv/.stamp-install", *args]
+    command = [
+        "make",
+        "--no-print-directory",
+        "-s",
+        "-o",
+        ".venv/.stamp-install",
+        "-o",
+        ".venv/.stamp-ops",
+        *args,
+    ]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -156,3 +165,31 @@ def test_errors_from_make_name_the_make_variable(tmp_path: Path) -> None:
     assert "(or set URL=)" in no_stack.stderr
     no_release = _make("rollback", "SEED_ARGS=--bucket b --instance-id i-1")
     assert "sd-lambda rollback: error: no release to switch to: set REVISION=" in no_release.stderr
+
+
+OPERATOR_TARGETS = (
+    "build-image",
+    "push-image",
+    "invoke",
+    "preflight",
+    "plan",
+    "apply",
+    "destroy",
+    "seed-models",
+    "rollback",
+)
+
+
+@pytest.mark.parametrize("target", OPERATOR_TARGETS)
+def test_operator_targets_need_only_the_ops_install(target: str) -> None:
+    # An operator machine runs `make install-ops` (no torch); these targets must not pull the full install.
+    result = subprocess.run(
+        ["make", "-p", "-n", "--no-print-directory", "help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rule = next(line for line in result.stdout.splitlines() if line.startswith(f"{target}: "))
+    prerequisites = rule.split(":", 1)[1].split()
+    assert prerequisites == [".venv/.stamp-ops"]
