@@ -71,10 +71,8 @@ def test_quick_bench_end_to_end_under_avx2(
     assert report["targets"]["avx2"]["accel:default_speedup"]["target"] == 1.3
     assert len(report["machine"]["loadavg_before"]) == len(report["machine"]["loadavg_after"]) == 3
     assert len(report["samples"]) == 6
-    # The engine's variants start the weight prefetch before their imports, as the handler's init does,
-    # unless their selection leaves it out.
-    assert [sample["prefetch_at_load"] is None for sample in report["samples"]] == [True, True] + [False] * 4
-    assert report["samples"][2]["prefetch_at_load"]["files"] == 4
+    # The weight prefetch is opt-in (accel:+prefetch): none of these variants starts it.
+    assert [sample["prefetch_at_load"] for sample in report["samples"]] == [None] * 6
     assert naive["start_to_image_seconds"] == pytest.approx(
         naive["import_seconds"] + naive["load_seconds"] + naive["first_image_seconds"]
     )
@@ -84,7 +82,7 @@ def test_quick_bench_end_to_end_under_avx2(
     assert flops["unet_engine"] > flops["unet_prefix_engine"] > 0
     # Guided engine calls compute the layers before the first cross-attention once; LCM's are not guided.
     images = {sample["variant"]: sample["images"][0] for sample in report["samples"]}
-    assert images["accel:default"]["prefix_shared_calls"] == images["accel:default"]["unet_calls"] == 2
+    assert images["accel:default"]["prefix_shared_calls"] == 0  # guidance_prefix is opt-in
     assert images["accel:none"]["prefix_shared_calls"] == 0
     assert images["fast_lcm"]["prefix_shared_calls"] == 0
     assert "prefix_shared_calls" not in images["naive"]
@@ -182,15 +180,15 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
     assert "| native/naive | float32 | stored | full |" in table  # workers that do not say: stored
 
 
-def test_the_defaults_run_from_the_bf16_copy_and_without_it_from_the_stored_weights(
+def test_bf16_copy_runs_from_the_copy_and_the_defaults_from_the_stored_weights(
     tiny_model_with_bf16_copy: Path,
 ) -> None:
     model = tiny_model_with_bf16_copy
     config = bench.BenchConfig(
         model, 64, 64, 1, 0, 1, ("native",), extra_env={"SD_DTYPE": "bfloat16", "SD_THREADS": "1"}
     )
-    copy = bench.run_worker(config, "accel:default", "native")
-    stored = bench.run_worker(config, "accel:-bf16_copy", "native")
+    copy = bench.run_worker(config, "accel:+bf16_copy+prefetch", "native")
+    stored = bench.run_worker(config, "accel:+prefetch", "native")
     assert (copy["dtype"], copy["weights"]) == ("bfloat16", "bf16 copy")
     assert (stored["dtype"], stored["weights"]) == ("bfloat16", "stored")
     assert "bf16_copy" in copy["accelerations"]
@@ -344,8 +342,8 @@ def test_cold_bench_drops_the_page_cache_before_every_process(
     monkeypatch.setattr(bench, "run_worker", worker)
     config = bench.BenchConfig(tiny_model_dir, 64, 64, 1, 1, 1, ("avx2",), bench.COLD_VARIANTS, cold=True)
     report = bench.run_bench(config)
-    assert events == ["drop", "naive", "drop", "accel:default", "drop", "accel:-prefetch"]
-    assert report["ratios"]["avx2"] == {"accel:default_speedup": 2.0, "accel:-prefetch_speedup": 2.0}
+    assert events == ["drop", "naive", "drop", "accel:default", "drop", "accel:+prefetch"]
+    assert report["ratios"]["avx2"] == {"accel:default_speedup": 2.0, "accel:+prefetch_speedup": 2.0}
     assert report["config"]["cold"] is True
     assert "cold: the page cache was dropped before each process" in bench.format_report(report)
 

@@ -119,7 +119,7 @@ def test_model_loads_lazily_once_and_keeps_its_revision(
 
 
 def test_the_cold_request_logs_how_far_the_prefetch_got(model_root: Path) -> None:
-    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME, accel="+prefetch")
     prefetch = prefetch_current(settings)
     assert prefetch is not None
     assert prefetch.wait(60)

@@ -55,8 +55,8 @@ TARGET_IMPORT_LOAD_SECONDS = 4.0
 WORKER_TIMEOUT_SECONDS = 3600
 LCM_VIEW_MARKER = ".sd-lambda-bench-lcm-view"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-# --cold without --variants: naive against the defaults with and without the weight prefetch.
-COLD_VARIANTS = ("naive", "accel:default", "accel:-prefetch")
+# --cold without --variants: naive against the defaults without and with the weight prefetch.
+COLD_VARIANTS = ("naive", "accel:default", "accel:+prefetch")
 EACH = "accel:each"
 
 

@@ -17,7 +17,7 @@ from sd_lambda.engine.torch_engine import Engine
 from sd_lambda.layout import BF16_COPY_COMPONENTS, LayoutError, bf16_copy_files, plain_weights
 from sd_lambda.settings import Settings
 
-BF16 = Settings(dtype="bfloat16")
+BF16 = Settings(dtype="bfloat16", accel="+bf16_copy")
 
 
 @pytest.fixture

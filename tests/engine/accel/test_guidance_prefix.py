@@ -184,7 +184,7 @@ def test_anything_but_a_plain_call_with_equal_halves_runs_stock(
 
 
 def test_the_engine_shares_the_prefix_of_guided_calls_only(tiny_model_dir: Path) -> None:
-    engine = Engine.load(tiny_model_dir, Settings(dtype="float32"))
+    engine = Engine.load(tiny_model_dir, Settings(dtype="float32", accel="all"))
     # Inside the loaded engine, with every other load-time change applied: the prefix's own
     # sublayers see one image, the first cross-attention both.
     block = engine.pipeline.unet.down_blocks[0]

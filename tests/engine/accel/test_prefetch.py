@@ -65,12 +65,16 @@ def test_with_a_bf16_copy_the_prefetch_reads_the_copy_only_where_bf16_runs(
     copied = weight_files(release, bf16=True)
     assert [path.parent.name for path in copied] == ["text_encoder", "vae", "vae_tiny", "unet"]
     assert [path.name.endswith(".bf16.safetensors") for path in copied] == [True, True, False, True]
-    bf16 = Settings(model_root=root, model_name=TEST_MODEL_NAME, dtype="bfloat16")
+    bf16 = Settings(
+        model_root=root, model_name=TEST_MODEL_NAME, dtype="bfloat16", accel="+bf16_copy,+prefetch"
+    )
     prefetch = prefetch_current(bf16)
     assert prefetch is not None
     assert prefetch.wait(WAIT_SECONDS)
     assert prefetch.files == copied
-    fp32 = Settings(model_root=root, model_name=TEST_MODEL_NAME, dtype="float32")
+    fp32 = Settings(
+        model_root=root, model_name=TEST_MODEL_NAME, dtype="float32", accel="+bf16_copy,+prefetch"
+    )
     stored_prefetch = prefetch_current(fp32)
     assert stored_prefetch is not None
     assert stored_prefetch.wait(WAIT_SECONDS)
@@ -83,12 +87,12 @@ def test_with_a_bf16_copy_the_prefetch_reads_the_copy_only_where_bf16_runs(
 @pytest.mark.parametrize(
     ("environ", "flags", "expected"),
     [
-        ({"SD_DTYPE": "bfloat16"}, set(), True),
-        ({"SD_DTYPE": "float32"}, {"avx512_bf16"}, False),
-        ({"SD_DTYPE": "bfloat16", "SD_ACCEL": "-bf16_copy"}, {"avx512_bf16"}, False),
-        ({}, {"avx512f", "avx512_bf16"}, True),
-        ({}, {"avx2", "avx512f"}, False),
-        ({"ATEN_CPU_CAPABILITY": "avx2"}, {"avx512f", "avx512_bf16"}, False),  # bench --isa avx2
+        ({"SD_DTYPE": "bfloat16", "SD_ACCEL": "+bf16_copy"}, set(), True),
+        ({"SD_DTYPE": "float32", "SD_ACCEL": "+bf16_copy"}, {"avx512_bf16"}, False),
+        ({"SD_DTYPE": "bfloat16"}, {"avx512_bf16"}, False),  # opt-in: not in the defaults
+        ({"SD_ACCEL": "+bf16_copy"}, {"avx512f", "avx512_bf16"}, True),
+        ({"SD_ACCEL": "+bf16_copy"}, {"avx2", "avx512f"}, False),
+        ({"SD_ACCEL": "+bf16_copy", "ATEN_CPU_CAPABILITY": "avx2"}, {"avx512f", "avx512_bf16"}, False),
     ],
 )
 def test_expects_bf16_copy_follows_the_setting_then_the_cpu(
@@ -193,7 +197,7 @@ def test_a_cancelled_prefetch_stops_reading(tmp_path: Path) -> None:
 def test_prefetch_current_reads_the_current_release_unless_switched_off(
     model_root: Path, tmp_path: Path
 ) -> None:
-    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME, accel="+prefetch")
     prefetch = prefetch_current(settings)
     assert prefetch is not None
     assert prefetch.wait(WAIT_SECONDS)
@@ -204,11 +208,13 @@ def test_prefetch_current_reads_the_current_release_unless_switched_off(
         prefetch_current(Settings.from_env({"MODEL_ROOT": str(model_root), "SD_ACCEL": "-prefetch"})) is None
     )
     # Not seeded yet: nothing to read; the first request reports model_not_seeded as before.
-    assert prefetch_current(Settings(model_root=tmp_path / "empty", model_name=TEST_MODEL_NAME)) is None
+    empty = Settings(model_root=tmp_path / "empty", model_name=TEST_MODEL_NAME, accel="+prefetch")
+    assert prefetch_current(empty) is None
+    assert prefetch_current(Settings(model_root=model_root, model_name=TEST_MODEL_NAME)) is None  # opt-in
 
 
 def test_health_reports_the_prefetch(model_root: Path) -> None:
-    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME, accel="+prefetch")
     prefetch = prefetch_current(settings)
     assert prefetch is not None
     assert prefetch.wait(WAIT_SECONDS)
@@ -240,7 +246,12 @@ def test_the_handler_starts_the_prefetch_before_it_imports_torch(model_root: Pat
         print(json.dumps({"prefetch_before_torch": seen.get("torch"), **handler.PREFETCH.describe()}))
         """
     )
-    env = {**os.environ, "MODEL_ROOT": str(model_root), "MODEL_NAME": TEST_MODEL_NAME}
+    env = {
+        **os.environ,
+        "MODEL_ROOT": str(model_root),
+        "MODEL_NAME": TEST_MODEL_NAME,
+        "SD_ACCEL": "+prefetch",
+    }
     completed = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -283,7 +294,7 @@ def test_cancel_after_the_pass_keeps_it_done_and_cancel_mid_file_says_cancelled(
 def test_the_predictor_cancels_a_prefetch_of_a_revision_current_no_longer_names(
     model_root: Path, tiny_model_dir: Path
 ) -> None:
-    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME)
+    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME, accel="+prefetch")
     fifo_release = model_root / "stale"
     (fifo_release / "unet").mkdir(parents=True)
     os.mkfifo(fifo_release / "unet" / "w.safetensors")

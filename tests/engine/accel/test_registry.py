@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sd_lambda.engine.accel import registry
+from sd_lambda.engine.accel.small_conv import is_routed
 from sd_lambda.engine.accel.upsample_fold import FoldedUpsample2D, UpsampleFold
 from sd_lambda.engine.torch_engine import Engine, GenerationParams
 from sd_lambda.settings import Settings
@@ -113,7 +114,7 @@ def test_a_component_an_acceleration_does_not_support_stays_stock(tiny_model_dir
     assert engine.choices.skipped_accelerations["bf16_copy"].startswith("runs float32")
     bf16 = Engine.load(tiny_model_dir, Settings(dtype="bfloat16", accel="all"))
     assert "fp32" in bf16.choices.skipped_accelerations["small_map_convs"]
-    assert not any(type(m).__name__ == "SmallMapConv2d" for m in bf16.pipeline.unet.modules())
+    assert not any(is_routed(m) for m in bf16.pipeline.unet.modules())
     assert bf16.pipeline.unet.dtype == torch.bfloat16
 
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import torch
 
-from sd_lambda.engine.accel.small_conv import SmallMapConv2d, output_pixels, route_small_map_convs
+from sd_lambda.engine.accel.small_conv import is_routed, output_pixels, route_small_map_convs
 from sd_lambda.engine.torch_engine import Engine
 from sd_lambda.settings import Settings
 
@@ -18,16 +18,34 @@ def conv(*args: Any, seed: int = 0, **kwargs: Any) -> torch.nn.Conv2d:
 
 @pytest.fixture
 def im2col_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """The input shapes ``thnn_conv2d`` (the im2col kernel) was called with; it still computes."""
+    """The input shapes of the convolutions run with oneDNN switched off, which is when ATen takes its
+    im2col kernel (they still compute)."""
     calls: list[tuple[int, ...]] = []
-    real = torch._C._nn.thnn_conv2d
+    real = torch.nn.functional.conv2d
 
-    def spy(input: torch.Tensor, *args: Any) -> torch.Tensor:
-        calls.append(tuple(input.shape))
-        return real(input, *args)
+    def spy(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.backends.mkldnn.enabled:
+            calls.append(tuple(input.shape))
+        return real(input, *args, **kwargs)
 
-    monkeypatch.setattr(torch._C._nn, "thnn_conv2d", spy)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
     return calls
+
+
+def test_with_onednn_off_aten_takes_the_im2col_kernel_bitwise() -> None:
+    layer = conv(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 8, 8)
+    routed = conv(8, 8, 3, padding=1)
+    route_small_map_convs(routed)
+    with torch.inference_mode(), torch.profiler.profile() as profile:
+        actual = routed(x)
+    kernels = {event.name for event in profile.events()}
+    assert "aten::_slow_conv2d_forward" in kernels
+    assert "aten::mkldnn_convolution" not in kernels
+    with torch.inference_mode():
+        expected = torch._C._nn.thnn_conv2d(x, layer.weight, (3, 3), layer.bias, (1, 1), (1, 1))
+    assert torch.equal(actual, expected)
+    assert torch.backends.mkldnn.enabled  # switched back on
 
 
 def test_output_pixels_follow_the_convolution_arithmetic() -> None:
@@ -98,9 +116,10 @@ def test_only_dense_convs_larger_than_1x1_are_routed() -> None:
         }
     )
     assert route_small_map_convs(model) == 2
-    routed = {name for name, module in model.items() if type(module) is SmallMapConv2d}
+    routed = {name for name, module in model.items() if is_routed(module)}
     assert routed == {"three", "strided"}
-    assert isinstance(model["three"], torch.nn.Conv2d)
+    assert type(model["three"]) is torch.nn.Conv2d  # a hook, not another class
+    assert route_small_map_convs(model) == 0  # already routed
 
 
 @pytest.mark.parametrize(
@@ -116,14 +135,14 @@ def test_the_engine_routes_the_unets_fp32_convs_when_selected(
 ) -> None:
     engine = Engine.load(tiny_model_dir, Settings(dtype=dtype, accel=setting))
     unet_convs = [m for m in engine.pipeline.unet.modules() if isinstance(m, torch.nn.Conv2d)]
-    small = [m for m in unet_convs if type(m) is SmallMapConv2d]
+    small = [m for m in unet_convs if is_routed(m)]
     assert ("small_map_convs" in engine.choices.accelerations) is routed
     assert bool(small) is routed
     if dtype == "bfloat16":
         assert "fp32" in engine.choices.skipped_accelerations["small_map_convs"]
     if routed:  # every 3x3 one; the 1x1 ones stay stock
         assert {m.kernel_size for m in small} == {(3, 3)}
-        assert all(m.kernel_size == (1, 1) for m in unet_convs if type(m) is not SmallMapConv2d)
+        assert all(m.kernel_size == (1, 1) for m in unet_convs if not is_routed(m))
 
 
 def test_a_routed_unet_computes_what_the_stock_one_does(tiny_model_dir: Path) -> None:

@@ -1,15 +1,14 @@
 """Write a bf16 copy of a model's weights beside the stored ones, once, before it is served.
 
 A host with native bf16 runs the model in bf16. From fp32 files it maps 4.3 GB (SD 1.5) and casts
-every tensor at load: on a 2-core host that is 1.5-2 s of CPU in every cold start, and on Lambda twice
-the bytes EFS has to deliver. With ``<stem>.bf16.safetensors`` beside each component's weights (the
-name diffusers loads with ``variant="bf16"``), the engine maps the copy as stored: half the bytes, no
-cast. The copy holds what a cast at load would make, except the folded upsample kernels
-(sd_lambda.engine.accel.upsample_fold), which then sum rounded taps (within a bf16 rounding of each
-other). Hosts that run fp32 keep loading the stored files, so for them a copy costs disk (half the model
-again) and
-nothing else. ``sd-lambda seed --bf16-copy`` adds one to a release; the bench's test
-model has one.
+every tensor at load: CPU time in every cold start, and on Lambda twice the bytes EFS has to deliver.
+With ``<stem>.bf16.safetensors`` beside each component's weights (the name diffusers loads with
+``variant="bf16"``), the engine maps the copy as stored: half the bytes, no cast. The copy holds what
+a cast at load would make, except the folded upsample kernels (sd_lambda.engine.accel.upsample_fold),
+which then sum rounded taps (within a bf16 rounding of each other). Hosts that run fp32 keep loading
+the stored files, so for them a copy costs disk (half the model again) and nothing else.
+``sd-lambda seed --bf16-copy`` adds one to a release; the bench's test model has one. The engine
+loads it when the ``bf16_copy`` acceleration is selected (``Bf16Copy`` below).
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 def keep_freed_memory() -> bool:
     """Keep freed memory in glibc's heap instead of unmapping it: large activations are reallocated
-    every step, and a fresh mmap costs a page fault per 4 KiB (measured: a third of the full VAE
-    decode's system time). Returns False where there is no glibc."""
+    every step, and a fresh mmap costs a page fault per 4 KiB. Returns False where there is no glibc."""
     libc = _glibc()
     if libc is None:
         return False

@@ -69,7 +69,7 @@ ACCELERATIONS: tuple[Acceleration, ...] = (
     Acceleration(
         "prefetch",
         "read the current revision's weights into the page cache during init, overlapping the imports",
-        default=True,
+        default=False,
         stage="init",
         entry="sd_lambda.engine.accel.prefetch:Prefetch",
         diffusers="",  # reads files; no diffusers involved
@@ -86,7 +86,7 @@ ACCELERATIONS: tuple[Acceleration, ...] = (
     Acceleration(
         "bf16_copy",
         "in bf16, map the model's bf16 copy (seed --bf16-copy) as stored: half the bytes, no cast",
-        default=True,
+        default=False,
         stage="load",
         entry="sd_lambda.engine.accel.bf16_copy:Bf16Copy",
     ),
@@ -121,7 +121,7 @@ ACCELERATIONS: tuple[Acceleration, ...] = (
     Acceleration(
         "guidance_prefix",
         "a guided UNet call computes the layers before the first cross-attention once for both halves",
-        default=True,
+        default=False,
         stage="pipeline",
         entry="sd_lambda.engine.accel.guidance_prefix:GuidancePrefix",
     ),

@@ -1,15 +1,14 @@
-"""fp32 convolutions over small feature maps run as im2col + BLAS instead of oneDNN.
+"""fp32 convolutions over small feature maps run in torch's im2col + BLAS kernel instead of oneDNN.
 
 PyTorch hands oneDNN plain-layout weights, and oneDNN reorders the whole kernel into its blocked
-layout on every call (``ONEDNN_VERBOSE``, a 1280-channel 3x3 kernel at 8x8 on an AVX2 Zen 3: 39.5 ms of
-reorder, then 18.2 ms of convolution). Over a 64x64 map that is spread over 4,096 pixels; at SD 1.5's
-16x16 and 8x8 UNet levels it is not. Measured there in fp32, per convolution of one UNet call, torch's
-own kernel (``thnn_conv2d``: im2col, then one MKL sgemm per image) was 1.3-2.9x faster at batch 1 and
-0.95-2.5x as fast at batch 2 up to 256 output pixels per image, and was slower above (0.6-1.0x at 32x32).
-The same multiply-adds, summed in another order. One image per call: by its source, ``thnn_conv2d``
-runs a batch's images in parallel, one thread each, so at batch 2 it would leave four of Lambda's six
-vCPUs idle (not measured: this machine has two); image by image, MKL's sgemm gets every thread, and
-here that measured as fast or faster (16x16 x 2560 channels at batch 2: 246 ms against 321 ms).
+layout on every call. Over a 64x64 map that cost is spread over 4,096 pixels; at SD 1.5's 16x16 and
+8x8 UNet levels it is not, and torch's own kernel (``slow_conv2d``: im2col, then one sgemm per image)
+is faster there. The same multiply-adds, summed in another order. ATen picks that kernel for a
+convolution when oneDNN is switched off (``torch.backends.mkldnn.enabled``), so each routed
+``Conv2d`` gets a diffusers hook that switches it off around its own call. One image per call: by its
+source, the kernel runs a batch's images in parallel, one thread each, which would leave most of
+Lambda's vCPUs idle at batch 2; image by image, the sgemm gets every thread. docs/performance.md has
+what this measured and up to which map size.
 """
 
 from __future__ import annotations
@@ -17,7 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
+HOOK = "sd_lambda.small_map_convs"
 # Output pixels per image up to which the im2col kernel measured faster (a 16x16 map; 32x32 was slower).
 MAX_OUTPUT_PIXELS = 16 * 16
 
@@ -28,8 +29,8 @@ def output_pixels(height: int, width: int, conv: torch.nn.Conv2d) -> int:
 
 
 def routable(conv: torch.nn.Module) -> bool:
-    """What ``thnn_conv2d`` computes: a dense (groups=1, dilation 1) convolution, zero padding given as
-    numbers, a kernel larger than 1x1 (1x1 convolutions measured no faster)."""
+    """What the im2col kernel computes: a dense (groups=1, dilation 1) convolution, zero padding given
+    as numbers, a kernel larger than 1x1 (1x1 convolutions measured no faster)."""
     return (
         type(conv) is torch.nn.Conv2d
         and conv.groups == 1
@@ -40,37 +41,41 @@ def routable(conv: torch.nn.Module) -> bool:
     )
 
 
-class SmallMapConv2d(torch.nn.Conv2d):
-    """A ``Conv2d`` that takes the im2col kernel for fp32, NCHW inputs with few output pixels, one image
-    at a time; every other call (bf16, channels_last, larger maps) is the stock path. Same parameters,
-    same state dict."""
+class SmallMapConv(ModelHook):
+    """fp32, NCHW inputs with few output pixels: the im2col kernel, one image at a time. Every other call
+    (bf16, channels_last, larger maps) is the stock forward, oneDNN included."""
 
-    def _conv_forward(
-        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        if (
+    def new_forward(self, module: torch.nn.Conv2d, input: torch.Tensor) -> torch.Tensor:
+        forward = self.fn_ref.original_forward
+        if not (
             input.dtype == torch.float32
             and input.dim() == 4
             and input.shape[0] > 0
             and input.is_contiguous()
-            and output_pixels(input.shape[-2], input.shape[-1], self) <= MAX_OUTPUT_PIXELS
+            and output_pixels(input.shape[-2], input.shape[-1], module) <= MAX_OUTPUT_PIXELS
         ):
-            images = [
-                torch._C._nn.thnn_conv2d(image, weight, self.kernel_size, bias, self.stride, self.padding)
-                for image in input.split(1)
-            ]
-            return images[0] if len(images) == 1 else torch.cat(images)
-        return super()._conv_forward(input, weight, bias)
+            return forward(input)
+        onednn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            images = [forward(image) for image in input.split(1)]
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+        return images[0] if len(images) == 1 else torch.cat(images)
 
 
 def route_small_map_convs(model: torch.nn.Module) -> int:
-    """Switch ``model``'s routable convolutions to ``SmallMapConv2d`` in place; returns how many."""
+    """Register the routing hook on ``model``'s routable convolutions; returns how many."""
     routed = 0
     for module in model.modules():
-        if routable(module):
-            module.__class__ = SmallMapConv2d
+        if routable(module) and HOOK not in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(SmallMapConv(), HOOK)
             routed += 1
     return routed
+
+
+def is_routed(module: torch.nn.Module) -> bool:
+    return HOOK in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
 
 
 class SmallMapConvs:
