@@ -1,7 +1,8 @@
 """The Lambda entrypoint: ``python -m awslambdaric sd_lambda.serving.handler.handler`` (what the image runs).
 
 Set up once, predict many. Importing this module (Lambda's init phase, capped at 10 s) reads the
-settings, starts reading the current revision's weights in the background (``PREFETCH``), and builds
+settings, starts reading the current revision's weights in the background (``PREFETCH``, when
+``SD_ACCEL`` selects ``prefetch``), and builds
 the logger and an empty ``PREDICTOR``; the model itself is loaded by the first
 request that needs it and then kept warm for every later invocation of this execution environment.
 
