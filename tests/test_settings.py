@@ -64,7 +64,7 @@ def test_every_scheduler_and_the_defaults_are_accepted() -> None:
         ("", registry.DEFAULTS),
         ("default", registry.DEFAULTS),
         ("none", ()),
-        ("all", tuple(registry.BY_NAME)),
+        ("all", registry.SAME_IMAGE),
         ("page_release, in_place", ("in_place", "page_release")),  # registry order, not the list's
         (
             "-in_place,+feature_reuse",

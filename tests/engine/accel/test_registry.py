@@ -31,7 +31,7 @@ def test_the_registry_and_the_switch_import_no_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     selected, torch_imported, diffusers_imported = json.loads(done.stdout)
-    assert selected == list(registry.BY_NAME)
+    assert selected == list(registry.SAME_IMAGE)
     assert (torch_imported, diffusers_imported) == (False, False)
 
 
@@ -53,6 +53,30 @@ def test_an_unknown_name_is_refused_naming_the_known_ones(value: str) -> None:
     with pytest.raises(ValueError, match="known: prefetch, heap_keep, bf16_copy") as raised:
         registry.resolve(value)
     assert "SD_ACCEL" in str(raised.value)
+
+
+@pytest.mark.parametrize("value", ["--in_place", "-+in_place", "+-in_place", "++feature_reuse"])
+def test_a_change_with_more_than_one_sign_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="more than one sign") as raised:
+        registry.resolve(value)
+    assert value in str(raised.value)
+
+
+@pytest.mark.parametrize("value", ["-feature_reuse", "-in_place,-guidance_prefix"])
+def test_removing_an_acceleration_the_defaults_do_not_select_is_refused(value: str) -> None:
+    unselected = value.split(",")[-1]
+    with pytest.raises(ValueError, match=f"{unselected} removes what the defaults do not select"):
+        registry.resolve(value)
+
+
+def test_all_is_every_acceleration_that_keeps_the_image() -> None:
+    changing = [a.name for a in registry.ACCELERATIONS if a.changes_image]
+    assert changing == ["feature_reuse"]
+    assert registry.resolve("all") == registry.SAME_IMAGE
+    assert "feature_reuse" not in registry.resolve("all")
+    assert "not feature_reuse" in registry.SWITCH_HELP  # the switch's help says so
+    assert "feature_reuse" in registry.resolve("+feature_reuse")  # by name only
+    assert registry.resolve("-in_place") == tuple(n for n in registry.DEFAULTS if n != "in_place")
 
 
 def test_none_loads_stock_diffusers_modules_with_no_hooks(tiny_model_dir: Path) -> None:

@@ -162,36 +162,54 @@ DEFAULTS = tuple(acceleration.name for acceleration in ACCELERATIONS if accelera
 # Every acceleration that computes the same thing (up to summation order): the parity test's set.
 SAME_IMAGE = tuple(acceleration.name for acceleration in ACCELERATIONS if not acceleration.changes_image)
 SWITCH_HELP = (
-    "default (the registry's defaults), all, none (stock diffusers), a comma list of names (exactly those),"
+    "default (the registry's defaults), all (every one that keeps the image: not "
+    + ", ".join(name for name in BY_NAME if name not in SAME_IMAGE)
+    + ", which only its name selects), none (stock diffusers), a comma list of names (exactly those),"
     " or -name/+name changes to the defaults; names: " + ", ".join(BY_NAME)
 )
 
 
 def resolve(spec: str) -> tuple[str, ...]:
-    """``SD_ACCEL``'s value -> the selected names, in registry order; ValueError naming the known ones."""
+    """``SD_ACCEL``'s value -> the selected names, in registry order; ValueError naming the known ones.
+
+    ``all`` is every acceleration that keeps the image (``SAME_IMAGE``): one that changes it is chosen
+    by name. Removing a name the defaults do not select is refused, as is more than one sign: both are
+    a typo'd intent that would otherwise change nothing."""
     text = spec.strip()
     if text in ("", "default"):
         return DEFAULTS
     if text == "all":
-        return tuple(BY_NAME)
+        return SAME_IMAGE
     if text == "none":
         return ()
     tokens = [token.strip() for token in text.split(",") if token.strip()]
-    relative = [token[0] in "+-" for token in tokens]
+    changes = [(token[0], token[1:].strip()) if token[0] in "+-" else ("", token) for token in tokens]
+    relative = [sign != "" for sign, _ in changes]
     if any(relative) and not all(relative):
         raise ValueError(f"SD_ACCEL={spec!r} mixes names with +name/-name changes; use one or the other")
-    unknown = [token.lstrip("+-") for token in tokens if token.lstrip("+-") not in BY_NAME]
+    doubled = [token for token, (_, name) in zip(tokens, changes, strict=True) if name[:1] in ("+", "-")]
+    if doubled:
+        raise ValueError(
+            f"SD_ACCEL={spec!r}: {', '.join(doubled)} has more than one sign; use +name or -name"
+        )
+    unknown = [name for _, name in changes if name not in BY_NAME]
     if unknown or not tokens:
         raise ValueError(
             f"SD_ACCEL={spec!r}: unknown acceleration {', '.join(unknown) or '(empty)'}; known: "
             f"{', '.join(BY_NAME)} (or default, all, none)"
         )
+    removed_unselected = [name for sign, name in changes if sign == "-" and name not in DEFAULTS]
+    if removed_unselected:
+        raise ValueError(
+            f"SD_ACCEL={spec!r}: -{', -'.join(removed_unselected)} removes what the defaults do not select"
+            f" (defaults: {', '.join(DEFAULTS)})"
+        )
     selected = set(DEFAULTS) if all(relative) else set()
-    for token in tokens:
-        if token.startswith("-"):
-            selected.discard(token[1:])
+    for sign, name in changes:
+        if sign == "-":
+            selected.discard(name)
         else:
-            selected.add(token.lstrip("+"))
+            selected.add(name)
     return tuple(name for name in BY_NAME if name in selected)
 
 
