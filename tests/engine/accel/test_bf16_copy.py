@@ -112,7 +112,7 @@ def test_an_incomplete_copy_is_not_used(copied_model: Path, tmp_path: Path) -> N
 
 def test_the_copy_gives_the_weights_a_cast_at_load_would(copied_model: Path) -> None:
     from_copy = Engine.load(copied_model, BF16)
-    cast = Engine.load(copied_model, Settings(dtype="bfloat16", accel="-bf16_copy"))
+    cast = Engine.load(copied_model, Settings(dtype="bfloat16", accel="default"))
     assert cast.choices.weights == "stored"
     folded = {
         name

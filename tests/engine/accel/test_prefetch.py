@@ -15,8 +15,11 @@ import pytest
 from helpers import TEST_MODEL_NAME, TEST_REVISION, seed_release
 
 from sd_lambda.engine import cpu
+from sd_lambda.engine.accel import prefetch as prefetch_module
+from sd_lambda.engine.accel import registry
 from sd_lambda.engine.accel.bf16_copy import add_bf16_copy
 from sd_lambda.engine.accel.prefetch import (
+    Prefetch,
     WeightPrefetch,
     expects_bf16_copy,
     memory_available,
@@ -24,6 +27,7 @@ from sd_lambda.engine.accel.prefetch import (
     prefetch_model,
     weight_files,
 )
+from sd_lambda.engine.torch_engine import Engine
 from sd_lambda.layout import BF16_COPY_COMPONENTS
 from sd_lambda.serving.predictor import Predictor
 from sd_lambda.settings import Settings
@@ -194,23 +198,51 @@ def test_a_cancelled_prefetch_stops_reading(tmp_path: Path) -> None:
     assert (prefetch.state, prefetch.bytes_read) == ("cancelled", 0)
 
 
-def test_prefetch_current_reads_the_current_release_unless_switched_off(
+def test_prefetch_current_reads_the_current_release_only_when_selected(
     model_root: Path, tmp_path: Path
 ) -> None:
-    settings = Settings(model_root=model_root, model_name=TEST_MODEL_NAME, accel="+prefetch")
-    prefetch = prefetch_current(settings)
+    seeded = {"MODEL_ROOT": str(model_root), "MODEL_NAME": TEST_MODEL_NAME}
+    prefetch = prefetch_current(Settings.from_env({**seeded, "SD_ACCEL": "+prefetch"}))
     assert prefetch is not None
     assert prefetch.wait(WAIT_SECONDS)
     release = model_root / TEST_MODEL_NAME / "releases" / TEST_REVISION
     assert prefetch.files == weight_files(release)
     assert prefetch.state == "done"
-    assert (
-        prefetch_current(Settings.from_env({"MODEL_ROOT": str(model_root), "SD_ACCEL": "-prefetch"})) is None
-    )
+    # The same seeded model without it selected: opt-in, so the defaults and a list without it read nothing.
+    for accel in ("default", "in_place,page_release"):
+        assert prefetch_current(Settings.from_env({**seeded, "SD_ACCEL": accel})) is None, accel
     # Not seeded yet: nothing to read; the first request reports model_not_seeded as before.
     empty = Settings(model_root=tmp_path / "empty", model_name=TEST_MODEL_NAME, accel="+prefetch")
     assert prefetch_current(empty) is None
-    assert prefetch_current(Settings(model_root=model_root, model_name=TEST_MODEL_NAME)) is None  # opt-in
+
+
+def test_the_engine_reports_prefetch_only_where_this_process_started_one(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prefetch_module, "STARTED", {})
+    target = registry.Target(tiny_model_dir, dtype=None, selected=frozenset({"prefetch"}))
+    # The handler's init found nothing seeded (or the bench's engine ran without one): none started.
+    assert "nothing seeded" in (Prefetch.check(target) or "")
+    # Set up but skipped: the weights would take over half of MemAvailable.
+    skipped = prefetch_model(tiny_model_dir, meminfo=_meminfo(tmp_path, available_kib=1))
+    assert skipped.state == "skipped"
+    assert Prefetch.check(target) == f"the init's prefetch was skipped: {skipped.skip_reason}"
+    # Another release was read (current moved on since init): this one was not.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other, symlinks=True)
+    assert prefetch_model(other).wait(WAIT_SECONDS)
+    assert Prefetch.check(target) is not None
+    started = prefetch_model(tiny_model_dir)
+    assert started.wait(WAIT_SECONDS)
+    assert Prefetch.check(target) is None
+    # The engine's load log and /health say the same.
+    monkeypatch.setattr(prefetch_module, "STARTED", {})
+    settings = Settings(dtype="float32", accel="+prefetch")
+    described = Engine.load(tiny_model_dir, settings).describe()
+    assert "prefetch" not in described["accelerations"]
+    assert "nothing seeded" in described["skipped_accelerations"]["prefetch"]
+    assert prefetch_model(tiny_model_dir).wait(WAIT_SECONDS)
+    assert "prefetch" in Engine.load(tiny_model_dir, settings).describe()["accelerations"]
 
 
 def test_health_reports_the_prefetch(model_root: Path) -> None:

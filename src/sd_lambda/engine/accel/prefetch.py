@@ -42,6 +42,9 @@ CHUNK_BYTES = 8 << 20
 PROC_MEMINFO = Path("/proc/meminfo")
 # Prefetch only weights that fit in this share of MemAvailable.
 MEMORY_SHARE = 0.5
+# Every prefetch this process set up (started or skipped), by the release folder it reads: the engine
+# does not start one (the handler's init or a bench worker does), so its registry entry reports this.
+STARTED: dict[Path, WeightPrefetch] = {}
 
 
 def weight_files(model_dir: Path, bf16: bool = False) -> list[Path]:
@@ -198,6 +201,19 @@ def _size(path: Path) -> int:
 def prefetch_model(model_dir: Path, meminfo: Path = PROC_MEMINFO, bf16: bool = False) -> WeightPrefetch:
     """Start reading ``model_dir``'s weights (``bf16``: its bf16 copy where complete) in the background,
     or return a skipped prefetch saying why."""
+    prefetch = _set_up(model_dir, meminfo, bf16)
+    STARTED[_folder_key(model_dir)] = prefetch
+    return prefetch
+
+
+def _folder_key(folder: Path) -> Path:
+    try:
+        return Path(folder).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
+        return Path(folder)
+
+
+def _set_up(model_dir: Path, meminfo: Path, bf16: bool) -> WeightPrefetch:
     try:
         files = weight_files(model_dir, bf16)
     except OSError as exc:  # e.g. EFS unreachable or a release pruned meanwhile: the load will say
@@ -228,12 +244,18 @@ def prefetch_current(settings: Settings) -> WeightPrefetch | None:
 
 class Prefetch:
     """The registry's entry (sd_lambda.engine.accel.registry). The handler applies it at init, before
-    the engine exists; the engine only reports it."""
+    the engine exists; the engine reports whether a prefetch of the release it loads was started in this
+    process, and why not (nothing seeded at init, another revision, skipped) when it was not."""
 
     @staticmethod
     def check(target: Any) -> str | None:
+        prefetch = STARTED.get(_folder_key(target.model_dir))
+        if prefetch is None:
+            return "no prefetch of this release in this process (nothing seeded at init, or another revision)"
+        if prefetch.skip_reason is not None:
+            return f"the init's prefetch was skipped: {prefetch.skip_reason}"
         return None
 
     @staticmethod
     def apply(target: Any) -> str:
-        return "the handler's init reads the weights ahead (prefetch in /health)"
+        return "the init reads the weights ahead (prefetch in /health)"
