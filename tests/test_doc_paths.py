@@ -2,6 +2,8 @@
 `sd_lambda.x.y` module names, and the test files and tests it names. docs/architecture.md's code map
 has one row per package of the real tree, and the README stays short and links every page of docs/."""
 
+import ast
+import itertools
 import re
 import subprocess
 from pathlib import Path
@@ -207,3 +209,62 @@ def test_the_readme_links_every_page_under_docs() -> None:
     }
     pages = {str(page.relative_to(REPO)) for page in (REPO / "docs").glob("*.md")}
     assert pages - linked == set(), "add each page to the README's documentation table"
+
+
+# ---- the part diagram of docs/architecture.md ----------------------------------------------------------
+
+
+def diagram_parts_and_edges(text: str) -> tuple[dict[str, str], set[tuple[str, str]]]:
+    """The first mermaid block's ``node -> subgraph`` and its arrows as ``(from, to)`` node pairs."""
+    diagram = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    part_of, part, edges = {}, "", set()
+    for line in diagram.splitlines():
+        line = line.strip()
+        if opened := re.match(r"subgraph (\w+)", line):
+            part = opened.group(1)
+        elif line == "end":
+            part = ""
+        elif defined := re.fullmatch(r'(\w+)\[".*"\]', line):
+            part_of[defined.group(1)] = part
+        elif "-->" in line or ".->" in line:
+            # a -- "label" --> b, a -. "label" .-> b, a --> b --> c, a & b --> c & d
+            plain = re.sub(r'(?:--|-\.)\s*"[^"]*"\s*(?:-->|\.->)|-\.->', "-->", line)
+            ends = [[node.strip() for node in segment.split("&")] for segment in plain.split("-->")]
+            edges |= {(a, b) for left, right in itertools.pairwise(ends) for a in left for b in right}
+    return part_of, edges
+
+
+def diagram_node(module: str, nodes: set[str]) -> str | None:
+    """``sd_lambda.engine.accel.prefetch`` -> ``accel``: the deepest package (or top-level module) that
+    is a node of the diagram."""
+    parts = module.split(".")[1:]
+    node = parts[0] if parts and parts[0] in nodes else None
+    if node and len(parts) > 1 and parts[1] in nodes and (PACKAGE / parts[0] / parts[1]).is_dir():
+        node = parts[1]
+    return node
+
+
+def test_the_architecture_diagram_draws_every_import_between_parts() -> None:
+    """The page says its arrows are the only imports between parts: each import (lazy ones included)
+    from one part's module into another part's has an arrow between those parts."""
+    part_of, edges = diagram_parts_and_edges(ARCHITECTURE.read_text())
+    nodes = set(part_of)
+    assert {"serving", "engine", "accel", "settings", "layout", "cli", "ops", "devtools"} <= nodes
+    drawn = {(part_of[a], part_of[b]) for a, b in edges}
+    undrawn = set()
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(SRC).with_suffix("").parts)
+        importer = diagram_node(module, nodes)
+        for statement in ast.walk(ast.parse(path.read_text())):
+            if isinstance(statement, ast.ImportFrom) and statement.module and not statement.level:
+                names = [statement.module] + [f"{statement.module}.{alias.name}" for alias in statement.names]
+            elif isinstance(statement, ast.Import):
+                names = [alias.name for alias in statement.names]
+            else:
+                continue
+            for name in names:
+                imported = diagram_node(name, nodes) if name.startswith("sd_lambda.") else None
+                crossing = importer and imported and part_of[importer] != part_of[imported]
+                if crossing and (part_of[importer], part_of[imported]) not in drawn:
+                    undrawn.add(f"{module} -> {name}")
+    assert sorted(undrawn) == []

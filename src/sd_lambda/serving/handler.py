@@ -26,7 +26,8 @@ from sd_lambda.settings import Settings
 
 SETTINGS = Settings.from_env()
 # Started before the imports below, which spend seconds of CPU (torch, diffusers, transformers) while
-# the disk sits idle: reading the weights (from EFS on Lambda) overlaps them. SD_ACCEL=-prefetch turns it off.
+# the disk sits idle: reading the weights (from EFS on Lambda) overlaps them. Opt-in: SD_ACCEL=+prefetch
+# (docs/performance.md says where it pays).
 PREFETCH = prefetch_current(SETTINGS)
 
 from aws_lambda_powertools import Logger  # noqa: E402  (after the prefetch has started, see above)
