@@ -7,12 +7,15 @@ import json
 import logging
 import subprocess
 import sys
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 import diffusers
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from sd_lambda.engine.accel import registry
 from sd_lambda.engine.accel.small_conv import is_routed
@@ -21,6 +24,7 @@ from sd_lambda.engine.torch_engine import Engine, GenerationParams
 from sd_lambda.settings import Settings
 
 FP32 = Settings(dtype="float32")
+PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
 
 
 def test_the_registry_and_the_switch_import_no_torch() -> None:
@@ -153,3 +157,16 @@ def test_outside_its_tested_diffusers_range_an_acceleration_is_skipped(
     # The ones that do not touch diffusers modules still apply.
     assert {"channels_last", "page_release"} <= set(engine.choices.accelerations)
     assert not any(hasattr(m, "_diffusers_hook") for m in engine.pipeline.unet.modules())
+
+
+def test_the_runtime_extra_installs_only_diffusers_releases_the_registry_is_tested_on() -> None:
+    """A later diffusers would install cleanly and then skip every acceleration that touches it."""
+    extras = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["runtime"]
+    (allowed,) = [Requirement(line).specifier for line in extras if Requirement(line).name == "diffusers"]
+    tested = SpecifierSet(registry.TESTED_DIFFUSERS)
+    releases = [
+        f"{major}.{minor}.{patch}" for major in (0, 1, 2) for minor in range(100) for patch in range(4)
+    ]
+    installable = [version for version in releases if allowed.contains(version)]
+    assert installable, f"no release satisfies diffusers{allowed}"
+    assert [version for version in installable if not tested.contains(version)] == []
