@@ -3,9 +3,11 @@
 has one row per package of the real tree, and the README stays short and links every page of docs/."""
 
 import ast
+import io
 import itertools
 import re
 import subprocess
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,64 @@ def test_the_check_sees_a_missing_test() -> None:
     assert not cited_test_exists("test_no_such_file.py", "test_no_such_file.py", None, None)
     assert not cited_test_exists("test_layout.py", "test_layout.py", "test_no_such_test", None)
     assert cited_test_exists("tests/test_doc_paths.py", "test_doc_paths.py", "test_the_check_", "...")
+
+
+# ---- paths the source's docstrings and comments cite --------------------------------------------------
+
+# A repository path written in prose (``docs/api.md``, ``infra/modules/<name>/``, ``docs/*.md``).
+SOURCE_PATH = re.compile(r"(?<![\w/.-])((?:docs|shared|src|infra|tests|image|scripts)/[\w./<>*-]*[\w/>*])")
+# A named Terraform variables file (``offline.auto.tfvars``); not a glob (``*.auto.tfvars``).
+TFVARS_FILE = re.compile(r"(?<![\w/.*<>-])([\w-][\w.-]*\.tfvars(?:\.json)?)\b")
+# Terraform's own names for the operator's variables files, not files of this repository.
+TERRAFORM_VARIABLES_FILES = {"terraform.tfvars", "terraform.tfvars.json"}
+
+
+def prose_of(source: str) -> list[tuple[int, str]]:
+    """``(line, text)`` of each comment and docstring of a Python file."""
+    prose = [
+        (token.start[0], token.string)
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    ]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            docstring = ast.get_docstring(node, clean=False)
+            if docstring:
+                prose.append((node.body[0].lineno, docstring))
+    return prose
+
+
+def missing_source_citations(source: str, repo: Path = REPO) -> list[str]:
+    """The paths and tfvars files ``source``'s prose cites that the repository does not have (a git-ignored
+    file the tools or the operator write counts as had; ``<name>`` and ``*`` must match something)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True)
+    names = {Path(path).name for path in tracked.stdout.splitlines()}
+    missing = []
+    for line, text in prose_of(source):
+        for path in SOURCE_PATH.findall(text):
+            pattern = re.sub(r"<[^>]*>", "*", path).rstrip("/")
+            found = any(repo.glob(pattern)) if "*" in pattern else (repo / pattern).exists()
+            if not found and not written_at_run_time(path):
+                missing.append(f"{line}: {path}")
+        for name in TFVARS_FILE.findall(text):
+            if name not in names | TERRAFORM_VARIABLES_FILES and not written_at_run_time(f"infra/{name}"):
+                missing.append(f"{line}: {name}")
+    return sorted(missing, key=lambda entry: int(entry.split(":")[0]))
+
+
+@pytest.mark.parametrize("source", sorted(PACKAGE.rglob("*.py")), ids=lambda path: str(path.relative_to(SRC)))
+def test_every_path_a_docstring_or_comment_cites_exists(source: Path) -> None:
+    assert missing_source_citations(source.read_text()) == []
+
+
+def test_the_source_check_sees_a_missing_path_and_tfvars_file() -> None:
+    source = (
+        '"""See ``shared/design/efs-model-layout.md`` and docs/api.md."""\n'
+        "# examples use their offline.auto.tfvars; tests/infra/offline.tfvars; infra/modules/<name>/\n"
+        "# the operator's terraform.tfvars and every *.auto.tfvars\n"
+    )
+    missing = ["1: shared/design/efs-model-layout.md", "2: offline.auto.tfvars"]
+    assert missing_source_citations(source) == missing
 
 
 # ---- the code map of docs/architecture.md --------------------------------------------------------------

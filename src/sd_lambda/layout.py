@@ -1,6 +1,6 @@
 """The model layout on EFS: the one contract between seeding (writer) and serving (reader).
 
-See ``shared/design/efs-model-layout.md``::
+docs/seeding.md and docs/architecture.md (Seeding) describe it for operators::
 
     <name>/
       releases/<revision>/        complete diffusers folder + manifest.json

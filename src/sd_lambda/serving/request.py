@@ -1,7 +1,7 @@
 """The generation request: ONE declaration of every field, its limits, default source and description.
 
 ``GenerationRequest`` is the single source of truth. Validation (strict types, unknown fields refused),
-the error each bad value gets, the defaults applied once the model is loaded, and README's request
+the error each bad value gets, the defaults applied once the model is loaded, and docs/api.md's request
 table (``sd_lambda.devtools.docs``) are all derived from it, so they cannot drift apart.
 
 Limits that an operator may tune are declared as ``SettingMax("<Settings attribute>")`` and read from

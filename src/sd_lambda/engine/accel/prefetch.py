@@ -3,9 +3,10 @@
 On a cold start none of the model is in memory. The engine memory-maps its safetensors, so the
 weights would arrive by page faults, in the order loading and the first image touch them: small
 reads, each one waiting for the disk (on Lambda, for EFS over NFS). Importing torch, diffusers and
-transformers takes seconds of CPU and leaves the disk idle. The handler starts this pass before
-those imports, so one sequential read per file overlaps them, and the engine's mappings then fault
-from the page cache. Measured in ``sd-lambda bench --cold``.
+transformers takes seconds of CPU and leaves the disk idle. Where ``SD_ACCEL`` selects it (opt-in;
+docs/performance.md says where it pays), the handler starts this pass before those imports, so one
+sequential read per file overlaps them, and the engine's mappings then fault from the page cache.
+Measured in ``sd-lambda bench --cold``.
 
 This is best effort. It never raises. It stops at the first file it cannot read. It is skipped when
 the weights would take more than half the available memory, because then they would push each

@@ -10,7 +10,8 @@ channel pair instead of 36, with the same terms summed in a different order. In 
 upsampling convolutions are 28% of the VAE decoder's FLOPs and 8% of the UNet's.
 
 The four phases are blocks of output channels (phase-major), so in channels_last the interleave
-copies runs of C contiguous values: 20% faster than channel-major phases at the VAE's shapes.
+copies runs of C contiguous values rather than single elements (docs/performance.md has what that
+measured).
 
 Row phase 0 (output row 2m) reads input rows m-1 and m with taps (w0, w1 + w2); phase 1 (row 2m+1)
 reads rows m and m+1 with taps (w0 + w1, w2). Columns are the same.
@@ -92,8 +93,8 @@ class FoldedUpsample2D(torch.nn.Module):
             target = out.permute(0, 3, 5, 1, 2, 4)
         for row in (0, 1):
             for col in (0, 1):
-                # One phase at a time: a quarter of the output alive besides it, not all four (in the
-                # VAE's last upsampler 67 MB instead of 270 MB), and as fast (measured per shape).
+                # One phase at a time: a quarter of the output alive besides it, not all four, at no
+                # cost in speed (docs/performance.md).
                 taps = slice((2 * row + col) * channels, (2 * row + col + 1) * channels)
                 bias = None if self.bias is None else self.bias[taps]
                 phase = F.conv2d(hidden_states, self.weight[taps], bias, padding=1)  # (N, C, H + 1, W + 1)
