@@ -4,11 +4,12 @@ errors that name the make variable when make runs the command."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Iterator
 
 import pytest
 
-from sd_lambda.cli import FROM_MAKE_ENV, MAKE_VARIABLES, ask_for, build_parser, option
+from sd_lambda.cli import FROM_MAKE_ENV, MAKE_VARIABLES, ask_for, build_parser, main, option
 
 
 def parsers(
@@ -77,3 +78,32 @@ def test_messages_name_the_make_variable_under_make(monkeypatch: pytest.MonkeyPa
     assert option("--attempts") == "--attempts"  # no make variable: the flag (through ARGS=)
     assert ask_for("--prompt", "a red fox") == 'set PROMPT="a red fox"'
     assert ask_for("--url", "") == "set URL="
+
+
+@pytest.mark.parametrize(("path", "parser"), ALL, ids=[path for path, _ in ALL])
+def test_help_is_plain_text(path: str, parser: argparse.ArgumentParser) -> None:
+    assert "``" not in parser.format_help(), f"{path} --help shows reStructuredText markup"
+
+
+def test_each_command_describes_itself() -> None:
+    described = {path: parser.description for path, parser in ALL if parser.description}
+    assert {"sd-lambda", "sd-lambda seed", "sd-lambda rollback", "sd-lambda deploy"} <= set(described)
+    shared = {text for text in described.values() if list(described.values()).count(text) > 1}
+    assert shared == set()
+
+
+def test_seed_bf16_copy_without_torch_names_the_install_and_the_make_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "torch" else real_find_spec(name, *rest),
+    )
+    monkeypatch.setenv(FROM_MAKE_ENV, "1")
+    assert main(["seed", "--model", "owner/model", "--bf16-copy"]) == 1
+    assert capsys.readouterr().err == (
+        "sd-lambda seed: error: BF16_COPY=1 needs torch: make install (the full install, CPU torch), "
+        "or drop BF16_COPY=1\n"
+    )

@@ -1,4 +1,4 @@
-"""``sd-lambda bench``: the project's pipeline against the naive one, in one run, on this machine.
+"""sd-lambda bench: the project's pipeline against the naive one, in one run, on this machine.
 
 Variants (same prompt, seed, size and steps; each run in its own process, alternating):
   naive       what the source articles do: DiffusionPipeline.from_pretrained, fp32, full VAE,
@@ -12,7 +12,7 @@ Variants (same prompt, seed, size and steps; each run in its own process, altern
   fast_lcm    the same defaults on the same weights configured with an LCM scheduler, which is what an
               LCM-LoRA-fused SD 1.5 runs (same UNet, no classifier-free guidance). The timing is that
               model's; the image quality is not (random weights).
-Each variant runs under ``--isa native`` and/or ``--isa avx2`` (ATen and oneDNN capped at AVX2, the
+Each variant runs under --isa native and/or --isa avx2 (ATen and oneDNN capped at AVX2, the
 only vector ISA AWS Lambda documents). With accel:default and accel:-name / accel:+name variants, the
 report adds each acceleration's gain (s/image, peak RSS) and the run-to-run spread over the rounds.
 """

@@ -617,7 +617,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "deploy",
         help="plan / apply / destroy the Terraform stack (ECR first, then the image)",
-        description=__doc__,
+        description="Plan, apply or destroy the Terraform stack in --infra, or run apply's preflight alone. "
+        "apply checks credentials, terraform, docker and the account's Lambda limits, creates the ECR "
+        "repository, takes the image (--image-uri, or the digest push-image leaves in .image-digest), "
+        "applies everything with the function pinned to that digest and waits until the function is "
+        "Active. Without a new image, plan and apply keep the one the function runs. A plan that would "
+        "delete or replace the live function needs --allow-function-delete; one that would delete stored "
+        "data (EFS, the weights bucket, the KMS key, the ECR repository) needs --allow-data-loss. With "
+        "--json each action prints one JSON document on stdout and everything else on stderr.",
     )
     actions = parser.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
     apply_parser = actions.add_parser("apply", help="registry, image, full apply, wait until Active")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.cli import add_json_flag, report
+from sd_lambda.cli import add_json_flag, option, report
 from sd_lambda.layout import DEFAULT_KEEP, LayoutError
 from sd_lambda.seeding.errors import SeedError
 
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seed = subparsers.add_parser(
         "seed",
         help="put a model on EFS: hub/folder/S3 -> S3 -> seeder (SSM) -> new revision, switched atomically",
-        description=__doc__,
+        description="Put a model on EFS: from the Hugging Face Hub, a local diffusers folder or an uploaded "
+        "S3 revision, through the weights bucket and the seeder instance (SSM), as a new revision that "
+        "becomes current atomically. The stack's values come from the Terraform outputs in --infra.",
     )
     source = seed.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -84,7 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     back = subparsers.add_parser(
         "rollback",
         help="point a model's current at an older release on EFS (verified first)",
-        description=__doc__,
+        description="Switch a model on EFS back to a release it still keeps: the release is verified on the "
+        "seeder first, then current points at it. The stack's values come from the Terraform outputs in "
+        "--infra.",
     )
     back.add_argument("--name", help="model folder on EFS (default: the stack's model_name)")
     back.add_argument(
@@ -157,9 +161,10 @@ def run_seed(args: argparse.Namespace) -> int:
         from importlib.util import find_spec
 
         if find_spec("torch") is None:  # before any download: an operator install has no torch
+            # `make install` takes torch's CPU build; a plain pip install of the runtime extra pulls CUDA.
             raise SeedError(
-                "--bf16-copy writes the copy with torch, which this install lacks: install the runtime "
-                "extra (pip install -e '.[runtime]' in the checkout) or drop --bf16-copy"
+                f"{option('--bf16-copy')} needs torch: make install (the full install, CPU torch), "
+                f"or drop {option('--bf16-copy')}"
             )
     if args.from_s3 and args.revision:
         raise SeedError("--from-s3 names the revision itself (s3://bucket/models/NAME/REVISION/)")

@@ -1,4 +1,4 @@
-"""``sd-lambda make-test-model``: write a random-weight pipeline for tests, the demo and benchmarks."""
+"""sd-lambda make-test-model: write a random-weight pipeline for tests, the demo and benchmarks."""
 
 from __future__ import annotations
 
