@@ -9,7 +9,7 @@ import pytest
 
 from sd_lambda.engine.accel import registry
 from sd_lambda.engine.generation import SCHEDULERS
-from sd_lambda.settings import Settings, documented_variables
+from sd_lambda.settings import RETIRED_VARIABLES, Settings, documented_variables
 
 
 def test_defaults_point_at_the_efs_mount() -> None:
@@ -76,3 +76,31 @@ def test_every_scheduler_and_the_defaults_are_accepted() -> None:
 )
 def test_sd_accel_selects_accelerations_in_registry_order(value: str, selected: tuple[str, ...]) -> None:
     assert Settings.from_env({"SD_ACCEL": value}).accelerations == selected
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SD_PREFETCH": "1"}, "SD_PREFETCH was retired: use SD_ACCEL=+prefetch"),
+        ({"SD_MALLOC_TUNE": "1"}, "SD_MALLOC_TUNE was retired: use SD_ACCEL=+heap_keep,-heap_trim"),
+        ({"SD_SMALL_MAP_CONVS": "0"}, "SD_SMALL_MAP_CONVS was retired: use SD_ACCEL=-small_map_convs"),
+        ({"SD_BF16_COPY": "1"}, "SD_BF16_COPY was retired: use SD_ACCEL=+bf16_copy"),
+        ({"SD_FEATURE_REUSE": "2"}, "SD_FEATURE_REUSE was retired: use SD_ACCEL=+feature_reuse"),
+        (
+            {"SD_SMALL_MAP_CONVS": "1"},
+            "SD_SMALL_MAP_CONVS was retired: unset it (SD_ACCEL's defaults already",
+        ),
+        ({"SD_PREFETCH": "0", "SD_ACCEL": "none"}, "SD_PREFETCH was retired: unset it"),
+    ],
+)
+def test_retired_variables_are_refused_naming_their_sd_accel_change(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace("+", r"\+")):
+        Settings.from_env(environ)
+
+
+def test_each_retired_change_is_a_valid_sd_accel() -> None:
+    for _, change in RETIRED_VARIABLES.values():
+        assert Settings.from_env({"SD_ACCEL": change}).accel == change
+    assert Settings.from_env({"SD_PREFETCH": ""}) == Settings()

@@ -17,6 +17,28 @@ from sd_lambda.engine.generation import DECODERS, SCHEDULERS
 
 # Lambda caps a synchronous response (and a function URL's request) at 6 MB.
 LAMBDA_PAYLOAD_BYTES = 6_000_000
+# Variables SD_ACCEL replaced: a stack that still sets one would silently get the SD_ACCEL defaults.
+# variable -> (the values that meant what SD_ACCEL's defaults now do, the SD_ACCEL change for any other).
+RETIRED_VARIABLES: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "SD_PREFETCH": (("0",), "+prefetch"),
+    "SD_MALLOC_TUNE": (("0",), "+heap_keep,-heap_trim"),
+    "SD_SMALL_MAP_CONVS": (("1",), "-small_map_convs"),
+    "SD_BF16_COPY": (("0",), "+bf16_copy"),
+    "SD_FEATURE_REUSE": (("1",), "+feature_reuse"),
+}
+
+
+def refuse_retired(environ: Mapping[str, str]) -> None:
+    """ValueError naming the SD_ACCEL equivalent of the first retired variable ``environ`` sets."""
+    for name, (defaults, change) in RETIRED_VARIABLES.items():
+        value = environ.get(name)
+        if not value:  # empty is unset, as for every variable here
+            continue
+        if value.strip() in defaults:
+            raise ValueError(
+                f"{name} was retired: unset it (SD_ACCEL's defaults already do what {value} did)"
+            )
+        raise ValueError(f"{name} was retired: use SD_ACCEL={change}")
 
 
 def _env(
@@ -105,6 +127,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
+        refuse_retired(environ)
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(f.metadata["env"])

@@ -467,6 +467,82 @@ def test_a_non_number_reservation_is_one_line(capfd: pytest.CaptureFixture[str])
     )
 
 
+def test_each_bad_sd_variable_of_the_function_is_one_problem() -> None:
+    environment = {
+        "SD_PREFETCH": "1",
+        "SD_MAX_STEPS": "0",
+        "SD_ACCEL": "fast",
+        "SD_MAX_SIDE": "512",
+        "SD_MAX_STEP": "8",
+        "MODEL_ROOT": "/somewhere/else",  # the stack sets MODEL_ROOT and MODEL_NAME itself
+    }
+    given = PreflightInputs(REGION, "sd-lambda", None, 3008, environment=environment)
+
+    findings = check(given, StubbedAws().identity().account(1000), docker=None)
+
+    accel, *others = findings.problems
+    assert accel.startswith(
+        "environment_variables: SD_ACCEL='fast': unknown acceleration fast; known: prefetch"
+    )
+    assert others == [
+        "environment_variables: SD_MAX_STEPS=0 is below the minimum 1",
+        "environment_variables: SD_PREFETCH was retired: use SD_ACCEL=+prefetch",
+    ]
+    assert findings.warnings == [
+        "environment_variables: the function reads no SD_MAX_STEP (the ones it reads: docs/api.md, "
+        "Configuration)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source", "retired"),
+    [
+        ("var-file", 'environment_variables = {\n  SD_SMALL_MAP_CONVS = "0"\n  SD_MALLOC_TUNE = 1\n}\n'),
+        ("--var", '{SD_SMALL_MAP_CONVS = "0", SD_MALLOC_TUNE = 1}'),
+        ("TF_VAR_", '{"SD_SMALL_MAP_CONVS": "0", "SD_MALLOC_TUNE": "1"}'),
+    ],
+)
+def test_cli_preflight_refuses_retired_variables_in_the_stack_before_anything_runs(
+    source: str,
+    retired: str,
+    no_aws_credentials: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("sd_lambda.ops.preflight.terraform_problem", lambda: None)
+    argv = ["deploy", "preflight", "--infra", str(INFRA), "--region", REGION, "--image-uri", "x"]
+    if source == "var-file":
+        tfvars = tmp_path / "prod.tfvars"
+        tfvars.write_text(retired)
+        argv += ["--var-file", str(tfvars)]
+    elif source == "--var":
+        argv += ["--var", f"environment_variables={retired}"]
+    else:
+        monkeypatch.setenv("TF_VAR_environment_variables", retired)
+
+    code = cli_main(argv)
+
+    err = capfd.readouterr().err.splitlines()
+    assert code == 1
+    assert err[:2] == [
+        "preflight: environment_variables: SD_MALLOC_TUNE was retired: use SD_ACCEL=+heap_keep,-heap_trim",
+        "preflight: environment_variables: SD_SMALL_MAP_CONVS was retired: use SD_ACCEL=-small_map_convs",
+    ]
+    assert err[-1] == "sd-lambda deploy: error: preflight found 3 problems (above); nothing was created"
+
+
+def test_a_stack_environment_that_is_not_a_map_is_one_line(capfd: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(
+        ["deploy", "preflight", "--infra", str(INFRA), "--var", "environment_variables={SD_ACCEL="]
+    )
+
+    assert code == 1
+    err = capfd.readouterr().err
+    assert err.startswith("sd-lambda deploy: error: cannot parse environment_variables={SD_ACCEL=: ")
+    assert err.count("\n") == 1
+
+
 def test_the_deploy_commands_never_import_torch() -> None:
     script = (
         "import sys\n"

@@ -345,7 +345,14 @@ def _apply_checked(
 
 
 # The variables the driver reads before Terraform runs: the preflight's and the lifecycle check's.
-STACK_VARIABLES = ("name", "region", "reserved_concurrency", "memory_size", "ecr_keep_deployments")
+STACK_VARIABLES = (
+    "name",
+    "region",
+    "reserved_concurrency",
+    "memory_size",
+    "ecr_keep_deployments",
+    "environment_variables",
+)
 
 
 @dataclass(frozen=True)
@@ -357,6 +364,7 @@ class StackValues:
     reserved_concurrency: int | None
     memory_size: int | None
     ecr_keep_deployments: int | None
+    environment_variables: dict[str, str] = field(default_factory=dict)
 
 
 def _whole(name: str, value: Any) -> int | None:
@@ -368,12 +376,26 @@ def _whole(name: str, value: Any) -> int | None:
         raise StackError(f"{name} must be a whole number or null, got {value!r}") from None
 
 
+def _string_map(name: str, value: Any) -> dict[str, str]:
+    """A ``map(string)`` variable's value as Terraform passes it on (numbers and bools become strings)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or any(isinstance(item, (Mapping, list)) for item in value.values()):
+        raise StackError(f"{name} must be a map of strings, got {value!r}")
+    return {
+        str(key): str(item).lower() if isinstance(item, bool) else str(item) for key, item in value.items()
+    }
+
+
 def stack_values(options: DeployOptions) -> StackValues:
     """Read the var files once, before anything is created; a file that cannot be read is one line."""
-    from sd_lambda.ops.tfvars import VariablesError, effective_values
+    from sd_lambda.ops.tfvars import VariablesError, effective_values, expression
 
     try:
         values = effective_values(options.infra_dir, STACK_VARIABLES, options.var_files, options.variables)
+        environment = values["environment_variables"]
+        if isinstance(environment, str):  # from --var or TF_VAR_: an HCL expression
+            environment = expression("environment_variables", environment)
     except VariablesError as exc:
         raise StackError(str(exc)) from None
     except OSError as exc:  # e.g. an unreadable infra/*.tf: still one line, naming the file
@@ -384,6 +406,7 @@ def stack_values(options: DeployOptions) -> StackValues:
         reserved_concurrency=_whole("reserved_concurrency", values["reserved_concurrency"]),
         memory_size=_whole("memory_size", values["memory_size"]),
         ecr_keep_deployments=_whole("ecr_keep_deployments", values["ecr_keep_deployments"]),
+        environment_variables=_string_map("environment_variables", environment),
     )
 
 
@@ -522,6 +545,7 @@ def preflight_inputs(options: DeployOptions, values: StackValues) -> PreflightIn
         function_name=values.name,
         reserved_concurrency=values.reserved_concurrency,
         memory_size=values.memory_size,
+        environment=values.environment_variables,
     )
 
 

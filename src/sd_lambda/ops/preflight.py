@@ -4,7 +4,8 @@ before anything is created, every problem reported (one line each, with what to 
 Checked: AWS credentials and region (STS GetCallerIdentity); ``terraform`` >= 1.6 on PATH; the Docker
 engine unless an image is given (buildx is optional: without it the legacy builder runs); and the
 account's Lambda limits (GetAccountSettings) against the effective ``reserved_concurrency`` and
-``memory_size`` of the stack (``--var``, var files, else ``infra/variables.tf``).
+``memory_size`` of the stack (``--var``, var files, else ``infra/variables.tf``); and each ``SD_`` entry
+of its ``environment_variables`` as the function's init reads it (a bad one would fail every cold start).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from sd_lambda.cli import ask_for, option
 from sd_lambda.ops.aws_identity import CredentialsError, caller_identity
 from sd_lambda.ops.container.docker import Docker, DockerFailed, DockerUnavailable, has_buildx, require_engine
 from sd_lambda.ops.stack_outputs import TERRAFORM_INSTALL_HINT, TerraformNotFoundError, terraform_binary
+from sd_lambda.settings import RETIRED_VARIABLES, Settings, documented_variables
 
 MINIMUM_TERRAFORM = (1, 6)
 # PutFunctionConcurrency: "you can reserve concurrency ... as long as you leave at least 100 simultaneous
@@ -53,6 +55,8 @@ class PreflightInputs:
     function_name: str
     reserved_concurrency: int | None  # None: no reservation
     memory_size: int | None
+    # The stack's environment_variables (the stack itself adds MODEL_ROOT and MODEL_NAME).
+    environment: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +99,24 @@ def docker_findings(docker: Docker, findings: Findings) -> None:
             "docker has no buildx plugin: the image is built with the legacy builder (Lambda accepts its "
             "single-manifest push); install docker-buildx for BuildKit builds"
         )
+
+
+def environment_findings(environment: Mapping[str, str], findings: Findings) -> None:
+    """Each ``SD_`` variable checked alone, as the function's init reads it: one problem per bad value."""
+    known = {name for name, _, _ in documented_variables()}
+    for name, value in sorted(environment.items()):
+        if not name.startswith("SD_"):
+            continue
+        if name not in known and name not in RETIRED_VARIABLES:
+            findings.warnings.append(
+                f"environment_variables: the function reads no {name} (the ones it reads: docs/api.md, "
+                "Configuration)"
+            )
+            continue
+        try:
+            Settings.from_env({name: value})
+        except ValueError as exc:
+            findings.problems.append(f"environment_variables: {exc}")
 
 
 def _account_findings(inputs: PreflightInputs, lambda_client: Any, findings: Findings) -> None:
@@ -184,6 +206,7 @@ def run_preflight(
 ) -> Findings:
     """Every check, independent of the others' outcome (bar AWS calls without credentials)."""
     findings = Findings()
+    environment_findings(inputs.environment, findings)
     aws_findings(inputs, clients, findings)
     terraform = terraform_check()
     if terraform is not None:

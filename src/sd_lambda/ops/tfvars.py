@@ -19,21 +19,33 @@ class VariablesError(Exception):
     """A var file that cannot be read or parsed: one line naming the file."""
 
 
+def _hcl(text: str) -> dict[str, Any]:
+    import hcl2
+    from hcl2.utils import SerializationOptions
+
+    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
+    return dict(hcl2.loads(text, serialization_options=options))
+
+
 def _load(path: Path) -> dict[str, Any]:
     try:
         if path.name.endswith(".json"):
             return dict(json.loads(path.read_text()))
-        import hcl2
-        from hcl2.utils import SerializationOptions
-
-        options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
-        with path.open() as handle:
-            return dict(hcl2.load(handle, serialization_options=options))
+        return _hcl(path.read_text())
     except FileNotFoundError:
         raise VariablesError(f"var file {path} does not exist") from None
     except Exception as exc:  # hcl2 raises lark errors of several kinds for bad syntax
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise VariablesError(f"cannot parse {path}: {first_line}") from None
+
+
+def expression(name: str, text: str) -> Any:
+    """A ``--var`` or ``TF_VAR_`` value of a map or list variable: Terraform reads it as an HCL expression."""
+    try:
+        return _hcl(f"value = {text}\n")["value"]
+    except Exception as exc:  # hcl2's lark errors, as in _load
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VariablesError(f"cannot parse {name}={text}: {first_line}") from None
 
 
 def declared_defaults(infra_dir: Path) -> dict[str, Any]:
