@@ -6,6 +6,7 @@ import ast
 import hashlib
 import io
 import json
+import re
 import shlex
 import sys
 from collections.abc import Iterator
@@ -262,13 +263,14 @@ class SsmWithStubbedAgent:
         return getattr(self.moto_ssm, name)
 
 
-def _expected_argv(staged: flow.S3Release) -> list[str]:
+def _expected_argv(staged: flow.S3Release, progress_file: str) -> list[str]:
     return [
         "sync", "--mount", "/mnt/models", "--require-mount", "--mount-wait", "300",
         "--name", NAME, "--revision", "r1",
         "--bucket", "weights", "--s3-prefix", f"models/{NAME}/r1/",
         "--manifest-sha256", staged.manifest_sha256,
         "--keep", "3", "--owner", "1000:1000", "--lock-timeout", "0", "--region", REGION,
+        "--progress-file", progress_file,
     ]  # fmt: skip
 
 
@@ -304,7 +306,10 @@ def test_seed_sends_the_exact_command_and_stops_the_seeder(aws: flow.AwsClients,
     lines = command["Parameters"]["commands"]
     key = f"models/.sd-lambda/efs-sync-{program_sha256()[:16]}.pyz"
     program = ShippedProgram("weights", key, program_sha256(), uploaded=True)
-    assert lines == shell_script(program, _expected_argv(staged), REGION)
+    # One progress file per run, in the seeder's /run folder for them.
+    progress_file = shlex.split(lines[-1])[-1]
+    assert re.fullmatch(r"/run/sd-lambda-sync/[0-9a-f]{32}\.json", progress_file), progress_file
+    assert lines == shell_script(program, _expected_argv(staged, progress_file), REGION)
     # The program is in the bucket, byte for byte, under the prefix the seeder's role may read ...
     shipped = aws.s3.get_object(Bucket="weights", Key=key)
     assert shipped["Body"].read() == program_bytes()
@@ -321,7 +326,7 @@ def test_seed_sends_the_exact_command_and_stops_the_seeder(aws: flow.AwsClients,
         f"echo '{program_sha256()}  '\"$program\" | sha256sum -c --quiet - || "
         f"{{ echo 'error: s3://weights/{key} is not the program this driver shipped (sha256 mismatch); "
         "nothing ran' >&2; exit 1; }",
-        'python3 "$program" ' + shlex.join(_expected_argv(staged)),
+        'python3 "$program" ' + shlex.join(_expected_argv(staged, progress_file)),
     ]
     assert len("\n".join(lines).encode()) < 2048
 

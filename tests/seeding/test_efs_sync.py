@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from sd_lambda.layout import Manifest, ModelPaths, verify_release
+from sd_lambda.seeding.progress import describe_sync
 
 from .conftest import Bucket, SeederProgram, make_model
 
@@ -372,3 +375,112 @@ def test_a_revision_name_ending_in_a_newline_is_refused(seeder: SeederProgram, r
     assert outcome.returncode == 1
     assert "error: invalid revision" in outcome.stderr
     assert list(seeder.mount.iterdir()) == []
+
+
+# --- progress, for the driver's probes -------------------------------------------------------------------
+
+
+def test_the_progress_file_follows_the_sync_to_the_end(
+    seeder: SeederProgram, bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    progress = tmp_path / "run" / "sd-lambda-sync" / "one-run.json"  # the seeder's /run, here a temp folder
+    outcome = seeder.run("sync", NAME, "r1", "--progress-file", str(progress))
+    assert outcome.returncode == 0, outcome.stderr
+    total = outcome.result["downloaded_bytes"]
+    assert json.loads(progress.read_text()) == {
+        "phase": "done",
+        "bytes_done": total,
+        "bytes_total": total,
+        "files_done": 4,  # model_index.json and three weights
+        "files_total": 4,
+    }
+    assert stat.S_IMODE(progress.parent.stat().st_mode) == 0o700
+    assert [p.name for p in progress.parent.iterdir()] == ["one-run.json"]  # no temporary left behind
+    assert (
+        describe_sync(progress.read_text())
+        == f"sync: {total / 1000:.1f}/{total / 1000:.1f} kB, 4/4 files, done"
+    )
+
+
+def test_a_progress_file_that_cannot_be_written_never_fails_the_sync(
+    seeder: SeederProgram, bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.put_folder(make_model(tmp_path / "v1", "v1"), NAME, "r1")
+    (tmp_path / "not-a-folder").write_text("")
+    outcome = seeder.run("sync", NAME, "r1", "--progress-file", str(tmp_path / "not-a-folder" / "p.json"))
+    assert outcome.returncode == 0, outcome.stderr
+    assert _paths(seeder).current_revision() == "r1"
+    notes = [line for line in outcome.stderr.splitlines() if line.startswith("progress file ")]
+    assert len(notes) == 1
+    assert notes[0].endswith("the sync goes on without it")
+
+
+def test_a_download_reports_the_bytes_arrived_while_the_aws_cli_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in AWS CLI writes 100 bytes under a temporary name beside its destination, as the real one
+    does, then blocks until the test has seen them arrive (a FIFO: no timing involved)."""
+    from sd_lambda.layout import ManifestEntry
+    from sd_lambda.seeding import efs_sync
+
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    payload = b"w" * 250
+    cli = tmp_path / "aws"
+    cli.write_text(
+        "#!/usr/bin/env python3\n"
+        "import os, sys\n"
+        "destination = sys.argv[4]\n"
+        "temporary = destination + '.a1B2c3'\n"
+        "with open(temporary, 'wb') as out:\n"
+        f"    out.write({payload[:100]!r})\n"
+        "    out.flush()\n"
+        f"    open({str(release)!r}).close()\n"
+        f"    out.write({payload[100:]!r})\n"
+        "os.replace(temporary, destination)\n"
+    )
+    cli.chmod(0o755)
+    entry = ManifestEntry(
+        path="unet/w.safetensors", size=len(payload), sha256=hashlib.sha256(payload).hexdigest()
+    )
+    target = tmp_path / "staging" / "w.safetensors"
+    target.parent.mkdir()
+    heard: list[int] = []
+    released = threading.Lock()
+
+    def let_it_finish() -> None:
+        if released.acquire(blocking=False):
+            with open(release, "w"):
+                pass
+
+    def on_bytes(count: int) -> None:
+        heard.append(count)
+        if count == 100:
+            let_it_finish()
+
+    monkeypatch.setattr(efs_sync, "PROGRESS_EVERY_S", 0.01)
+    # Never hangs: without progress calls, the stand-in is let go after a minute, and the test fails.
+    fallback = threading.Timer(60, let_it_finish)
+    fallback.start()
+    try:
+        efs_sync.fetch(
+            efs_sync.AwsCli(str(cli), "weights"), "models/m/r1/unet/w.safetensors", target, entry, on_bytes
+        )
+    finally:
+        fallback.cancel()
+    assert target.read_bytes() == payload
+    assert 100 in heard
+    assert set(heard) <= {0, 100, len(payload)}  # nothing else ever arrived
+
+
+def test_bytes_in_flight_count_the_cli_temporary_files_up_to_the_size(tmp_path: Path) -> None:
+    from sd_lambda.seeding.efs_sync import in_flight
+
+    part = tmp_path / "w.safetensors.part"
+    assert in_flight(part, 10) == 0
+    (tmp_path / "w.safetensors.part.a1B2c3").write_bytes(b"x" * 6)
+    (tmp_path / "other.safetensors.part.d4E5f6").write_bytes(b"x" * 50)  # another file's download
+    assert in_flight(part, 10) == 6
+    (tmp_path / "w.safetensors.part.g7H8i9").write_bytes(b"x" * 50)  # sparse ranges can overshoot
+    assert in_flight(part, 10) == 10

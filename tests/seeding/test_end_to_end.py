@@ -22,7 +22,7 @@ from botocore.stub import Stubber
 from sd_lambda.cli import main
 from sd_lambda.layout import ModelPaths, verify_release
 from sd_lambda.seeding import flow
-from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, SEED_MARKER
+from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, PROGRESS_DIR, SEED_MARKER
 from sd_lambda.seeding.payload import program_bytes, program_key, program_sha256
 from sd_lambda.seeding.upload import SHA256_METADATA
 
@@ -67,6 +67,7 @@ class LocalAgent:
             self.scripts.append(lines)
             assert " --require-mount --mount-wait 300 " in lines[-1]
             script = "\n".join(lines).replace(" --require-mount --mount-wait 300 ", " ")
+            script = script.replace(PROGRESS_DIR + "/", f"{self.run_dir}/")
         done = subprocess.run(
             ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True, timeout=120
         )
@@ -155,6 +156,15 @@ def test_seed_and_rollback(
     release_files = [p for p in paths.release("r1").rglob("*")]
     assert {(p.stat().st_uid, p.stat().st_gid) for p in release_files} == {(1000, 1000)}
     assert _state(agent.instance_id) in {"stopping", "stopped"}
+    # The sync kept its progress file (in the stand-in /run) up to date, to the end.
+    (progress_file,) = agent.run_dir.glob("*.json")
+    assert json.loads(progress_file.read_text()) == {
+        "phase": "done",
+        "bytes_done": seeded["total_bytes"],
+        "bytes_total": seeded["total_bytes"],
+        "files_done": len(manifest.files),
+        "files_total": len(manifest.files),
+    }
 
     # 2. upload only, then seed what is in S3.
     v2 = make_model(tmp_path / "v2", "v2")

@@ -12,6 +12,10 @@ already there and verified are kept, so an interrupted run continues where it st
 to ``layout.publish_release``: verify -> fix ownership -> rename into releases/ -> switch -> prune. Any
 failure exits non-zero before ``current`` changes. The last stdout line is ``RESULT {json}``.
 
+With ``--progress-file PATH`` it keeps ``PATH`` up to date with its phase, bytes and files done: SSM hands
+the driver a command's output only once the command has finished, so the driver reads this file with a
+short command of its own while the sync runs (``sd_lambda.seeding.remote.Probe``).
+
 S3 is read with the AWS CLI (``aws s3 cp``, shipped with Amazon Linux 2023; ``--aws-cli`` names another
 executable): it brings the instance-profile credentials (IMDSv2), signing, retries, parallel ranged
 downloads of large objects and ``AWS_ENDPOINT_URL(_S3)`` (tests point it at a local S3). This program
@@ -30,6 +34,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -62,6 +67,11 @@ MOUNT_UNIT = "sd-lambda-efs-mount.service"
 # user data and remote.mount_check_script too, spelled out (tests check the three agree).
 SEED_MARKER = "/run/sd-lambda-seeding"
 FIRST_BOOT_STOP = "/run/sd-lambda-stop-pending"
+# The driver names one progress file per run in this folder. /run is a tmpfs that only root (the SSM agent
+# runs commands as root) writes, emptied at every boot: the files never outlive the instance's run.
+PROGRESS_DIR = "/run/sd-lambda-sync"
+# How often a download's progress is written while the AWS CLI runs (the driver reads it every 15 s).
+PROGRESS_EVERY_S = 5.0
 # `shutdown -c` talks to logind over D-Bus: bounded, so a wedged bus cannot hold a seed up.
 SHUTDOWN_CANCEL_TIMEOUT_S = 30
 DEFAULT_AWS_CLI = "aws"
@@ -80,6 +90,46 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class Progress:
+    """The run's state as one small JSON object in ``path`` (none without a path): ``phase``,
+    ``bytes_done``/``bytes_total``, ``files_done``/``files_total``. Replaced whole by a rename at every
+    change, so a reader gets one state or the next, never half of one. Progress is a courtesy: a file that
+    cannot be written is reported once and never fails the sync."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.state: dict[str, Any] = {
+            "phase": "starting",
+            "bytes_done": 0,
+            "bytes_total": 0,
+            "files_done": 0,
+            "files_total": 0,
+        }
+
+    def update(self, **changes: Any) -> None:
+        self.state.update(changes)
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_file_atomically(self.path, json.dumps(self.state, sort_keys=True).encode())
+        except OSError as exc:
+            log(f"progress file {self.path} not written ({exc.strerror or exc}); the sync goes on without it")
+            self.path = None
+
+
+def in_flight(part: Path, size: int) -> int:
+    """Bytes of a download to ``part`` written so far, at most ``size``. The AWS CLI writes under a
+    temporary name beside its destination (``<part>.<random>``) and renames it at the end, so every name
+    starting with ``part``'s counts."""
+    written = 0
+    with contextlib.suppress(OSError):
+        for other in part.parent.iterdir():
+            if other.name.startswith(part.name):
+                written += other.lstat().st_size
+    return min(written, size)
+
+
 @dataclass(frozen=True)
 class AwsCli:
     """``aws s3 cp`` of single objects from one bucket; failures become one-line SyncErrors."""
@@ -94,23 +144,37 @@ class AwsCli:
     def read(self, key: str) -> bytes:
         return self._copy(key, "-")
 
-    def download(self, key: str, destination: Path) -> None:
-        self._copy(key, str(destination))
+    def download(self, key: str, destination: Path, on_wait: Callable[[], None] | None = None) -> None:
+        """``on_wait`` is called every ``PROGRESS_EVERY_S`` seconds while the AWS CLI runs."""
+        self._copy(key, str(destination), on_wait)
 
-    def _copy(self, key: str, destination: str) -> bytes:
+    def _copy(self, key: str, destination: str, on_wait: Callable[[], None] | None = None) -> bytes:
         argv = [self.executable, "s3", "cp", self.url(key), destination, "--only-show-errors"]
         if self.region:
             argv += ["--region", self.region]
         try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
         except OSError as exc:
             raise SyncError(
                 f"cannot run the AWS CLI {self.executable!r} ({exc.strerror or exc}): "
                 "install it or pass --aws-cli PATH"
             ) from None
-        if done.returncode != 0:
-            raise self._explain(key, done.returncode, done.stderr.decode(errors="replace"))
-        return done.stdout
+        with process:
+            while True:
+                try:
+                    stdout, stderr = process.communicate(timeout=PROGRESS_EVERY_S if on_wait else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_wait is not None:
+                        on_wait()
+                except BaseException:  # as subprocess.run does: never leave the CLI running on its own
+                    process.kill()
+                    raise
+        if process.returncode != 0:
+            raise self._explain(key, process.returncode, stderr.decode(errors="replace"))
+        return stdout
 
     def _explain(self, key: str, returncode: int, stderr: str) -> SyncError:
         tail = " ".join(stderr.split())[-STDERR_TAIL_CHARS:] or "no error output"
@@ -129,11 +193,14 @@ class AwsCli:
         return SyncError(f"{what} [aws exit {returncode}: {tail}]")
 
 
-def fetch(cli: AwsCli, key: str, target: Path, entry: ManifestEntry) -> None:
-    """Download ``key`` to ``target`` through ``target.part``; only bytes that match ``entry`` stay."""
+def fetch(
+    cli: AwsCli, key: str, target: Path, entry: ManifestEntry, on_bytes: Callable[[int], None] | None = None
+) -> None:
+    """Download ``key`` to ``target`` through ``target.part``; only bytes that match ``entry`` stay.
+    ``on_bytes`` hears how many bytes have arrived, every ``PROGRESS_EVERY_S`` seconds."""
     part = target.with_name(target.name + PART_SUFFIX)
     part.unlink(missing_ok=True)
-    cli.download(key, part)
+    cli.download(key, part, (lambda: on_bytes(in_flight(part, entry.size))) if on_bytes else None)
     size = part.stat().st_size if part.is_file() and not part.is_symlink() else -1
     digest = sha256_file(part) if size == entry.size else None
     if digest != entry.sha256:
@@ -266,8 +333,15 @@ def _wait_for_mount(args: argparse.Namespace) -> None:
 def sync(args: argparse.Namespace) -> dict[str, Any]:
     paths = ModelPaths(Path(args.mount) / check_name(args.name, "model name"))
     revision = check_name(args.revision, "revision")
+    progress = Progress(args.progress_file)
+    progress.update(phase="waiting for EFS")
     _wait_for_mount(args)
-    with paths.locked(args.lock_timeout, on_wait=lambda: log(f"waiting for {paths.lock} ...")) as lock:
+
+    def wait_for_lock() -> None:
+        log(f"waiting for {paths.lock} ...")
+        progress.update(phase="waiting for another run on this model")
+
+    with paths.locked(args.lock_timeout, on_wait=wait_for_lock) as lock:
         downloaded, reused = 0, 0
         if not (paths.release(revision).exists() or paths.release(revision).is_symlink()):
             s3 = AwsCli(args.aws_cli, args.bucket, args.region)
@@ -287,18 +361,36 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
             _tidy_staging(staging, manifest)
             write_file_atomically(safe_join(staging, MANIFEST), raw)
             log(f"syncing {len(manifest.files)} files ({manifest.total_bytes} bytes) into {staging}")
+            done = {"files_done": 0, "bytes_done": 0}
+            progress.update(
+                phase="checking staged files",
+                files_total=len(manifest.files),
+                bytes_total=manifest.total_bytes,
+                **done,
+            )
             for entry in manifest.files:
                 target = safe_join(staging, entry.path)
                 if _matches(target, entry):
                     reused += 1
-                    continue
-                fetch(s3, prefix + entry.path, target, entry)
-                downloaded += entry.size
-                log(f"  {entry.path} ({entry.size} bytes)")
+                else:
+                    progress.update(phase="downloading")
+                    fetch(
+                        s3,
+                        prefix + entry.path,
+                        target,
+                        entry,
+                        lambda count, before=done["bytes_done"]: progress.update(bytes_done=before + count),
+                    )
+                    downloaded += entry.size
+                    log(f"  {entry.path} ({entry.size} bytes)")
+                done["files_done"] += 1
+                done["bytes_done"] += entry.size
+                progress.update(**done)
+        progress.update(phase="verifying and switching")
         result = publish_release(
             paths, revision, lock, keep=args.keep, owner=args.owner, manifest_sha256=args.manifest_sha256
         )
-    return {
+    summary = {
         "model": args.name,
         "revision": result.revision,
         "previous": result.previous,
@@ -308,6 +400,8 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
         "pruned": list(result.pruned),
         "releases": paths.revisions(),
     }
+    progress.update(phase="done")
+    return summary
 
 
 def rollback(args: argparse.Namespace) -> dict[str, Any]:
@@ -360,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--aws-cli", default=DEFAULT_AWS_CLI, help="the AWS CLI executable (default: aws on PATH)"
     )
     sync_parser.add_argument("--manifest-sha256", default=None, help="sha256 of the uploaded manifest.json")
+    sync_parser.add_argument(
+        "--progress-file", default=None, help="keep this JSON file up to date with the run's progress"
+    )
     sync_parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept when pruning")
     sync_parser.add_argument(
         "--owner", type=_owner, default=LAMBDA_OWNER, help="UID:GID for every file, or 'none'"

@@ -14,7 +14,14 @@ from sd_lambda.layout import DEFAULT_KEEP, LAMBDA_OWNER, MANIFEST, MODEL_INDEX, 
 from sd_lambda.seeding.errors import SeedError
 from sd_lambda.seeding.payload import ShippedProgram, ship_program
 from sd_lambda.seeding.pipeline import check_served_class, parse_model_index
-from sd_lambda.seeding.remote import mount_check_script, run_command, shell_script
+from sd_lambda.seeding.remote import (
+    Probe,
+    mount_check_script,
+    progress_file,
+    run_command,
+    shell_script,
+    sync_probe,
+)
 from sd_lambda.seeding.seeder import Seeder
 from sd_lambda.seeding.sources import LocalRelease, check_pipeline_files
 from sd_lambda.seeding.target import Target, seed_name
@@ -218,23 +225,28 @@ def _run(
     comment: str,
     options: RunOptions,
     run: SeederRun | None = None,
+    probe: Probe | None = None,
 ) -> dict[str, Any]:
     if run is None:
         with seeder_session(clients, target, options) as run:  # ready: nothing to check again
-            return _send(clients, target, argv, comment, options, run)
+            return _send(clients, target, argv, comment, options, run, probe)
     # The session was opened before the download: another run that ended meanwhile may have stopped
     # the seeder. Only then is it started and awaited again; a running one was checked by the session.
     if run.seeder.state() != "running":
         run.seeder.start_if_stopped(options.start_timeout)
         run.seeder.wait_ready(options.start_timeout, options.online_timeout)
-    return _send(clients, target, argv, comment, options, run)
+    return _send(clients, target, argv, comment, options, run, probe)
 
 
 def _send(
-    clients: AwsClients, target: Target, argv: list[str], comment: str, options: RunOptions, run: SeederRun
+    clients: AwsClients,
+    target: Target,
+    argv: list[str],
+    comment: str,
+    options: RunOptions,
+    run: SeederRun,
+    probe: Probe | None,
 ) -> dict[str, Any]:
-    # GetCommandInvocation returns a command's output only once it has finished, so the bytes copied
-    # are reported then; meanwhile the poll reports the command's status.
     log(f"running on {target.instance_id} via SSM: {comment}")
     invocation = run_command(
         clients.ssm,
@@ -244,6 +256,7 @@ def _send(
         comment=comment,
         sent=run.seeder.sent,
         log=log,
+        probe=probe,
         **options.timing(),
     )
     if invocation.status != "Success":
@@ -278,7 +291,11 @@ def sync_on_seeder(
     region = bucket_region(clients, target)
     if region:
         argv += ["--region", region]
-    result = _run(clients, target, argv, f"sd-lambda seed {staged.name}@{staged.revision}", options, run)
+    # The sync's output comes back only when it has ended: a probe reads its progress file meanwhile.
+    progress = progress_file()
+    argv += ["--progress-file", progress]
+    comment = f"sd-lambda seed {staged.name}@{staged.revision}"
+    result = _run(clients, target, argv, comment, options, run, sync_probe(progress))
     log(
         f"the seeder copied {result.get('downloaded_bytes', 0)} of {staged.total_bytes} bytes "
         f"({result.get('reused_files', 0)} files were there already)"

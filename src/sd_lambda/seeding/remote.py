@@ -11,16 +11,17 @@ import contextlib
 import json
 import shlex
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sd_lambda.seeding.efs_sync import MOUNT_UNIT, RESULT_PREFIX
+from sd_lambda.seeding.efs_sync import MOUNT_UNIT, PROGRESS_DIR, RESULT_PREFIX
 from sd_lambda.seeding.errors import SeedError, aws_error
 from sd_lambda.seeding.payload import ShippedProgram
-from sd_lambda.seeding.progress import Ticker
+from sd_lambda.seeding.progress import EVERY_S, Ticker, describe_sync
 
 DOCUMENT = "AWS-RunShellScript"
 DELIVERY_TIMEOUT_S = 600  # SendCommand TimeoutSeconds: how long the command may wait for the agent
@@ -33,6 +34,10 @@ POLL_MARGIN_S = 120  # polling gives up this long after executionTimeout
 # https://docs.aws.amazon.com/systems-manager/latest/APIReference/API_GetCommandInvocation.html).
 FINISHED = frozenset({"Success", "Failed", "Cancelled", "TimedOut"})
 TAIL_LINES = 15
+# A probe (see Probe) waits at most SendCommand's smallest TimeoutSeconds for the agent, then runs at most
+# a few seconds: a wedged instance never collects probes.
+PROBE_DELIVERY_TIMEOUT_S = 30
+PROBE_EXECUTION_TIMEOUT_S = 5
 
 
 def shell_script(program: ShippedProgram, argv: Sequence[str], region: str | None) -> list[str]:
@@ -86,6 +91,93 @@ def mount_check_script(mount_path: str, wait_s: int, unit: str = MOUNT_UNIT) -> 
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A short read-only command sent beside a long one while it runs, and the progress line its output
+    makes (None: nothing worth saying). GetCommandInvocation returns a command's output only once the
+    command has ended ("StandardOutputContent ... If the command hasn't finished, this is empty",
+    https://docs.aws.amazon.com/systems-manager/latest/APIReference/API_GetCommandInvocation.html), so a
+    command that takes minutes can only tell how far it got through another command."""
+
+    commands: list[str]
+    describe: Callable[[str], str | None]
+    comment: str = "sd-lambda progress"
+
+
+def progress_file() -> str:
+    """A progress file of its own for one sync on the seeder (``efs_sync --progress-file``)."""
+    return f"{PROGRESS_DIR}/{uuid.uuid4().hex}.json"
+
+
+def sync_probe(path: str) -> Probe:
+    """Reads the sync's progress file (written whole by a rename, so never half of it)."""
+    return Probe(["cat -- " + shlex.quote(path)], describe_sync)
+
+
+@dataclass
+class _Prober:
+    """Sends ``probe`` once the command has been InProgress for ``EVERY_S`` seconds and then every
+    ``EVERY_S`` seconds, one at a time (none while the last one is unanswered). A probe that fails, or any
+    error around it, is skipped: it never fails the command it watches."""
+
+    ssm: Any
+    instance_id: str
+    probe: Probe
+    clock: Callable[[], float]
+    sent: set[str] | None
+    latest: str | None = field(default=None, init=False)
+    _pending: str | None = field(default=None, init=False)
+    _last: float | None = field(default=None, init=False)
+    _running_since: float | None = field(default=None, init=False)
+
+    def __call__(self, status: str) -> str | None:
+        """After a poll of the watched command: the newest progress line, if any."""
+        if self._pending is not None:
+            self._collect(self._pending)
+        now = self.clock()
+        if status != "InProgress":
+            return self.latest
+        if self._running_since is None:
+            self._running_since = now
+        due = (self._last if self._last is not None else self._running_since) + EVERY_S
+        if self._pending is None and now >= due:
+            self._last = now
+            self._send()
+        return self.latest
+
+    def _send(self) -> None:
+        with contextlib.suppress(ClientError, BotoCoreError):
+            self._pending = self.ssm.send_command(
+                InstanceIds=[self.instance_id],
+                DocumentName=DOCUMENT,
+                Comment=self.probe.comment[:100],
+                TimeoutSeconds=PROBE_DELIVERY_TIMEOUT_S,
+                Parameters={
+                    "commands": self.probe.commands,
+                    "executionTimeout": [str(PROBE_EXECUTION_TIMEOUT_S)],
+                },
+            )["Command"]["CommandId"]
+            if self.sent is not None:  # the stop rule must not wait for this run's own probes
+                self.sent.add(self._pending)
+
+    def _collect(self, command_id: str) -> None:
+        try:
+            answer = self.ssm.get_command_invocation(CommandId=command_id, InstanceId=self.instance_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvocationDoesNotExist":
+                self._pending = None  # not yet known to SSM is asked again; anything else is given up
+            return
+        except BotoCoreError:
+            self._pending = None
+            return
+        status = answer.get("Status")
+        if status not in FINISHED:
+            return
+        self._pending = None
+        output = str(answer.get("StandardOutputContent", "")) if status == "Success" else ""
+        self.latest = self.probe.describe(output)
+
+
+@dataclass(frozen=True)
 class Invocation:
     command_id: str
     status: str
@@ -120,13 +212,15 @@ def run_command(
     clock: Callable[[], float] = time.monotonic,
     sent: set[str] | None = None,
     log: Callable[[str], None] | None = None,
+    probe: Probe | None = None,
 ) -> Invocation:
     """Send ``commands`` and poll until they finish; raises SeedError if polling outlives the timeout.
 
-    The command's id goes into ``sent`` as soon as it exists: the seeder's stop rule must not take this
-    run's own command, still cancelling after a timeout or a Ctrl-C, for another run's.
-    Interrupted (Ctrl-C) while polling, the command is cancelled before the interrupt goes on. ``log``
-    hears the command's status about every 15 s while it runs."""
+    The command's id goes into ``sent`` as soon as it exists, and so does every probe's: the seeder's stop
+    rule must not take this run's own commands, one still cancelling after a timeout or a Ctrl-C, for
+    another run's. Interrupted (Ctrl-C) while polling, the command is cancelled before the interrupt goes
+    on. ``log`` hears about every 15 s while the command runs: ``probe``'s newest line when there is one,
+    else the command's status."""
     try:
         command_id = ssm.send_command(
             InstanceIds=[instance_id],
@@ -141,7 +235,10 @@ def run_command(
         sent.add(command_id)
     try:
         progress = Ticker(log or (lambda _: None), clock)
-        return _poll(ssm, instance_id, command_id, execution_timeout, poll_interval, sleep, clock, progress)
+        prober = _Prober(ssm, instance_id, probe, clock, sent) if probe is not None else None
+        return _poll(
+            ssm, instance_id, command_id, execution_timeout, poll_interval, sleep, clock, progress, prober
+        )
     except KeyboardInterrupt:
         # Left alone, the sync would run on for up to its executionTimeout with nobody waiting for it.
         _cancel(ssm, instance_id, command_id)
@@ -166,6 +263,7 @@ def _poll(
     sleep: Callable[[float], None],
     clock: Callable[[], float],
     progress: Ticker,
+    prober: _Prober | None = None,
 ) -> Invocation:
     deadline = clock() + DELIVERY_TIMEOUT_S + execution_timeout + POLL_MARGIN_S
     while True:
@@ -190,5 +288,6 @@ def _poll(
                 f"command {command_id} on {instance_id} still {status} after "
                 f"{execution_timeout}s (executionTimeout); cancelled it"
             )
-        progress(f"  command {command_id} on {instance_id}: {status}")
+        line = prober(status) if prober is not None else None
+        progress(f"  {line}" if line else f"  command {command_id} on {instance_id}: {status}")
         sleep(poll_interval)
