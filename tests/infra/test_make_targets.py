@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import shutil
 import subprocess
@@ -180,9 +181,9 @@ OPERATOR_TARGETS = (
 )
 
 
-@pytest.mark.parametrize("target", OPERATOR_TARGETS)
-def test_operator_targets_need_only_the_ops_install(target: str) -> None:
-    # An operator machine runs `make install-ops` (no torch); these targets must not pull the full install.
+@functools.cache
+def make_database() -> list[str]:
+    """The rules make reads from the Makefile (``make -p``), once for every test that asks."""
     result = subprocess.run(
         ["make", "-p", "-n", "--no-print-directory", "help"],
         cwd=REPO,
@@ -190,6 +191,12 @@ def test_operator_targets_need_only_the_ops_install(target: str) -> None:
         text=True,
         check=True,
     )
-    rule = next(line for line in result.stdout.splitlines() if line.startswith(f"{target}: "))
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("target", OPERATOR_TARGETS)
+def test_operator_targets_need_only_the_ops_install(target: str) -> None:
+    # An operator machine runs `make install-ops` (no torch); these targets must not pull the full install.
+    rule = next(line for line in make_database() if line.startswith(f"{target}: "))
     prerequisites = rule.split(":", 1)[1].split()
     assert prerequisites == [".venv/.stamp-ops"]
