@@ -13,7 +13,26 @@ OPS_STAMP := $(VENV)/.stamp-ops
 # a few seconds: the default index's Linux build pulls gigabytes of CUDA libraries. Otherwise it comes from
 # the default index, and the install fails if that build is a CUDA one.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
-TORCH_SPEC := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
+TORCH_SPEC := $(firstword $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml))
+# $(call install_cpu_torch,<venv python>): torch alone and first, from the CPU index when it answers, so
+# the extras installed next find it and never ask for another build.
+define install_cpu_torch
+if $(1) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=5)' \
+		'$(TORCH_INDEX_URL)' 2>/dev/null; then \
+	$(1) -m pip install --quiet --index-url '$(TORCH_INDEX_URL)' '$(TORCH_SPEC)'; \
+else \
+	echo "make: $(TORCH_INDEX_URL) did not answer; torch comes from the default index" >&2; \
+	$(1) -m pip install --quiet '$(TORCH_SPEC)'; \
+fi
+endef
+# $(call refuse_cuda_torch,<venv python>,<venv>,<target>)
+define refuse_cuda_torch
+$(1) -c 'import sys, torch; sys.exit(torch.version.cuda and f"make $(3): torch {torch.__version__} is a CUDA build (GPU libraries this CPU-only project never uses): rm -rf $(2), then make $(3) where $(TORCH_INDEX_URL) is reachable or with TORCH_INDEX_URL=<an index with the CPU build>")'
+endef
+# The OpenVINO export tools (optimum-intel, NNCF) cap transformers below [runtime]'s: their own venv.
+EXPORT_VENV ?= .venv-export
+EXPORT_STAMP := $(EXPORT_VENV)/.stamp-export
+EXPORT_PY := $(EXPORT_VENV)/bin/python
 # checkov pins an old boto3: it lives in its own venv.
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.stamp-checkov
@@ -44,15 +63,9 @@ $(INSTALL_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24,<27"
 	@# torch first and alone, so the extras below find it installed and never ask for another build.
-	if $(PY) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=5)' \
-			'$(TORCH_INDEX_URL)' 2>/dev/null; then \
-		$(PY) -m pip install --quiet --index-url '$(TORCH_INDEX_URL)' '$(TORCH_SPEC)'; \
-	else \
-		echo "make install: $(TORCH_INDEX_URL) did not answer; torch comes from the default index" >&2; \
-		$(PY) -m pip install --quiet '$(TORCH_SPEC)'; \
-	fi
+	$(call install_cpu_torch,$(PY))
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -c 'import sys, torch; sys.exit(torch.version.cuda and f"make install: torch {torch.__version__} is a CUDA build (GPU libraries this CPU-only project never uses): rm -rf $(VENV), then make install where $(TORCH_INDEX_URL) is reachable or with TORCH_INDEX_URL=<an index with the CPU build>")'
+	$(call refuse_cuda_torch,$(PY),$(VENV),install)
 	touch $@ $(OPS_STAMP)
 
 $(OPS_STAMP): pyproject.toml
@@ -61,13 +74,28 @@ $(OPS_STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[ops]"
 	touch $@
 
-.PHONY: install-ops
+$(EXPORT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_PY) -m pip install --quiet --upgrade "pip>=24,<27"
+	$(call install_cpu_torch,$(EXPORT_PY))
+	$(EXPORT_PY) -m pip install --quiet -e ".[export]"
+	@# optimum-intel requires torchvision, which exporting a Stable Diffusion pipeline never uses; a build
+	@# that does not match the installed torch (the default index's, next to a CPU torch) breaks
+	@# transformers' import, so such a build is removed.
+	$(EXPORT_PY) -c 'import torchvision' 2>/dev/null || $(EXPORT_PY) -m pip uninstall --quiet --yes torchvision
+	$(call refuse_cuda_torch,$(EXPORT_PY),$(EXPORT_VENV),install-export)
+	$(EXPORT_PY) -c 'import optimum.intel, nncf, openvino_tokenizers'
+	touch $@
+
+.PHONY: install-ops install-export
 
 install: $(INSTALL_STAMP) ## Create .venv with everything: runtime (CPU torch) + ops + dev tools (idempotent)
 
+install-export: $(EXPORT_STAMP) ## .venv-export: the OpenVINO export tools (optimum-intel, NNCF) that seed-models EXPORT=openvino runs
+
 install-ops: $(OPS_STAMP) ## Operator machine: .venv with the [ops] extra only, no torch (.venv/bin/sd-lambda seed/deploy/generate/rollback)
 
-test: $(INSTALL_STAMP) $(CHECKOV_STAMP) ## Run the whole test suite (THE test command; CI runs exactly this)
+test: $(INSTALL_STAMP) $(CHECKOV_STAMP) $(EXPORT_STAMP) ## Run the whole test suite (THE test command; CI runs exactly this)
 	$(BIN)/pytest
 
 lint: $(INSTALL_STAMP) ## ruff check + ruff format --check + terraform fmt -check (infra/)

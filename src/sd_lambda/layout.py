@@ -23,7 +23,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePath, PurePosixPath
@@ -41,8 +41,15 @@ TINY_DECODER_FOLDER = "vae_tiny"
 DEFAULT_KEEP = 3
 # The access point's POSIX user: everything the Lambda reads must be readable by it.
 LAMBDA_OWNER = (1000, 1000)
-# Weights in these formats can execute code when loaded; only safetensors are served.
+# Weights in these formats can execute code when loaded; only safetensors and OpenVINO IR are served.
 PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
+# OpenVINO IR, as optimum-intel exports a pipeline: <component>/openvino_model.xml (the graph) beside
+# openvino_model.bin, its weights as raw tensor data that OpenVINO maps and never unpickles. A .bin is
+# IR weights only beside an .xml of the same stem; any other .bin (pytorch_model.bin) is a pickle.
+OPENVINO_GRAPH_SUFFIX = ".xml"
+# A release holding this is an OpenVINO one: the engine serves it with OpenVINO (sd_lambda.engine.backend).
+OPENVINO_UNET = "unet/openvino_model.xml"
+ENGINES = ("torch", "openvino")
 # An optional bf16 copy of the weights beside the stored ones, in diffusers' variant naming
 # (<stem>.bf16.safetensors): a host with native bf16 maps it as stored instead of casting at load.
 BF16_VARIANT = "bf16"
@@ -234,13 +241,29 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def find_pickle_weights(folder: Path) -> list[str]:
-    """Relative paths of files whose format can run code when loaded."""
+def is_openvino_weights(path: str, paths: Collection[str]) -> bool:
+    """Whether release path ``path`` is an OpenVINO IR's weights: a .bin beside its .xml in ``paths``."""
+    pure = PurePosixPath(path)
+    return pure.suffix == ".bin" and pure.with_suffix(OPENVINO_GRAPH_SUFFIX).as_posix() in paths
+
+
+def pickle_paths(paths: Collection[str]) -> list[str]:
+    """The release paths among ``paths`` whose format can run code when loaded, sorted."""
     return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
+        p
+        for p in paths
+        if PurePosixPath(p).suffix.lower() in PICKLE_SUFFIXES and not is_openvino_weights(p, paths)
     )
+
+
+def find_pickle_weights(folder: Path) -> list[str]:
+    """Relative paths of files under ``folder`` whose format can run code when loaded."""
+    return pickle_paths({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()})
+
+
+def release_engine(paths: Collection[str]) -> str:
+    """The engine a release with these paths is for: ``openvino`` (OpenVINO IR) or ``torch`` (safetensors)."""
+    return "openvino" if OPENVINO_UNET in paths else "torch"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from sd_lambda.layout import (
     LAMBDA_OWNER,
     MANIFEST,
     MODEL_INDEX,
-    PICKLE_SUFFIXES,
     LayoutError,
     LockBusyError,
     Manifest,
@@ -52,6 +51,7 @@ from sd_lambda.layout import (
     ModelPaths,
     activate_release,
     check_name,
+    pickle_paths,
     publish_release,
     safe_join,
     sha256_file,
@@ -251,7 +251,7 @@ def _tidy_staging(staging: Path, manifest: Manifest) -> None:
 
 
 def _check_manifest(manifest: Manifest) -> None:
-    pickles = [e.path for e in manifest.files if Path(e.path).suffix.lower() in PICKLE_SUFFIXES]
+    pickles = pickle_paths({e.path for e in manifest.files})
     if pickles:
         raise SyncError(f"pickle weights are refused: {', '.join(pickles)}")
     if MODEL_INDEX not in {e.path for e in manifest.files}:

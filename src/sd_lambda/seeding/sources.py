@@ -30,6 +30,7 @@ from sd_lambda.layout import (
     BF16_VARIANT,
     MANIFEST,
     MODEL_INDEX,
+    OPENVINO_UNET,
     PICKLE_SUFFIXES,
     TINY_DECODER_FOLDER,
     Manifest,
@@ -38,6 +39,8 @@ from sd_lambda.layout import (
     check_name,
     check_relative_path,
     parse_weights_name,
+    pickle_paths,
+    release_engine,
     sha256_file,
     single_weights_name,
 )
@@ -93,11 +96,11 @@ def check_pipeline_files(files: Collection[str]) -> str | None:
     """Why these release paths are not a servable diffusers pipeline, or None."""
     if MODEL_INDEX not in files:
         return f"not a diffusers pipeline: no {MODEL_INDEX}"
-    pickles = sorted(p for p in files if PurePosixPath(p).suffix.lower() in PICKLE_SUFFIXES)
+    pickles = pickle_paths(files)
     if pickles:
         return f"pickle weights are refused (convert them to safetensors): {', '.join(pickles)}"
-    if not any(p.endswith(".safetensors") for p in files):
-        return "no .safetensors weights found"
+    if release_engine(files) == "torch" and not any(p.endswith(".safetensors") for p in files):
+        return f"no .safetensors weights (or OpenVINO IR: {OPENVINO_UNET}) found"
     return None
 
 
