@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TEST_MODEL_NAME, TEST_REVISION, seed_release
+from helpers import TEST_MODEL_NAME, TEST_REVISION, export_openvino, seed_release
 
 from sd_lambda.devtools.testing.models import build_test_model
 from sd_lambda.engine.accel.bf16_copy import add_bf16_copy
@@ -28,6 +28,13 @@ def no_ambient_aws_region() -> Iterator[None]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny pipeline (with vae_tiny/) in diffusers layout. Treat as read-only."""
     return build_test_model(tmp_path_factory.mktemp("tiny-model") / "model", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline exported to OpenVINO IR (with vae_tiny/) by the export venv, as
+    ``sd-lambda seed --export openvino`` exports it. Treat as read-only."""
+    return export_openvino(tiny_model_dir, tmp_path_factory.mktemp("tiny-openvino") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from typing import Any
 
 from sd_lambda.engine.accel import registry
 from sd_lambda.engine.generation import DECODERS, SCHEDULERS
+from sd_lambda.layout import ENGINES
 
 # Lambda caps a synchronous response (and a function URL's request) at 6 MB.
 LAMBDA_PAYLOAD_BYTES = 6_000_000
@@ -85,6 +86,24 @@ class Settings:
         "auto",
         "auto (the model's own; PNDM becomes dpmpp_2m), model, or a scheduler name.",
         choices=("auto", "model", *SCHEDULERS),
+    )
+    engine: str = _env(
+        "SD_ENGINE",
+        "auto",
+        "auto (what the release holds: OpenVINO IR -> openvino, else torch), torch or openvino.",
+        choices=("auto", *ENGINES),
+    )
+    openvino_cache_dir: str = _env(
+        "SD_OPENVINO_CACHE_DIR",
+        "/tmp/openvino-cache",
+        "OpenVINO engine: where compiled models are cached (Lambda can write only /tmp); none = no cache.",
+    )
+    openvino_compiled_sizes: int = _env(
+        "SD_OPENVINO_COMPILED_SIZES",
+        2,
+        "OpenVINO engine: compiled request shapes (size, guidance) kept in memory; the oldest goes first.",
+        ge=1,
+        le=8,
     )
     accel: str = _env(
         "SD_ACCEL",

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from sd_lambda.devtools.testing.models import build_test_model
-from sd_lambda.engine import torch_engine as engine_module
+from sd_lambda.engine import cpu
 from sd_lambda.engine.accel import heap
-from sd_lambda.engine.torch_engine import Engine, GenerationParams, choose_dtype, choose_threads
+from sd_lambda.engine.cpu import choose_threads
+from sd_lambda.engine.model_defaults import DEFAULTS_MARKER
+from sd_lambda.engine.torch_engine import Engine, GenerationParams, choose_dtype
 from sd_lambda.settings import Settings
 
 FP32 = Settings(dtype="float32")
@@ -204,22 +206,22 @@ def test_turbo_source_and_marker_file(tiny_model_dir: Path, tmp_path: Path) -> N
     turbo = Engine.load(model, FP32)
     assert (turbo.defaults.guidance_scale, turbo.defaults.num_inference_steps) == (0.0, 1)
     assert turbo.describe()["classifier_free_guidance_default"] is False
-    (model / engine_module.DEFAULTS_MARKER).write_text(json.dumps({"num_inference_steps": 2, "width": 96}))
+    (model / DEFAULTS_MARKER).write_text(json.dumps({"num_inference_steps": 2, "width": 96}))
     marked = Engine.load(model, FP32)
     assert (marked.defaults.num_inference_steps, marked.defaults.width, marked.defaults.guidance_scale) == (
         2,
         96,
         0.0,
     )
-    (model / engine_module.DEFAULTS_MARKER).write_text(json.dumps({"steps": 2}))
+    (model / DEFAULTS_MARKER).write_text(json.dumps({"steps": 2}))
     with pytest.raises(ValueError, match="unknown keys \\['steps'\\]"):
         Engine.load(model, FP32)
 
 
 def test_threads_setting_and_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_threads(Settings(threads=3)) == (3, "SD_THREADS")
-    budget = engine_module.cpu.CpuBudget(cpus=6, affinity=8, quota=6.0, source="/sys/fs/cgroup/cpu.max")
-    monkeypatch.setattr(engine_module.cpu, "cpu_budget", lambda: budget)
+    budget = cpu.CpuBudget(cpus=6, affinity=8, quota=6.0, source="/sys/fs/cgroup/cpu.max")
+    monkeypatch.setattr(cpu, "cpu_budget", lambda: budget)
     threads, reason = choose_threads(Settings())
     assert threads == 6
     assert "cgroup quota 6 CPUs" in reason

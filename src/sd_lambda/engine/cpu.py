@@ -12,6 +12,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sd_lambda.settings import Settings
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
@@ -144,3 +148,13 @@ def cpu_ghz(cpuinfo: Path = PROC_CPUINFO) -> float | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def choose_threads(settings: Settings) -> tuple[int, str]:
+    """The engine's intra-op threads and why: SD_THREADS, else the CPUs this process may use."""
+    if settings.threads > 0:
+        return settings.threads, "SD_THREADS"
+    budget = cpu_budget()
+    if budget.source == "affinity":
+        return budget.cpus, f"affinity mask ({budget.affinity} CPUs, no lower cgroup quota)"
+    return budget.cpus, f"cgroup quota {budget.quota:g} CPUs ({budget.source}); affinity {budget.affinity}"

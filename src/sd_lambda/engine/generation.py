@@ -6,7 +6,11 @@ installed and imported without the inference stack, and every choice is declared
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Request-selectable schedulers: public name -> diffusers class name.
 SCHEDULERS: dict[str, str] = {
@@ -47,3 +51,52 @@ class ModelDefaults:
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 1
+
+
+@dataclass
+class GenerationResult:
+    """What an engine returns: the image, where the time went, and what ran."""
+
+    image: Image.Image
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    # What ran: unet_calls, unet_batch, scheduler, decoder, dtype, engine, and per-engine details.
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_default_decoder(setting: str, tiny_available: bool, tiny_folder: str) -> str:
+    """The decoder a request without one gets: SD_DEFAULT_DECODER, where auto means tiny when present."""
+    if setting == "auto":
+        return "tiny" if tiny_available else "full"
+    if setting not in DECODERS:
+        raise ValueError(f"SD_DEFAULT_DECODER={setting!r} is not one of auto, {', '.join(DECODERS)}")
+    if setting == "tiny" and not tiny_available:
+        raise ValueError(f"SD_DEFAULT_DECODER=tiny but the model has no {tiny_folder}/ folder")
+    return setting
+
+
+def resolve_default_scheduler(
+    setting: str,
+    model_scheduler: str,
+    available: tuple[str, ...],
+    replaces: dict[str, tuple[str, int]],
+) -> tuple[str | None, str]:
+    """The scheduler a request without one gets (None: the model's own) and why.
+
+    ``replaces``: the engine's ``auto`` table, model scheduler class -> (a faster scheduler it offers,
+    the steps that scheduler needs)."""
+    if setting == "auto":
+        replacement = replaces.get(model_scheduler)
+        if replacement is None:
+            return None, f"model's own {model_scheduler}"
+        return replacement[0], f"{model_scheduler} replaced by {replacement[0]} (no warm-up UNet call)"
+    if setting == "model":
+        return None, f"SD_DEFAULT_SCHEDULER=model ({model_scheduler})"
+    if setting not in SCHEDULERS:
+        known = ", ".join(SCHEDULERS)
+        raise ValueError(f"SD_DEFAULT_SCHEDULER={setting!r} is not one of auto, model, {known}")
+    if setting not in available:
+        raise ValueError(
+            f"SD_DEFAULT_SCHEDULER={setting!r} is not available with this engine and model; "
+            f"available: {', '.join(available)}"
+        )
+    return setting, "SD_DEFAULT_SCHEDULER"

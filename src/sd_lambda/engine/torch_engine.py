@@ -7,44 +7,39 @@ leaves ``Engine.generate`` as short as it can be. The accelerations are applied 
 (sd_lambda.engine.accel.registry); each one that does not apply to the loaded model, or is not tested
 on the installed diffusers, is skipped and logged, and that part runs stock diffusers.
 
-A model folder may carry ``sd-lambda-defaults.json`` (keys of ``ModelDefaults``) to state its own
-request defaults, e.g. ``{"guidance_scale": 0.0, "num_inference_steps": 1}`` for a turbo model.
-Without it, defaults come from the model's configuration: an LCM scheduler or a guidance-embedding
-UNet means no classifier-free guidance; "turbo" in the model's source name means 1 step, guidance 0.
+Request defaults come from the model's config files (sd_lambda.engine.model_defaults), as for every engine.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from safetensors import SafetensorError
 
 from sd_lambda.engine import cpu
 from sd_lambda.engine.accel import registry
-from sd_lambda.engine.generation import DECODERS, SCHEDULERS, GenerationParams, ModelDefaults
+from sd_lambda.engine.generation import (
+    DECODERS,
+    SCHEDULERS,
+    GenerationParams,
+    GenerationResult,
+    resolve_default_decoder,
+    resolve_default_scheduler,
+)
+from sd_lambda.engine.model_defaults import read_model_defaults
 from sd_lambda.layout import BF16_VARIANT, TINY_DECODER_FOLDER, LayoutError, find_pickle_weights
 from sd_lambda.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS_MARKER = "sd-lambda-defaults.json"
 # PNDM (SD 1.x's stock scheduler) spends an extra UNet call warming up; DPM-Solver++ 2M reaches the same
 # quality in fewer steps, so "auto" swaps it in for PNDM models and keeps every other model's own.
 AUTO_SCHEDULER_REPLACES = {"PNDMScheduler": ("dpmpp_2m", 20)}
-
-
-@dataclass
-class GenerationResult:
-    image: Image.Image
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    # What ran: unet_calls, unet_batch, reused_calls, prefix_shared_calls, scheduler, decoder, dtype.
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,15 +81,6 @@ class UnetRecorder:
         self.seconds += time.perf_counter() - self._started
 
 
-def choose_threads(settings: Settings) -> tuple[int, str]:
-    if settings.threads > 0:
-        return settings.threads, "SD_THREADS"
-    budget = cpu.cpu_budget()
-    if budget.source == "affinity":
-        return budget.cpus, f"affinity mask ({budget.affinity} CPUs, no lower cgroup quota)"
-    return budget.cpus, f"cgroup quota {budget.quota:g} CPUs ({budget.source}); affinity {budget.affinity}"
-
-
 def choose_dtype(settings: Settings, flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
     if settings.dtype == "float32":
         return torch.float32, "SD_DTYPE=float32"
@@ -107,44 +93,6 @@ def choose_dtype(settings: Settings, flags: frozenset[str] | None = None) -> tup
     if cpu.has_native_bf16(flags) and capability.startswith("AVX512"):
         return torch.bfloat16, f"native bf16 ({', '.join(sorted(flags & cpu.NATIVE_BF16_FLAGS))})"
     return torch.float32, f"no native bf16 (ATen {capability}): emulated bf16 is slower than fp32"
-
-
-def read_model_defaults(model_dir: Path, pipeline: Any, steps: int | None = None) -> ModelDefaults:
-    """Defaults from the marker file, else from what the model's configuration says about guidance."""
-    unet_config = pipeline.unet.config
-    side = unet_config.sample_size * pipeline.vae_scale_factor
-    values: dict[str, Any] = {"width": side, "height": side}
-    if steps is not None:
-        values["num_inference_steps"] = steps
-    scheduler_class = type(pipeline.scheduler).__name__
-    source = _model_source(model_dir).lower()
-    if getattr(unet_config, "time_cond_proj_dim", None) is not None:
-        # Guidance is an input embedding (LCM-distilled): no unconditional batch, w = 8.5 as trained.
-        values.update(num_inference_steps=4, guidance_scale=8.5)
-    elif scheduler_class == "LCMScheduler":
-        values.update(num_inference_steps=4, guidance_scale=1.0)
-    elif "turbo" in source:
-        values.update(num_inference_steps=1, guidance_scale=0.0)
-    marker = model_dir / DEFAULTS_MARKER
-    if marker.is_file():
-        known = {f.name for f in fields(ModelDefaults)}
-        data = json.loads(marker.read_text())
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{marker}: unknown keys {unknown}; allowed: {sorted(known)}")
-        values.update(data)
-    return ModelDefaults(**values)
-
-
-def _model_source(model_dir: Path) -> str:
-    for name, key in (("manifest.json", "source"), ("model_index.json", "_name_or_path")):
-        try:
-            value = json.loads((model_dir / name).read_text()).get(key)
-        except (OSError, ValueError):
-            continue
-        if value:
-            return str(value)
-    return model_dir.resolve().name
 
 
 class Engine:
@@ -166,6 +114,7 @@ class Engine:
         self.load_seconds = load_seconds
         self.settings = settings or Settings()
         self.tiny_decoder = tiny_decoder
+        self.engine_reason = "as constructed"
         self.choices = choices or RuntimeChoices(
             threads=torch.get_num_threads(),
             threads_reason="as found",
@@ -180,7 +129,7 @@ class Engine:
         if self.choices.default_scheduler is not None:
             self._scheduler(self.choices.default_scheduler)  # built once, here, not on a request
             steps = AUTO_SCHEDULER_REPLACES.get(type(pipeline.scheduler).__name__, (None, None))[1]
-        self.defaults = read_model_defaults(model_dir, pipeline, steps)
+        self.defaults = read_model_defaults(model_dir, steps)
         self._unet_recorder = UnetRecorder(pipeline.unet)
         # Accelerations with per-generation state (start() before, stop() after each generation).
         self._accel_state = accel_state or {}
@@ -188,7 +137,7 @@ class Engine:
             self._empty_prompt_embeds = self._encode("")
 
     @classmethod
-    def load(cls, model_dir: Path, settings: Settings | None = None) -> Engine:
+    def load(cls, model_dir: Path, settings: Settings | None = None, *, reason: str = "") -> Engine:
         import diffusers
         from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
@@ -197,7 +146,7 @@ class Engine:
         pickles = find_pickle_weights(model_dir)
         if pickles:
             raise LayoutError(f"refusing pickle weights in {model_dir}: {', '.join(pickles)}")
-        threads, threads_reason = choose_threads(settings)
+        threads, threads_reason = cpu.choose_threads(settings)
         torch.set_num_threads(threads)
         dtype, dtype_reason = choose_dtype(settings)
         target = registry.Target(model_dir, dtype, frozenset(settings.accelerations))
@@ -219,20 +168,24 @@ class Engine:
 
         apply_stage("init")
         apply_stage("load")
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model_dir,
-            use_safetensors=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-            low_cpu_mem_usage=True,
-            **target.load_options,
-        )
+        _quiet_progress_bars()
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                model_dir,
+                use_safetensors=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+                low_cpu_mem_usage=True,
+                **target.load_options,
+            )
+            tiny_decoder = None
+            if (model_dir / TINY_DECODER_FOLDER).is_dir():
+                tiny_decoder = AutoencoderTiny.from_pretrained(
+                    model_dir / TINY_DECODER_FOLDER, use_safetensors=True
+                ).eval()
+        except SafetensorError as exc:  # a truncated or corrupt weights file: an incomplete seed
+            raise LayoutError(f"unreadable weights in {model_dir} ({type(exc).__name__}: {exc})") from exc
         pipeline.set_progress_bar_config(disable=True)
-        tiny_decoder = None
-        if (model_dir / TINY_DECODER_FOLDER).is_dir():
-            tiny_decoder = AutoencoderTiny.from_pretrained(
-                model_dir / TINY_DECODER_FOLDER, use_safetensors=True
-            ).eval()
         target.pipeline, target.tiny_decoder = pipeline, tiny_decoder
         apply_stage("pipeline")
         # Whatever no acceleration cast yet (all of it with SD_ACCEL=none): stock torch casts, no-ops
@@ -240,9 +193,11 @@ class Engine:
         for component in (pipeline.text_encoder, pipeline.unet, pipeline.vae, tiny_decoder):
             if component is not None and component.dtype != dtype:
                 component.to(dtype)
-        default_decoder = resolve_default_decoder(settings.default_decoder, tiny_decoder is not None)
+        default_decoder = resolve_default_decoder(
+            settings.default_decoder, tiny_decoder is not None, TINY_DECODER_FOLDER
+        )
         default_scheduler, scheduler_reason = resolve_default_scheduler(
-            settings.default_scheduler, type(pipeline.scheduler).__name__
+            settings.default_scheduler, type(pipeline.scheduler).__name__, SCHEDULERS, AUTO_SCHEDULER_REPLACES
         )
         choices = RuntimeChoices(
             threads=threads,
@@ -266,11 +221,13 @@ class Engine:
             accel_state=target.state,
         )
         engine.load_seconds = time.perf_counter() - started
+        engine.engine_reason = reason or "Engine.load"
         engine._log_choices()
         return engine
 
     def _log_choices(self) -> None:
         c = self.choices
+        logger.info("engine torch: %s", self.engine_reason)
         logger.info("engine threads=%d: %s", c.threads, c.threads_reason)
         logger.info(
             "engine dtype=%s: %s; weights: %s", str(c.dtype).removeprefix("torch."), c.dtype_reason, c.weights
@@ -304,6 +261,7 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         return {
+            "engine": "torch",
             "dtype": str(self.pipeline.unet.dtype).removeprefix("torch."),
             "weights": self.choices.weights,
             "threads": torch.get_num_threads(),
@@ -393,6 +351,7 @@ class Engine:
             "inference": (finished - started) * 1000,
         }
         stats = {
+            "engine": "torch",
             "unet_calls": recorder.calls,
             "unet_batch": recorder.batch,
             "reused_calls": getattr(self._accel_state.get("feature_reuse"), "reused_calls", 0),
@@ -405,25 +364,12 @@ class Engine:
         return GenerationResult(image, timings, stats)
 
 
-def resolve_default_decoder(setting: str, tiny_available: bool) -> str:
-    if setting == "auto":
-        return "tiny" if tiny_available else "full"
-    if setting not in DECODERS:
-        raise ValueError(f"SD_DEFAULT_DECODER={setting!r} is not one of auto, {', '.join(DECODERS)}")
-    if setting == "tiny" and not tiny_available:
-        raise ValueError(f"SD_DEFAULT_DECODER=tiny but the model has no {TINY_DECODER_FOLDER}/ folder")
-    return setting
+def _quiet_progress_bars() -> None:
+    """The function's log is JSON lines: no tqdm bars from diffusers' or transformers' loading."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
 
-
-def resolve_default_scheduler(setting: str, model_scheduler: str) -> tuple[str | None, str]:
-    if setting == "auto":
-        replacement = AUTO_SCHEDULER_REPLACES.get(model_scheduler)
-        if replacement is None:
-            return None, f"model's own {model_scheduler}"
-        return replacement[0], f"{model_scheduler} replaced by {replacement[0]} (no warm-up UNet call)"
-    if setting == "model":
-        return None, f"SD_DEFAULT_SCHEDULER=model ({model_scheduler})"
-    if setting not in SCHEDULERS:
-        known = ", ".join(SCHEDULERS)
-        raise ValueError(f"SD_DEFAULT_SCHEDULER={setting!r} is not one of auto, model, {known}")
-    return setting, "SD_DEFAULT_SCHEDULER"
+    huggingface_hub.utils.disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

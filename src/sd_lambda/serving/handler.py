@@ -14,6 +14,7 @@ Stable names (the image and the local runtime rely on them):
   ``error`` + ``statusCode``).
 - ``PREDICTOR``: the warm model holder; ``PREDICTOR.loads`` counts model loads in this environment.
 - ``SETTINGS``: ``Settings.from_env()``; a malformed variable fails init with the variable's name.
+- ``ENGINE``: the engine imported at init for the current release (torch, openvino; None if unseeded).
 - ``PREFETCH``: the background read of ``current``'s weights started at init (None when off or unseeded).
 """
 
@@ -22,13 +23,16 @@ from __future__ import annotations
 from typing import Any
 
 from sd_lambda.engine.accel.prefetch import prefetch_current
+from sd_lambda.engine.backend import import_expected_engine
 from sd_lambda.settings import Settings
 
 SETTINGS = Settings.from_env()
-# Started before the imports below, which spend seconds of CPU (torch, diffusers, transformers) while
-# the disk sits idle: reading the weights (from EFS on Lambda) overlaps them. Opt-in: SD_ACCEL=+prefetch
-# (docs/performance.md says where it pays).
+# Started before the engine's import below, which spends seconds of CPU (torch, diffusers, transformers)
+# while the disk sits idle: reading the weights (from EFS on Lambda) overlaps it. Opt-in:
+# SD_ACCEL=+prefetch (docs/performance.md says where it pays).
 PREFETCH = prefetch_current(SETTINGS)
+# The engine the current release needs (sd_lambda.engine.backend), imported in the init phase.
+ENGINE = import_expected_engine(SETTINGS)
 
 from aws_lambda_powertools import Logger  # noqa: E402  (after the prefetch has started, see above)
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers  # noqa: E402

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from safetensors import SafetensorError
-
+from sd_lambda.engine import cpu
 from sd_lambda.engine.accel.prefetch import WeightPrefetch
-from sd_lambda.engine.torch_engine import Engine
+from sd_lambda.engine.backend import Engine, load_engine
 from sd_lambda.layout import LayoutError, ModelNotSeededError, ModelPaths
 from sd_lambda.serving.errors import ApiError
 from sd_lambda.serving.request import model_default_problems
@@ -57,7 +56,7 @@ class Predictor:
     """
 
     def __init__(
-        self, settings: Settings, loader: Loader = Engine.load, prefetch: WeightPrefetch | None = None
+        self, settings: Settings, loader: Loader = load_engine, prefetch: WeightPrefetch | None = None
     ) -> None:
         self.settings = settings
         # The init's background read of the weights (sd_lambda.engine.accel.prefetch), reported by health().
@@ -96,11 +95,11 @@ class Predictor:
         release = self.resolve()
         if self.prefetch is not None and self.prefetch.folder != release.folder.resolve():
             self.prefetch.cancel()  # current moved on since init: stop reading the old revision
-        _quiet_progress_bars()
         try:
             engine = self._loader(release.folder, self.settings)
-        except (LayoutError, OSError, ValueError, SafetensorError) as exc:
-            # A revision that diffusers or safetensors cannot read is an incomplete seed, not a bug here.
+        except (LayoutError, OSError, ValueError) as exc:
+            # A revision the engine cannot read (each engine says so with these) is an incomplete seed or
+            # a release for the other engine, not a bug here.
             raise ApiError(
                 503, "model_incomplete", f"cannot load the model at {release.folder}: {_brief(exc)}"
             ) from exc
@@ -129,8 +128,6 @@ class Predictor:
 
     def health(self) -> dict[str, Any]:
         """What this environment serves, without loading or generating anything."""
-        import torch
-
         state: dict[str, Any] = {
             "model": self.settings.model_name,
             "model_dir": str(self.settings.model_dir),
@@ -147,19 +144,8 @@ class Predictor:
             **state,
             "revision": self.paths.current_revision(),
             "dtype": self.settings.dtype,
-            "threads": torch.get_num_threads(),
+            "threads": cpu.choose_threads(self.settings)[0],
         }
-
-
-def _quiet_progress_bars() -> None:
-    """The function's log is JSON lines: no tqdm bars from diffusers' or transformers' loading."""
-    import diffusers.utils.logging
-    import huggingface_hub.utils
-    import transformers.utils.logging
-
-    huggingface_hub.utils.disable_progress_bars()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _brief(exc: BaseException, limit: int = 300) -> str:

@@ -196,9 +196,25 @@ def build_test_model(out_dir: Path, size: Size = "tiny", *, seed: int = 0, tiny_
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
+    _name_text_encoder_weights_as_the_hub_does(out_dir / "text_encoder")
     if tiny_decoder:
         _tiny_decoder(spec, seed).save_pretrained(out_dir / TINY_DECODER_FOLDER, safe_serialization=True)
     return out_dir
+
+
+def _name_text_encoder_weights_as_the_hub_does(folder: Path) -> None:
+    """Name the text encoder's tensors ``text_model.*``, as SD checkpoints on the hub do. The installed
+    transformers saves them without that prefix and reads both; the export venv's older transformers
+    (optimum-intel caps it) reads only the prefixed names, and would export a randomly initialised
+    text encoder from the unprefixed ones (the exporter refuses that; see seeding.openvino_export)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        renamed = {
+            name if name.startswith("text_model.") else f"text_model.{name}": t for name, t in tensors.items()
+        }
+        save_file(renamed, path, metadata={"format": "pt"})
 
 
 def parameter_counts(size: Size = "sd15") -> dict[str, int]:
