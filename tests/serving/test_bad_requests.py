@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 import pytest
+from helpers import TEST_MODEL_NAME, TEST_REVISION, seed_release
 
 from sd_lambda.settings import Settings
 
@@ -164,12 +165,20 @@ CASES: list[tuple[str, dict[str, Any], int, str, str | None]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def warm(settings: Settings) -> LoggedService:
+@pytest.fixture(scope="module", params=["torch", "openvino"])
+def warm(
+    request: pytest.FixtureRequest, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> LoggedService:
+    """A warm service on each engine: bad input gets the same answer whichever engine serves."""
+    if request.param == "openvino":
+        root = tmp_path_factory.mktemp("openvino-models")
+        seed_release(root, TEST_MODEL_NAME, TEST_REVISION, request.getfixturevalue("tiny_openvino_model_dir"))
+        settings = Settings(model_root=root, model_name=TEST_MODEL_NAME)
     service = LoggedService(settings)
     response = service(url_event(body=GOOD))
     assert response["statusCode"] == 200, response
     assert service.predictor.loads == 1
+    assert body_json(service(url_event(method="GET", path="/health")))["engine"] == request.param
     return service
 
 
