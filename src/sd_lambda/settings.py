@@ -77,14 +77,19 @@ class Settings:
         "auto (bf16 only with native CPU support), float32 or bfloat16.",
         choices=("auto", "float32", "bfloat16"),
     )
-    threads: int = _env("SD_THREADS", 0, "torch intra-op threads; 0 = the CPUs this process may use.", ge=0)
+    threads: int = _env(
+        "SD_THREADS",
+        0,
+        "Engine threads (torch intra-op, OpenVINO's); 0 = the CPUs this process may use.",
+        ge=0,
+    )
     default_decoder: str = _env(
         "SD_DEFAULT_DECODER", "auto", "auto (tiny when present), full or tiny.", choices=("auto", *DECODERS)
     )
     default_scheduler: str = _env(
         "SD_DEFAULT_SCHEDULER",
         "auto",
-        "auto (the model's own; PNDM becomes dpmpp_2m), model, or a scheduler name.",
+        "auto (the model's own; PNDM becomes dpmpp_2m on torch, euler on OpenVINO), model, or a name.",
         choices=("auto", "model", *SCHEDULERS),
     )
     engine: str = _env(

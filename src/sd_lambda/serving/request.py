@@ -138,8 +138,9 @@ class GenerationRequest(BaseModel):
     scheduler: Annotated[
         SchedulerName | None,
         Field(
-            description="Sampler; when absent, `SD_DEFAULT_SCHEDULER` decides "
-            "(auto: the model's own, except PNDM, which becomes dpmpp_2m)."
+            description="Sampler; when absent, `SD_DEFAULT_SCHEDULER` decides (auto: the model's own, "
+            "except PNDM, which becomes dpmpp_2m on torch and euler on OpenVINO). The OpenVINO engine "
+            "offers no dpmpp_2m (a 400 lists what it runs; so does GET /health)."
         ),
         EngineChoice("`SD_DEFAULT_SCHEDULER`"),
     ] = None
