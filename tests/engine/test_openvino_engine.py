@@ -4,6 +4,7 @@ choice of engine, load, parity with the torch engine, schedulers, decoders, comp
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -192,3 +193,16 @@ def test_a_truncated_ir_is_a_layout_error(tiny_openvino_model_dir: Path, tmp_pat
     weights.write_bytes(weights.read_bytes()[:64])
     with pytest.raises(LayoutError, match="cannot load the OpenVINO release"):
         OpenVINOEngine.load(copy, Settings(openvino_cache_dir="none"))
+
+
+def test_an_install_without_the_releases_engine_says_which_image_serves_it(
+    tiny_openvino_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As in the torch image: no openvino_genai to import.
+    monkeypatch.delitem(sys.modules, "sd_lambda.engine.openvino_engine")
+    monkeypatch.setitem(sys.modules, "openvino_genai", None)
+    with pytest.raises(
+        LayoutError, match=r"openvino engine is not installed .*make build-image ENGINE=openvino"
+    ):
+        backend.load_engine(tiny_openvino_model_dir, Settings())
+    assert backend.import_expected_engine(Settings(engine="openvino")) is None

@@ -60,9 +60,20 @@ def engine_for(model_dir: Path, settings: Settings) -> tuple[str, str]:
     return settings.engine, f"SD_ENGINE={settings.engine}"
 
 
+# What an image lacking an engine's libraries says (each image installs one engine: image/Dockerfile).
+ENGINE_IMAGES = {"torch": "ENGINE=torch", "openvino": "ENGINE=openvino"}
+
+
 def engine_class(name: str) -> Any:
+    """The engine's class; a LayoutError when this install lacks its libraries (the other image)."""
     module, cls = ENGINE_CLASSES[name]
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise LayoutError(
+            f"the {name} engine is not installed here ({exc.name or exc}): this release needs the image "
+            f"built with make build-image {ENGINE_IMAGES[name]}, or seed a release for the installed engine"
+        ) from exc
 
 
 def load_engine(model_dir: Path, settings: Settings) -> Engine:
@@ -82,7 +93,10 @@ def import_expected_engine(settings: Settings) -> str | None:
         except LayoutError:
             return None
         name = release_engine([OPENVINO_UNET] if (folder / OPENVINO_UNET).is_file() else [])
-    importlib.import_module(ENGINE_CLASSES[name][0])
+    try:
+        engine_class(name)
+    except LayoutError:
+        return None  # the first request's load says what is missing, as a 503
     return name
 
 
