@@ -1,4 +1,5 @@
-"""The image's hash-pinned locks stay in step with pyproject's base + runtime dependencies (offline)."""
+"""The images' hash-pinned locks stay in step with pyproject: the torch image's with base + [runtime], the
+OpenVINO image's with base + [openvino] (offline)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import pytest
 from packaging.requirements import Requirement
 
 from sd_lambda.cli import main
+from sd_lambda.layout import ENGINES
 from sd_lambda.ops.container import requirements
 from sd_lambda.ops.container.requirements import (
     PROJECT,
+    TORCH_STACK,
+    VARIANTS,
     LockEntry,
     ProjectDependencies,
     RequirementsError,
@@ -25,6 +29,8 @@ from sd_lambda.ops.container.requirements import (
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "image" / "requirements.txt"
 TORCH_LOCK = ROOT / "image" / "requirements-torch.txt"
+OPENVINO_LOCK = ROOT / "image" / "requirements-openvino.txt"
+OPENVINO = VARIANTS["openvino"]
 PYPROJECT = ROOT / "pyproject.toml"
 HASH = "sha256:" + "ab" * 32
 # What `uv pip compile --generate-hashes` prints, verbatim in shape.
@@ -49,6 +55,57 @@ def dependencies() -> ProjectDependencies:
 @pytest.fixture(scope="module")
 def lock() -> list[LockEntry]:
     return [*parse(LOCK.read_text()), *parse(TORCH_LOCK.read_text())]
+
+
+@pytest.fixture(scope="module")
+def openvino_lock() -> list[LockEntry]:
+    return parse(OPENVINO_LOCK.read_text())
+
+
+def test_there_is_an_image_variant_per_engine() -> None:
+    assert set(VARIANTS) == set(ENGINES)
+    assert all(engine == variant.engine for engine, variant in VARIANTS.items())
+
+
+def test_the_openvino_lock_matches_pyproject_and_holds_no_torch_stack(
+    openvino_lock: list[LockEntry], dependencies: ProjectDependencies
+) -> None:
+    assert check(openvino_lock, dependencies, OPENVINO) == []
+    names = {entry.name for entry in openvino_lock}
+    assert not names & {"torch", "diffusers", "transformers", "safetensors", "accelerate", "huggingface-hub"}
+    assert {"openvino", "openvino-genai", "openvino-tokenizers", "awslambdaric", "pydantic"} <= names
+    assert all(entry.hashes for entry in openvino_lock)
+    # The three OpenVINO packages are pinned exactly in pyproject, and the lock holds those very versions.
+    pinned = {
+        requirement.name: next(iter(requirement.specifier)).version
+        for requirement in dependencies.extra("openvino")
+        if requirement.name.startswith("openvino")
+    }
+    assert set(pinned) == {"openvino", "openvino-genai", "openvino-tokenizers"}
+    assert {entry.name: entry.version for entry in openvino_lock if entry.name in pinned} == pinned
+    # Shared pins agree with the torch image's, so both images run the same serving code on the same
+    # libraries.
+    torch_pins = {entry.name: entry.version for entry in parse(LOCK.read_text())}
+    shared = {entry.name: entry.version for entry in openvino_lock if entry.name in torch_pins}
+    assert {"pydantic", "pillow", "numpy", "awslambdaric"} <= set(shared)
+    assert shared == {name: torch_pins[name] for name in shared}
+
+
+def test_the_torch_stack_in_the_openvino_lock_is_drift(
+    openvino_lock: list[LockEntry], lock: list[LockEntry], dependencies: ProjectDependencies
+) -> None:
+    smuggled = [*openvino_lock, *(entry for entry in lock if entry.name in TORCH_STACK)]
+    problems = check(smuggled, dependencies, OPENVINO)
+    for name in TORCH_STACK:
+        assert f"{name} must not be in the openvino image" in problems
+    # Even declared in the extra, the torch stack is refused in the OpenVINO image.
+    grown = ProjectDependencies(
+        base=dependencies.base,
+        extras={**dependencies.extras, "openvino": (*dependencies.extras["openvino"], Requirement("torch"))},
+    )
+    torch_entry = next(entry for entry in lock if entry.name == "torch")
+    direct = [*openvino_lock, LockEntry("torch", torch_entry.version, (PROJECT,), torch_entry.hashes)]
+    assert "torch must not be in the openvino image" in check(direct, grown, OPENVINO)
 
 
 def test_committed_locks_match_pyproject(lock: list[LockEntry], dependencies: ProjectDependencies) -> None:
@@ -84,8 +141,23 @@ def test_torch_is_the_cpu_build_in_its_own_lock(lock: list[LockEntry]) -> None:
 
 def test_check_command_passes_on_the_committed_locks(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["requirements", "--check", "--pyproject", str(PYPROJECT), "--output", str(LOCK)]
-    assert main([*argv, "--torch-output", str(TORCH_LOCK)]) == 0
-    assert "match" in capsys.readouterr().out
+    assert main([*argv, "--torch-output", str(TORCH_LOCK), "--openvino-output", str(OPENVINO_LOCK)]) == 0
+    assert f"{OPENVINO_LOCK} match" in capsys.readouterr().out
+
+
+def test_check_command_covers_the_openvino_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], openvino_lock: list[LockEntry]
+) -> None:
+    argv = ["requirements", "--check", "--pyproject", str(PYPROJECT), "--output", str(LOCK)]
+    argv += ["--torch-output", str(TORCH_LOCK), "--openvino-output"]
+    assert main([*argv, str(tmp_path / "absent.txt")]) == 1
+    assert "absent.txt not found: run `make requirements`" in capsys.readouterr().err
+    drifted = tmp_path / "requirements-openvino.txt"
+    drifted.write_text(render([entry for entry in openvino_lock if entry.name != "openvino-genai"]))
+    assert main([*argv, str(drifted)]) == 1
+    err = capsys.readouterr().err
+    assert f"{drifted}: image dependency openvino-genai==" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def _replace(lock: list[LockEntry], name: str, **changes: object) -> list[LockEntry]:
@@ -129,8 +201,7 @@ def test_ops_or_dev_package_in_the_lock_is_drift(lock, dependencies) -> None:
     orphan = [*lock, LockEntry("boto3", "1.40.0", ("moto",), (HASH,))]
     problems = check(orphan, dependencies)
     assert any(
-        "boto3 is not required by any image dependency (it belongs to an ops/dev extra)" in p
-        for p in problems
+        "boto3 is not required by any image dependency (it belongs to another extra)" in p for p in problems
     )
     claimed = [*lock, LockEntry("pytest", "8.3.0", (PROJECT,), (HASH,))]
     assert any("pytest claims to be a direct dependency" in p for p in check(claimed, dependencies))
@@ -225,44 +296,58 @@ def test_resolve_refuses_cuda_torch_and_reports_uv_errors(monkeypatch: pytest.Mo
         requirements.resolve([Requirement("torch==2.13.0")])
 
 
-def test_requirements_command_writes_both_locks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: list[LockEntry]
+def test_requirements_command_writes_every_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: list[LockEntry], openvino_lock: list[LockEntry]
 ) -> None:
-    asked: list[tuple[list[str], list[str]]] = []
+    asked: list[tuple[str, list[str], list[str]]] = []
     kept: list[list[LockEntry]] = []
+    dependencies = ProjectDependencies.from_pyproject(PYPROJECT)
+    images = {
+        dependencies.image_for(VARIANTS["torch"]): ("torch", lock),
+        dependencies.image_for(OPENVINO): ("openvino", openvino_lock),
+    }
 
     def fake_resolve(
-        requirements_: object, extra_index_urls: list[str], find_links: list[str], preferred: list[LockEntry]
+        requirements_: tuple, extra_index_urls: list[str], find_links: list[str], preferred: list[LockEntry]
     ) -> list[LockEntry]:
-        assert requirements_ == ProjectDependencies.from_pyproject(PYPROJECT).image
-        asked.append((extra_index_urls, find_links))
+        engine, resolution = images[requirements_]
+        asked.append((engine, extra_index_urls, find_links))
         kept.append(list(preferred))
-        return lock
+        return resolution
 
     monkeypatch.setattr(requirements, "resolve", fake_resolve)
-    out, torch_out = tmp_path / "image" / "requirements.txt", tmp_path / "image" / "requirements-torch.txt"
-    argv = [
-        "requirements",
-        "--pyproject",
-        str(PYPROJECT),
-        "--output",
-        str(out),
-        "--torch-output",
-        str(torch_out),
-    ]
+    image = tmp_path / "image"
+    out, torch_out = image / "requirements.txt", image / "requirements-torch.txt"
+    openvino_out = image / "requirements-openvino.txt"
+    argv = ["requirements", "--pyproject", str(PYPROJECT), "--output", str(out), "--torch-output"]
+    argv += [str(torch_out), "--openvino-output", str(openvino_out)]
     assert main(argv) == 0
-    assert asked == [(["https://download.pytorch.org/whl/cpu"], [])]  # the CPU index by default
+    # torch from the CPU index by default; the OpenVINO image from PyPI alone.
+    assert asked == [("torch", ["https://download.pytorch.org/whl/cpu"], []), ("openvino", [], [])]
     assert [entry.name for entry in parse(torch_out.read_text())] == ["torch"]
     assert sorted([*parse(out.read_text()), *parse(torch_out.read_text())], key=lambda e: e.name) == sorted(
         lock, key=lambda e: e.name
     )
-    assert kept[0] == []  # no locks yet: nothing to keep
+    assert parse(openvino_out.read_text()) == sorted(openvino_lock, key=lambda e: e.name)
+    assert openvino_out.read_text().startswith(
+        requirements.OPENVINO_HEADER.format(
+            python=requirements.PYTHON_VERSION, platform=requirements.PLATFORM
+        )
+    )
+    assert kept[:2] == [[], []]  # no locks yet: nothing to keep
     assert main([*argv, "--find-links", "/opt/wheels"]) == 0
-    assert asked[-1] == ([], ["/opt/wheels"])
-    assert sorted(kept[-1], key=lambda e: e.name) == sorted(lock, key=lambda e: e.name)  # the locked pins
+    assert asked[-2:] == [("torch", [], ["/opt/wheels"]), ("openvino", [], [])]
+    assert sorted(kept[-2], key=lambda e: e.name) == sorted(lock, key=lambda e: e.name)  # the locked pins
+    # The OpenVINO image prefers the torch image's pins first, so the packages both hold keep one version.
+    torch_image_pins = [*parse(out.read_text()), *parse(torch_out.read_text())]
+    assert kept[-1][: len(torch_image_pins)] == torch_image_pins
+    assert {entry.name for entry in kept[-1]} == {entry.name for entry in [*lock, *openvino_lock]}
 
+    # A resolution that does not satisfy pyproject writes nothing.
     drifted = [entry for entry in lock if entry.name != "diffusers"]
     monkeypatch.setattr(requirements, "resolve", lambda *_, **__: drifted)
-    other = tmp_path / "other.txt"
-    assert main([*argv[:-4], "--output", str(other), "--torch-output", str(tmp_path / "t.txt")]) == 1
+    other = tmp_path / "other"
+    argv = ["requirements", "--pyproject", str(PYPROJECT), "--output", str(other / "r.txt")]
+    argv += ["--torch-output", str(other / "t.txt"), "--openvino-output", str(other / "o.txt")]
+    assert main(argv) == 1
     assert not other.exists()

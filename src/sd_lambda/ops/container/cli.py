@@ -12,19 +12,23 @@ if TYPE_CHECKING:
 DEFAULT_PYPROJECT = Path("pyproject.toml")
 DEFAULT_LOCK = Path("image/requirements.txt")
 DEFAULT_TORCH_LOCK = Path("image/requirements-torch.txt")
+DEFAULT_OPENVINO_LOCK = Path("image/requirements-openvino.txt")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "requirements",
-        help="regenerate (or --check) the image's hash-pinned locks from pyproject's runtime dependencies",
-        description="Resolve pyproject's base + runtime dependencies with `uv pip compile --generate-hashes`"
-        " and write image/requirements.txt (PyPI) and image/requirements-torch.txt (the CPU build of torch), "
-        "keeping the pins already locked wherever they still fit (delete the locks to upgrade everything).",
+        help="regenerate (or --check) the images' hash-pinned locks from pyproject's dependencies",
+        description="Resolve pyproject's base + runtime dependencies (the torch image) and base + openvino "
+        "dependencies (the OpenVINO image) with `uv pip compile --generate-hashes` and write "
+        "image/requirements.txt (PyPI) with image/requirements-torch.txt (the CPU build of torch), and "
+        "image/requirements-openvino.txt, keeping the pins already locked wherever they still fit (delete "
+        "the locks to upgrade everything).",
     )
     parser.add_argument("--pyproject", type=Path, default=DEFAULT_PYPROJECT)
     parser.add_argument("--output", type=Path, default=DEFAULT_LOCK)
     parser.add_argument("--torch-output", type=Path, default=DEFAULT_TORCH_LOCK)
+    parser.add_argument("--openvino-output", type=Path, default=DEFAULT_OPENVINO_LOCK)
     parser.add_argument(
         "--check", action="store_true", help="only verify the existing locks against pyproject (offline)"
     )
@@ -53,36 +57,62 @@ def run_requirements(args: argparse.Namespace) -> int:
     if not args.pyproject.is_file():
         raise CommandError(f"{args.pyproject} not found (run from the repository root)")
     dependencies = requirements.ProjectDependencies.from_pyproject(args.pyproject)
+    torch_variant, openvino_variant = requirements.VARIANTS["torch"], requirements.VARIANTS["openvino"]
+    locks = (args.output, args.torch_output, args.openvino_output)
     try:
         if args.check:
-            missing = [str(path) for path in (args.output, args.torch_output) if not path.is_file()]
+            missing = [str(path) for path in locks if not path.is_file()]
             if missing:
                 raise CommandError(f"{', '.join(missing)} not found: run `make requirements`")
             pypi = requirements.parse(args.output.read_text())
             torch = requirements.parse(args.torch_output.read_text())
-            problems = requirements.check([*pypi, *torch], dependencies)
+            openvino = requirements.parse(args.openvino_output.read_text())
+            problems = requirements.check([*pypi, *torch], dependencies, torch_variant)
             problems += requirements.check_split(pypi, torch)
+            problems += [
+                f"{args.openvino_output}: {problem}"
+                for problem in requirements.check(openvino, dependencies, openvino_variant)
+            ]
             if problems:
                 raise CommandError(f"the image locks are out of date: {'; '.join(problems)}")
-            print(f"{args.output} and {args.torch_output} match {args.pyproject}")
+            print(f"{', '.join(map(str, locks))} match {args.pyproject}")
             return 0
         index_urls = args.torch_index_url or ([] if args.find_links else [requirements.DEFAULT_TORCH_INDEX])
         entries = requirements.resolve(
-            dependencies.image,
+            dependencies.image_for(torch_variant),
             extra_index_urls=index_urls,
             find_links=args.find_links,
             preferred=requirements.read_locks(args.output, args.torch_output),
         )
+        # PyPI only: nothing in this image comes from PyTorch's index. The torch image's pins come first
+        # among the preferred, so the packages both images hold (pydantic, pillow, ...) stay one version.
+        torch_image_pins = requirements.read_locks(args.output, args.torch_output)
+        locked = {entry.name for entry in torch_image_pins}
+        openvino = requirements.resolve(
+            dependencies.image_for(openvino_variant),
+            extra_index_urls=[],
+            find_links=[],
+            preferred=[
+                *torch_image_pins,
+                *(e for e in requirements.read_locks(args.openvino_output) if e.name not in locked),
+            ],
+        )
     except requirements.RequirementsError as exc:
         raise CommandError(str(exc)) from exc
-    problems = requirements.check(entries, dependencies)
+    problems = requirements.check(entries, dependencies, torch_variant)
+    problems += [f"[openvino]: {p}" for p in requirements.check(openvino, dependencies, openvino_variant)]
     if problems:
         raise CommandError(f"the resolution does not satisfy pyproject: {'; '.join(problems)}")
     pypi, torch = requirements.split(entries)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(requirements.render(pypi))
     args.torch_output.write_text(requirements.render(torch, requirements.TORCH_HEADER))
-    print(f"wrote {len(pypi)} hash-pinned packages to {args.output} and torch to {args.torch_output}")
+    args.openvino_output.parent.mkdir(parents=True, exist_ok=True)
+    args.openvino_output.write_text(requirements.render(openvino, requirements.OPENVINO_HEADER))
+    print(
+        f"wrote {len(pypi)} hash-pinned packages to {args.output}, torch to {args.torch_output} and "
+        f"{len(openvino)} to {args.openvino_output}"
+    )
     return 0
 
 
@@ -98,6 +128,30 @@ def docker_cli(binary: str) -> Docker:
     return DockerCLI(binary)
 
 
+def _add_engine_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    from sd_lambda.layout import ENGINES
+    from sd_lambda.ops.container.docker import DEFAULT_ENGINE
+
+    # No argparse choices: an unknown engine is one line naming ENGINE= (see engine_of), not a usage dump.
+    parser.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        help=f"the image variant ({' or '.join(ENGINES)}): {what}",
+    )
+
+
+def engine_of(args: argparse.Namespace) -> str:
+    """``--engine``, refused in one line unless it names an engine."""
+    from sd_lambda.cli import CommandError, option
+    from sd_lambda.layout import ENGINES
+
+    if args.engine not in ENGINES:
+        named = option("--engine")
+        given = f"{named}{args.engine}" if named.endswith("=") else f"{named} {args.engine}"
+        raise CommandError(f"{given} is not an engine: use {' or '.join(ENGINES)}")
+    return args.engine
+
+
 def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
     from sd_lambda.ops.container.docker import DEFAULT_DOCKERFILE, DEFAULT_PLATFORM, PLATFORMS
     from sd_lambda.ops.deploy import DEFAULT_DIGEST_FILE
@@ -105,10 +159,14 @@ def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
     build = subparsers.add_parser(
         "build-image",
         help="docker build the Lambda image (linux/amd64 by default, --platform linux/arm64)",
-        description="Build image/Dockerfile from the repository root with `docker build --platform`.",
+        description="Build image/Dockerfile from the repository root with `docker build --platform`: the "
+        "torch image, or with --engine openvino the lean OpenVINO one (no torch), tagged <tag>-openvino.",
     )
     build.add_argument("--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM)
-    build.add_argument("--tag", default=DEFAULT_LOCAL_IMAGE, help="local image name")
+    build.add_argument(
+        "--tag", default=DEFAULT_LOCAL_IMAGE, help="local image name (another engine's gets -<engine>)"
+    )
+    _add_engine_argument(build, "passed as the Dockerfile's ENGINE build arg")
     build.add_argument("--dockerfile", type=Path, default=DEFAULT_DOCKERFILE)
     build.add_argument("--context", type=Path, default=Path("."))
     build.add_argument(
@@ -122,34 +180,56 @@ def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
         help="push the built image to the stack's ECR repository and write .image-digest",
         description="Log in to ECR (GetAuthorizationToken), tag with the git commit, push, record the digest",
     )
-    push.add_argument("--image", default=DEFAULT_LOCAL_IMAGE, help="local image to push")
+    push.add_argument(
+        "--image", default=DEFAULT_LOCAL_IMAGE, help="local image to push (another engine's gets -<engine>)"
+    )
+    _add_engine_argument(push, "which build to push; its remote tag ends in -<engine> too")
     where = push.add_mutually_exclusive_group()
     where.add_argument("--repository-url", help="<account>.dkr.ecr.<region>.amazonaws.com/<name>")
     where.add_argument(
         "--infra", type=Path, default=Path("infra"), help="stack whose ecr_repository_url to use"
     )
-    push.add_argument("--tag", help="remote tag (default: git-<sha>, plus -dirty-<time> for a dirty tree)")
+    push.add_argument(
+        "--tag",
+        help="remote tag (default: git-<sha>, plus -dirty-<time> for a dirty tree; -<engine> for "
+        "another engine's image)",
+    )
     push.add_argument("--digest-file", type=Path, default=DEFAULT_DIGEST_FILE)
     push.add_argument("--docker", default="docker", help="docker CLI to run")
     push.set_defaults(func=run_push_image)
 
 
 def run_build_image(args: argparse.Namespace) -> int:
-    from sd_lambda.cli import CommandError
-    from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable, build
+    from sd_lambda.cli import CommandError, option
+    from sd_lambda.ops.container.docker import (
+        DEFAULT_ENGINE,
+        ENGINE_BUILD_ARG,
+        DockerFailed,
+        DockerUnavailable,
+        build,
+        engine_image,
+    )
 
+    engine = engine_of(args)
     build_args = {}
     for item in args.build_arg:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise CommandError(f"--build-arg {item!r} is not NAME=VALUE")
+        if name == ENGINE_BUILD_ARG:
+            raise CommandError(f"choose the engine with {option('--engine')}, not a build arg")
         build_args[name] = value
+    if engine != DEFAULT_ENGINE:
+        # The Dockerfile's own default is the default engine (a test holds them equal), so the default
+        # build's command stays what it always was.
+        build_args[ENGINE_BUILD_ARG] = engine
     if not args.dockerfile.is_file():
         raise CommandError(f"{args.dockerfile} not found (run from the repository root)")
+    tag = engine_image(args.tag, engine)
     try:
         build(
             docker_cli(args.docker),
-            args.tag,
+            tag,
             platform=args.platform,
             dockerfile=args.dockerfile,
             context=args.context,
@@ -157,7 +237,7 @@ def run_build_image(args: argparse.Namespace) -> int:
         )
     except (DockerUnavailable, DockerFailed) as exc:
         raise CommandError(str(exc)) from None
-    print(f"built {args.tag} for {args.platform}")
+    print(f"built {tag} for {args.platform} ({engine} engine)")
     return 0
 
 
@@ -167,16 +247,18 @@ def run_push_image(args: argparse.Namespace) -> int:
 
     from sd_lambda.cli import CommandError
     from sd_lambda.ops.container import registry
-    from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable
+    from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable, engine_image, engine_suffix
     from sd_lambda.ops.stack_outputs import output_for_command
 
+    engine = engine_of(args)
     try:
         repository = registry.Repository.parse(
             args.repository_url or output_for_command(args.infra, "ecr_repository_url", "--repository-url")
         )
-        tag = args.tag or registry.image_tag(registry.git_state())
+        tag = (args.tag or registry.image_tag(registry.git_state())) + engine_suffix(engine)
         ecr = boto3.client("ecr", region_name=repository.region)
-        result = registry.push(docker_cli(args.docker), ecr, args.image, repository, tag)
+        local_image = engine_image(args.image, engine)
+        result = registry.push(docker_cli(args.docker), ecr, local_image, repository, tag)
     except (registry.PushError, DockerUnavailable, DockerFailed) as exc:
         raise CommandError(str(exc)) from None
     except botocore.exceptions.NoCredentialsError:

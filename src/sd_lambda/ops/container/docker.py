@@ -12,6 +12,9 @@ from typing import Protocol
 DEFAULT_PLATFORM = "linux/amd64"
 PLATFORMS = ("linux/amd64", "linux/arm64")
 DEFAULT_DOCKERFILE = Path("image/Dockerfile")
+# image/Dockerfile's build arg choosing the variant (the engine its venv serves); torch is its default.
+ENGINE_BUILD_ARG = "ENGINE"
+DEFAULT_ENGINE = "torch"
 
 
 class DockerUnavailable(Exception):
@@ -135,3 +138,23 @@ def build_command(
 def build(docker: Docker, tag: str, **options: object) -> None:
     require_engine(docker)
     docker(build_command(tag, buildx=has_buildx(docker), **options))  # type: ignore[arg-type]
+
+
+def engine_suffix(engine: str) -> str:
+    """What a variant's tags end with: nothing for the default (torch) image, ``-<engine>`` for another,
+    so a tag never names two variants (ECR's tags are immutable: a second push under one tag would
+    silently reuse the first variant's image)."""
+    return "" if engine == DEFAULT_ENGINE else f"-{engine}"
+
+
+def engine_image(image: str, engine: str) -> str:
+    """The local reference of ``engine``'s variant of ``image``: its tag (``latest`` when it names none)
+    plus :func:`engine_suffix`. ``sd-lambda:local`` is the torch image, ``sd-lambda:local-openvino`` the
+    OpenVINO one."""
+    suffix = engine_suffix(engine)
+    if not suffix:
+        return image
+    # A tag is the part after the last ':' of the last path segment (a registry host may carry a port).
+    head, slash, last = image.rpartition("/")
+    name, colon, tag = last.partition(":")
+    return f"{head}{slash}{name}:{tag if colon else 'latest'}{suffix}"
