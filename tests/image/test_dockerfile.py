@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 
@@ -17,8 +18,16 @@ from image.dockerfile import (
     parse_dockerfile,
 )
 from image.dockerfile import ignore_patterns as read_ignore_patterns
+from sd_lambda.layout import ENGINES
+from sd_lambda.ops.container.docker import DEFAULT_ENGINE, ENGINE_BUILD_ARG
+from sd_lambda.ops.container.requirements import TORCH_STACK
 
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# The locks each variant's build installs, in order (the torch image's torch first, from its own index).
+VARIANT_LOCKS = {
+    "torch": ["/tmp/requirements-torch.txt", "/tmp/requirements.txt"],
+    "openvino": ["/tmp/requirements-openvino.txt"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +64,64 @@ def test_torch_comes_from_the_cpu_index_and_the_lock_is_installed_without_resolv
     assert "--only-binary=:all: -r /tmp/requirements.txt" in install
     assert all("--no-deps" in run for run in build.all("RUN") if "pip install" in run)
     lock_installs = re.findall(r"pip install [^&]*-r /tmp/\S+", install)
-    assert len(lock_installs) == 2
+    assert len(lock_installs) == sum(map(len, VARIANT_LOCKS.values()))
     assert all("--require-hashes" in command for command in lock_installs)
     assert "torch.version.cuda is None" in install
     assert "cu1" not in DOCKERFILE.read_text()  # no CUDA wheel index anywhere
     assert "pip check" in install
+
+
+def test_the_engine_build_arg_reaches_both_stages(dockerfile) -> None:
+    global_args, stages = dockerfile
+    assert global_args[ENGINE_BUILD_ARG] == DEFAULT_ENGINE
+    # An ARG before FROM is visible only to FROM lines: each stage that reads it declares it again, with
+    # no value of its own, so the one default (or --build-arg) holds in both.
+    for stage in stages:
+        assert ENGINE_BUILD_ARG in stage.all("ARG"), stage.name
+    labels = " ".join(stages[-1].all("LABEL"))
+    assert "${ENGINE} engine" in labels  # the image says which variant it is
+
+
+def _run_variant_install(dockerfile, tmp_path, engine: str) -> tuple[subprocess.CompletedProcess[str], list]:
+    """The build stage's install RUN under sh for ``engine``, with pip and python replaced by recorders:
+    which commands the shell's dispatch runs for that ENGINE."""
+    _, stages = dockerfile
+    (install,) = [run for run in stages[0].all("RUN") if "requirements" in run]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / f"{engine}.log"
+    for tool in ("pip", "python"):
+        recorder = bin_dir / tool
+        recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> "{log}"\n')
+        recorder.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "ENGINE": engine, "TORCH_INDEX_URL": CPU_INDEX}
+    completed = subprocess.run(["sh", "-c", install], env=env, capture_output=True, text=True, check=False)
+    return completed, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_engine_installs_its_own_locks(dockerfile, tmp_path, engine: str) -> None:
+    completed, commands = _run_variant_install(dockerfile, tmp_path, engine)
+    assert completed.returncode == 0, completed.stderr
+    installs = [command for command in commands if command.startswith("pip install")]
+    assert [command.split(" -r ")[1] for command in installs] == VARIANT_LOCKS[engine]
+    assert all("--require-hashes --no-deps --only-binary=:all:" in command for command in installs)
+    (check,) = [command for command in commands if command.startswith("python -c")]
+    if engine == "torch":
+        assert "--index-url " + CPU_INDEX in installs[0]
+        assert "torch.version.cuda is None" in check
+    else:
+        # The venv's seeded setuptools goes before the lock installs: the venv holds exactly the lock.
+        assert commands[0] == "pip uninstall --yes --quiet setuptools"
+        assert "--index-url" not in " ".join(installs)  # PyPI only
+        assert all(f"'{name}'" in check for name in TORCH_STACK)  # the build proves they are absent
+
+
+def test_an_unknown_engine_stops_the_build(dockerfile, tmp_path) -> None:
+    completed, commands = _run_variant_install(dockerfile, tmp_path, "tensorflow")
+    assert completed.returncode != 0
+    assert completed.stderr.strip() == "ENGINE=tensorflow: use torch or openvino"
+    assert commands == []  # nothing installed: no default image under a wrong name
 
 
 def test_package_is_installed_without_extras(dockerfile) -> None:
