@@ -116,7 +116,7 @@ def test_scheduler_switch_takes_effect(ov_engine: OpenVINOEngine) -> None:
     euler = ov_engine.generate(params(scheduler="euler"))
     pndm = ov_engine.generate(params(scheduler="pndm"))
     again = ov_engine.generate(params(scheduler="euler"))
-    assert (euler.stats["scheduler"], pndm.stats["scheduler"]) == ("euler", "pndm")
+    assert (euler.stats["scheduler"], pndm.stats["scheduler"]) == ("EulerDiscreteScheduler", "PNDMScheduler")
     # PNDM (PLMS with skip_prk_steps) spends one more UNet call than its steps; Euler does not.
     assert (euler.stats["unet_calls"], pndm.stats["unet_calls"]) == (4, 5)
     assert psnr(pixels(euler.image), pixels(pndm.image)) < 60

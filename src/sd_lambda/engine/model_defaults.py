@@ -32,6 +32,14 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_key(path: Path, key: str) -> Any:
+    """``key`` of the JSON object in ``path``; a ValueError naming both when it is not there."""
+    data = read_json(path)
+    if key not in data:
+        raise ValueError(f"{path} has no {key!r}")
+    return data[key]
+
+
 def scheduler_class(model_dir: Path) -> str:
     return str(read_json(model_dir / "scheduler" / "scheduler_config.json").get("_class_name"))
 
@@ -40,7 +48,7 @@ def vae_scale_factor(model_dir: Path) -> int:
     """Pixels per latent, as diffusers' StableDiffusionPipeline computes it from the decoder's config."""
     for name in _DECODER_CONFIGS:
         if (model_dir / name).is_file():
-            return 2 ** (len(read_json(model_dir / name)["block_out_channels"]) - 1)
+            return 2 ** (len(read_key(model_dir / name, "block_out_channels")) - 1)
     raise ValueError(f"{model_dir} has no decoder config ({' or '.join(_DECODER_CONFIGS)})")
 
 
@@ -48,7 +56,7 @@ def read_model_defaults(model_dir: Path, steps: int | None = None) -> ModelDefau
     """Defaults from the marker file, else from what the model's configuration says about guidance.
     ``steps``: the engine's default step count (its default scheduler's), when it has one."""
     unet_config = read_json(model_dir / "unet" / "config.json")
-    side = int(unet_config["sample_size"]) * vae_scale_factor(model_dir)
+    side = int(read_key(model_dir / "unet" / "config.json", "sample_size")) * vae_scale_factor(model_dir)
     values: dict[str, Any] = {"width": side, "height": side}
     if steps is not None:
         values["num_inference_steps"] = steps

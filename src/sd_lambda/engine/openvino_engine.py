@@ -317,7 +317,8 @@ class OpenVINOEngine:
             "unet_batch": 2 if guided else 1,
             "guided": guided,
             "compiled": compiled,
-            "scheduler": self.model_scheduler if name is None else name,
+            # diffusers' class names, as the torch engine reports them
+            "scheduler": self.model_scheduler if name is None else SCHEDULERS[name],
             "decoder": decoder,
             "dtype": _DTYPE_NAMES[self.precision],
         }
