@@ -1,9 +1,12 @@
 """Run by the image venv's python: which imports of the Lambda's code cannot be satisfied there?
 
-Walks ``sd_lambda.serving.handler`` and every ``sd_lambda`` module it imports (at module level or inside
-functions, so lazy imports on rare paths count too, and the packages above each module) and prints, as
-JSON, the ``sd_lambda`` modules reached and each external top-level module the walk found with whether
-this interpreter can import it. Standard library only.
+Walks the root modules given (``sd_lambda.serving.handler`` and the engine modules it imports by name)
+and every ``sd_lambda`` module they import, and prints, as JSON, the ``sd_lambda`` modules reached and
+each external top-level module found with whether this interpreter can import it. Two walks: one follows
+every import (at module level or inside functions, so lazy imports on rare paths count too), the other
+only the imports that run when a module is imported (``eager_``: module and class bodies, not functions),
+which is what importing the roots needs. The packages above each module count as imported. Standard
+library only.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import sys
 from pathlib import Path
 
 
-def imported_names(path: str, package: str) -> set[str]:
+def imported_names(path: str, package: str, eager_only: bool = False) -> set[str]:
     tree = ast.parse(Path(path).read_text(encoding="utf-8"), path)
     names: set[str] = set()
-    for node in ast.walk(tree):
+    nodes: list[ast.AST] = [tree]
+    while nodes:
+        node = nodes.pop()
+        if eager_only and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue  # a function body runs when called, not when its module is imported
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -29,6 +36,7 @@ def imported_names(path: str, package: str) -> set[str]:
                 module = node.module or ""
             names.add(module)
             names.update(f"{module}.{alias.name}" for alias in node.names)
+        nodes.extend(ast.iter_child_nodes(node))
     return names
 
 
@@ -42,14 +50,11 @@ def source_of(name: str, package_dir: Path) -> tuple[Path, bool] | None:
     return None  # "from package import name" where name is not a module
 
 
-def main(root: str) -> None:
-    spec = importlib.util.find_spec("sd_lambda")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("sd_lambda is not installed in this interpreter")
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
+def walk(roots: list[str], package_dir: Path, eager_only: bool) -> tuple[set[str], set[str]]:
+    """(sd_lambda modules reached, external top-level modules they import)."""
     seen: set[str] = set()
     external: set[str] = set()
-    frontier = [root]
+    frontier = list(roots)
     while frontier:
         name = frontier.pop()
         found = source_of(name, package_dir)
@@ -60,19 +65,31 @@ def main(root: str) -> None:
         frontier.extend(name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1))
         path, is_package = found
         package = name if is_package else name.rpartition(".")[0]
-        for imported in imported_names(str(path), package):
+        for imported in imported_names(str(path), package, eager_only):
             top = imported.split(".")[0]
             if top == "sd_lambda":
                 frontier.append(imported)
             elif top and top not in sys.stdlib_module_names and top != "__future__":
                 external.add(top)
+    return seen, external
+
+
+def main(roots: list[str]) -> None:
+    spec = importlib.util.find_spec("sd_lambda")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("sd_lambda is not installed in this interpreter")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    modules, external = walk(roots, package_dir, eager_only=False)
+    eager_modules, eager_external = walk(roots, package_dir, eager_only=True)
     report = {
         "package_dir": str(package_dir),
-        "modules": sorted(seen),
+        "modules": sorted(modules),
         "external": {top: importlib.util.find_spec(top) is not None for top in sorted(external)},
+        "eager_modules": sorted(eager_modules),
+        "eager_external": sorted(eager_external),
     }
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sd_lambda.serving.handler")
+    main(sys.argv[1:] or ["sd_lambda.serving.handler"])

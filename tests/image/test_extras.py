@@ -4,6 +4,7 @@ extras its install needs, and the operator commands run on an install without th
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import json
 import subprocess
@@ -11,18 +12,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from sd_lambda.ops.container.requirements import ProjectDependencies
+from sd_lambda.engine.backend import ENGINE_CLASSES
+from sd_lambda.ops.container.requirements import VARIANTS, ProjectDependencies
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "src" / "sd_lambda"
 DEPENDENCIES = ProjectDependencies.from_pyproject(ROOT / "pyproject.toml")
 # Which installs each part of the package must work on.
 TOP_MODULES = ("__init__.py", "cli.py", "layout.py", "settings.py")
+# serving/ and engine/ run in either image; which of their modules each image imports is held to its own
+# extra by test_each_images_import_path_is_declared_in_its_extra.
 AREAS: dict[str, tuple[str, ...]] = {
-    "serving": ("runtime",),
-    "engine": ("runtime",),
+    "serving": ("runtime", "openvino"),
+    "engine": ("runtime", "openvino"),
     "ops": ("ops",),
     "seeding": ("ops",),
     "devtools": ("dev",),
@@ -45,8 +50,49 @@ def third_party_imports(path: Path) -> set[str]:
     return {name for name in names if name not in sys.stdlib_module_names} - {"__future__", "sd_lambda"}
 
 
-def distributions_of(import_name: str) -> set[str]:
-    providers = importlib.metadata.packages_distributions().get(import_name, [])
+# Modules that run in a venv of their own, installed with its own extra: the seed driver runs the
+# OpenVINO exporter in the export venv (`make install-export`), whose optimum-intel the dev venv lacks.
+EXPORT_PYTHON = ROOT / ".venv-export" / "bin" / "python"
+OWN_VENV: dict[str, tuple[tuple[str, ...], Path]] = {
+    "seeding/openvino_export.py": (("export",), EXPORT_PYTHON),
+    "devtools/optimum_runtime.py": (("export",), EXPORT_PYTHON),
+}
+
+
+@functools.cache
+def _installed_distributions(python: Path | None) -> dict[str, list[str]]:
+    """Import name -> the distributions providing it, in this interpreter or in ``python``'s."""
+    if python is None:
+        return dict(importlib.metadata.packages_distributions())
+    script = "import importlib.metadata as m, json; print(json.dumps(m.packages_distributions()))"
+    completed = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout)
+
+
+@functools.cache
+def _requires(python: Path, distribution: str) -> tuple[str, ...]:
+    """``distribution``'s requirements as installed in ``python``'s venv (extras' ones included)."""
+    script = "import importlib.metadata as m, json, sys; print(json.dumps(m.requires(sys.argv[1]) or []))"
+    completed = subprocess.run(
+        [str(python), "-c", script, distribution], capture_output=True, text=True, check=True
+    )
+    return tuple(json.loads(completed.stdout))
+
+
+def declared_in_own_venv(extras: tuple[str, ...], python: Path) -> set[str]:
+    """``declared(extras)`` plus what its requirements' own extras bring (``optimum-intel[diffusers]``
+    declares diffusers), read from the venv those extras are installed in."""
+    names = declared(extras)
+    for requirement in (r for extra in extras for r in DEPENDENCIES.extra(extra) if r.extras):
+        for raw in _requires(python, requirement.name):
+            pulled = Requirement(raw)
+            if pulled.marker and any(pulled.marker.evaluate({"extra": e}) for e in requirement.extras):
+                names.add(canonicalize_name(pulled.name))
+    return names
+
+
+def distributions_of(import_name: str, python: Path | None = None) -> set[str]:
+    providers = _installed_distributions(python).get(import_name, [])
     assert providers, f"no installed distribution provides {import_name!r}: declare it in pyproject"
     return {canonicalize_name(name) for name in providers}
 
@@ -54,7 +100,9 @@ def distributions_of(import_name: str) -> set[str]:
 def area_files() -> list[tuple[str, Path, tuple[str, ...]]]:
     files = [("top", PACKAGE / name, ()) for name in TOP_MODULES]
     for area, extras in AREAS.items():
-        files += [(area, path, extras) for path in sorted((PACKAGE / area).rglob("*.py"))]
+        for path in sorted((PACKAGE / area).rglob("*.py")):
+            own = OWN_VENV.get(path.relative_to(PACKAGE).as_posix())
+            files.append((area, path, own[0] if own else extras))
     return files
 
 
@@ -73,11 +121,15 @@ def test_every_subpackage_has_an_install() -> None:
 def test_third_party_imports_are_declared_in_the_areas_extras(
     area: str, path: Path, extras: tuple[str, ...]
 ) -> None:
-    allowed = declared(extras)
+    own = OWN_VENV.get(path.relative_to(PACKAGE).as_posix())
+    python = own[1] if own else None
+    if python is not None and not python.is_file():
+        pytest.fail(f"{path.name} runs in {python}, which is missing: run make install-export")
+    allowed = declared_in_own_venv(extras, python) if python is not None else declared(extras)
     undeclared = {
-        name: sorted(distributions_of(name))
+        name: sorted(distributions_of(name, python))
         for name in third_party_imports(path)
-        if not distributions_of(name) & allowed
+        if not distributions_of(name, python) & allowed
     }
     where = f"base + [{', '.join(extras)}]" if extras else "the base dependencies"
     assert undeclared == {}, f"{path.relative_to(ROOT)} ({area}) imports what {where} does not declare"
@@ -93,8 +145,8 @@ def test_the_check_sees_an_undeclared_import(tmp_path: Path) -> None:
 
 # An operator install (base + ops) has none of the distributions only the runtime extra brings, and none of
 # the ones only the dev extra declares (the tools the tests and devtools use).
-RUNTIME_ONLY = sorted(declared(("runtime",)) - declared(("ops",)))
-DEV_ONLY = sorted(declared(("dev",)) - declared(("runtime", "ops")))
+RUNTIME_ONLY = sorted(declared(("runtime", "openvino")) - declared(("ops",)))
+DEV_ONLY = sorted(declared(("dev",)) - declared(("runtime", "openvino", "ops")))
 OPERATOR_SCRIPT = """\
 import argparse, importlib.metadata, json, sys
 
@@ -189,18 +241,43 @@ def test_operator_commands_run_without_the_runtime_and_dev_extras() -> None:
     assert "Traceback" not in stderr
 
 
-def test_the_handlers_import_walk_reaches_only_runtime_modules(tmp_path: Path) -> None:
+def import_walk(roots: list[str], cwd: Path) -> dict:
     helper = Path(__file__).with_name("runtime_imports.py")
     completed = subprocess.run(
-        [sys.executable, str(helper), "sd_lambda.serving.handler"],
+        [sys.executable, str(helper), *roots],
         capture_output=True,
         text=True,
         check=True,
-        cwd=tmp_path,
+        cwd=cwd,
         timeout=120,
     )
-    modules = json.loads(completed.stdout)["modules"]
+    return json.loads(completed.stdout)
+
+
+# The handler, and the engines it imports by name (sd_lambda.engine.backend).
+HANDLER_ROOTS = ["sd_lambda.serving.handler", *(module for module, _ in ENGINE_CLASSES.values())]
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINE_CLASSES))
+def test_each_images_import_path_is_declared_in_its_extra(engine: str, tmp_path: Path) -> None:
+    """What importing the handler and an engine runs is declared in that engine's image extra (the
+    OpenVINO image: base + [openvino], no torch); lazy imports anywhere on the walk in one of the two."""
+    report = import_walk(["sd_lambda.serving.handler", ENGINE_CLASSES[engine][0]], tmp_path)
+    extra = VARIANTS[engine].extra
+    undeclared = {
+        name: sorted(distributions_of(name))
+        for name in report["eager_external"]
+        if not distributions_of(name) & declared((extra,))
+    }
+    assert undeclared == {}, f"importing the handler with the {engine} engine needs what [{extra}] lacks"
+    lazy = {name for name in report["external"] if not distributions_of(name) & declared(AREAS["engine"])}
+    assert lazy == set()
+
+
+def test_the_handlers_import_walk_reaches_only_runtime_modules(tmp_path: Path) -> None:
+    modules = import_walk(HANDLER_ROOTS, tmp_path)["modules"]
     assert {"sd_lambda.serving.handler", "sd_lambda.engine.torch_engine"} <= set(modules)
+    assert "sd_lambda.engine.openvino_engine" in modules
     # Only serving/, engine/ and the two top-level modules they share: no ops/, seeding/, devtools/, cli.
     areas = {name.split(".")[1] for name in modules if name != "sd_lambda"}
     assert areas == {"serving", "engine", "layout", "settings"}
