@@ -1,6 +1,7 @@
 """Convert a diffusers Stable Diffusion folder into an OpenVINO IR release. Runs in the export venv.
 
     .venv-export/bin/python -m sd_lambda.seeding.openvino_export SOURCE OUTPUT
+        [--quantize int8] [--calibration-prompts FILE] [--calibration-samples N]
 
 optimum-intel's exporter (the library behind ``optimum-cli export openvino``) writes the pipeline in its
 layout: ``text_encoder/``, ``unet/``, ``vae_decoder/`` and ``vae_encoder/`` as ``openvino_model.xml`` +
@@ -8,6 +9,13 @@ layout: ``text_encoder/``, ``unet/``, ``vae_decoder/`` and ``vae_encoder/`` as `
 what OpenVINO GenAI's Text2ImagePipeline and optimum-intel's own pipeline load, and what ready-made
 OpenVINO repos on the hub hold. A tiny decoder (``vae_tiny/``, AutoencoderKL-compatible TAESD) is
 converted next to it with ``openvino.convert_model``, with the config keys GenAI's AutoencoderKL reads.
+
+``--quantize int8`` is optimum-intel's hybrid quantisation for diffusion pipelines
+(``OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=<prompts>)``): the UNet's
+activations and weights go to int8 with ranges calibrated by running the real (OpenVINO) pipeline on
+prompts, its MatMul weights and every weight of the text encoder and the VAE decoder/encoder are
+compressed to int8 (weights only). The tiny decoder gets the same weight compression. The prompts are a
+built-in list (no dataset download: an operator machine may be offline) or a file, one prompt a line.
 
 optimum-intel, NNCF and torch live only in the export venv (``make install-export``): the seed driver
 (sd_lambda.seeding, no torch) runs this module there as a child process and seeds what it writes.
@@ -17,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from sd_lambda.layout import TINY_DECODER_FOLDER
@@ -25,6 +35,31 @@ from sd_lambda.layout import TINY_DECODER_FOLDER
 # GenAI's AutoencoderKL reads these from the decoder's config.json (block_out_channels: the number of
 # upsampling stages, i.e. the latent-to-pixel factor).
 _DECODER_CONFIG_KEYS = ("in_channels", "out_channels", "latent_channels", "scaling_factor", "shift_factor")
+QUANTIZE_MODES = ("int8",)
+# optimum-intel's own default for a hybrid-quantised UNet
+# (optimum.intel.openvino.quantization._get_hybrid_mixed_quantization_config).
+# One sample is one UNet call: optimum runs each prompt through its pipeline's default 50 steps, so 200
+# samples take 4 prompts' whole denoising trajectories (every timestep's activation ranges).
+DEFAULT_CALIBRATION_SAMPLES = 200
+# Calibration prompts when no file is given: varied subjects, styles and lengths, like user prompts.
+CALIBRATION_PROMPTS = (
+    "a red fox in the snow, golden hour, photograph",
+    "an astronaut riding a horse on the moon, digital art",
+    "a bowl of ramen on a wooden table, studio lighting, 50mm",
+    "portrait of an old fisherman with a grey beard, oil painting",
+    "a futuristic city skyline at night with neon signs, cyberpunk",
+    "watercolor painting of a lighthouse on a cliff in a storm",
+    "a cozy living room with a fireplace and bookshelves, interior design",
+    "a cat wearing a tiny wizard hat, cute, highly detailed",
+    "mountain lake at sunrise with mist, landscape photography",
+    "a vintage red car parked on a cobblestone street in Paris",
+    "pixel art of a castle on a floating island",
+    "macro photo of a dew drop on a green leaf",
+    "a medieval knight in shining armor, dramatic lighting, concept art",
+    "an isometric illustration of a small coffee shop",
+    "a bustling market in Marrakech, colorful spices, people",
+    "black and white photo of a jazz musician playing saxophone",
+)
 
 
 def export_pipeline(source: Path, output: Path) -> None:
@@ -40,8 +75,26 @@ def export_pipeline(source: Path, output: Path) -> None:
     )
 
 
-def export_tiny_decoder(source: Path, output: Path) -> None:
-    """``source``'s AutoencoderTiny decoder as ``output``/openvino_model.xml + config.json."""
+def quantize_pipeline(exported: Path, output: Path, prompts: list[str], samples: int) -> None:
+    """``exported`` (optimum-intel's layout, floating point) hybrid-quantised to int8 into ``output``: a
+    copy of ``exported`` with each model's IR replaced by the quantised one. Everything else (the
+    tokenizer IR, the configs) is the export's own: optimum's save_pretrained writes the tokenizer
+    without its IR."""
+    from optimum.intel import OVDiffusionPipeline, OVWeightQuantizationConfig
+
+    config = OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=prompts, num_samples=samples)
+    pipeline = OVDiffusionPipeline.from_pretrained(exported, compile=False, quantization_config=config)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-int8-") as quantized:
+        pipeline.save_pretrained(quantized)
+        shutil.copytree(exported, output, dirs_exist_ok=True)
+        for graph in Path(quantized).glob("*/openvino_model.xml"):
+            for part in (graph, graph.with_suffix(".bin")):
+                shutil.copyfile(part, output / part.relative_to(quantized))
+
+
+def export_tiny_decoder(source: Path, output: Path, *, compress_weights: bool = False) -> None:
+    """``source``'s AutoencoderTiny decoder as ``output``/openvino_model.xml + config.json; with
+    ``compress_weights`` its weights in int8 (NNCF's weight compression, as the VAE decoder gets)."""
     import openvino
     import torch
     from diffusers import AutoencoderTiny
@@ -61,6 +114,10 @@ def export_tiny_decoder(source: Path, output: Path) -> None:
         model = openvino.convert_model(Decoder(), example_input=torch.zeros(1, config.latent_channels, 8, 8))
     model.inputs[0].get_tensor().set_names({"latent_sample"})
     model.outputs[0].get_tensor().set_names({"sample"})
+    if compress_weights:
+        import nncf
+
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     output.mkdir(parents=True, exist_ok=True)
     openvino.save_model(model, output / "openvino_model.xml")
     described = {key: config[key] for key in _DECODER_CONFIG_KEYS if key in config}
@@ -69,21 +126,68 @@ def export_tiny_decoder(source: Path, output: Path) -> None:
     (output / "config.json").write_text(json.dumps(described, indent=2) + "\n")
 
 
-def export(source: Path, output: Path) -> None:
-    export_pipeline(source, output)
+def export(
+    source: Path,
+    output: Path,
+    quantize: str | None = None,
+    prompts: list[str] | None = None,
+    samples: int = DEFAULT_CALIBRATION_SAMPLES,
+) -> None:
+    if quantize is None:
+        export_pipeline(source, output)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-float-") as exported:
+            export_pipeline(source, Path(exported))
+            quantize_pipeline(Path(exported), output, prompts or list(CALIBRATION_PROMPTS), samples)
     if (source / TINY_DECODER_FOLDER).is_dir():
-        export_tiny_decoder(source / TINY_DECODER_FOLDER, output / TINY_DECODER_FOLDER)
+        export_tiny_decoder(
+            source / TINY_DECODER_FOLDER, output / TINY_DECODER_FOLDER, compress_weights=quantize is not None
+        )
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt a line; blank lines are skipped."""
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one a line)")
+    return prompts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sd_lambda.seeding.openvino_export", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m sd_lambda.seeding.openvino_export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("source", type=Path, help="a diffusers Stable Diffusion folder")
     parser.add_argument("output", type=Path, help="an empty or missing folder for the OpenVINO release")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="hybrid int8 quantisation (NNCF)")
+    parser.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        metavar="FILE",
+        help="prompts for --quantize's calibration, one a line (default: a built-in list)",
+    )
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=DEFAULT_CALIBRATION_SAMPLES,
+        metavar="N",
+        help="UNet calls recorded for --quantize's calibration (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.quantize is None and args.calibration_prompts is not None:
+        parser.error("--calibration-prompts applies to --quantize")
+    if args.calibration_samples < 1:
+        parser.error("--calibration-samples must be at least 1")
     if args.output.exists() and any(args.output.iterdir()):
-        print(f"openvino_export: {args.output} is not empty", file=sys.stderr)
-        return 2
-    export(args.source, args.output)
+        parser.error(f"{args.output} is not empty")
+    try:
+        prompts = read_prompts(args.calibration_prompts) if args.calibration_prompts else None
+    except (OSError, ValueError) as exc:
+        parser.error(f"--calibration-prompts: {exc}")
+    export(args.source, args.output, args.quantize, prompts, args.calibration_samples)
     return 0
 
 
