@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.layout import MODEL_INDEX
+from sd_lambda.layout import MODEL_INDEX, TINY_DECODER_FOLDER
 from sd_lambda.seeding.errors import SeedError
 
 # Folders whose model_index.json names one of these load as a StableDiffusionPipeline with their own
@@ -25,6 +25,9 @@ SERVED_PIPELINE_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPip
 # (safety_checker, feature_extractor, image_encoder: diffusers' _optional_components) are never used:
 # the engine passes safety_checker=None and has no image prompts.
 SERVED_COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "unet", "vae")
+# An OpenVINO release (optimum-intel's export layout) keeps the VAE as two IR folders while its
+# model_index.json still lists ``vae``; the OpenVINO engine loads these, and the tiny decoder's IR.
+OPENVINO_VAE_FOLDERS = ("vae_decoder", "vae_encoder")
 
 
 def read_model_index(path: Path, where: str) -> dict[str, Any]:
@@ -57,6 +60,17 @@ def check_served_class(index: Mapping[str, Any], where: str) -> None:
 def served_components(index: Mapping[str, Any]) -> list[str]:
     """The components ``index`` lists that the engine loads: the only ones whose files are fetched."""
     return [component for component in SERVED_COMPONENTS if _present(index.get(component))]
+
+
+def served_folders(index: Mapping[str, Any], engine: str) -> list[str]:
+    """The folders of a release for ``engine`` (layout.ENGINES) that hold what ``index``'s served
+    components are made of: the components themselves for torch; for OpenVINO, ``vae`` as its decoder and
+    encoder IR, plus the tiny decoder's IR."""
+    components = served_components(index)
+    if engine == "torch":
+        return components
+    folders = [f for c in components for f in (OPENVINO_VAE_FOLDERS if c == "vae" else (c,))]
+    return [*folders, TINY_DECODER_FOLDER]
 
 
 def unused_components(index: Mapping[str, Any]) -> list[str]:

@@ -1,7 +1,8 @@
 """Where weights come from: the Hugging Face Hub or a local diffusers folder.
 
 Either way the result is a :class:`LocalRelease`: release path -> local file, plus its manifest. Only
-safetensors weights are taken; pickle weights are refused.
+safetensors weights and OpenVINO IR (an ``.xml`` graph and the ``.bin`` beside it) are taken; pickle
+weights are refused. A diffusers source becomes an OpenVINO release in sd_lambda.seeding.openvino_release.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from huggingface_hub.errors import (
 # (huggingface_hub.utils.httpx, kept "across major versions"): it is the hub's dependency, not ours.
 from huggingface_hub.utils import httpx as hub_http
 
+from sd_lambda.cli import ask_for, option
 from sd_lambda.layout import (
     BF16_COPY_COMPONENTS,
     BF16_VARIANT,
     MANIFEST,
     MODEL_INDEX,
+    OPENVINO_GRAPH_SUFFIX,
     OPENVINO_UNET,
     PICKLE_SUFFIXES,
     TINY_DECODER_FOLDER,
@@ -38,6 +41,7 @@ from sd_lambda.layout import (
     bf16_copy_path,
     check_name,
     check_relative_path,
+    is_openvino_weights,
     parse_weights_name,
     pickle_paths,
     release_engine,
@@ -48,7 +52,7 @@ from sd_lambda.seeding.errors import SeedError
 from sd_lambda.seeding.pipeline import (
     check_served_class,
     read_model_index,
-    served_components,
+    served_folders,
     unused_components,
     without_unused,
 )
@@ -209,32 +213,51 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
 def select_hub_files(filenames: list[str], components: list[str], variant: str | None) -> dict[str, str]:
     """Which repo files make the release, and under which release path (repo path -> release path).
 
-    ``model_index.json``, each component's configs, and its safetensors weights: the ``variant`` ones when
-    the component has them (renamed to the plain names, so the pipeline loads without a variant), else
-    the plain ones. Top-level single-file checkpoints are never taken.
+    ``model_index.json`` and each component folder's configs, plus its weights: in a diffusers repo its
+    safetensors, the ``variant`` ones when the component has them (renamed to the plain names, so the
+    pipeline loads without a variant), else the plain ones; in an OpenVINO repo (layout.release_engine)
+    its IR, each ``.xml`` and the ``.bin`` of the same stem. Top-level single-file checkpoints and pickles
+    are never taken; a component with pickles and no other weights is refused.
     """
+    openvino = release_engine(filenames) == "openvino"
     chosen: dict[str, str] = {MODEL_INDEX: MODEL_INDEX}
     for component in components:
         in_dir = [f for f in filenames if f.startswith(component + "/") and f.count("/") == 1]
         names = [f.split("/", 1)[1] for f in in_dir]
-        weights = {name: parsed for name in names if (parsed := parse_weights_name(name))}
-        offered = {parsed.variant for parsed in weights.values() if not parsed.index}
-        wanted = variant if variant in offered else None
-        picked = {name: parsed for name, parsed in weights.items() if parsed.variant == wanted}
-        # As diffusers loads them: weights in the current spelling make any legacy-spelled ones ignored,
-        # and where both spell one file (an index, say) the current spelling is taken.
-        if any(not parsed.legacy and not parsed.index for parsed in picked.values()):
-            picked = {name: parsed for name, parsed in picked.items() if not parsed.legacy}
-        renamed: dict[str, str] = {}
-        for name, parsed in sorted(picked.items(), key=lambda item: item[1].legacy):
-            renamed.setdefault(parsed.plain_name, name)
-        chosen.update({f"{component}/{name}": f"{component}/{plain}" for plain, name in renamed.items()})
+        weights = _openvino_ir(names) if openvino else _safetensors(names, variant)
+        chosen.update({f"{component}/{name}": f"{component}/{plain}" for name, plain in weights.items()})
         for name in names:
-            if name.endswith(CONFIG_SUFFIXES) and name not in weights:
+            if name.endswith(CONFIG_SUFFIXES) and parse_weights_name(name) is None:
                 chosen[f"{component}/{name}"] = f"{component}/{name}"
         if not weights and any(PurePosixPath(n).suffix in PICKLE_SUFFIXES for n in names):
-            raise SeedError(f"{component}/ has only pickle weights on the hub: refused (no .safetensors)")
+            wanted = "OpenVINO IR" if openvino else ".safetensors"
+            raise SeedError(f"{component}/ has only pickle weights on the hub: refused (no {wanted})")
     return chosen
+
+
+def _safetensors(names: list[str], variant: str | None) -> dict[str, str]:
+    """A diffusers component folder's safetensors weights to take: file name -> plain name."""
+    weights = {name: parsed for name in names if (parsed := parse_weights_name(name))}
+    offered = {parsed.variant for parsed in weights.values() if not parsed.index}
+    wanted = variant if variant in offered else None
+    picked = {name: parsed for name, parsed in weights.items() if parsed.variant == wanted}
+    # As diffusers loads them: weights in the current spelling make any legacy-spelled ones ignored,
+    # and where both spell one file (an index, say) the current spelling is taken.
+    if any(not parsed.legacy and not parsed.index for parsed in picked.values()):
+        picked = {name: parsed for name, parsed in picked.items() if not parsed.legacy}
+    renamed: dict[str, str] = {}
+    for name, parsed in sorted(picked.items(), key=lambda item: item[1].legacy):
+        renamed.setdefault(parsed.plain_name, name)
+    return {name: plain for plain, name in renamed.items()}
+
+
+def _openvino_ir(names: list[str]) -> dict[str, str]:
+    """An OpenVINO component folder's IR: every graph (``.xml``) and the weights (``.bin``) beside one."""
+    return {
+        name: name
+        for name in names
+        if name.endswith(OPENVINO_GRAPH_SUFFIX) or is_openvino_weights(name, names)
+    }
 
 
 # A refused connection, a DNS failure or a timeout raises the hub's HTTP client's transport errors, which
@@ -290,14 +313,14 @@ class Hub:
             raise self._explain(exc) from exc
 
 
-def _served_index(local_dir: Path, repo: str) -> tuple[list[str], Path]:
+def _served_index(local_dir: Path, repo: str, engine: str) -> tuple[list[str], Path]:
     """From the downloaded model_index.json alone: refuse a pipeline the engine cannot serve, and return
-    the components to fetch plus the model_index.json the release carries (the unused components marked
-    absent, so the folder loads without them)."""
+    the folders to fetch for ``engine`` plus the model_index.json the release carries (the unused
+    components marked absent, so the folder loads without them)."""
     where = f"{repo} on the hub"
     index = read_model_index(local_dir / MODEL_INDEX, where)
     check_served_class(index, where)
-    components = served_components(index)
+    components = served_folders(index, engine)
     if not unused_components(index):
         return components, local_dir / MODEL_INDEX
     rewritten = local_dir.parent / f"{local_dir.name}.rewritten" / MODEL_INDEX
@@ -313,16 +336,24 @@ def from_hub(
     variant: str | None = None,
     tiny_decoder: str | None = None,
     revision: str | None = None,
+    for_export: bool = False,
 ) -> LocalRelease:
-    """Download a diffusers pipeline (safetensors only) and, optionally, a tiny decoder into ``vae_tiny/``."""
+    """Download a diffusers pipeline (safetensors only) and, optionally, a tiny decoder into ``vae_tiny/``;
+    or a ready-made OpenVINO one (optimum-intel's layout), as it is. ``for_export``: the download is
+    converted to OpenVINO next, so an OpenVINO repo is refused (it has nothing to convert)."""
     repo, hub_revision = parse_model_ref(ref)
     hub = Hub(repo, hub_revision)
     commit, filenames = hub.info()
     if MODEL_INDEX not in filenames:
         raise SeedError(f"{repo} is not a diffusers pipeline: no {MODEL_INDEX} on the hub")
+    engine = release_engine(filenames)
+    if engine == "openvino":
+        _check_openvino_repo(
+            repo, filenames, variant=variant, tiny_decoder=tiny_decoder, for_export=for_export
+        )
     local_dir = Path(work_dir) / "hub" / repo.replace("/", "--") / commit
     hub.download(commit, [MODEL_INDEX], local_dir)  # a few hundred bytes, before any weights
-    components, model_index = _served_index(local_dir, repo)
+    components, model_index = _served_index(local_dir, repo, engine)
     selected = select_hub_files(filenames, components, variant)
     hub.download(commit, sorted(selected), local_dir)
     files = {release: _materialize(local_dir, repo_path, release) for repo_path, release in selected.items()}
@@ -342,6 +373,32 @@ def from_hub(
         source += f" + {TINY_DECODER_FOLDER}=hf://{decoder_repo}@{decoder_commit}"
         name += f"-tiny{decoder_commit[:7]}"
     return LocalRelease.from_files(files, source=source, revision=revision or name)
+
+
+def refuse_openvino_source(files: Collection[str], where: str) -> None:
+    """``--export`` converts a diffusers source; an OpenVINO one has nothing to convert. An error rather
+    than a no-op: ``--quantize int8`` would otherwise be dropped without a word."""
+    if release_engine(files) == "openvino":
+        raise SeedError(
+            f"{where} is an OpenVINO release already ({OPENVINO_UNET}): it seeds as it is, "
+            f"without {option('--export')}"
+        )
+
+
+def _check_openvino_repo(
+    repo: str, filenames: list[str], *, variant: str | None, tiny_decoder: str | None, for_export: bool
+) -> None:
+    """A ready-made OpenVINO repo seeds as it is: the options that change a diffusers download are refused."""
+    if for_export:
+        refuse_openvino_source(filenames, f"{repo} on the hub")
+    where = f"{repo} is an OpenVINO repo ({OPENVINO_UNET})"
+    if variant:
+        raise SeedError(f"{where}: --variant picks safetensors weights; drop it")
+    if tiny_decoder:
+        raise SeedError(
+            f"{where}: a --tiny-decoder is safetensors, which its engine cannot load; seed the diffusers "
+            f"repo with --tiny-decoder and {ask_for('--export', 'openvino')} instead"
+        )
 
 
 def _materialize(local_dir: Path, repo_path: str, release_path: str) -> Path:
