@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.cli import add_json_flag, option, report
+from sd_lambda.cli import add_json_flag, ask_for, option, report
 from sd_lambda.layout import DEFAULT_KEEP, LayoutError
 from sd_lambda.seeding.errors import SeedError
 
@@ -29,6 +29,72 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
         "--lock-timeout", type=float, default=0, help="wait this long for another run's lock (s)"
     )
     add_json_flag(parser)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    # The export module's constants, not its converter: it imports only the standard library up front.
+    from sd_lambda.seeding.openvino_export import DEFAULT_CALIBRATION_SAMPLES, QUANTIZE_MODES
+    from sd_lambda.seeding.openvino_release import DEFAULT_EXPORT_PYTHON, EXPORT_FORMATS
+
+    group = parser.add_argument_group(
+        "OpenVINO export (a diffusers source converted on this machine, in the export venv)"
+    )
+    group.add_argument(
+        "--export",
+        choices=EXPORT_FORMATS,
+        help="convert the source to OpenVINO IR (optimum-intel) and seed that; needs make install-export",
+    )
+    group.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="with --export: hybrid int8 quantisation (NNCF; changes the image)",
+    )
+    group.add_argument(
+        "--export-python",
+        type=Path,
+        default=DEFAULT_EXPORT_PYTHON,
+        metavar="PATH",
+        help="the export venv's Python, relative to the current directory (make install-export)",
+    )
+    group.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        metavar="FILE",
+        help="with --quantize: calibration prompts, one a line (default: a built-in list)",
+    )
+    group.add_argument(
+        "--calibration-samples",
+        type=int,
+        metavar="N",
+        help=f"with --quantize: UNet calls calibrated on (default: {DEFAULT_CALIBRATION_SAMPLES})",
+    )
+
+
+def _export_options(args: argparse.Namespace) -> Any:
+    """The export asked for, checked before AWS (None: no export)."""
+    from sd_lambda.seeding.openvino_release import ExportOptions, check_options
+
+    calibrating = args.calibration_prompts is not None or args.calibration_samples is not None
+    if args.quantize and not args.export:
+        raise SeedError(f"{option('--quantize')} applies to an export: {ask_for('--export', 'openvino')}")
+    if calibrating and not args.quantize:
+        raise SeedError(f"--calibration-prompts and --calibration-samples apply to {option('--quantize')}")
+    if not args.export:
+        return None
+    if args.from_s3:
+        raise SeedError(
+            f"{option('--export')} applies to --model and --from-dir (an uploaded revision is as stored)"
+        )
+    if args.bf16_copy:
+        raise SeedError(
+            f"{option('--export')} and {option('--bf16-copy')} exclude each other: a bf16 copy is "
+            "safetensors for the torch engine"
+        )
+    options = ExportOptions(
+        args.export_python, args.quantize, args.calibration_prompts, args.calibration_samples
+    )
+    check_options(options)
+    return options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,8 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--work-dir",
         type=Path,
         default=Path.home() / ".cache" / "sd-lambda",
-        help="hub downloads and bf16 copies",
+        help="hub downloads, bf16 copies and OpenVINO exports",
     )
+    _export_arguments(seed)
     seed.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept on EFS (current always)")
     seed.add_argument("--upload-only", action="store_true", help="stop after the upload to S3")
     seed.add_argument(
@@ -168,11 +235,14 @@ def run_seed(args: argparse.Namespace) -> int:
             )
     if args.from_s3 and args.revision:
         raise SeedError("--from-s3 names the revision itself (s3://bucket/models/NAME/REVISION/)")
+    export = _export_options(args)
     hub_repo = sources.parse_model_ref(args.model)[0] if args.model else None
     target = _target(args)
     if args.warm and not target.function_name:
         raise SeedError("--warm needs --function-name (the stack has no function_name output)")
     checked = sources.check_dir(args.from_dir, bf16_copy=args.bf16_copy) if args.from_dir else None
+    if export and checked:
+        sources.refuse_openvino_source(checked, str(args.from_dir))
     s3_url = flow.parse_s3_url(args.from_s3) if args.from_s3 else None
     source_name = hub_repo or (s3_url[2] if s3_url else None)
     name = seed_name(target, args.name, source_name, not_served=args.not_served)
@@ -187,7 +257,7 @@ def run_seed(args: argparse.Namespace) -> int:
     # An uploaded revision is checked (manifest, pipeline class) before the seeder starts.
     staged = flow.stage_s3(clients, args.from_s3, name) if args.from_s3 else None
     if args.upload_only:
-        staged = staged or _stage(args, clients, target, name, checked)
+        staged = staged or _stage(args, clients, target, name, checked, export)
         uploaded = f"s3://{staged.bucket}/{staged.key_prefix}"
         document = {"uploaded": uploaded, "model": staged.name, "revision": staged.revision}
         report(args, {**document, "total_bytes": staged.total_bytes}, [f"uploaded {uploaded} (not seeded)"])
@@ -195,7 +265,7 @@ def run_seed(args: argparse.Namespace) -> int:
     options = _options(args)
     # The seeder is ready (running, agent Online, EFS mounted) before the hub is asked for a byte.
     with flow.seeder_session(clients, target, options) as run:
-        staged = staged or _stage(args, clients, target, name, checked)
+        staged = staged or _stage(args, clients, target, name, checked, export)
         result = flow.sync_on_seeder(clients, target, staged, options, run)
     result = {"model": staged.name, "revision": staged.revision, "total_bytes": staged.total_bytes, **result}
     result["current"] = result["revision"]
@@ -210,18 +280,27 @@ def _switched(result: dict[str, Any], detail: str) -> str:
     return f"{result['model']}: current -> {result['revision']} (was {previous}); {detail}"
 
 
-def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str, checked: Any) -> Any:
-    """A hub or folder source in S3 (downloaded, copied and uploaded as asked): an ``S3Release``."""
+def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str, checked: Any, export: Any) -> Any:
+    """A hub or folder source in S3 (downloaded, copied, converted and uploaded as asked): an
+    ``S3Release``."""
     from sd_lambda.seeding import flow, sources
 
     if args.model:
         release = sources.from_hub(
-            args.model, args.work_dir, variant=args.variant, tiny_decoder=args.tiny_decoder
+            args.model,
+            args.work_dir,
+            variant=args.variant,
+            tiny_decoder=args.tiny_decoder,
+            for_export=export is not None,
         )
     else:
         release = sources.from_dir(args.from_dir, bf16_copy=args.bf16_copy, checked=checked)
     if args.bf16_copy:
         release = sources.with_bf16_copy(release, args.work_dir)
+    if export is not None:
+        from sd_lambda.seeding.openvino_release import export_openvino
+
+        release = export_openvino(release, args.work_dir, export)
     return flow.stage_local(clients, target, release, name, args.revision, progress=not args.no_progress)
 
 
