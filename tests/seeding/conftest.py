@@ -1,4 +1,5 @@
-"""A local S3 (moto's server on 127.0.0.1) and the seeder's program run with the seeder's Python."""
+"""A local S3 (moto's server on 127.0.0.1) and the seeder's program run with the seeder's Python; a local
+AWS (moto's S3, EC2, IAM and SSM, with a stand-in SSM agent) for the driver end to end."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 from moto.server import ThreadedMotoServer
 
 from sd_lambda.layout import MANIFEST, Manifest
-from sd_lambda.seeding.efs_sync import RESULT_PREFIX
+from sd_lambda.seeding import flow
+from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, PROGRESS_DIR, RESULT_PREFIX, SEED_MARKER
 from sd_lambda.seeding.payload import write_program
 
 REGION = "us-east-1"
@@ -203,6 +206,97 @@ def seeder(
     return SeederProgram(seeder_python, program, env, mount, bucket.name)
 
 
+AMI_ID = "ami-12c6146b"  # one of the images moto knows
+
+
+class LocalAgent:
+    """moto's SSM, plus an agent that runs what moto recorded, here, and reports like SSM does."""
+
+    def __init__(self, ssm: Any, env: dict[str, str], instance_id: str, run_dir: Path) -> None:
+        self.ssm = ssm
+        self.env = env
+        self.run_dir = run_dir  # stands in for the seeder's /run: never the test machine's own
+        self.invocations: dict[str, dict[str, Any]] = {}
+        self.scripts: list[list[str]] = []
+        self.online = boto3.client("ssm", region_name=REGION)
+        self.stub = Stubber(self.online)
+        self.instance_id = instance_id
+
+    def describe_instance_information(self, **kwargs: Any) -> Any:
+        found = {"InstanceInformationList": [{"InstanceId": self.instance_id, "PingStatus": "Online"}]}
+        self.stub.add_response("describe_instance_information", found, kwargs)
+        with self.stub:
+            return self.online.describe_instance_information(**kwargs)
+
+    def send_command(self, **kwargs: Any) -> Any:
+        sent = self.ssm.send_command(**kwargs)
+        command_id = sent["Command"]["CommandId"]
+        (recorded,) = self.ssm.list_commands(CommandId=command_id)["Commands"]
+        lines = recorded["Parameters"]["commands"]
+        # What the agent gets is a short script: the program itself comes from S3.
+        assert len("\n".join(lines).encode()) < 2048
+        # The one adaptation: the temp "EFS" is not a mount point (test_efs_sync covers the refusal).
+        if kwargs["Comment"].startswith("sd-lambda mount check "):  # test_preflight covers its refusals
+            script = "\n".join(lines).replace("mountpoint -q ", "test -d ")
+            for absolute in (SEED_MARKER, FIRST_BOOT_STOP):
+                script = script.replace(absolute, str(self.run_dir / Path(absolute).name))
+        else:
+            self.scripts.append(lines)
+            assert " --require-mount --mount-wait 300 " in lines[-1]
+            script = "\n".join(lines).replace(" --require-mount --mount-wait 300 ", " ")
+            script = script.replace(PROGRESS_DIR + "/", f"{self.run_dir}/")
+        done = subprocess.run(
+            ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True, timeout=120
+        )
+        self.invocations[command_id] = {
+            "Status": "Success" if done.returncode == 0 else "Failed",
+            "ResponseCode": done.returncode,
+            "StandardOutputContent": done.stdout,
+            "StandardErrorContent": done.stderr,
+        }
+        return sent
+
+    def get_command_invocation(self, CommandId: str, InstanceId: str) -> Any:
+        assert InstanceId == self.instance_id
+        return self.invocations[CommandId]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ssm, name)
+
+
+@pytest.fixture
+def local_aws(
+    seeder: SeederProgram, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[LocalAgent, list[str]]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    ec2 = boto3.client("ec2", region_name=REGION)
+    iam = boto3.client("iam", region_name=REGION)
+    profile = f"seeder-{tmp_path.name}"
+    iam.create_role(RoleName=profile, AssumeRolePolicyDocument="{}")
+    iam.create_instance_profile(InstanceProfileName=profile)
+    iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=profile)
+    instance_id = ec2.run_instances(
+        ImageId=AMI_ID, MinCount=1, MaxCount=1, IamInstanceProfile={"Name": profile}
+    )["Instances"][0]["InstanceId"]
+    ec2.stop_instances(InstanceIds=[instance_id])
+
+    bin_dir = tmp_path / "agent-bin"  # the seeder's python3 (its aws: the seeder fixture's PATH)
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(seeder.python)
+    env = {**seeder.env, "PATH": f"{bin_dir}{os.pathsep}{seeder.env['PATH']}"}
+    (tmp_path / "run").mkdir()
+    agent = LocalAgent(boto3.client("ssm", region_name=REGION), env, instance_id, tmp_path / "run")
+    real_create = flow.AwsClients.create
+
+    def create(region: str | None) -> flow.AwsClients:
+        clients = real_create(region)
+        return flow.AwsClients(clients.s3, clients.ec2, agent, sts=clients.sts)
+
+    monkeypatch.setattr(flow.AwsClients, "create", create)
+    stack = ["--bucket", seeder.bucket, "--instance-id", instance_id, "--region", REGION]
+    return agent, [*stack, "--mount-path", str(seeder.mount)]
+
+
 def make_model(folder: Path, tag: str, files: int = 3) -> Path:
     """A small diffusers-shaped folder whose weights differ by ``tag``."""
     (folder / "unet").mkdir(parents=True)
@@ -211,3 +305,43 @@ def make_model(folder: Path, tag: str, files: int = 3) -> Path:
         payload = hashlib.sha256(f"{tag}-{index}".encode()).digest() * (64 * (index + 1))
         (folder / "unet" / f"part{index}.safetensors").write_bytes(payload)
     return folder
+
+
+# --- OpenVINO releases: the tiny test model exported once per session, through the driver's own export ----
+
+EXPORT_PYTHON = Path(__file__).resolve().parents[2] / ".venv-export" / "bin" / "python"
+# Enough UNet calls to calibrate every int8 range on the tiny model, few enough to take seconds.
+TEST_CALIBRATION_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class OpenVINOExport:
+    """A release converted by ``export_openvino`` under ``work_dir`` (a later run there reuses it)."""
+
+    work_dir: Path
+    release: Any  # sources.LocalRelease
+
+    @property
+    def folder(self) -> Path:
+        return self.release.files["model_index.json"].parent
+
+
+def _export(tiny_model_dir: Path, work_dir: Path, **options: Any) -> OpenVINOExport:
+    from sd_lambda.seeding.openvino_release import ExportOptions, export_openvino
+    from sd_lambda.seeding.sources import from_dir
+
+    if not EXPORT_PYTHON.is_file():
+        pytest.fail(f"no export venv at {EXPORT_PYTHON.parents[1]}: run make install-export")
+    release = export_openvino(from_dir(tiny_model_dir), work_dir, ExportOptions(EXPORT_PYTHON, **options))
+    return OpenVINOExport(work_dir, release)
+
+
+@pytest.fixture(scope="session")
+def openvino_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OpenVINOExport:
+    return _export(tiny_model_dir, tmp_path_factory.mktemp("openvino-work"))
+
+
+@pytest.fixture(scope="session")
+def openvino_int8_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OpenVINOExport:
+    work_dir = tmp_path_factory.mktemp("openvino-int8-work")
+    return _export(tiny_model_dir, work_dir, quantize="int8", calibration_samples=TEST_CALIBRATION_SAMPLES)

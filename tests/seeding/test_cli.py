@@ -174,3 +174,27 @@ def test_make_targets_reach_the_cli(tmp_path: Path) -> None:
     dry = _make("-n", "rollback", "MODEL=acme/tiny-sd", "REVISION=r1")
     assert "sd-lambda rollback --name 'acme/tiny-sd'" in " ".join(dry.stdout.replace("\\\n", " ").split())
     assert "--revision 'r1'" in dry.stdout
+
+
+def test_make_passes_export_and_quantize_and_needs_the_export_venv_only_for_an_export(tmp_path: Path) -> None:
+    export_venv = ["-o", ".venv-export/.stamp-export"]  # never (re)build it from a test either
+    dry = _make(*export_venv, "-n", "seed-models", "MODEL=acme/tiny-sd", "EXPORT=openvino", "QUANTIZE=int8")
+    words = " ".join(dry.stdout.replace("\\\n", " ").split())
+    assert "--export 'openvino' --export-python '.venv-export/bin/python'" in words
+    assert "--quantize 'int8'" in words
+    plain = " ".join(_make("-n", "seed-models", "MODEL=acme/tiny-sd").stdout.split())
+    assert "--export" not in plain
+    assert "--quantize" not in plain
+
+    def prerequisites(*assignments: str) -> list[str]:
+        database = _make("-p", "-n", "help", *assignments).stdout.splitlines()
+        return next(line for line in database if line.startswith("seed-models: ")).split()[1:]
+
+    assert prerequisites() == [".venv/.stamp-ops"]
+    assert prerequisites("EXPORT=openvino") == [".venv/.stamp-ops", ".venv-export/.stamp-export"]
+    # From make, a refusal names the make variables.
+    model = make_model(tmp_path / "m", "v1")
+    stack = "SEED_ARGS=--bucket b --instance-id i-1 --region eu-west-1"
+    refused = _make("seed-models", f"FROM_DIR={model}", "QUANTIZE=int8", stack)
+    assert refused.returncode != 0
+    assert 'sd-lambda seed: error: QUANTIZE= applies to an export: set EXPORT="openvino"' in refused.stderr

@@ -11,113 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
-from botocore.stub import Stubber
 
 from sd_lambda.cli import main
 from sd_lambda.layout import ModelPaths, verify_release
-from sd_lambda.seeding import flow
-from sd_lambda.seeding.efs_sync import FIRST_BOOT_STOP, PROGRESS_DIR, SEED_MARKER
 from sd_lambda.seeding.payload import program_bytes, program_key, program_sha256
 from sd_lambda.seeding.upload import SHA256_METADATA
 
-from .conftest import REGION, SeederProgram, make_model
+from .conftest import REGION, LocalAgent, SeederProgram, make_model
 
 NAME = "acme--tiny-sd"
-AMI_ID = "ami-12c6146b"  # one of the images moto knows
-
-
-class LocalAgent:
-    """moto's SSM, plus an agent that runs what moto recorded, here, and reports like SSM does."""
-
-    def __init__(self, ssm: Any, env: dict[str, str], instance_id: str, run_dir: Path) -> None:
-        self.ssm = ssm
-        self.env = env
-        self.run_dir = run_dir  # stands in for the seeder's /run: never the test machine's own
-        self.invocations: dict[str, dict[str, Any]] = {}
-        self.scripts: list[list[str]] = []
-        self.online = boto3.client("ssm", region_name=REGION)
-        self.stub = Stubber(self.online)
-        self.instance_id = instance_id
-
-    def describe_instance_information(self, **kwargs: Any) -> Any:
-        found = {"InstanceInformationList": [{"InstanceId": self.instance_id, "PingStatus": "Online"}]}
-        self.stub.add_response("describe_instance_information", found, kwargs)
-        with self.stub:
-            return self.online.describe_instance_information(**kwargs)
-
-    def send_command(self, **kwargs: Any) -> Any:
-        sent = self.ssm.send_command(**kwargs)
-        command_id = sent["Command"]["CommandId"]
-        (recorded,) = self.ssm.list_commands(CommandId=command_id)["Commands"]
-        lines = recorded["Parameters"]["commands"]
-        # What the agent gets is a short script: the program itself comes from S3.
-        assert len("\n".join(lines).encode()) < 2048
-        # The one adaptation: the temp "EFS" is not a mount point (test_efs_sync covers the refusal).
-        if kwargs["Comment"].startswith("sd-lambda mount check "):  # test_preflight covers its refusals
-            script = "\n".join(lines).replace("mountpoint -q ", "test -d ")
-            for absolute in (SEED_MARKER, FIRST_BOOT_STOP):
-                script = script.replace(absolute, str(self.run_dir / Path(absolute).name))
-        else:
-            self.scripts.append(lines)
-            assert " --require-mount --mount-wait 300 " in lines[-1]
-            script = "\n".join(lines).replace(" --require-mount --mount-wait 300 ", " ")
-            script = script.replace(PROGRESS_DIR + "/", f"{self.run_dir}/")
-        done = subprocess.run(
-            ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True, timeout=120
-        )
-        self.invocations[command_id] = {
-            "Status": "Success" if done.returncode == 0 else "Failed",
-            "ResponseCode": done.returncode,
-            "StandardOutputContent": done.stdout,
-            "StandardErrorContent": done.stderr,
-        }
-        return sent
-
-    def get_command_invocation(self, CommandId: str, InstanceId: str) -> Any:
-        assert InstanceId == self.instance_id
-        return self.invocations[CommandId]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.ssm, name)
-
-
-@pytest.fixture
-def local_aws(
-    seeder: SeederProgram, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> tuple[LocalAgent, list[str]]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    ec2 = boto3.client("ec2", region_name=REGION)
-    iam = boto3.client("iam", region_name=REGION)
-    profile = f"seeder-{tmp_path.name}"
-    iam.create_role(RoleName=profile, AssumeRolePolicyDocument="{}")
-    iam.create_instance_profile(InstanceProfileName=profile)
-    iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=profile)
-    instance_id = ec2.run_instances(
-        ImageId=AMI_ID, MinCount=1, MaxCount=1, IamInstanceProfile={"Name": profile}
-    )["Instances"][0]["InstanceId"]
-    ec2.stop_instances(InstanceIds=[instance_id])
-
-    bin_dir = tmp_path / "agent-bin"  # the seeder's python3 (its aws: the seeder fixture's PATH)
-    bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(seeder.python)
-    env = {**seeder.env, "PATH": f"{bin_dir}{os.pathsep}{seeder.env['PATH']}"}
-    (tmp_path / "run").mkdir()
-    agent = LocalAgent(boto3.client("ssm", region_name=REGION), env, instance_id, tmp_path / "run")
-    real_create = flow.AwsClients.create
-
-    def create(region: str | None) -> flow.AwsClients:
-        clients = real_create(region)
-        return flow.AwsClients(clients.s3, clients.ec2, agent, sts=clients.sts)
-
-    monkeypatch.setattr(flow.AwsClients, "create", create)
-    stack = ["--bucket", seeder.bucket, "--instance-id", instance_id, "--region", REGION]
-    return agent, [*stack, "--mount-path", str(seeder.mount)]
 
 
 def _state(instance_id: str) -> str:
