@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from sd_lambda.cli import CommandError, main
-from sd_lambda.devtools import bench, bench_worker
+from sd_lambda.devtools import bench, bench_openvino, bench_worker
+from sd_lambda.engine.accel.bf16_copy import add_bf16_copy
 from sd_lambda.engine.accel.prefetch import weight_files
-from sd_lambda.engine.torch_engine import DEFAULTS_MARKER
-from sd_lambda.layout import bf16_copy_files
+from sd_lambda.engine.model_defaults import DEFAULTS_MARKER
+from sd_lambda.layout import OPENVINO_UNET, bf16_copy_files
 
 
 def test_quick_bench_end_to_end_under_avx2(
@@ -23,10 +24,11 @@ def test_quick_bench_end_to_end_under_avx2(
 ) -> None:
     out = tmp_path / "bench.json"
     argv = ["bench", "--quick", "--model-dir", str(tiny_model_dir), "--size", "64", "--isa", "avx2"]
+    argv += ["--variants", ",".join(bench_worker.TORCH_VARIANTS)]  # the OpenVINO ones: their own test
     assert main([*argv, "-o", str(out), "--cache", str(tmp_path / "cache")]) == 0
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {f"avx2/{v}" for v in bench_worker.VARIANTS}
+    assert set(results) == {f"avx2/{v}" for v in bench_worker.TORCH_VARIANTS}
     for entry in results.values():
         # The ISA cap reached each worker: ATen ran AVX2 kernels and the engine chose fp32.
         assert entry["cpu_capability"] == "AVX2"
@@ -361,7 +363,8 @@ def test_bench_variants_and_cold_are_checked_before_any_worker_runs(
     monkeypatch.setattr(bench, "run_worker", lambda *args: pytest.fail("no worker may run"))
     argv = ["bench", "--quick", "--model-dir", str(tiny_model_dir), "-o", str(tmp_path / "b.json")]
     assert main([*argv, "--variants", "naive,fastest"]) == 1
-    assert "known: naive, fast, fast_lcm, accel:<selection>" in capsys.readouterr().err
+    known = "known: naive, fast, fast_lcm, openvino, openvino_fast, openvino_int8, accel:<selection>"
+    assert known in capsys.readouterr().err
     assert main([*argv, "--variants", "accel:-warp"]) == 1
     assert "unknown acceleration warp; known: prefetch" in capsys.readouterr().err
     assert main([*argv, "--variants", ""]) == 1
@@ -369,3 +372,261 @@ def test_bench_variants_and_cold_are_checked_before_any_worker_runs(
     monkeypatch.setattr(bench, "DROP_CACHES", tmp_path / "no-such-dir" / "drop_caches")
     assert main([*argv, "--cold"]) == 1
     assert "--cold needs root: cannot write" in capsys.readouterr().err
+
+
+# ---- the OpenVINO variants ----------------------------------------------------------------------------
+
+CALIBRATION_SAMPLES = 2
+
+
+@pytest.fixture(scope="module")
+def openvino_cache(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bench cache holding the tiny model's f32 and int8 exports (the real export venv). Read-only."""
+    cache = tmp_path_factory.mktemp("bench-cache")
+    for quantize in (None, "int8"):
+        folder = bench_openvino.export_folder(cache, tiny_model_dir, quantize)
+        bench_openvino.ensure_export(tiny_model_dir, folder, quantize, CALIBRATION_SAMPLES)
+    return cache
+
+
+def test_openvino_variants_are_known_and_map_to_the_exports(tmp_path: Path) -> None:
+    for variant in ("openvino", "openvino_fast", "openvino_int8"):
+        bench_worker.check_variant(variant)
+        assert variant in bench_worker.VARIANTS  # make bench runs them beside the torch ones
+    exported, int8 = tmp_path / "m-openvino", tmp_path / "m-openvino-int8"
+    config = bench.BenchConfig(
+        tmp_path / "m", 64, 64, 1, 0, 1, ("avx2",), openvino_model_dir=exported, openvino_int8_model_dir=int8
+    )
+    assert [config.model_for(v) for v in ("openvino", "openvino_fast", "openvino_int8", "naive")] == [
+        exported,
+        exported,
+        int8,
+        tmp_path / "m",
+    ]
+    assert bench_openvino.export_folder(tmp_path, tmp_path / "m", None) == exported
+    assert bench_openvino.export_folder(tmp_path, tmp_path / "m", "int8") == int8
+    with pytest.raises(ValueError, match="the openvino_int8 variant needs openvino_int8_model_dir"):
+        bench.BenchConfig(tmp_path / "m", 64, 64, 1, 0, 1, ("avx2",)).model_for("openvino_int8")
+
+
+def test_an_export_is_made_once_and_again_when_its_source_changes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, source)
+    folder = bench_openvino.export_folder(tmp_path / "cache", source, None)
+    lines: list[str] = []
+    assert bench_openvino.ensure_export(source, folder, progress=lines.append) == folder
+    assert (folder / OPENVINO_UNET).is_file()
+    assert (folder / "vae_tiny" / "openvino_model.xml").is_file()
+    assert not folder.with_name(folder.name + ".partial").exists()
+    first_hash = bench_openvino.source_hash(source)
+    assert json.loads((folder / bench_openvino.EXPORT_MARKER).read_text())["source_sha256"] == first_hash
+    untouched = folder / "untouched"
+    untouched.write_text("x")
+    bench_openvino.ensure_export(source, folder, progress=lines.append)
+    assert untouched.exists()  # same source, same options: kept
+    add_bf16_copy(source)  # the export never reads the bf16 copies: still the same source
+    assert bench_openvino.source_hash(source) == first_hash
+    config = source / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("{", '{\n  "bench_test_change": 1,', 1))
+    bench_openvino.ensure_export(source, folder, progress=lines.append)
+    assert not untouched.exists()  # exported again
+    assert json.loads((folder / bench_openvino.EXPORT_MARKER).read_text())["source_sha256"] != first_hash
+    assert any("exporting again" in line for line in lines)
+    stranger = tmp_path / "cache" / "someone-elses"
+    stranger.mkdir()
+    (stranger / "weights").write_text("x")
+    with pytest.raises(bench_openvino.ExportError, match="not a bench export"):
+        bench_openvino.ensure_export(source, stranger)
+    assert (stranger / "weights").read_text() == "x"
+    with pytest.raises(bench_openvino.ExportError, match="run make install-export"):
+        bench_openvino.ensure_export(source, tmp_path / "new", python=tmp_path / "no-python")
+
+
+def test_kernel_record_is_each_layer_types_kernels_from_the_real_profile(
+    tiny_model_dir: Path, openvino_cache: Path
+) -> None:
+    unet = bench_openvino.export_folder(openvino_cache, tiny_model_dir, None) / OPENVINO_UNET
+    profile = bench_openvino.profile_unet(unet, 64, 64, 2)
+    summary = bench_openvino.summarize_kernels(profile)
+    executed = [node for node in profile if node["status"] == "EXECUTED"]
+    assert 0 < len(executed) < len(profile)  # fused and optimised-out nodes are left out
+    assert sum(kernel["count"] for kernels in summary.values() for kernel in kernels.values()) == len(
+        executed
+    )
+    assert any("conv" in exec_type for exec_type in summary["Convolution"])
+    assert "FullyConnected" in summary
+    record = bench_openvino.record_kernels(unet, 64, 64, 2, bench.ISA_ENV["avx2"])
+    assert record["unet_batch"] == 2
+    assert set(record["by_layer_type"]) == set(summary)
+    assert record["above_avx2"] == []
+
+
+def test_kernel_summary_counts_executed_nodes_and_flags_kernels_above_avx2() -> None:
+    def node(node_type: str, exec_type: str, ms: float, status: str = "EXECUTED") -> dict[str, Any]:
+        return {"node_type": node_type, "exec_type": exec_type, "real_ms": ms, "status": status}
+
+    profile = [
+        node("Convolution", "brgconv_avx2_f32", 2.0),
+        node("Convolution", "brgconv_avx2_f32", 1.5),
+        node("Convolution", "brgconv_avx512_core_f32", 4.0),
+        node("FullyConnected", "gemm_mlas_f32", 3.0),
+        node("Add", "undef", 0.0, status="NOT_RUN"),
+        node("Multiply", "undef", 0.0, status="OPTIMIZED_OUT"),
+    ]
+    summary = bench_openvino.summarize_kernels(profile)
+    assert summary == {
+        "Convolution": {
+            "brgconv_avx512_core_f32": {"count": 1, "ms": 4.0},
+            "brgconv_avx2_f32": {"count": 2, "ms": 3.5},
+        },
+        "FullyConnected": {"gemm_mlas_f32": {"count": 1, "ms": 3.0}},
+    }
+    assert list(summary) == ["Convolution", "FullyConnected"]  # the most expensive layer type first
+    assert bench_openvino.above_avx2(summary) == ["brgconv_avx512_core_f32"]
+    line = bench.format_kernels(
+        "avx2/openvino", {"unet_batch": 2, "by_layer_type": summary, "above_avx2": []}
+    )
+    assert line.startswith("kernels avx2/openvino (UNet batch 2): Convolution (brgconv_avx512_core_f32 38%")
+    assert line.endswith("FullyConnected (gemm_mlas_f32 29%); above AVX2: none")
+
+
+def test_static_shapes_fill_the_batch_and_the_latent_size() -> None:
+    inputs = [
+        ("sample", [None, 4, None, None]),
+        ("timestep", [None]),
+        ("encoder_hidden_states", [None, 77, 768]),
+    ]
+    assert bench_openvino.static_shapes(inputs, 2, (64, 48)) == {
+        "sample": [2, 4, 64, 48],
+        "timestep": [2],
+        "encoder_hidden_states": [2, 77, 768],
+    }
+    with pytest.raises(ValueError, match="cannot infer"):
+        bench_openvino.static_shapes([("tokens", [1, None])], 2, (64, 64))
+
+
+def test_the_avx2_cap_reaches_every_library_and_openvino_workers_get_an_empty_compile_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, str]] = []
+
+    def fake_run(command: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        cache = env.get("SD_OPENVINO_CACHE_DIR")
+        seen.append({**env, "cache_existed": str(cache is not None and Path(cache).is_dir())})
+        result = bench_worker.RESULT_PREFIX + json.dumps({"variant": json.loads(command[-1])["variant"]})
+        return subprocess.CompletedProcess(command, 0, stdout=result + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.delenv("SD_OPENVINO_CACHE_DIR", raising=False)
+    config = bench.BenchConfig(tmp_path, 64, 64, 1, 0, 1, ("avx2",), openvino_model_dir=tmp_path)
+    bench.run_worker(config, "openvino", "avx2")
+    bench.run_worker(config, "naive", "native")
+    capped, native = seen
+    for name in ("ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        assert capped[name] == "AVX2"
+        assert name not in native or native[name] != "AVX2"
+    assert capped["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert capped["cache_existed"] == "True"  # a fresh folder per process, removed after it
+    assert not Path(capped["SD_OPENVINO_CACHE_DIR"]).exists()
+    assert "SD_OPENVINO_CACHE_DIR" not in native
+
+
+def _plot_report(isas: tuple[str, ...], variants: tuple[str, ...]) -> dict[str, Any]:
+    results = {}
+    for isa_index, isa in enumerate(isas):
+        for index, variant in enumerate(variants):
+            seconds = 100.0 / (index + 1) + isa_index
+            results[f"{isa}/{variant}"] = {"isa": isa, "variant": variant, "seconds_per_image": seconds}
+    return {"results": results, "config": {"width": 512, "height": 512, "steps": 4}}
+
+
+def test_the_plot_has_one_bar_per_variant_and_isa(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sd_lambda.devtools import bench_plot
+
+    variants = ("naive", "accel:default", "fast", "openvino", "openvino_fast", "openvino_int8")
+    report = _plot_report(("avx2", "native"), variants)
+    path = tmp_path / "bench.png"
+    bars = bench_plot.write_plot(report, path)
+    assert [(isa, variant) for isa, variant, _, _ in bars] == [
+        (isa, variant) for isa in ("avx2", "native") for variant in variants
+    ]
+    assert bars[0][3] == 1.0  # speed-ups over each ISA's naive
+    assert bars[3][3] == pytest.approx(4.0)
+    opened = Image.open(path)
+    assert opened.format == "PNG"
+    image = opened.convert("RGB")
+    # Every bar stands on the axis: the lowest row with a bar colour crosses all of them.
+    colours = {
+        tuple(int(code[i : i + 2], 16) for i in (1, 3, 5)): isa
+        for isa, code in bench_plot.ISA_COLOURS.items()
+    }
+    width, height = image.size
+    pixels = image.load()
+    bottom = max(y for y in range(height) for x in range(0, width, 4) if pixels[x, y] in colours)
+    runs = {"avx2": 0, "native": 0}
+    previous = None
+    for x in range(width):
+        current = colours.get(pixels[x, bottom])
+        if current is not None and current != previous:
+            runs[current] += 1
+        previous = current
+    assert runs == {"avx2": len(variants), "native": len(variants)}
+
+
+def test_openvino_variants_run_beside_the_torch_ones_end_to_end(
+    tiny_model_dir: Path, openvino_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    out = tmp_path / "bench.json"
+    variants = "naive,accel:default,fast,openvino,openvino_fast,openvino_int8"
+    argv = ["bench", "--quick", "--model-dir", str(tiny_model_dir), "--size", "64", "--isa", "avx2"]
+    argv += ["--variants", variants, "--cache", str(openvino_cache), "-o", str(out)]
+    assert main([*argv, "--calibration-samples", str(CALIBRATION_SAMPLES)]) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {f"avx2/{v}" for v in variants.split(",")}
+    torch_like, ov_like = results["avx2/accel:default"], results["avx2/openvino"]
+    # Like-for-like: the same UNet calls (steps, one call per step), guidance and decoder as the torch
+    # engine's. Both replace the model's PNDM; GenAI has no DPM-Solver++, so its replacement is Euler.
+    assert (ov_like["unet_calls"], ov_like["unet_batch"], ov_like["decoder"]) == (
+        torch_like["unet_calls"],
+        2,
+        "full",
+    )
+    assert (torch_like["scheduler"], ov_like["scheduler"]) == ("dpmpp_2m", "euler")
+    assert (ov_like["weights"], ov_like["dtype"]) == ("IR", "float32")
+    assert results["avx2/openvino_fast"]["decoder"] == "tiny"
+    assert results["avx2/openvino_int8"]["weights"] == "IR int8"
+    config = report["config"]
+    assert config["openvino_model_dir"] == str(
+        bench_openvino.export_folder(openvino_cache, tiny_model_dir, None)
+    )
+    samples = {sample["variant"]: sample for sample in report["samples"]}
+    for variant in ("openvino", "openvino_fast", "openvino_int8"):
+        assert samples[variant]["torch_after_load"] is False  # the torch-free runtime, import and load
+        assert samples[variant]["cached_load_seconds"] > 0
+        assert samples[variant]["images"][0]["compile_seconds"] >= 0
+        assert report["kernels"][f"avx2/{variant}"]["above_avx2"] == []
+    assert samples["accel:default"]["cached_load_seconds"] is None
+    assert samples["accel:default"]["torch_after_load"] is True
+    assert report["kernels"]["avx2/openvino"] == report["kernels"]["avx2/openvino_fast"]  # one profile
+    int8_kernels = report["kernels"]["avx2/openvino_int8"]["by_layer_type"]
+    assert any("i8" in exec_type.lower() for exec_type in int8_kernels["Convolution"])
+    targets = report["targets"]["avx2"]
+    assert targets["openvino_over_accel:default"]["target"] == 1.35
+    assert targets["openvino_over_accel:default"]["value"] == pytest.approx(
+        torch_like["seconds_per_image"] / ov_like["seconds_per_image"], abs=1e-3
+    )
+    assert targets["openvino_fast_peak_rss_gb_vs_fast"]["target"] == results["avx2/fast"]["peak_rss_gb"]
+    assert targets["openvino_import_load_seconds"]["target"] == 1.5
+    assert targets["openvino_fast_speedup"]["target"] == targets["openvino_int8_speedup"]["target"] == 3.0
+    plot = Image.open(out.with_suffix(".png"))
+    assert plot.size[0] > plot.size[1] > 0
+    printed = capsys.readouterr().out
+    assert "kernels avx2/openvino (UNet batch 2): " in printed
+    assert f"wrote {out} and {out.with_suffix('.png')}" in printed

@@ -11,9 +11,15 @@ Variants (same prompt, seed, size and steps; each run in its own process, altern
               model's configuration asks for (an SD 1.5 model still needs classifier-free guidance);
   fast_lcm    the same defaults on the same weights configured with an LCM scheduler, which is what an
               LCM-LoRA-fused SD 1.5 runs (same UNet, no classifier-free guidance). The timing is that
-              model's; the image quality is not (random weights).
-Each variant runs under --isa native and/or --isa avx2 (ATen and oneDNN capped at AVX2, the
-only vector ISA AWS Lambda documents). With accel:default and accel:-name / accel:+name variants, the
+              model's; the image quality is not (random weights);
+  openvino    the OpenVINO engine (SD_ENGINE=openvino) like-for-like (guidance 7.5, full decoder, the
+              same scheduler and steps) on an OpenVINO IR export of the same model, made once;
+  openvino_fast  the OpenVINO engine's user-visible defaults on that export;
+  openvino_int8  the same defaults on the int8 export (NNCF; it changes the image).
+Each variant runs under --isa native and/or --isa avx2 (ATen, oneDNN, MKL and OpenVINO's own kernels
+capped at AVX2, the only vector ISA AWS Lambda documents). For the OpenVINO variants the report adds
+which kernels ran each UNet layer type (OpenVINO's profiling info) and a plot of s/image next to the
+JSON. With accel:default and accel:-name / accel:+name variants, the
 report adds each acceleration's gain (s/image, peak RSS) and the run-to-run spread over the rounds.
 """
 
@@ -25,25 +31,36 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.devtools import bench_openvino
 from sd_lambda.devtools.bench_worker import (
     ACCEL_PREFIX,
     NAMED_VARIANTS,
+    OPENVINO_VARIANTS,
     RESULT_PREFIX,
     VARIANTS,
     check_variant,
 )
 from sd_lambda.engine import cpu
 
-# Each library that picks its own kernels from the CPU gets the cap: ATen, oneDNN and MKL (the BLAS of
-# the linear layers and of the im2col convolutions).
+# Each library that picks its own kernels from the CPU gets the cap: ATen, oneDNN (torch's and the copy
+# inside OpenVINO's CPU plugin, with its JIT kernels), MKL (the BLAS of torch's linear layers and im2col
+# convolutions) and OpenVINO's own ISA dispatch (OV_CPU_MAX_ISA, read by libopenvino since 2026.x; its
+# docs ask for the same value as ONEDNN_MAX_CPU_ISA). MLAS, which runs OpenVINO's fp32 FullyConnected
+# layers, detects the CPU itself and has no cap: the kernel record shows what ran.
 ISA_ENV: dict[str, dict[str, str]] = {
     "native": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "OV_CPU_MAX_ISA": "AVX2",
+    },
 }
 DEFAULT_CACHE = Path(".cache/models")
 NAIVE_GUIDANCE = 7.5
@@ -52,6 +69,13 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 TARGETS = {"accel:default_speedup": {"avx2": 1.3, "native": 1.8}, "fast_speedup": 3.0}
 TARGET_PEAK_RSS_GB = 5.5
 TARGET_IMPORT_LOAD_SECONDS = 4.0
+# Targets of the OpenVINO issue: its like-for-like against the torch engine's (same run, same ISA), and
+# import + load of the torch-free runtime; each OpenVINO variant's peak RSS at most its torch counterpart's.
+TARGET_OPENVINO_OVER_TORCH = 1.35
+TARGET_OPENVINO_IMPORT_LOAD_SECONDS = 1.5
+TORCH_COUNTERPART = {"openvino": "accel:default", "openvino_fast": "fast", "openvino_int8": "fast"}
+# The OpenVINO variants' models: variant -> the export's quantisation (None: f32 weights as stored).
+OPENVINO_EXPORTS: dict[str, str | None] = {"openvino": None, "openvino_fast": None, "openvino_int8": "int8"}
 WORKER_TIMEOUT_SECONDS = 3600
 LCM_VIEW_MARKER = ".sd-lambda-bench-lcm-view"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -86,13 +110,23 @@ class BenchConfig:
     lcm_model_dir: Path | None = None
     # Drop the page cache before each process: a cold start, the model and the libraries read from disk.
     cold: bool = False
+    # The OpenVINO variants' models: exports of model_dir (see bench_openvino.ensure_export).
+    openvino_model_dir: Path | None = None
+    openvino_int8_model_dir: Path | None = None
 
     def model_for(self, variant: str) -> Path:
-        if variant == "fast_lcm":
-            if self.lcm_model_dir is None:
-                raise ValueError("the fast_lcm variant needs lcm_model_dir")
-            return self.lcm_model_dir
-        return self.model_dir
+        folders = {
+            "fast_lcm": ("lcm_model_dir", self.lcm_model_dir),
+            "openvino": ("openvino_model_dir", self.openvino_model_dir),
+            "openvino_fast": ("openvino_model_dir", self.openvino_model_dir),
+            "openvino_int8": ("openvino_int8_model_dir", self.openvino_int8_model_dir),
+        }
+        if variant not in folders:
+            return self.model_dir
+        name, folder = folders[variant]
+        if folder is None:
+            raise ValueError(f"the {variant} variant needs {name}")
+        return folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -124,7 +158,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"drop the page cache before each process (root: writes {DROP_CACHES})",
     )
     parser.add_argument(
-        "-o", "--output", type=Path, default=Path("bench.json"), help="JSON results (default: %(default)s)"
+        "--calibration-samples",
+        type=int,
+        default=bench_openvino.DEFAULT_CALIBRATION_SAMPLES,
+        help="prompts the int8 export calibrates on (openvino_int8; default: %(default)s)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("bench.json"),
+        help="JSON results (default: %(default)s); the plot goes beside it as .png",
     )
     parser.set_defaults(func=run)
 
@@ -139,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (1 if quick else 2)
     if side % 8 or side < 64:
         raise CommandError(f"--size must be a multiple of 8 and at least 64, got {side}")
-    if steps < 1 or repeats < 0 or rounds < 1:
-        raise CommandError("--steps and --rounds must be >= 1 and --repeats >= 0")
+    if steps < 1 or repeats < 0 or rounds < 1 or args.calibration_samples < 1:
+        raise CommandError("--steps, --rounds and --calibration-samples must be >= 1 and --repeats >= 0")
     if args.model_dir is not None:
         if not (args.model_dir / "model_index.json").is_file():
             raise CommandError(f"{args.model_dir} is not a diffusers folder (no model_index.json)")
@@ -165,17 +209,59 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--cold needs root: cannot write {DROP_CACHES} ({exc.strerror})") from None
     isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
     lcm_dir = lcm_view(model_dir, args.cache / "lcm-views" / model_dir.resolve().name)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        exports = openvino_exports(model_dir, args.cache, variants, args.calibration_samples, progress)
+    except bench_openvino.ExportError as exc:
+        raise CommandError(str(exc)) from None
     config = BenchConfig(
-        model_dir, side, side, steps, repeats, rounds, isas, variants, lcm_model_dir=lcm_dir, cold=args.cold
+        model_dir,
+        side,
+        side,
+        steps,
+        repeats,
+        rounds,
+        isas,
+        variants,
+        lcm_model_dir=lcm_dir,
+        cold=args.cold,
+        openvino_model_dir=exports.get(None),
+        openvino_int8_model_dir=exports.get("int8"),
     )
     try:
-        report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except WorkerError as exc:
+        report = run_bench(config, progress=progress)
+    except (WorkerError, bench_openvino.ExportError) as exc:
         raise CommandError(str(exc)) from exc
     args.output.write_text(json.dumps(report, indent=2) + "\n")
+    from sd_lambda.devtools.bench_plot import write_plot
+
+    plot = args.output.with_suffix(".png")
+    write_plot(report, plot)
     print(format_report(report))
-    print(f"\nwrote {args.output}")
+    print(f"\nwrote {args.output} and {plot}")
     return 0
+
+
+def openvino_exports(
+    model_dir: Path, cache: Path, variants: tuple[str, ...], calibration_samples: int, progress
+) -> dict[str | None, Path]:
+    """The exports the OpenVINO variants among ``variants`` run, by quantisation, each made once (the
+    source hashed once for all of them)."""
+    wanted = dict.fromkeys(OPENVINO_EXPORTS[v] for v in variants if v in OPENVINO_EXPORTS)
+    if not wanted:
+        return {}
+    source_sha256 = bench_openvino.source_hash(model_dir)
+    return {
+        quantize: bench_openvino.ensure_export(
+            model_dir,
+            bench_openvino.export_folder(cache, model_dir, quantize),
+            quantize,
+            calibration_samples,
+            source_sha256=source_sha256,
+            progress=progress,
+        )
+        for quantize in wanted
+    }
 
 
 def ensure_test_model(folder: Path, size: str = "sd15") -> Path:
@@ -209,7 +295,7 @@ def lcm_view(model_dir: Path, folder: Path) -> Path:
     from diffusers import LCMScheduler
 
     from sd_lambda.cli import CommandError
-    from sd_lambda.engine.torch_engine import DEFAULTS_MARKER
+    from sd_lambda.engine.model_defaults import DEFAULTS_MARKER
 
     if folder.exists():
         if not (folder / LCM_VIEW_MARKER).is_file():
@@ -258,9 +344,13 @@ def run_worker(config: BenchConfig, variant: str, isa: str) -> dict[str, Any]:
     }
     env = {**os.environ, **ISA_ENV[isa], **config.extra_env}
     command = [sys.executable, "-m", "sd_lambda.devtools.bench_worker", json.dumps(spec)]
-    completed = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS, check=False
-    )
+    with tempfile.TemporaryDirectory(prefix="sd-lambda-bench-ov-cache-") as compile_cache:
+        if variant in OPENVINO_VARIANTS:
+            # Each process starts with an empty compile cache, as a new Lambda environment's /tmp does.
+            env.setdefault("SD_OPENVINO_CACHE_DIR", compile_cache)
+        completed = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS, check=False
+        )
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line.removeprefix(RESULT_PREFIX))
@@ -295,6 +385,7 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
         sample = run_worker(config, variant, isa)
         samples.append({"round": round_index, **sample})
         progress(f"  {sample['images'][-1]['seconds']:.2f} s/image, {sample['dtype']}")
+    kernels = record_openvino_kernels(config, samples, progress)
     flags = cpu.read_cpu_flags()
     summary = summarize(samples, flops.to_dict(), flags, cpu.cpu_ghz() or 0.0)
     return {
@@ -302,6 +393,10 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
             **asdict(config),
             "model_dir": str(config.model_dir),
             "lcm_model_dir": str(config.lcm_model_dir) if config.lcm_model_dir else None,
+            "openvino_model_dir": str(config.openvino_model_dir) if config.openvino_model_dir else None,
+            "openvino_int8_model_dir": (
+                str(config.openvino_int8_model_dir) if config.openvino_int8_model_dir else None
+            ),
         },
         "machine": {
             "cpu_flags": sorted(flags & {"avx2", "avx512f", *cpu.NATIVE_BF16_FLAGS}),
@@ -316,8 +411,33 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
         "ratios": summary["ratios"],
         "targets": summary["targets"],
         "accelerations": summary["accelerations"],
+        "kernels": kernels,
         "samples": samples,
     }
+
+
+def record_openvino_kernels(
+    config: BenchConfig, samples: list[dict[str, Any]], progress=lambda line: None
+) -> dict[str, dict[str, Any]]:
+    """Per ISA and OpenVINO variant: which kernels ran its UNet at the bench's shape and batch, from a
+    profiled inference under the same ISA environment (one per model, ISA and batch: openvino and
+    openvino_fast share theirs when both run guided)."""
+    recorded: dict[tuple[Path, str, int], dict[str, Any]] = {}
+    kernels = {}
+    for sample in samples:
+        variant, isa = sample["variant"], sample["isa"]
+        if variant not in OPENVINO_VARIANTS or f"{isa}/{variant}" in kernels:
+            continue
+        unet = config.model_for(variant) / bench_openvino.OPENVINO_UNET
+        batch = sample["images"][0]["unet_batch"]
+        key = (unet, isa, batch)
+        if key not in recorded:
+            progress(f"kernels: profiling {unet} ({isa}, batch {batch}) ...")
+            recorded[key] = bench_openvino.record_kernels(
+                unet, config.width, config.height, batch, {**ISA_ENV[isa], **config.extra_env}
+            )
+        kernels[f"{isa}/{variant}"] = recorded[key]
+    return kernels
 
 
 def _median(values: list[float]) -> float:
@@ -396,6 +516,13 @@ def summarize(
                 [run["import_seconds"] + run["load_seconds"] + run["first_image_seconds"] for run in runs]
             ),
             peak_rss_gb=max(run["peak_rss_bytes"] for run in runs) / 1e9,
+            # OpenVINO variants: a load that finds its compiled shape in the cache, and whether torch
+            # was imported by the end of the load / of the images (the runtime is meant to be torch-free).
+            cached_load_seconds=_median([run["cached_load_seconds"] for run in runs])
+            if first.get("cached_load_seconds") is not None
+            else None,
+            torch_after_load=any(run.get("torch_after_load", True) for run in runs),
+            torch_after_images=any(run.get("torch_after_images", True) for run in runs),
             image_gflop=work / 1e9,
             gflops_per_second=work / seconds / 1e9,
             unet_gflops_per_second=unet_gflops,
@@ -420,7 +547,7 @@ def summarize(
             targets[isa]["accel:default_speedup"] = _target(
                 ratios[isa]["accel:default_speedup"], want, higher=True
             )
-        for fast in ("fast_speedup", "fast_lcm_speedup"):
+        for fast in ("fast_speedup", "fast_lcm_speedup", "openvino_fast_speedup", "openvino_int8_speedup"):
             if fast in ratios[isa]:
                 targets[isa][fast] = _target(ratios[isa][fast], TARGETS["fast_speedup"], higher=True)
     for entry in results.values():
@@ -430,7 +557,23 @@ def summarize(
             )
             overhead = entry["import_seconds"] + entry["load_seconds"]
             targets[entry["isa"]][f"{entry['variant']}_import_load_seconds"] = _target(
-                overhead, TARGET_IMPORT_LOAD_SECONDS, higher=False
+                overhead,
+                TARGET_OPENVINO_IMPORT_LOAD_SECONDS
+                if entry["variant"] in OPENVINO_VARIANTS
+                else TARGET_IMPORT_LOAD_SECONDS,
+                higher=False,
+            )
+    for entry in results.values():
+        counterpart = results.get(f"{entry['isa']}/{TORCH_COUNTERPART.get(entry['variant'])}")
+        if counterpart is None:
+            continue
+        checks = targets[entry["isa"]]
+        name = f"{entry['variant']}_peak_rss_gb_vs_{counterpart['variant']}"
+        checks[name] = _target(entry["peak_rss_gb"], counterpart["peak_rss_gb"], higher=False)
+        if entry["variant"] == "openvino":
+            speedup = counterpart["seconds_per_image"] / entry["seconds_per_image"]
+            checks[f"openvino_over_{counterpart['variant']}"] = _target(
+                speedup, TARGET_OPENVINO_OVER_TORCH, higher=True
             )
     return {
         "results": results,
@@ -562,6 +705,8 @@ def format_report(report: dict[str, Any]) -> str:
         "nominal peak = threads x the clock /proc/cpuinfo reports x FLOPs per cycle (2 FMA pipes: 64 "
         "fp32 with AVX-512, 32 with AVX2, 128 bf16); cores that boost above that clock can exceed it"
     )
+    for name, record in report.get("kernels", {}).items():
+        lines.append(format_kernels(name, record))
     if report.get("accelerations"):
         lines += ["", format_gains(report["accelerations"]), ""]
     machine = report["machine"]
@@ -577,6 +722,18 @@ def format_report(report: dict[str, Any]) -> str:
             "read the libraries and the weights from disk"
         )
     return "\n".join(lines)
+
+
+def format_kernels(name: str, record: dict[str, Any], layer_types: int = 6) -> str:
+    """One line: the UNet's most expensive layer types and the kernels that ran them, by share of time."""
+    by_type = record["by_layer_type"]
+    total = sum(kernel["ms"] for kernels in by_type.values() for kernel in kernels.values()) or 1.0
+    parts = []
+    for node_type, kernels in list(by_type.items())[:layer_types]:
+        ran = ", ".join(f"{exec_type} {kernel['ms'] / total:.0%}" for exec_type, kernel in kernels.items())
+        parts.append(f"{node_type} ({ran})")
+    above = ", ".join(record["above_avx2"]) or "none"
+    return f"kernels {name} (UNet batch {record['unet_batch']}): {'; '.join(parts)}; above AVX2: {above}"
 
 
 def format_gains(gains: dict[str, dict[str, Any]]) -> str:

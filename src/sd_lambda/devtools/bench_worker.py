@@ -18,11 +18,15 @@ from typing import Any
 # naive: stock diffusers as the source articles use it; fast, fast_lcm: the engine's user-visible
 # defaults; accel:<selection>: the engine like-for-like with naive (full VAE, guidance 7.5) with the
 # accelerations SD_ACCEL=<selection> selects, where -name/+name change the defaults
-# (accel:-in_place+feature_reuse is SD_ACCEL=-in_place,+feature_reuse).
-NAMED_VARIANTS = ("naive", "fast", "fast_lcm")
+# (accel:-in_place+feature_reuse is SD_ACCEL=-in_place,+feature_reuse); openvino: the OpenVINO engine
+# like-for-like on an export of the same model; openvino_fast: its user-visible defaults;
+# openvino_int8: those defaults on the int8 export.
+OPENVINO_VARIANTS = ("openvino", "openvino_fast", "openvino_int8")
+NAMED_VARIANTS = ("naive", "fast", "fast_lcm", *OPENVINO_VARIANTS)
 ACCEL_PREFIX = "accel:"
-VARIANTS = ("naive", "accel:none", "accel:default", "accel:+feature_reuse", "fast", "fast_lcm")
-FAST_VARIANTS = ("fast", "fast_lcm")
+TORCH_VARIANTS = ("naive", "accel:none", "accel:default", "accel:+feature_reuse", "fast", "fast_lcm")
+VARIANTS = (*TORCH_VARIANTS, *OPENVINO_VARIANTS)
+FAST_VARIANTS = ("fast", "fast_lcm", "openvino_fast", "openvino_int8")
 RESULT_PREFIX = "BENCH-RESULT "
 
 
@@ -98,37 +102,11 @@ def _naive(spec: dict[str, Any]) -> tuple[Callable[[], dict[str, Any]], dict[str
 
 
 def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
-    from dataclasses import replace
+    from sd_lambda.engine.torch_engine import Engine
 
-    from sd_lambda.engine.torch_engine import Engine, GenerationParams
-
-    fast = variant in FAST_VARIANTS
-    settings = variant_settings(variant)
-    if not fast:
-        settings = replace(settings, default_decoder="full")
-    engine = Engine.load(Path(spec["model_dir"]), settings)
-    params = GenerationParams(
-        prompt=spec["prompt"],
-        num_inference_steps=spec["steps"],
-        # Like-for-like keeps the naive guidance; the fast default takes what the model says it needs.
-        guidance_scale=engine.defaults.guidance_scale if fast else spec["guidance_scale"],
-        width=spec["width"],
-        height=spec["height"],
-        seed=spec["seed"],
-    )
-
-    def one_image() -> dict[str, Any]:
-        result = engine.generate(params)
-        return {
-            "unet_seconds": result.timings_ms["unet"] / 1000,
-            "unet_calls": result.stats["unet_calls"],
-            "unet_batch": result.stats["unet_batch"],
-            "decode_seconds": result.timings_ms["decode"] / 1000,
-            "text_encoder_calls": 1 + bool(params.negative_prompt),
-            "reused_calls": result.stats["reused_calls"],
-            "prefix_shared_calls": result.stats["prefix_shared_calls"],
-        }
-
+    engine = Engine.load(Path(spec["model_dir"]), engine_settings(variant))
+    params = request_params(spec, variant, engine.defaults.guidance_scale)
+    one_image = _engine_image(engine, params)
     info = {
         "dtype": str(engine.pipeline.unet.dtype).removeprefix("torch."),
         "decoder": engine.choices.default_decoder,
@@ -141,13 +119,82 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
     return one_image, info
 
 
+def _openvino(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
+    """The OpenVINO engine as the handler loads it (SD_ENGINE=openvino): torch is never imported."""
+    from sd_lambda.engine.backend import load_engine
+
+    engine = load_engine(Path(spec["model_dir"]), engine_settings(variant))
+    params = request_params(spec, variant, engine.defaults.guidance_scale)
+    described = engine.describe()
+    info = {
+        "dtype": described["dtype"],  # the inference precision; the int8 export's weights say int8
+        "decoder": described["default_decoder"],
+        "scheduler": described["default_scheduler"],
+        "guidance_scale": params.guidance_scale,
+        "weights": "IR int8" if variant == "openvino_int8" else "IR",
+        "accelerations": [],
+        "threads": described["threads"],
+    }
+    return _engine_image(engine, params), info
+
+
+def engine_settings(variant: str) -> Any:
+    """The engine's settings for a variant: like-for-like ones decode with the full VAE, as naive does."""
+    from dataclasses import replace
+
+    settings = variant_settings(variant)
+    return settings if variant in FAST_VARIANTS else replace(settings, default_decoder="full")
+
+
+def request_params(spec: dict[str, Any], variant: str, model_guidance: float) -> Any:
+    from sd_lambda.engine.generation import GenerationParams
+
+    return GenerationParams(
+        prompt=spec["prompt"],
+        num_inference_steps=spec["steps"],
+        # Like-for-like keeps the naive guidance; the fast default takes what the model says it needs.
+        guidance_scale=model_guidance if variant in FAST_VARIANTS else spec["guidance_scale"],
+        width=spec["width"],
+        height=spec["height"],
+        seed=spec["seed"],
+    )
+
+
+def _engine_image(engine: Any, params: Any) -> Callable[[], dict[str, Any]]:
+    """One image through either engine's ``generate``, with what the bench reads from its result."""
+
+    def one_image() -> dict[str, Any]:
+        result = engine.generate(params)
+        # The OpenVINO engine compiles in generate a shape its load did not (the bench's is its default).
+        compile_seconds = (
+            {"compile_seconds": result.timings_ms["compile"] / 1000} if "compile" in result.timings_ms else {}
+        )
+        return {
+            **compile_seconds,
+            "timings_ms": result.timings_ms,
+            "unet_seconds": result.timings_ms["unet"] / 1000,
+            "unet_calls": result.stats["unet_calls"],
+            "unet_batch": result.stats["unet_batch"],
+            "decode_seconds": result.timings_ms["decode"] / 1000,
+            "text_encoder_calls": 1 + bool(params.negative_prompt),
+            # Torch-engine accelerations; the OpenVINO engine has neither.
+            "reused_calls": result.stats.get("reused_calls", 0),
+            "prefix_shared_calls": result.stats.get("prefix_shared_calls", 0),
+        }
+
+    return one_image
+
+
 def variant_settings(variant: str) -> Any:
-    """The engine's settings for ``variant``: the environment's, with an ``accel:`` variant's SD_ACCEL."""
+    """The engine's settings for ``variant``: the environment's, with an ``accel:`` variant's SD_ACCEL
+    and an OpenVINO variant's SD_ENGINE=openvino."""
     from dataclasses import replace
 
     from sd_lambda.settings import Settings
 
     settings = Settings.from_env()
+    if variant in OPENVINO_VARIANTS:
+        return replace(settings, engine="openvino")
     switch = accel_switch(variant)
     return settings if switch is None else replace(settings, accel=switch)
 
@@ -189,23 +236,37 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     prefetch = None
     # The engine's variants start the weight prefetch before their imports, as the handler's init does,
     # when their selection has it.
-    settings = None if variant == "naive" else variant_settings(variant)
+    settings = None if variant in ("naive", *OPENVINO_VARIANTS) else variant_settings(variant)
     if settings is not None and "prefetch" in settings.accelerations:
         from sd_lambda.engine.accel.prefetch import expects_bf16_copy, prefetch_model
 
         prefetch = prefetch_model(Path(spec["model_dir"]), bf16=expects_bf16_copy(settings))
-    import diffusers  # noqa: F401  (what a handler imports at init, for both variants)
-    import torch
-    from diffusers import StableDiffusionPipeline  # noqa: F401
+    if variant in OPENVINO_VARIANTS:
+        # What a handler serving an OpenVINO release imports at init: no torch, no diffusers.
+        import openvino  # noqa: F401
+        import openvino_genai  # noqa: F401
 
-    import sd_lambda.engine.torch_engine  # noqa: F401
+        import sd_lambda.engine.openvino_engine
+    else:
+        import diffusers  # noqa: F401  (what a handler imports at init, for naive and the torch engine)
+        from diffusers import StableDiffusionPipeline  # noqa: F401
+
+        import sd_lambda.engine.torch_engine  # noqa: F401
 
     imported = time.perf_counter()
-    one_image, info = _naive(spec) if variant == "naive" else _project(spec, variant)
+    if variant == "naive":
+        one_image, info = _naive(spec)
+    elif variant in OPENVINO_VARIANTS:
+        one_image, info = _openvino(spec, variant)
+    else:
+        one_image, info = _project(spec, variant)
     loaded = time.perf_counter()
+    # The OpenVINO engine's import and load are meant to be torch-free: whether this process proves it,
+    # after the load and after the images.
+    torch_after_load = "torch" in sys.modules
     # How far the prefetch got while importing and loading (it may still be reading).
     prefetch_at_load = prefetch.describe() if prefetch is not None else None
-    images = []
+    images: list[dict[str, Any]] = []
     for _ in range(1 + spec["repeats"]):
         cpu_started, image_started = _cpu_seconds(), time.perf_counter()
         sample = one_image()
@@ -213,19 +274,39 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         # CPU time of this process: a contention check (wall time inflates when other work shares the CPUs).
         sample["cpu_seconds"] = _cpu_seconds() - cpu_started
         images.append(sample)
+    peak = peak_rss_bytes()
+    cached = None
+    if variant in OPENVINO_VARIANTS:
+        # A second load in this process finds the default shape in the compile cache the first one
+        # wrote: what a load costs where CACHE_DIR survives (measured after the peak RSS is read).
+        from sd_lambda.engine.backend import load_engine
+
+        cached = load_engine(Path(spec["model_dir"]), engine_settings(variant)).load_seconds
     return {
         "variant": variant,
         "isa": spec["isa"],
+        "cached_load_seconds": cached,
+        "torch_after_load": torch_after_load,
+        "torch_after_images": "torch" in sys.modules,
         "import_seconds": imported - started,
         "load_seconds": loaded - imported,
         "first_image_seconds": images[0]["seconds"],
         "images": images,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "peak_rss_bytes": peak,
+        **_threads_and_isa(variant, info),
         "prefetch_at_load": prefetch_at_load,
         **info,
     }
+
+
+def _threads_and_isa(variant: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The threads the variant computed with and the ISA ATen chose (torch variants only: the OpenVINO
+    ones never import torch; the bench records their kernels separately)."""
+    if variant in OPENVINO_VARIANTS:
+        return {"threads": info.pop("threads"), "cpu_capability": None}
+    import torch
+
+    return {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def main(argv: list[str]) -> int:
