@@ -97,18 +97,21 @@ def test_load_describes_what_it_chose(ov_engine: OpenVINOEngine) -> None:
     assert described["compiled_shapes"] == [[64, 64, True]]
 
 
-@pytest.mark.parametrize("decoder", ["full", "tiny"])
+# Euler ancestral and LCM draw fresh noise every step, from the same seeded stream as the latents.
+@pytest.mark.parametrize(
+    ("scheduler", "decoder"), [("euler", "full"), ("euler", "tiny"), ("euler_a", "full"), ("lcm", "full")]
+)
 def test_same_request_matches_the_torch_engine(
-    ov_engine: OpenVINOEngine, torch_engine: Engine, decoder: str
+    ov_engine: OpenVINOEngine, torch_engine: Engine, scheduler: str, decoder: str
 ) -> None:
-    request = params(scheduler="euler", decoder=decoder)
+    request = params(scheduler=scheduler, decoder=decoder)
     ours = pixels(ov_engine.generate(request).image)
     theirs = pixels(torch_engine.generate(request).image)
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert psnr(ours, theirs) >= PARITY_MIN_PSNR_DB
     assert np.abs(ours - theirs).mean() <= PARITY_MAX_MEAN_ABS
     # And not trivially: another seed is another image (the random tiny decoder saturates much of it).
-    other = pixels(ov_engine.generate(params(scheduler="euler", decoder=decoder, seed=43)).image)
+    other = pixels(ov_engine.generate(params(scheduler=scheduler, decoder=decoder, seed=43)).image)
     assert np.abs(ours - other).max() > 8 * np.abs(ours - theirs).mean()
 
 

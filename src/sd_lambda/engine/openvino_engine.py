@@ -10,8 +10,9 @@ past ``SD_OPENVINO_COMPILED_SIZES``. OpenVINO's model cache (``CACHE_DIR``, in /
 Lambda can write) turns a recompile of a dropped shape into a read of the compiled blob; it is left off
 when /tmp cannot hold it (Lambda's /tmp is 512 MB unless ``ephemeral_storage_size`` says more).
 
-The seed is turned into noise by GenAI's ``TorchGenerator``, which draws the same numbers as
-``torch.Generator``, so a request gives the torch engine's image within float tolerance. Schedulers are
+The seed is turned into the noise ``torch.Generator`` would draw (sd_lambda.engine.torch_noise, numpy
+only: GenAI's own TorchGenerator imports torch), so a request gives the torch engine's image within
+float tolerance. Schedulers are
 GenAI's: every name the torch engine offers except ``dpmpp_2m`` (GenAI has no DPM-Solver++), and any the
 model's config cannot run with GenAI (e.g. DDIM with ``clip_sample``) is left out of ``schedulers``,
 so a request for it gets the same 400 as any unknown one.
@@ -41,6 +42,7 @@ from sd_lambda.engine.generation import (
     resolve_default_scheduler,
 )
 from sd_lambda.engine.model_defaults import read_json, read_model_defaults, scheduler_class
+from sd_lambda.engine.torch_noise import BLOCK, TorchNormal
 from sd_lambda.layout import TINY_DECODER_FOLDER, LayoutError, find_pickle_weights
 from sd_lambda.settings import Settings
 
@@ -294,7 +296,7 @@ class OpenVINOEngine:
             height=params.height,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
-            generator=genai.TorchGenerator(params.seed),
+            generator=SeededGenerator(params.seed),
             **options,
         )
         generated = time.perf_counter()
@@ -326,6 +328,24 @@ class OpenVINOEngine:
 
 
 _DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16"}
+
+
+class SeededGenerator(genai.Generator):
+    """GenAI's random source, drawing what torch.randn would for the seed (GenAI's generator interface)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._normal = TorchNormal(seed)
+
+    def next(self) -> float:
+        # One number: not asked for by the Stable Diffusion pipeline; deterministic, not torch's.
+        return float(self._normal.randn((BLOCK,))[0])
+
+    def randn_tensor(self, shape: Any) -> openvino.Tensor:
+        return openvino.Tensor(self._normal.randn(tuple(shape)))
+
+    def seed(self, new_seed: int) -> None:
+        self._normal = TorchNormal(new_seed)
 
 
 def choose_precision(settings: Settings, flags: frozenset[str] | None = None) -> tuple[str, str]:
