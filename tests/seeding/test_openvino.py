@@ -42,11 +42,18 @@ def test_an_exported_release_seeds_verifies_and_switches(
     tiny_model_dir: Path,
     openvino_export: OpenVINOExport,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     agent, stack = local_aws
+    # The conversion (and the upload) come before the seeder starts, so it never idles through an export.
+    events: list[str] = []
+    stage_local, seeder_session = flow.stage_local, flow.seeder_session
+    monkeypatch.setattr(flow, "stage_local", lambda *a, **k: events.append("upload") or stage_local(*a, **k))
+    monkeypatch.setattr(flow, "seeder_session", lambda *a: events.append("seeder") or seeder_session(*a))
     seed = ["seed", "--from-dir", str(tiny_model_dir), "--export", "openvino", "--name", NAME]
     seed += ["--export-python", str(EXPORT_PYTHON), "--work-dir", str(openvino_export.work_dir)]
     assert main([*seed, "--no-progress", "--json", *stack]) == 0, capsys.readouterr().err
+    assert events == ["upload", "seeder"]
     out, err = capsys.readouterr()
     seeded = json.loads(out)
     source_revision = from_dir(tiny_model_dir).revision

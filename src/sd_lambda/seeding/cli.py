@@ -263,7 +263,11 @@ def run_seed(args: argparse.Namespace) -> int:
         report(args, {**document, "total_bytes": staged.total_bytes}, [f"uploaded {uploaded} (not seeded)"])
         return 0
     options = _options(args)
-    # The seeder is ready (running, agent Online, EFS mounted) before the hub is asked for a byte.
+    if export and staged is None:
+        # A conversion takes minutes (int8 calibration runs the pipeline): done before the seeder starts,
+        # so the instance never idles through it; a rerun after a seeder problem reuses the export.
+        staged = _stage(args, clients, target, name, checked, export)
+    # Otherwise the seeder is ready (running, agent Online, EFS mounted) before the hub is asked for a byte.
     with flow.seeder_session(clients, target, options) as run:
         staged = staged or _stage(args, clients, target, name, checked, export)
         result = flow.sync_on_seeder(clients, target, staged, options, run)
