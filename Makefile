@@ -14,14 +14,14 @@ OPS_STAMP := $(VENV)/.stamp-ops
 # the default index, and the install fails if that build is a CUDA one.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH_SPEC := $(firstword $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml))
-# $(call install_cpu_torch,<venv python>): torch alone and first, from the CPU index when it answers, so
+# $(call install_cpu_torch,<venv python>,<target>): torch alone and first, from the CPU index when it answers, so
 # the extras installed next find it and never ask for another build.
 define install_cpu_torch
 if $(1) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=5)' \
 		'$(TORCH_INDEX_URL)' 2>/dev/null; then \
 	$(1) -m pip install --quiet --index-url '$(TORCH_INDEX_URL)' '$(TORCH_SPEC)'; \
 else \
-	echo "make: $(TORCH_INDEX_URL) did not answer; torch comes from the default index" >&2; \
+	echo "make $(2): $(TORCH_INDEX_URL) did not answer; torch comes from the default index" >&2; \
 	$(1) -m pip install --quiet '$(TORCH_SPEC)'; \
 fi
 endef
@@ -63,7 +63,7 @@ $(INSTALL_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24,<27"
 	@# torch first and alone, so the extras below find it installed and never ask for another build.
-	$(call install_cpu_torch,$(PY))
+	$(call install_cpu_torch,$(PY),install)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(call refuse_cuda_torch,$(PY),$(VENV),install)
 	touch $@ $(OPS_STAMP)
@@ -77,7 +77,7 @@ $(OPS_STAMP): pyproject.toml
 $(EXPORT_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(EXPORT_VENV)
 	$(EXPORT_PY) -m pip install --quiet --upgrade "pip>=24,<27"
-	$(call install_cpu_torch,$(EXPORT_PY))
+	$(call install_cpu_torch,$(EXPORT_PY),install-export)
 	$(EXPORT_PY) -m pip install --quiet -e ".[export]"
 	@# optimum-intel requires torchvision, which exporting a Stable Diffusion pipeline never uses; a build
 	@# that does not match the installed torch (the default index's, next to a CPU torch) breaks
@@ -156,6 +156,9 @@ security: $(CHECKOV_STAMP) ## checkov over infra/ and image/ offline (--skip-dow
 # ---- container image and calling the function --------------------------------------------------------
 # Build for PLATFORM (Lambda runs linux/amd64 or linux/arm64: match the function's architecture).
 PLATFORM ?= linux/amd64
+# ENGINE: the image variant, torch (diffusers releases) or openvino (OpenVINO releases, no torch); the
+# openvino image's tags end in -openvino (IMAGE=sd-lambda:local builds sd-lambda:local-openvino).
+ENGINE ?= torch
 IMAGE ?= sd-lambda:local
 DOCKER ?= docker
 # Extra NAME=VALUE build args, e.g. BUILD_ARGS="BASE_DIGEST=sha256:..."
@@ -168,15 +171,15 @@ BUILD_ARGS ?=
 # FIND_LINKS: a folder holding the CPU torch wheel, for machines where TORCH_INDEX_URL does not answer.
 FIND_LINKS ?=
 
-requirements: $(INSTALL_STAMP) ## Regenerate the image's hash-pinned locks (image/requirements*.txt) from pyproject's base + [runtime] (FIND_LINKS=)
+requirements: $(INSTALL_STAMP) ## Regenerate the images' hash-pinned locks (image/requirements*.txt) from pyproject's base + [runtime] / [openvino] (FIND_LINKS=)
 	$(SD_LAMBDA) requirements $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--torch-index-url $(call q,$(TORCH_INDEX_URL)))
 
-build-image: $(OPS_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) as IMAGE, one manifest Lambda runs
-	$(SD_LAMBDA) build-image --platform $(call q,$(PLATFORM)) --tag $(call q,$(IMAGE)) --docker $(call q,$(DOCKER)) \
-		$(addprefix --build-arg ,$(BUILD_ARGS))
+build-image: $(OPS_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) and ENGINE (torch; openvino) as IMAGE, one manifest Lambda runs
+	$(SD_LAMBDA) build-image --platform $(call q,$(PLATFORM)) --engine $(call q,$(ENGINE)) --tag $(call q,$(IMAGE)) \
+		--docker $(call q,$(DOCKER)) $(addprefix --build-arg ,$(BUILD_ARGS))
 
-push-image: $(OPS_STAMP) ## Push IMAGE to the stack's ECR repo (tag git-<sha>), write its digest to .image-digest
-	$(SD_LAMBDA) push-image --image $(call q,$(IMAGE)) --docker $(call q,$(DOCKER)) \
+push-image: $(OPS_STAMP) ## Push IMAGE (ENGINE's variant) to the stack's ECR repo (tag git-<sha>[-openvino]), write its digest to .image-digest
+	$(SD_LAMBDA) push-image --image $(call q,$(IMAGE)) --engine $(call q,$(ENGINE)) --docker $(call q,$(DOCKER)) \
 		$(if $(REPOSITORY_URL),--repository-url $(call q,$(REPOSITORY_URL)),--infra $(call q,$(INFRA)))
 
 invoke: $(OPS_STAMP) ## Generate one image through the function URL (SigV4): make invoke PROMPT="a red fox"
@@ -219,6 +222,8 @@ destroy: $(OPS_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIR
 # ---- seeding models onto EFS (real AWS: the stack's bucket + seeder instance, driven through SSM) ----------
 # MODEL (hub id[@rev]), NAME (EFS folder; default: the model the stack serves, its model_name), REVISION
 # (release name), FROM_DIR (local diffusers folder), FROM_S3 (s3://bucket/models/<name>/<rev>/), BF16_COPY=1,
+# EXPORT=openvino (convert to OpenVINO IR here, in $(EXPORT_VENV): the target then needs make install-export),
+# QUANTIZE=int8 (with EXPORT: hybrid int8 quantisation),
 # NOT_SERVED=1 (a --name the function does not serve), REGION, INFRA, JSON=1, SEED_ARGS (more flags:
 # --variant fp16, --tiny-decoder madebyollin/taesd, --keep-running, --bucket/--instance-id when the module
 # lives in another stack, ...). With FROM_DIR/FROM_S3, MODEL= still names the folder when NAME= is not given.
@@ -228,11 +233,13 @@ NOT_SERVED_FLAG = $(if $(filter 1,$(NOT_SERVED)),--not-served)
 
 .PHONY: seed-models rollback
 
-seed-models: $(OPS_STAMP) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] (or FROM_DIR=/FROM_S3=)
+seed-models: $(OPS_STAMP) $(if $(EXPORT),$(EXPORT_STAMP)) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] [EXPORT=openvino [QUANTIZE=int8]] (or FROM_DIR=/FROM_S3=)
 	@test -n "$(MODEL)$(FROM_DIR)$(FROM_S3)" || { echo 'make seed-models: set MODEL=owner/name[@rev] (or FROM_DIR=path / FROM_S3=s3://...)' >&2; exit 2; }
 	$(SD_LAMBDA) seed \
 		$(if $(FROM_DIR),--from-dir $(call q,$(FROM_DIR)),$(if $(FROM_S3),--from-s3 $(call q,$(FROM_S3)),--model $(call q,$(MODEL)))) \
 		$(if $(SEED_NAME),--name $(call q,$(SEED_NAME))) $(if $(filter 1,$(BF16_COPY)),--bf16-copy) \
+		$(if $(EXPORT),--export $(call q,$(EXPORT)) --export-python $(call q,$(EXPORT_PY))) \
+		$(if $(QUANTIZE),--quantize $(call q,$(QUANTIZE))) \
 		$(if $(REVISION),--revision $(call q,$(REVISION))) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 
 rollback: $(OPS_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model)
@@ -243,5 +250,5 @@ rollback: $(OPS_STAMP) ## Switch a model's current back to an older release on E
 .PHONY: bench
 
 BENCH_ARGS ?=
-bench: $(INSTALL_STAMP) ## Time naive diffusers vs the project's pipeline on the sd15 test model (BENCH_ARGS=--quick) -> bench.json
+bench: $(INSTALL_STAMP) $(EXPORT_STAMP) ## Time naive diffusers vs the torch and OpenVINO engines on the sd15 test model (BENCH_ARGS=--quick) -> bench.json + bench.png
 	$(BIN)/sd-lambda bench $(BENCH_ARGS)

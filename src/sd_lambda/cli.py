@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
@@ -56,9 +57,12 @@ MAKE_VARIABLES: Mapping[str, str] = {
     "--allow-data-loss": "ALLOW_DATA_LOSS=1",
     "--yes": "CONFIRM=1",
     "--bf16-copy": "BF16_COPY=1",
+    "--export": "EXPORT",
+    "--quantize": "QUANTIZE",
     "--not-served": "NOT_SERVED=1",
     "--docker": "DOCKER",
     "--platform": "PLATFORM",
+    "--engine": "ENGINE",
     "--image": "IMAGE",
     "--repository-url": "REPOSITORY_URL",
 }
@@ -96,6 +100,10 @@ def ask_for(flag: str, example: str = "...") -> str:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except the ones that mean "not given"."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # A path or flag stays whole when a line wraps: `.venv-export/bin/python`, never `.venv-` + `export`.
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
