@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -373,3 +374,27 @@ def test_every_export_refusal_is_one_line_before_aws(
         f"{openvino_export.folder} is an OpenVINO release already (unet/openvino_model.xml): it seeds as it "
         "is, without --export"
     ) in _refusal(capsys, [*converted, *export])
+
+
+def test_the_export_refuses_a_checkpoint_it_would_load_as_random_weights(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Tensor names as a newer transformers writes them (no text_model. prefix): the export venv's
+    # transformers would initialise the whole text encoder at random, and the release would be noise.
+    from safetensors.torch import load_file, save_file
+
+    source = shutil.copytree(tiny_model_dir, tmp_path / "source")
+    weights = source / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({name.removeprefix("text_model."): t for name, t in tensors.items()}, weights)
+    completed = subprocess.run(
+        [str(EXPORT_PYTHON), "-m", "sd_lambda.seeding.openvino_export", str(source), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 1
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("openvino_export: text_encoder: 36 weights transformers ")
+    assert "exporting would write random weights" in last
+    assert not (tmp_path / "out").exists()

@@ -126,6 +126,35 @@ def export_tiny_decoder(source: Path, output: Path, *, compress_weights: bool = 
     (output / "config.json").write_text(json.dumps(described, indent=2) + "\n")
 
 
+class ExportError(Exception):
+    """A source this environment cannot export faithfully; main() prints it as one line."""
+
+
+def check_weights_map(source: Path) -> None:
+    """Refuse a component whose checkpoint names tensors this environment's libraries do not look for.
+
+    transformers and diffusers initialise such parameters at random with a warning, and the exporter
+    would write that randomness as the model: e.g. a text encoder saved by a newer transformers, whose
+    tensor names the export venv's older transformers (optimum-intel caps it) no longer maps."""
+    import importlib
+
+    index = json.loads((source / "model_index.json").read_text())
+    for component in ("text_encoder", "unet", "vae"):
+        library, class_name = (index.get(component) or [None, None])[:2]
+        if library not in ("transformers", "diffusers") or not (source / component).is_dir():
+            continue
+        model_class = getattr(importlib.import_module(library), class_name)
+        _, info = model_class.from_pretrained(source / component, output_loading_info=True)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            version = importlib.import_module(library).__version__
+            raise ExportError(
+                f"{component}: {len(missing)} weights {library} {version} looks for are not in the "
+                f"checkpoint (e.g. {missing[0]}); exporting would write random weights. The checkpoint was "
+                f"probably saved by another {library} version: save it with tensor names this one reads"
+            )
+
+
 def export(
     source: Path,
     output: Path,
@@ -133,6 +162,7 @@ def export(
     prompts: list[str] | None = None,
     samples: int = DEFAULT_CALIBRATION_SAMPLES,
 ) -> None:
+    check_weights_map(source)
     if quantize is None:
         export_pipeline(source, output)
     else:
@@ -187,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args.calibration_prompts) if args.calibration_prompts else None
     except (OSError, ValueError) as exc:
         parser.error(f"--calibration-prompts: {exc}")
-    export(args.source, args.output, args.quantize, prompts, args.calibration_samples)
+    try:
+        export(args.source, args.output, args.quantize, prompts, args.calibration_samples)
+    except ExportError as exc:
+        print(f"openvino_export: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
