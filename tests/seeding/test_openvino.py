@@ -398,3 +398,27 @@ def test_the_export_refuses_a_checkpoint_it_would_load_as_random_weights(
     assert last.startswith("openvino_export: text_encoder: 36 weights transformers ")
     assert "exporting would write random weights" in last
     assert not (tmp_path / "out").exists()
+
+
+def test_upload_only_then_from_s3_switches_the_openvino_release(
+    local_aws: tuple[LocalAgent, list[str]],
+    seeder: SeederProgram,
+    tiny_model_dir: Path,
+    openvino_export: OpenVINOExport,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README's switch to the OpenVINO image: convert and upload first, switch after the image is deployed."""
+    agent, stack = local_aws
+    seed = ["seed", "--from-dir", str(tiny_model_dir), "--export", "openvino", "--name", NAME]
+    seed += ["--export-python", str(EXPORT_PYTHON), "--work-dir", str(openvino_export.work_dir)]
+    assert main([*seed, "--upload-only", "--no-progress", "--json", *stack]) == 0, capsys.readouterr().err
+    uploaded = json.loads(capsys.readouterr().out)
+    assert agent.scripts == []  # nothing ran on the seeder, nothing switched
+    assert ModelPaths(seeder.mount / NAME).current_revision() is None
+    switch = ["seed", "--from-s3", uploaded["uploaded"], "--name", NAME, "--no-progress", "--json", *stack]
+    assert main(switch) == 0, capsys.readouterr().err
+    seeded = json.loads(capsys.readouterr().out)
+    assert seeded["current"] == uploaded["revision"]
+    release = ModelPaths(seeder.mount / NAME).resolve_current()
+    assert (release / OPENVINO_UNET).is_file()
+    assert verify_release(release).problems(release) == []
