@@ -37,6 +37,12 @@ NAME = "acme--tiny-sd"
 IR_FOLDERS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_tiny")
 
 
+def export_seed(source: Path, export: OpenVINOExport) -> list[str]:
+    """``seed --export openvino`` of ``source``, reusing the session's export of it."""
+    seed = ["seed", "--from-dir", str(source), "--export", "openvino", "--name", NAME]
+    return [*seed, "--export-python", str(EXPORT_PYTHON), "--work-dir", str(export.work_dir)]
+
+
 def test_an_exported_release_seeds_verifies_and_switches(
     local_aws: tuple[LocalAgent, list[str]],
     seeder: SeederProgram,
@@ -51,8 +57,7 @@ def test_an_exported_release_seeds_verifies_and_switches(
     stage_local, seeder_session = flow.stage_local, flow.seeder_session
     monkeypatch.setattr(flow, "stage_local", lambda *a, **k: events.append("upload") or stage_local(*a, **k))
     monkeypatch.setattr(flow, "seeder_session", lambda *a: events.append("seeder") or seeder_session(*a))
-    seed = ["seed", "--from-dir", str(tiny_model_dir), "--export", "openvino", "--name", NAME]
-    seed += ["--export-python", str(EXPORT_PYTHON), "--work-dir", str(openvino_export.work_dir)]
+    seed = export_seed(tiny_model_dir, openvino_export)
     assert main([*seed, "--no-progress", "--json", *stack]) == 0, capsys.readouterr().err
     assert events == ["upload", "seeder"]
     out, err = capsys.readouterr()
@@ -409,8 +414,7 @@ def test_upload_only_then_from_s3_switches_the_openvino_release(
 ) -> None:
     """README's switch to the OpenVINO image: convert and upload first, switch after the image is deployed."""
     agent, stack = local_aws
-    seed = ["seed", "--from-dir", str(tiny_model_dir), "--export", "openvino", "--name", NAME]
-    seed += ["--export-python", str(EXPORT_PYTHON), "--work-dir", str(openvino_export.work_dir)]
+    seed = export_seed(tiny_model_dir, openvino_export)
     assert main([*seed, "--upload-only", "--no-progress", "--json", *stack]) == 0, capsys.readouterr().err
     uploaded = json.loads(capsys.readouterr().out)
     assert agent.scripts == []  # nothing ran on the seeder, nothing switched
