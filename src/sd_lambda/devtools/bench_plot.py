@@ -71,7 +71,7 @@ def write_plot(report: dict[str, Any], path: Path) -> list[tuple[str, str, float
             linewidth=1,
         )
     axes.set_xticks(positions, [f"{isa}\n{variant}" for isa, variant, _, _ in bars], fontsize=7, rotation=45)
-    axes.set_ylabel("seconds per image (warm, median)")
+    axes.set_ylabel("seconds per image (median of the processes)")
     size = f"{config.get('width', '?')}x{config.get('height', '?')}, {config.get('steps', '?')} steps"
     axes.set_title(
         f"make bench: s/image by variant and ISA ({size}); labels: speed-up over naive", fontsize=9
