@@ -248,11 +248,14 @@ def is_openvino_weights(path: str, paths: Collection[str]) -> bool:
 
 
 def pickle_paths(paths: Collection[str]) -> list[str]:
-    """The release paths among ``paths`` whose format can run code when loaded, sorted."""
+    """The release paths among ``paths`` whose format can run code when loaded, sorted. An IR's .bin is
+    exempt only in an OpenVINO release: in a torch one no loader reads it as IR."""
+    openvino = release_engine(paths) == "openvino"
     return sorted(
         p
         for p in paths
-        if PurePosixPath(p).suffix.lower() in PICKLE_SUFFIXES and not is_openvino_weights(p, paths)
+        if PurePosixPath(p).suffix.lower() in PICKLE_SUFFIXES
+        and not (openvino and is_openvino_weights(p, paths))
     )
 
 

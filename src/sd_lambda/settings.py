@@ -105,8 +105,9 @@ class Settings:
     )
     openvino_compiled_sizes: int = _env(
         "SD_OPENVINO_COMPILED_SIZES",
-        2,
-        "OpenVINO engine: compiled request shapes (size, guidance) kept in memory; the oldest goes first.",
+        1,
+        "OpenVINO engine: compiled request shapes (size, guidance) kept in memory, the oldest dropped "
+        "first; each SD 1.5 shape holds ~4 GB of compiled weights.",
         ge=1,
         le=8,
     )

@@ -3,6 +3,7 @@ choice of engine, load, parity with the torch engine, schedulers, decoders, comp
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections import namedtuple
@@ -209,3 +210,63 @@ def test_an_install_without_the_releases_engine_says_which_image_serves_it(
     ):
         backend.load_engine(tiny_openvino_model_dir, Settings())
     assert backend.import_expected_engine(Settings(engine="openvino")) is None
+
+
+def test_a_latent_under_16_elements_matches_torch_too(
+    ov_engine: OpenVINOEngine, torch_engine: Engine
+) -> None:
+    # 16x8 px: a 4x2x1 latent, which torch draws element by element (torch_noise's scalar path).
+    request = params(width=16, height=8, scheduler="euler", decoder="full")
+    ours, theirs = pixels(ov_engine.generate(request).image), pixels(torch_engine.generate(request).image)
+    assert ours.shape == theirs.shape == (8, 16, 3)
+    assert np.abs(ours - theirs).mean() <= PARITY_MAX_MEAN_ABS
+
+
+def with_scheduler_config(source: Path, folder: Path, **changes: object) -> Path:
+    copy = shutil.copytree(source, folder)
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    return copy
+
+
+@pytest.mark.parametrize("own", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_auto_serves_euler_when_genai_cannot_run_the_models_own_scheduler(
+    tiny_openvino_model_dir: Path, tmp_path: Path, own: str
+) -> None:
+    # DDIM without clip_sample in its config clips (diffusers' default), which GenAI refuses mid-request.
+    model = with_scheduler_config(tiny_openvino_model_dir, tmp_path / "model", _class_name=own)
+    engine = OpenVINOEngine.load(model, Settings(openvino_cache_dir="none"))
+    assert engine.default_scheduler == "euler"
+    assert f"the model's own {own} does not run on OpenVINO GenAI" in engine.scheduler_reason
+    assert engine.defaults.num_inference_steps == 20
+    assert engine.generate(params(num_inference_steps=2)).stats["scheduler"] == "EulerDiscreteScheduler"
+    with pytest.raises(ValueError, match=f"the model's own {own} does not run on OpenVINO GenAI"):
+        OpenVINOEngine.load(model, Settings(default_scheduler="model", openvino_cache_dir="none"))
+
+
+def test_a_damaged_decoder_fails_the_load_not_a_later_request(
+    tiny_openvino_model_dir: Path, tmp_path: Path
+) -> None:
+    copy = shutil.copytree(tiny_openvino_model_dir, tmp_path / "copy")
+    weights = copy / "vae_decoder" / "openvino_model.bin"  # not the default decoder (tiny)
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(LayoutError, match="cannot load the OpenVINO release"):
+        OpenVINOEngine.load(copy, Settings(openvino_cache_dir="none"))
+
+
+def test_a_release_pruned_after_the_load_fails_a_new_shape_as_a_layout_error(
+    tiny_openvino_model_dir: Path, tmp_path: Path
+) -> None:
+    copy = shutil.copytree(tiny_openvino_model_dir, tmp_path / "copy")
+    engine = OpenVINOEngine.load(copy, Settings(openvino_cache_dir="none"))
+    shutil.rmtree(copy)
+    assert engine.generate(params(num_inference_steps=1)).image.size == (64, 64)  # compiled at load
+    with pytest.raises(LayoutError, match="cannot compile 96x64"):
+        engine.generate(params(width=96, num_inference_steps=1))
+
+
+def test_the_inits_engine_import_survives_a_broken_current_link(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "current").symlink_to("current")  # a loop: resolving it raises RuntimeError
+    assert backend.import_expected_engine(Settings(model_root=tmp_path, model_name="m")) is None

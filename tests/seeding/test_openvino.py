@@ -426,3 +426,25 @@ def test_upload_only_then_from_s3_switches_the_openvino_release(
     release = ModelPaths(seeder.mount / NAME).resolve_current()
     assert (release / OPENVINO_UNET).is_file()
     assert verify_release(release).problems(release) == []
+
+
+@pytest.mark.parametrize(
+    ("removed", "named"),
+    [
+        (["unet/openvino_model.bin"], "unet/openvino_model.bin"),
+        (
+            ["tokenizer/openvino_tokenizer.xml", "tokenizer/openvino_tokenizer.bin"],
+            "tokenizer/openvino_tokenizer.xml",
+        ),
+    ],
+)
+def test_an_openvino_release_the_engine_cannot_load_is_refused_before_upload(
+    openvino_export: OpenVINOExport, tmp_path: Path, removed: list[str], named: str
+) -> None:
+    folder = shutil.copytree(openvino_export.folder, tmp_path / "release")
+    for path in removed:
+        (folder / path).unlink()
+    with pytest.raises(
+        SeedError, match=f"an OpenVINO release the engine cannot load: missing .*{re.escape(named)}"
+    ):
+        check_dir(folder)

@@ -173,7 +173,8 @@ def warm(
     if request.param == "openvino":
         root = tmp_path_factory.mktemp("openvino-models")
         seed_release(root, TEST_MODEL_NAME, TEST_REVISION, request.getfixturevalue("tiny_openvino_model_dir"))
-        settings = Settings(model_root=root, model_name=TEST_MODEL_NAME)
+        cache = str(tmp_path_factory.mktemp("openvino-cache"))
+        settings = Settings(model_root=root, model_name=TEST_MODEL_NAME, openvino_cache_dir=cache)
     service = LoggedService(settings)
     response = service(url_event(body=GOOD))
     assert response["statusCode"] == 200, response

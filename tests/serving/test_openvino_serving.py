@@ -87,3 +87,24 @@ def test_a_truncated_ir_is_503_model_incomplete(tiny_openvino_model_dir: Path, t
     assert response["statusCode"] == 503
     assert body_json(response)["error"]["code"] == "model_incomplete"
     assert broken.predictor.loads == 0
+
+
+def test_a_small_image_is_served_as_on_torch(service: LoggedService) -> None:
+    # 16x8 px: a latent of 8 elements, drawn by torch's scalar path (sd_lambda.engine.torch_noise).
+    response = service(url_event(body={**REQUEST, "width": 16, "height": 8}))
+    assert response["statusCode"] == 200, response["body"]
+    assert Image.open(io.BytesIO(base64.b64decode(response["body"]))).size == (16, 8)
+
+
+def test_a_release_pruned_under_a_warm_environment_is_503_for_a_new_shape(
+    tiny_openvino_model_dir: Path, tmp_path: Path
+) -> None:
+    seed_release(tmp_path / "models", "m", "r1", tiny_openvino_model_dir)
+    warm = LoggedService(Settings(model_root=tmp_path / "models", model_name="m", openvino_cache_dir="none"))
+    assert warm(url_event(body=REQUEST))["statusCode"] == 200
+    shutil.rmtree(tmp_path / "models" / "m" / "releases" / "r1")
+    response = warm(url_event(body={**REQUEST, "width": 96}))
+    assert response["statusCode"] == 503
+    error = body_json(response)["error"]
+    assert error["code"] == "model_incomplete"
+    assert "cannot compile 96x64" in error["message"]

@@ -49,7 +49,7 @@ class Engine(Protocol):
 
 def engine_for(model_dir: Path, settings: Settings) -> tuple[str, str]:
     """The engine that serves ``model_dir`` and why."""
-    holds = release_engine([OPENVINO_UNET] if (model_dir / OPENVINO_UNET).is_file() else [])
+    holds = _release_engine_of(model_dir)
     if settings.engine == "auto":
         return holds, f"SD_ENGINE=auto; the release holds {_describe_release(holds)}"
     if settings.engine != holds:
@@ -89,15 +89,18 @@ def import_expected_engine(settings: Settings) -> str | None:
         name = settings.engine
     else:
         try:
-            folder = ModelPaths(settings.model_dir).resolve_current()
-        except LayoutError:
+            name = _release_engine_of(ModelPaths(settings.model_dir).resolve_current())
+        except (LayoutError, OSError, RuntimeError):  # unseeded, unreadable, a symlink loop: the load says
             return None
-        name = release_engine([OPENVINO_UNET] if (folder / OPENVINO_UNET).is_file() else [])
     try:
         engine_class(name)
     except LayoutError:
         return None  # the first request's load says what is missing, as a 503
     return name
+
+
+def _release_engine_of(folder: Path) -> str:
+    return release_engine([OPENVINO_UNET] if (folder / OPENVINO_UNET).is_file() else [])
 
 
 def _describe_release(engine: str) -> str:

@@ -58,7 +58,10 @@ GENAI_SCHEDULERS = {
 }
 # "auto": PNDM (SD 1.x's stock scheduler) spends an extra UNet call warming up; the torch engine swaps
 # in DPM-Solver++ 2M, which GenAI lacks, so this engine takes Euler at the same 20 steps.
-AUTO_SCHEDULER_REPLACES = {"PNDMScheduler": ("euler", 20)}
+FALLBACK_SCHEDULER = ("euler", 20)
+AUTO_SCHEDULER_REPLACES = {"PNDMScheduler": FALLBACK_SCHEDULER}
+# diffusers class -> request name, to tell whether GenAI runs a model's own scheduler.
+SCHEDULER_NAMES = {cls: name for name, cls in SCHEDULERS.items()}
 DECODER_FOLDERS = {"full": "vae_decoder", "tiny": TINY_DECODER_FOLDER}
 # The compiled blobs are about the size of the IR weights; room for this much more is asked before
 # OpenVINO writes its cache.
@@ -111,12 +114,27 @@ class OpenVINOEngine:
         self.default_scheduler, self.scheduler_reason = resolve_default_scheduler(
             settings.default_scheduler, self.model_scheduler, self.schedulers, AUTO_SCHEDULER_REPLACES
         )
+        steps = AUTO_SCHEDULER_REPLACES.get(self.model_scheduler, (None, None))[1]
+        own = SCHEDULER_NAMES.get(self.model_scheduler)
+        if (
+            self.default_scheduler is None
+            and settings.default_scheduler == "auto"
+            and own not in self.schedulers
+        ):
+            # auto serves what runs: the model's own scheduler would fail every request here.
+            self.default_scheduler, steps = FALLBACK_SCHEDULER
+            self.scheduler_reason = (
+                f"the model's own {self.model_scheduler} does not run on OpenVINO GenAI "
+                f"({self._why_not(own)}); {self.default_scheduler} instead"
+            )
         if self.default_scheduler is None:
-            self._schedulers[None] = self._model_scheduler()
+            self._schedulers[None] = self._model_scheduler(own)
         tiny = (model_dir / TINY_DECODER_FOLDER / "openvino_model.xml").is_file()
         self.decoders = ("full", "tiny") if tiny else ("full",)
         self.default_decoder = resolve_default_decoder(settings.default_decoder, tiny, TINY_DECODER_FOLDER)
-        steps = AUTO_SCHEDULER_REPLACES.get(self.model_scheduler, (None, None))[1]
+        # Every decoder's IR is read now, so a damaged one fails the load, not a later request.
+        for decoder in self.decoders:
+            genai.AutoencoderKL(str(model_dir / DECODER_FOLDERS[decoder]))
         self.defaults = read_model_defaults(model_dir, steps if self.default_scheduler else None)
         self.uses_guidance_embedding = (
             read_json(model_dir / "unet" / "config.json").get("time_cond_proj_dim") is not None
@@ -151,7 +169,7 @@ class OpenVINOEngine:
                 engine_reason=reason or "OpenVINOEngine.load",
             )
             engine._shape(engine._default_key(), engine.default_decoder)
-        except RuntimeError as exc:  # OpenVINO's word for an IR it cannot read or compile
+        except (RuntimeError, LayoutError) as exc:  # OpenVINO's word for an IR it cannot read or compile
             raise LayoutError(f"cannot load the OpenVINO release {model_dir}: {_first_line(exc)}") from exc
         engine.load_seconds = time.perf_counter() - started
         engine._log_choices()
@@ -224,14 +242,24 @@ class OpenVINOEngine:
                 missing[name] = _first_line(exc)
         return available, missing
 
-    def _model_scheduler(self) -> Any:
-        try:
-            return genai.Scheduler.from_config(self._scheduler_config)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"the model's own {self.model_scheduler} does not run on OpenVINO GenAI "
-                f"({_first_line(exc)}): set SD_DEFAULT_SCHEDULER to one of {', '.join(self.schedulers)}"
-            ) from exc
+    def _why_not(self, own: str | None) -> str:
+        if own is None:
+            return "not a scheduler the request offers"
+        return self.unavailable_schedulers.get(own, "OpenVINO GenAI has no such scheduler")
+
+    def _model_scheduler(self, own: str | None) -> Any:
+        """The model's own scheduler (SD_DEFAULT_SCHEDULER=model); a ValueError when GenAI cannot run it."""
+        if own in self.unavailable_schedulers:
+            reason = self.unavailable_schedulers[own]
+        else:
+            try:
+                return genai.Scheduler.from_config(self._scheduler_config)
+            except RuntimeError as exc:
+                reason = _first_line(exc)
+        raise ValueError(
+            f"the model's own {self.model_scheduler} does not run on OpenVINO GenAI ({reason}): set "
+            f"SD_DEFAULT_SCHEDULER to auto or to one of {', '.join(self.schedulers)}"
+        )
 
     # ---- compiled shapes ----------------------------------------------------------------------------
 
@@ -243,7 +271,18 @@ class OpenVINOEngine:
         return guidance_scale > 1 and not self.uses_guidance_embedding
 
     def _shape(self, key: ShapeKey, decoder: str) -> tuple[Any, bool]:
-        """The pipeline for ``key`` and ``decoder``, compiling what is missing; and whether it compiled."""
+        """The pipeline for ``key`` and ``decoder``, compiling what is missing; and whether it compiled.
+
+        A new shape reads the release's IR again (GenAI compiles from files): a release pruned or damaged
+        since the load is a LayoutError (a 503 ``model_incomplete``), as at load."""
+        try:
+            return self._compile_shape(key, decoder)
+        except RuntimeError as exc:
+            raise LayoutError(
+                f"cannot compile {key.width}x{key.height} from {self.model_dir}: {_first_line(exc)}"
+            ) from exc
+
+    def _compile_shape(self, key: ShapeKey, decoder: str) -> tuple[Any, bool]:
         compiled = self._compiled.get(key)
         built = False
         if compiled is None:

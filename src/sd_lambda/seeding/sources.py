@@ -57,6 +57,15 @@ from sd_lambda.seeding.pipeline import (
     without_unused,
 )
 
+# What the OpenVINO engine reads from every OpenVINO release (sd_lambda.engine.openvino_engine); each
+# graph's .bin is required beside it as well.
+OPENVINO_REQUIRED = (
+    "scheduler/scheduler_config.json",
+    "text_encoder/openvino_model.xml",
+    "tokenizer/openvino_tokenizer.xml",
+    "unet/openvino_model.xml",
+    "vae_decoder/openvino_model.xml",
+)
 # Config and tokenizer files a diffusers component folder may hold (weights are chosen separately).
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 
@@ -105,6 +114,15 @@ def check_pipeline_files(files: Collection[str]) -> str | None:
         return f"pickle weights are refused (convert them to safetensors): {', '.join(pickles)}"
     if release_engine(files) == "torch" and not any(p.endswith(".safetensors") for p in files):
         return f"no .safetensors weights (or OpenVINO IR: {OPENVINO_UNET}) found"
+    if release_engine(files) == "openvino":
+        missing = [p for p in OPENVINO_REQUIRED if p not in files]
+        missing += [
+            f"{p[: -len(OPENVINO_GRAPH_SUFFIX)]}.bin"
+            for p in files
+            if p.endswith(OPENVINO_GRAPH_SUFFIX) and f"{p[: -len(OPENVINO_GRAPH_SUFFIX)]}.bin" not in files
+        ]
+        if missing:
+            return f"an OpenVINO release the engine cannot load: missing {', '.join(sorted(missing))}"
     return None
 
 

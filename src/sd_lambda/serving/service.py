@@ -16,6 +16,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
+from sd_lambda.layout import LayoutError
 from sd_lambda.serving.encoding import EncodedImage, encode_within
 from sd_lambda.serving.errors import ApiError, internal_error
 from sd_lambda.serving.events import (
@@ -189,7 +190,10 @@ class Service:
                 decoder=params.decoder,
             )
             generate_started = time.perf_counter()
-            result = engine.generate(params)
+            try:
+                result = engine.generate(params)
+            except LayoutError as exc:  # an engine that reads the release again (a new compiled shape)
+                raise ApiError(503, "model_incomplete", str(exc)) from exc
             inference_ms = _ms(generate_started)
         encode_started = time.perf_counter()
         encoded = encode_within(
