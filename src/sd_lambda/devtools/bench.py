@@ -13,7 +13,8 @@ Variants (same prompt, seed, size and steps; each run in its own process, altern
               LCM-LoRA-fused SD 1.5 runs (same UNet, no classifier-free guidance). The timing is that
               model's; the image quality is not (random weights);
   openvino    the OpenVINO engine (SD_ENGINE=openvino) like-for-like (guidance 7.5, full decoder, the
-              same scheduler and steps) on an OpenVINO IR export of the same model, made once;
+              same steps and UNet calls: Euler where torch runs DPM-Solver++ 2M, which GenAI lacks) on
+              an OpenVINO IR export of the same model, made once;
   openvino_fast  the OpenVINO engine's user-visible defaults on that export;
   openvino_int8  the same defaults on the int8 export (NNCF; it changes the image).
 Each variant runs under --isa native and/or --isa avx2 (ATen, oneDNN, MKL and OpenVINO's own kernels

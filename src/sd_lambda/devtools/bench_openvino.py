@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sd_lambda.engine.model_defaults import vae_scale_factor
 from sd_lambda.layout import BF16_VARIANT, OPENVINO_UNET, parse_weights_name
 
 EXPORT_PYTHON = Path(".venv-export/bin/python")
@@ -140,12 +141,6 @@ def ensure_export(
     return folder
 
 
-def latent_scale(model_dir: Path) -> int:
-    """Pixels per latent pixel: 2 per upsampling stage of the decoder."""
-    config = json.loads((model_dir / "vae_decoder" / "config.json").read_text())
-    return 2 ** (len(config["block_out_channels"]) - 1)
-
-
 def static_shapes(
     inputs: Iterable[tuple[str, list[int | None]]], batch: int, latent: tuple[int, int]
 ) -> dict:
@@ -204,7 +199,7 @@ def profile_unet(unet_xml: Path, width: int, height: int, batch: int) -> list[di
 
     core = openvino.Core()
     model = core.read_model(unet_xml)
-    scale = latent_scale(unet_xml.parent.parent)
+    scale = vae_scale_factor(unet_xml.parent.parent)
     inputs = [
         (
             port.get_any_name(),

@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parents[3]
-EXPORT_PYTHON = REPOSITORY / ".venv-export" / "bin" / "python"
+from sd_lambda.devtools.bench_openvino import EXPORT_PYTHON
 
 
 def run_genai(release: Path, side: int, steps: int) -> dict[str, float]:
@@ -54,7 +53,7 @@ def times(started: float, imported: float, loaded: float, generated: float) -> d
 # runtime -> (the python that has it, the module that measures it there)
 RUNTIMES = {
     "genai": (Path(sys.executable), "sd_lambda.devtools.openvino_runtimes"),
-    "optimum": (EXPORT_PYTHON, "sd_lambda.devtools.optimum_runtime"),
+    "optimum": (EXPORT_PYTHON, "sd_lambda.devtools.optimum_runtime"),  # relative: run from the checkout
 }
 
 
