@@ -15,7 +15,13 @@ from ops.test_push import ACCOUNT, REGION, FakeDocker, aws  # noqa: F401  (aws: 
 from sd_lambda.cli import MAKE_VARIABLES, main
 from sd_lambda.layout import ENGINES
 from sd_lambda.ops.container import cli as container_cli
-from sd_lambda.ops.container.docker import DEFAULT_ENGINE, build_command, engine_image, engine_suffix
+from sd_lambda.ops.container.docker import (
+    DEFAULT_ENGINE,
+    build_command,
+    engine_image,
+    engine_suffix,
+    engine_tag,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY_URL = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-lambda"
@@ -30,6 +36,9 @@ REPOSITORY_URL = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-lambda"
         # A registry host's port is not a tag.
         ("localhost:5000/team/sd", "openvino", "localhost:5000/team/sd:latest-openvino"),
         ("localhost:5000/team/sd:v1", "openvino", "localhost:5000/team/sd:v1-openvino"),
+        # The suffix is added once, and a digest reference is already one image.
+        ("sd-lambda:v1-openvino", "openvino", "sd-lambda:v1-openvino"),
+        ("sd@sha256:" + "a" * 64, "openvino", "sd@sha256:" + "a" * 64),
     ],
 )
 def test_each_engine_has_its_own_local_image(image: str, engine: str, variant: str) -> None:
@@ -131,3 +140,9 @@ def test_make_build_image_with_an_unknown_engine_names_the_variable() -> None:
     assert completed.returncode != 0
     ours = [line for line in completed.stderr.splitlines() if line.startswith("sd-lambda")]
     assert ours == ["sd-lambda build-image: error: ENGINE=onnx is not an engine: use torch or openvino"]
+
+
+def test_a_pushed_tag_gets_the_engines_suffix_once() -> None:
+    assert engine_tag("git-abc1234", "openvino") == "git-abc1234-openvino"
+    assert engine_tag("v1-openvino", "openvino") == "v1-openvino"
+    assert engine_tag("v1", "torch") == "v1"

@@ -247,7 +247,7 @@ def run_push_image(args: argparse.Namespace) -> int:
 
     from sd_lambda.cli import CommandError
     from sd_lambda.ops.container import registry
-    from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable, engine_image, engine_suffix
+    from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable, engine_image, engine_tag
     from sd_lambda.ops.stack_outputs import output_for_command
 
     engine = engine_of(args)
@@ -255,7 +255,7 @@ def run_push_image(args: argparse.Namespace) -> int:
         repository = registry.Repository.parse(
             args.repository_url or output_for_command(args.infra, "ecr_repository_url", "--repository-url")
         )
-        tag = (args.tag or registry.image_tag(registry.git_state())) + engine_suffix(engine)
+        tag = engine_tag(args.tag or registry.image_tag(registry.git_state()), engine)
         ecr = boto3.client("ecr", region_name=repository.region)
         local_image = engine_image(args.image, engine)
         result = registry.push(docker_cli(args.docker), ecr, local_image, repository, tag)

@@ -147,14 +147,19 @@ def engine_suffix(engine: str) -> str:
     return "" if engine == DEFAULT_ENGINE else f"-{engine}"
 
 
+def engine_tag(tag: str, engine: str) -> str:
+    """``tag`` ending in ``engine``'s suffix, added once (a tag that has it already is kept)."""
+    suffix = engine_suffix(engine)
+    return tag if tag.endswith(suffix) else f"{tag}{suffix}"
+
+
 def engine_image(image: str, engine: str) -> str:
     """The local reference of ``engine``'s variant of ``image``: its tag (``latest`` when it names none)
     plus :func:`engine_suffix`. ``sd-lambda:local`` is the torch image, ``sd-lambda:local-openvino`` the
     OpenVINO one."""
-    suffix = engine_suffix(engine)
-    if not suffix:
+    if not engine_suffix(engine) or "@" in image:  # a digest names one image already
         return image
     # A tag is the part after the last ':' of the last path segment (a registry host may carry a port).
     head, slash, last = image.rpartition("/")
     name, colon, tag = last.partition(":")
-    return f"{head}{slash}{name}:{tag if colon else 'latest'}{suffix}"
+    return f"{head}{slash}{name}:{engine_tag(tag if colon else 'latest', engine)}"
