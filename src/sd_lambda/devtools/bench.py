@@ -162,7 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--calibration-samples",
         type=int,
         default=bench_openvino.DEFAULT_CALIBRATION_SAMPLES,
-        help="prompts the int8 export calibrates on (openvino_int8; default: %(default)s)",
+        help="UNet calls the int8 export's calibration records (openvino_int8)",
     )
     parser.add_argument(
         "-o",
