@@ -170,7 +170,9 @@ class OpenVINOEngine:
             )
             engine._shape(engine._default_key(), engine.default_decoder)
         except (RuntimeError, LayoutError) as exc:  # OpenVINO's word for an IR it cannot read or compile
-            raise LayoutError(f"cannot load the OpenVINO release {model_dir}: {_first_line(exc)}") from exc
+            raise LayoutError(
+                f"cannot load the OpenVINO release {model_dir}: {_openvino_reason(exc)}"
+            ) from exc
         engine.load_seconds = time.perf_counter() - started
         engine._log_choices()
         return engine
@@ -239,7 +241,7 @@ class OpenVINOEngine:
             try:
                 available[name] = genai.Scheduler.from_config(self._scheduler_config, kind)
             except RuntimeError as exc:
-                missing[name] = _first_line(exc)
+                missing[name] = _openvino_reason(exc)
         return available, missing
 
     def _why_not(self, own: str | None) -> str:
@@ -255,7 +257,7 @@ class OpenVINOEngine:
             try:
                 return genai.Scheduler.from_config(self._scheduler_config)
             except RuntimeError as exc:
-                reason = _first_line(exc)
+                reason = _openvino_reason(exc)
         raise ValueError(
             f"the model's own {self.model_scheduler} does not run on OpenVINO GenAI ({reason}): set "
             f"SD_DEFAULT_SCHEDULER to auto or to one of {', '.join(self.schedulers)}"
@@ -279,7 +281,7 @@ class OpenVINOEngine:
             return self._compile_shape(key, decoder)
         except RuntimeError as exc:
             raise LayoutError(
-                f"cannot compile {key.width}x{key.height} from {self.model_dir}: {_first_line(exc)}"
+                f"cannot compile {key.width}x{key.height} from {self.model_dir}: {_openvino_reason(exc)}"
             ) from exc
 
     def _compile_shape(self, key: ShapeKey, decoder: str) -> tuple[Any, bool]:
@@ -419,7 +421,8 @@ def choose_cache_dir(settings: Settings, model_dir: Path) -> tuple[str | None, s
     return str(folder), f"SD_OPENVINO_CACHE_DIR ({free // 2**20} MB free)"
 
 
-def _first_line(exc: BaseException) -> str:
+def _openvino_reason(exc: BaseException) -> str:
+    """The reason in an OpenVINO error: its last non-empty line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # OpenVINO's messages start with the source location of the check; the reason is the last line.
     return lines[-1] if lines else type(exc).__name__
