@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve the real Lambda entrypoint on 127.0.0.1 like a function URL",
         description="Run `python -m awslambdaric sd_lambda.serving.handler.handler` against a local "
         "Lambda Runtime API, behind an HTTP front door that speaks function URL payload 2.0. "
-        "POST / generates, GET /health reports. Stop with Ctrl-C.",
+        "POST / generates, GET /health reports, GET / in a browser is a local playground page. "
+        "Stop with Ctrl-C.",
     )
     _common(serve)
     serve.add_argument("--port", type=int, default=8080, help="front door port on 127.0.0.1")
@@ -142,6 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"model     {paths.model_dir} (current -> {paths.current_revision()})")
         print("loading   on the first request (seconds for the test model, a minute or more for a real one)")
         print(f"listening {door.url}  (POST / generates, GET /health reports; Ctrl-C stops)")
+        print(f"page      {door.url}/ in a browser: a playground to try requests (local only)")
         print(f'try       curl -X POST {door.url}/ -d \'{{"prompt":"a red fox"}}\' -o fox.png', flush=True)
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -6,6 +6,9 @@ execution environment, and the function's result is turned back into HTTP the wa
 a ``{"statusCode", "headers", "body", "isBase64Encoded"}`` result is unpacked, any other JSON result is
 returned as ``application/json`` with 200, and a function error is a 502. When ``queue_size`` requests
 are already waiting, the next one gets 429 with ``Retry-After``. Listens on 127.0.0.1 only.
+
+One request never reaches the function: ``GET /`` answers the playground page
+(``sd_lambda.devtools.local.playground``), a local-only page to try requests from a browser.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from sd_lambda.devtools.local import playground
 from sd_lambda.devtools.local.httpio import BodyError, LocalHandler, LocalServer
 from sd_lambda.devtools.local.runtime import InvocationResult
 
@@ -221,6 +225,9 @@ class FrontDoor:
             )
 
     def handle(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> HttpResult:
+        if method.upper() in ("GET", "HEAD") and urlsplit(target).path == "/":
+            # The playground is the front door's own page: the function never sees this request.
+            return HttpResult(200, playground.headers(), playground.page())
         future = self.submit(function_url_event(method, target, headers, body))
         if future is None:
             retry = self.retry_after()
