@@ -386,3 +386,27 @@ def test_a_failing_plugin_command_is_named_in_full(monkeypatch: pytest.MonkeyPat
         docker_module.DockerCLI("docker", stream=False)(["buildx", "build", "."])
 
     assert str(failed.value) == "docker buildx build failed (exit 1): ERROR: no builder"
+
+
+def test_a_baked_image_is_pushed_under_a_tag_naming_its_model(
+    aws, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ECR tags are immutable: a commit's model-less and baked images must never share a tag."""
+    from sd_lambda.ops.container import baked
+
+    class Baked(FakeDocker):
+        def __call__(self, args, *, stdin=None, env=None):  # type: ignore[no-untyped-def]
+            output = super().__call__(args, stdin=stdin, env=env)
+            if list(args[:2]) == ["image", "inspect"] and baked.MODEL_LABEL in " ".join(args):
+                return "test--tiny-sd@r1\n"
+            return output
+
+    docker = Baked(aws)
+    monkeypatch.setattr(container_cli, "docker_cli", lambda binary: docker)
+    url = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-lambda"
+    digest_file = tmp_path / "digest"
+    argv = ["push-image", "--repository-url", url, "--tag", "git-abc", "--digest-file", str(digest_file)]
+    assert main(argv) == 0
+    pushed = [args for args in docker.commands() if args[0] == "push"]
+    assert pushed == [["push", f"{url}:git-abc-test--tiny-sd-r1"]]
+    assert baked.baked_model(FakeDocker(), "sd:test") is None  # a model-less image keeps its tag

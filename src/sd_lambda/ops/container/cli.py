@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sd_lambda.ops.container import baked as baked_image
     from sd_lambda.ops.container.docker import Docker
 
 DEFAULT_PYPROJECT = Path("pyproject.toml")
@@ -173,6 +175,28 @@ def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
         "--build-arg", action="append", default=[], metavar="NAME=VALUE", help="e.g. BASE_DIGEST=sha256:..."
     )
     build.add_argument("--docker", default="docker", help="docker CLI to run")
+    model = build.add_mutually_exclusive_group()
+    model.add_argument(
+        "--model-dir",
+        type=Path,
+        help='bake this model into the image (weights_source = "image"): an EFS-layout model folder '
+        "(its current release), a release folder with its manifest, or a diffusers folder",
+    )
+    model.add_argument(
+        "--model",
+        metavar="HUB_ID[@REV]",
+        help="bake this Hugging Face Hub pipeline into the image, downloaded as seed-models downloads it",
+    )
+    build.add_argument(
+        "--name",
+        help="the baked model's folder, the image's MODEL_NAME (default: the folder's or hub id's slug)",
+    )
+    build.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "sd-lambda",
+        help="hub downloads and the baked image's build context",
+    )
     build.set_defaults(func=run_build_image)
 
     push = subparsers.add_parser(
@@ -201,6 +225,7 @@ def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build_image(args: argparse.Namespace) -> int:
     from sd_lambda.cli import CommandError, option
+    from sd_lambda.ops.container import baked as baked_image
     from sd_lambda.ops.container.docker import (
         DEFAULT_ENGINE,
         ENGINE_BUILD_ARG,
@@ -226,19 +251,85 @@ def run_build_image(args: argparse.Namespace) -> int:
     if not args.dockerfile.is_file():
         raise CommandError(f"{args.dockerfile} not found (run from the repository root)")
     tag = engine_image(args.tag, engine)
+    baked = _release_to_bake(args, engine)
+    docker = docker_cli(args.docker)
     try:
         build(
-            docker_cli(args.docker),
-            tag,
+            docker,
+            tag if baked is None else f"{tag}{baked_image.BASE_SUFFIX}",
             platform=args.platform,
             dockerfile=args.dockerfile,
             context=args.context,
             build_args=build_args,
         )
-    except (DockerUnavailable, DockerFailed) as exc:
+        if baked is not None:
+            size = _bake(docker, tag, baked, args)
+    except (DockerUnavailable, DockerFailed, baked_image.BakeError) as exc:
         raise CommandError(str(exc)) from None
-    print(f"built {tag} for {args.platform} ({engine} engine)")
+    if baked is None:
+        print(f"built {tag} for {args.platform} ({engine} engine)")
+    else:
+        print(f"built {tag} for {args.platform} ({engine} engine, model {baked.label} inside, {size} bytes)")
     return 0
+
+
+def _release_to_bake(args: argparse.Namespace, engine: str) -> baked_image.BakedRelease | None:
+    """The release --model-dir or --model names, checked before any build runs; None without one."""
+    from sd_lambda.cli import CommandError, option
+    from sd_lambda.layout import model_slug
+    from sd_lambda.ops.container import baked as baked_image
+    from sd_lambda.seeding.errors import SeedError
+
+    if args.model_dir is None and args.model is None:
+        if args.name:
+            raise CommandError(
+                f"{option('--name')} names a baked model: add {option('--model-dir')} or {option('--model')}"
+            )
+        return None
+    if not baked_image.BAKED_DOCKERFILE.is_file():
+        raise CommandError(f"{baked_image.BAKED_DOCKERFILE} not found (run from the repository root)")
+    try:
+        if args.model_dir is not None:
+            baked = baked_image.release_from_dir(args.model_dir, args.name)
+        else:
+            from sd_lambda.seeding import sources
+
+            release = sources.from_hub(args.model, args.work_dir)
+            repo, _ = sources.parse_model_ref(args.model)
+            name = args.name or model_slug(repo)
+            baked = baked_image.BakedRelease(name, release.revision, release)
+        baked_image.check_fits(0, baked)
+    except (baked_image.BakeError, SeedError) as exc:
+        raise CommandError(str(exc)) from None
+    if baked.engine != engine:
+        raise CommandError(
+            f"{baked.label} is a release for the {baked.engine} engine: build it with "
+            f"{option('--engine')}{'' if option('--engine').endswith('=') else ' '}{baked.engine}"
+        )
+    return baked
+
+
+def _bake(docker: Docker, tag: str, baked: baked_image.BakedRelease, args: argparse.Namespace) -> int:
+    """The second build: <tag>-base plus the release; returns the final image's size."""
+    from sd_lambda.ops.container import baked as baked_image
+    from sd_lambda.ops.container.docker import build
+
+    base = f"{tag}{baked_image.BASE_SUFFIX}"
+    baked_image.check_fits(baked_image.image_size(docker, base), baked)
+    context = args.work_dir / "baked-image-context"
+    try:
+        baked_image.stage_context(baked, context)
+        build(
+            docker,
+            tag,
+            platform=args.platform,
+            dockerfile=baked_image.BAKED_DOCKERFILE,
+            context=context,
+            build_args={"BASE_IMAGE": base, "MODEL_NAME": baked.name, "MODEL_REVISION": baked.revision},
+        )
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
+    return baked_image.image_size(docker, tag)
 
 
 def run_push_image(args: argparse.Namespace) -> int:
@@ -246,6 +337,7 @@ def run_push_image(args: argparse.Namespace) -> int:
     import botocore.exceptions
 
     from sd_lambda.cli import CommandError
+    from sd_lambda.ops.container import baked as baked_image
     from sd_lambda.ops.container import registry
     from sd_lambda.ops.container.docker import DockerFailed, DockerUnavailable, engine_image, engine_tag
     from sd_lambda.ops.stack_outputs import output_for_command
@@ -255,11 +347,15 @@ def run_push_image(args: argparse.Namespace) -> int:
         repository = registry.Repository.parse(
             args.repository_url or output_for_command(args.infra, "ecr_repository_url", "--repository-url")
         )
-        tag = engine_tag(args.tag or registry.image_tag(registry.git_state()), engine)
-        ecr = boto3.client("ecr", region_name=repository.region)
         local_image = engine_image(args.image, engine)
-        result = registry.push(docker_cli(args.docker), ecr, local_image, repository, tag)
-    except (registry.PushError, DockerUnavailable, DockerFailed) as exc:
+        docker = docker_cli(args.docker)
+        tag = engine_tag(args.tag or registry.image_tag(registry.git_state()), engine)
+        # A baked image's tag names its model: ECR's tags are immutable, so one commit's model-less and
+        # baked images (or two models) must never share one.
+        tag = baked_image.model_tag(tag, baked_image.baked_model(docker, local_image))
+        ecr = boto3.client("ecr", region_name=repository.region)
+        result = registry.push(docker, ecr, local_image, repository, tag)
+    except (registry.PushError, DockerUnavailable, DockerFailed, baked_image.BakeError) as exc:
         raise CommandError(str(exc)) from None
     except botocore.exceptions.NoCredentialsError:
         raise CommandError(
