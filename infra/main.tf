@@ -11,6 +11,10 @@ locals {
 
   create_kms_key = var.kms_key_arn == null
   kms_key_arn    = local.create_kms_key ? aws_kms_key.this[0].arn : var.kms_key_arn
+
+  # Built from the name, as the lambda module does: the network's endpoint policy names the function
+  # before it exists.
+  function_arn = "arn:${data.aws_partition.current.partition}:lambda:${data.aws_region.current.region}:${data.aws_caller_identity.current.account_id}:function:${var.name}"
 }
 
 data "aws_partition" "current" {}
@@ -26,6 +30,11 @@ data "aws_region" "current" {
     precondition {
       condition     = !var.create_seeder || var.create_ssm_endpoints || length(var.seeder_https_egress_cidrs) > 0
       error_message = "The seeder is only reachable through SSM: with create_ssm_endpoints = false, set seeder_https_egress_cidrs to where the VPC's existing SSM endpoints (or NAT path) are, or set create_seeder = false."
+    }
+
+    precondition {
+      condition     = !var.jobs_enabled || var.create_weights_bucket
+      error_message = "jobs_enabled = true keeps the jobs in the weights bucket the stack creates (its lifecycle rule expires them): it needs create_weights_bucket = true."
     }
   }
 }
@@ -122,6 +131,12 @@ module "network" {
   s3_endpoint_bucket_arns   = [module.weights_bucket.bucket_arn]
   ssh_ingress_cidrs         = var.ssh_ingress_cidrs
 
+  # Jobs: the function writes its prefix of the weights bucket and starts its own invocations.
+  s3_endpoint_write_object_arns = var.jobs_enabled ? ["${module.weights_bucket.bucket_arn}/${var.jobs_prefix}*"] : []
+  lambda_s3_egress              = var.jobs_enabled
+  create_lambda_endpoint        = var.jobs_enabled
+  lambda_endpoint_function_arns = var.jobs_enabled ? [local.function_arn] : []
+
   enable_flow_logs        = var.enable_flow_logs
   flow_log_retention_days = var.log_retention_days
   kms_key_arn             = local.kms_key_arn
@@ -140,6 +155,9 @@ module "weights_bucket" {
   tags          = local.tags
   kms_key_arn   = local.kms_key_arn
   force_destroy = var.weights_bucket_force_destroy
+
+  expiring_prefix      = var.jobs_enabled ? var.jobs_prefix : null
+  expiring_prefix_days = var.jobs_expiration_days
 }
 
 module "efs" {
@@ -221,4 +239,13 @@ module "lambda" {
   invoker_principals            = var.invoker_principals
   role_path                     = var.iam_role_path
   role_permissions_boundary_arn = var.iam_role_permissions_boundary_arn
+
+  jobs_enabled                = var.jobs_enabled
+  jobs_bucket_arn             = var.jobs_enabled ? module.weights_bucket.bucket_arn : null
+  jobs_prefix                 = var.jobs_prefix
+  jobs_kms_key_arn            = var.jobs_enabled ? local.kms_key_arn : null
+  jobs_url_ttl                = var.jobs_url_ttl_seconds
+  jobs_maximum_event_age      = var.jobs_maximum_event_age_seconds
+  jobs_maximum_retry_attempts = var.jobs_maximum_retry_attempts
+  jobs_lambda_endpoint_url    = module.network.lambda_endpoint_url
 }

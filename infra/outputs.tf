@@ -40,6 +40,16 @@ output "invoker_policy_json" {
   value       = module.lambda.invoker_policy_json
 }
 
+output "jobs_prefix" {
+  description = "Key prefix of the job objects in the weights bucket (null when jobs_enabled = false)."
+  value       = module.lambda.jobs_prefix
+}
+
+output "lambda_endpoint_id" {
+  description = "Id of the Lambda API interface endpoint the function starts its jobs through (null when jobs_enabled = false)."
+  value       = module.network.lambda_endpoint_id
+}
+
 output "model_name" {
   description = "Slug of the served model (MODEL_NAME)."
   value       = var.model_name

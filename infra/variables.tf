@@ -338,3 +338,49 @@ variable "weights_bucket_force_destroy" {
   default     = false
   nullable    = false
 }
+
+################################################################################
+# Jobs (POST /jobs, GET /jobs/{id}: docs/jobs.md)
+################################################################################
+
+variable "jobs_enabled" {
+  description = "Serve POST /jobs and GET /jobs/{id}: long work runs in an asynchronous invocation of the function and its images land under jobs_prefix of the weights bucket (needs create_weights_bucket = true). Adds a Lambda API interface endpoint (about 7.5 USD/month), the function's S3 and self-invoke permissions and a lifecycle rule. False (default): /jobs answers jobs_disabled."
+  type        = bool
+  default     = false
+  nullable    = false
+}
+
+variable "jobs_prefix" {
+  description = "Key prefix of the job objects in the weights bucket; the function may read and write nothing else there."
+  type        = string
+  default     = "jobs/"
+  nullable    = false
+}
+
+variable "jobs_expiration_days" {
+  description = "Days after which a job's request, status and images expire from the bucket (a lifecycle rule); GET /jobs/{id} answers job_not_found after that."
+  type        = number
+  default     = 7
+  nullable    = false
+}
+
+variable "jobs_url_ttl_seconds" {
+  description = "Seconds a job image's presigned URL stays valid (60..3600); every GET /jobs/{id} signs new ones."
+  type        = number
+  default     = 900
+  nullable    = false
+}
+
+variable "jobs_maximum_event_age_seconds" {
+  description = "Seconds a job may wait in Lambda's asynchronous queue (throttled by the concurrency) before Lambda drops it and the job is reported expired (60..21600)."
+  type        = number
+  default     = 3600
+  nullable    = false
+}
+
+variable "jobs_maximum_retry_attempts" {
+  description = "Retries of a job's invocation that failed (0..2). The handler records every outcome itself, so only a timeout or running out of memory fails one; 0 (default) does not pay twice for what would most likely fail again."
+  type        = number
+  default     = 0
+  nullable    = false
+}

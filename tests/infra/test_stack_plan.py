@@ -877,6 +877,16 @@ def test_security_group_rules_connect_exactly_the_intended_groups(root_plan: dic
             "${aws_security_group.seeder.id}",
             "${one(aws_security_group.endpoints[*].id)}",
         ),
+        # Jobs only (jobs_enabled; tests/infra/test_jobs_plan.py): the function's own API path and S3.
+        "lambda_endpoint_from_lambda": (
+            "${one(aws_security_group.lambda_endpoint[*].id)}",
+            "${aws_security_group.lambda.id}",
+        ),
+        "lambda_to_s3": ("${aws_security_group.lambda.id}", "${data.aws_ec2_managed_prefix_list.s3.id}"),
+        "lambda_to_lambda_endpoint": (
+            "${aws_security_group.lambda.id}",
+            "${one(aws_security_group.lambda_endpoint[*].id)}",
+        ),
     }
 
 

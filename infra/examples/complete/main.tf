@@ -30,4 +30,8 @@ module "sd_lambda" {
 
   create_alarms       = true
   alarm_sns_topic_arn = aws_sns_topic.alarms.arn
+
+  # POST /jobs for long work (docs/jobs.md): results under jobs/ of the weights bucket for 3 days.
+  jobs_enabled         = true
+  jobs_expiration_days = 3
 }

@@ -12,7 +12,22 @@ locals {
   # https://registry.terraform.io/providers/hashicorp/aws/latest/docs/resources/lambda_function#reserved_concurrent_executions-1
   reserved_concurrent_executions = var.reserved_concurrency == null ? -1 : var.reserved_concurrency
 
-  environment = merge(var.environment_variables, {
+  # A flag of its own: the bucket's ARN may be known only after apply, and counts must be known at plan.
+  jobs_enabled     = var.jobs_enabled
+  jobs_bucket_name = local.jobs_enabled && var.jobs_bucket_arn != null ? split(":::", var.jobs_bucket_arn)[1] : null
+  jobs_objects_arn = local.jobs_enabled && var.jobs_bucket_arn != null ? "${var.jobs_bucket_arn}/${var.jobs_prefix}*" : null
+
+  # Read by sd_lambda.settings (SD_JOBS_*); without a bucket the handler answers /jobs with jobs_disabled.
+  jobs_environment = local.jobs_enabled ? {
+    SD_JOBS_BUCKET        = local.jobs_bucket_name
+    SD_JOBS_PREFIX        = var.jobs_prefix
+    SD_JOBS_URL_TTL       = tostring(var.jobs_url_ttl)
+    SD_JOBS_MAX_EVENT_AGE = tostring(var.jobs_maximum_event_age)
+    # Empty: the region's public endpoint. A key that is always there keeps the map's keys known at plan.
+    SD_JOBS_LAMBDA_ENDPOINT = var.jobs_lambda_endpoint_url == null ? "" : var.jobs_lambda_endpoint_url
+  } : {}
+
+  environment = merge(var.environment_variables, local.jobs_environment, {
     MODEL_ROOT = var.local_mount_path
     MODEL_NAME = var.model_name
   })
@@ -230,6 +245,88 @@ resource "aws_iam_role_policy" "this" {
   policy = data.aws_iam_policy_document.this.json
 }
 
+# Jobs (sd_lambda.serving.jobs): the function stores requests, statuses and images under its prefix of
+# the bucket, signs GET URLs for them (a presigned URL carries the signer's permissions, so reading is
+# granted on the prefix only) and starts its own asynchronous invocation.
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/using-presigned-url.html
+data "aws_iam_policy_document" "jobs" {
+  count = local.jobs_enabled ? 1 : 0
+
+  statement {
+    sid       = "WriteJobObjects"
+    actions   = ["s3:PutObject"]
+    resources = [local.jobs_objects_arn]
+  }
+
+  statement {
+    sid       = "ReadJobObjects"
+    actions   = ["s3:GetObject"]
+    resources = [local.jobs_objects_arn]
+  }
+
+  # Lets S3 answer 404 instead of 403 for a job id that does not exist, and nothing outside the prefix.
+  # https://docs.aws.amazon.com/AmazonS3/latest/API/API_GetObject.html
+  statement {
+    sid       = "ListJobObjects"
+    actions   = ["s3:ListBucket"]
+    resources = [var.jobs_bucket_arn]
+
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${var.jobs_prefix}*"]
+    }
+  }
+
+  # SSE-KMS: writing needs a data key, reading (and a presigned GET) needs Decrypt. S3 asks KMS with the
+  # object's ARN as encryption context, or the bucket's with an S3 Bucket Key: either, nothing else.
+  # https://docs.aws.amazon.com/AmazonS3/latest/userguide/UsingKMSEncryption.html#aws-managed-customer-managed-keys
+  # https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucket-key.html#bucket-key-changes
+  dynamic "statement" {
+    for_each = var.jobs_kms_key_arn != null ? [var.jobs_kms_key_arn] : []
+
+    content {
+      sid       = "EncryptJobObjects"
+      actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringLike"
+        variable = "kms:EncryptionContext:aws:s3:arn"
+        values   = [var.jobs_bucket_arn, local.jobs_objects_arn]
+      }
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["s3.${data.aws_region.current.region}.amazonaws.com"]
+      }
+    }
+  }
+
+  # Itself, unqualified, by the ARN built from its name: no dependency on the function resource.
+  statement {
+    sid       = "StartOwnJobs"
+    actions   = ["lambda:InvokeFunction"]
+    resources = [local.function_arn]
+  }
+}
+
+resource "aws_iam_role_policy" "jobs" {
+  count = local.jobs_enabled ? 1 : 0
+
+  name   = "run-jobs"
+  role   = aws_iam_role.this.id
+  policy = data.aws_iam_policy_document.jobs[0].json
+
+  lifecycle {
+    precondition {
+      condition     = var.jobs_bucket_arn != null
+      error_message = "jobs_enabled = true needs jobs_bucket_arn: the bucket of the jobs' requests and results."
+    }
+  }
+}
+
 ################################################################################
 # Function
 ################################################################################
@@ -245,7 +342,7 @@ resource "aws_cloudwatch_log_group" "this" {
 }
 
 resource "aws_lambda_function" "this" {
-  #checkov:skip=CKV_AWS_116:Callers invoke synchronously through the function URL and get the error in the response; a dead-letter queue only receives failed asynchronous invocations.
+  #checkov:skip=CKV_AWS_116:The only asynchronous invocations are jobs, and the handler records every job's outcome (or GET /jobs reports it lost after its deadline); a dead-letter queue would hold just the job's reference.
   #checkov:skip=CKV_AWS_272:Lambda code signing applies to .zip packages only; this function is a container image pinned by digest.
   count = local.create_function ? 1 : 0
 
@@ -299,9 +396,24 @@ resource "aws_lambda_function" "this" {
   depends_on = [
     aws_cloudwatch_log_group.this,
     aws_iam_role_policy.this,
+    aws_iam_role_policy.jobs,
     aws_iam_role_policy_attachment.eni_management,
     aws_ecr_repository_policy.this,
   ]
+}
+
+# The handler never raises for a job (every outcome is written to its status), so a retry would only
+# follow a timeout or running out of memory, which the same request would most likely repeat at full
+# cost: none. Events waiting longer than the maximum age (throttling) are dropped, and GET /jobs/{id}
+# then reports the job expired (SD_JOBS_MAX_EVENT_AGE is the same number).
+# https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-error-handling.html
+resource "aws_lambda_function_event_invoke_config" "this" {
+  count = local.create_function && local.jobs_enabled ? 1 : 0
+
+  region                       = var.region
+  function_name                = aws_lambda_function.this[0].function_name
+  maximum_retry_attempts       = var.jobs_maximum_retry_attempts
+  maximum_event_age_in_seconds = var.jobs_maximum_event_age
 }
 
 resource "aws_lambda_function_url" "this" {

@@ -47,3 +47,8 @@ output "environment_variables" {
   description = "Environment of the function, including MODEL_ROOT and MODEL_NAME."
   value       = local.environment
 }
+
+output "jobs_prefix" {
+  description = "Key prefix of the job objects in the jobs bucket (null when jobs are off)."
+  value       = local.jobs_enabled ? var.jobs_prefix : null
+}

@@ -310,3 +310,95 @@ variable "duration_alarm_ratio" {
     error_message = "duration_alarm_ratio must be between 0 and 1 (exclusive)."
   }
 }
+
+################################################################################
+# Jobs (POST /jobs: asynchronous runs of this function, results in S3)
+################################################################################
+
+variable "jobs_enabled" {
+  description = "Serve POST /jobs and GET /jobs/{id}: grant the function its jobs prefix of jobs_bucket_arn and its own asynchronous invocation, and configure that invocation. False: the handler answers /jobs with jobs_disabled."
+  type        = bool
+  default     = false
+  nullable    = false
+}
+
+variable "jobs_bucket_arn" {
+  description = "Bucket of the jobs' requests and results (SSE-KMS), required with jobs_enabled = true."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.jobs_bucket_arn == null || can(regex("^arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", var.jobs_bucket_arn))
+    error_message = "jobs_bucket_arn must be an S3 bucket ARN (arn:aws:s3:::<bucket>)."
+  }
+}
+
+variable "jobs_prefix" {
+  description = "Key prefix of the job objects (SD_JOBS_PREFIX): the function may read and write nothing else of the bucket."
+  type        = string
+  default     = "jobs/"
+  nullable    = false
+
+  validation {
+    condition     = can(regex("^([A-Za-z0-9._-]+/)+$", var.jobs_prefix))
+    error_message = "jobs_prefix must be key segments ending in / (letters, digits, '.', '_', '-'), e.g. jobs/."
+  }
+}
+
+variable "jobs_kms_key_arn" {
+  description = "KMS key of the jobs bucket's SSE-KMS encryption; the function may use it only for objects of that bucket, through S3. Null: the bucket needs no customer managed key."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.jobs_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/.+$", var.jobs_kms_key_arn))
+    error_message = "jobs_kms_key_arn must be a KMS key ARN."
+  }
+}
+
+variable "jobs_url_ttl" {
+  description = "Seconds a result image's presigned URL stays valid (SD_JOBS_URL_TTL); each GET /jobs/{id} signs new ones. The function's credentials are temporary, and a URL never outlives the credentials that signed it, hence at most one hour."
+  type        = number
+  default     = 900
+  nullable    = false
+
+  validation {
+    condition     = var.jobs_url_ttl >= 60 && var.jobs_url_ttl <= 3600 && floor(var.jobs_url_ttl) == var.jobs_url_ttl
+    error_message = "jobs_url_ttl must be a whole number of seconds between 60 and 3600."
+  }
+}
+
+variable "jobs_maximum_event_age" {
+  description = "Seconds Lambda keeps a job's event queued before dropping it (maximum_event_age_in_seconds, 60..21600); the handler then reports the job expired."
+  type        = number
+  default     = 3600
+  nullable    = false
+
+  validation {
+    condition     = var.jobs_maximum_event_age >= 60 && var.jobs_maximum_event_age <= 21600 && floor(var.jobs_maximum_event_age) == var.jobs_maximum_event_age
+    error_message = "jobs_maximum_event_age must be a whole number of seconds between 60 and 21600."
+  }
+}
+
+variable "jobs_maximum_retry_attempts" {
+  description = "Retries Lambda makes when a job's invocation fails (0..2). The handler records every outcome itself, so only a timeout or running out of memory fails an invocation: 0 (default) does not pay twice for what would fail again."
+  type        = number
+  default     = 0
+  nullable    = false
+
+  validation {
+    condition     = contains([0, 1, 2], var.jobs_maximum_retry_attempts)
+    error_message = "jobs_maximum_retry_attempts must be 0, 1 or 2."
+  }
+}
+
+variable "jobs_lambda_endpoint_url" {
+  description = "https:// URL of the Lambda API interface endpoint the function starts its jobs through (SD_JOBS_LAMBDA_ENDPOINT). Null: the region's public endpoint, which needs a NAT."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.jobs_lambda_endpoint_url == null || can(regex("^https://[a-z0-9.-]+$", var.jobs_lambda_endpoint_url))
+    error_message = "jobs_lambda_endpoint_url must be an https:// URL without a path."
+  }
+}

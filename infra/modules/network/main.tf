@@ -285,6 +285,21 @@ resource "aws_security_group" "seeder" {
   }
 }
 
+resource "aws_security_group" "lambda_endpoint" {
+  count = var.create_lambda_endpoint ? 1 : 0
+
+  region      = var.region
+  name_prefix = "${var.name}-lambda-endpoint-"
+  description = "Lambda API interface endpoint: HTTPS from the function only (it starts its own jobs)"
+  vpc_id      = local.vpc_id
+
+  tags = merge(var.tags, { Name = "${var.name}-lambda-endpoint" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
 resource "aws_security_group" "endpoints" {
   count = var.create_ssm_endpoints ? 1 : 0
 
@@ -317,6 +332,13 @@ locals {
       port                         = 2049
       referenced_security_group_id = aws_security_group.seeder.id
     }
+    lambda_endpoint_from_lambda = {
+      enabled                      = var.create_lambda_endpoint
+      security_group_id            = one(aws_security_group.lambda_endpoint[*].id)
+      description                  = "HTTPS from the function (lambda:InvokeFunction for its jobs)"
+      port                         = 443
+      referenced_security_group_id = aws_security_group.lambda.id
+    }
     endpoints_from_seeder = {
       enabled                      = var.create_ssm_endpoints
       security_group_id            = one(aws_security_group.endpoints[*].id)
@@ -332,6 +354,20 @@ locals {
       description                  = "NFS to the EFS mount targets"
       port                         = 2049
       referenced_security_group_id = aws_security_group.efs.id
+    }
+    lambda_to_s3 = {
+      enabled           = var.lambda_s3_egress
+      security_group_id = aws_security_group.lambda.id
+      description       = "HTTPS to S3 (the jobs prefix of the weights bucket) through the gateway endpoint"
+      port              = 443
+      prefix_list_id    = data.aws_ec2_managed_prefix_list.s3.id
+    }
+    lambda_to_lambda_endpoint = {
+      enabled                      = var.create_lambda_endpoint
+      security_group_id            = aws_security_group.lambda.id
+      description                  = "HTTPS to the Lambda API interface endpoint"
+      port                         = 443
+      referenced_security_group_id = one(aws_security_group.lambda_endpoint[*].id)
     }
     seeder_to_efs = {
       security_group_id            = aws_security_group.seeder.id
@@ -443,6 +479,22 @@ data "aws_iam_policy_document" "s3_endpoint" {
     }
   }
 
+  # The function's jobs: it writes requests, statuses and images under its prefix (its role allows no more).
+  dynamic "statement" {
+    for_each = length(var.s3_endpoint_write_object_arns) > 0 ? [var.s3_endpoint_write_object_arns] : []
+
+    content {
+      sid       = "WriteJobObjects"
+      actions   = ["s3:PutObject"]
+      resources = statement.value
+
+      principals {
+        type        = "*"
+        identifiers = ["*"]
+      }
+    }
+  }
+
   statement {
     sid     = "AmazonLinuxAndSsmAgentDownloads"
     actions = ["s3:GetObject"]
@@ -477,4 +529,42 @@ resource "aws_vpc_endpoint" "ssm" {
   security_group_ids  = [aws_security_group.endpoints[0].id]
 
   tags = merge(var.tags, { Name = "${var.name}-${each.value}" })
+}
+
+# The function has no NAT: to start a job's asynchronous invocation it calls the Lambda API through this
+# interface endpoint. https://docs.aws.amazon.com/lambda/latest/dg/configuration-vpc-endpoints.html
+# Private DNS stays off: the function calls the endpoint by its own DNS name (the lambda module's
+# SD_JOBS_LAMBDA_ENDPOINT), so lambda.<region>.amazonaws.com keeps resolving as before for every other
+# workload of the VPC. One subnet, as for the SSM endpoints: it is reachable from every zone of the VPC,
+# and each zone added costs as much again.
+resource "aws_vpc_endpoint" "lambda" {
+  count = var.create_lambda_endpoint ? 1 : 0
+
+  region              = var.region
+  vpc_id              = local.vpc_id
+  service_name        = "com.amazonaws.${data.aws_region.current.region}.lambda"
+  vpc_endpoint_type   = "Interface"
+  private_dns_enabled = false
+  subnet_ids          = [local.private_subnet_ids[0]]
+  security_group_ids  = [aws_security_group.lambda_endpoint[0].id]
+  policy              = data.aws_iam_policy_document.lambda_endpoint[0].json
+
+  tags = merge(var.tags, { Name = "${var.name}-lambda" })
+}
+
+# Only invocations of the functions named here pass the endpoint, whoever signs them.
+# https://docs.aws.amazon.com/lambda/latest/dg/configuration-vpc-endpoints.html#vpc-endpoint-policy
+data "aws_iam_policy_document" "lambda_endpoint" {
+  count = var.create_lambda_endpoint ? 1 : 0
+
+  statement {
+    sid       = "InvokeTheStacksFunction"
+    actions   = ["lambda:InvokeFunction"]
+    resources = var.lambda_endpoint_function_arns
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
 }

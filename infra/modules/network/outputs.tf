@@ -52,3 +52,13 @@ output "ssm_endpoint_ids" {
   description = "Ids of the SSM interface endpoints, by service."
   value       = { for service, endpoint in aws_vpc_endpoint.ssm : service => endpoint.id }
 }
+
+output "lambda_endpoint_id" {
+  description = "Id of the Lambda API interface endpoint (null when it is not created)."
+  value       = try(aws_vpc_endpoint.lambda[0].id, null)
+}
+
+output "lambda_endpoint_url" {
+  description = "https:// URL of the Lambda API interface endpoint's own regional DNS name (null when it is not created)."
+  value       = try("https://${aws_vpc_endpoint.lambda[0].dns_entry[0].dns_name}", null)
+}

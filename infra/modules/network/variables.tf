@@ -129,6 +129,44 @@ variable "s3_endpoint_bucket_arns" {
   }
 }
 
+variable "s3_endpoint_write_object_arns" {
+  description = "Object ARNs (arn:aws:s3:::<bucket>/<prefix>*) the S3 gateway endpoint of a new VPC also lets through s3:PutObject for (the function's jobs) when s3_endpoint_policy is null. Ignored for an existing VPC."
+  type        = list(string)
+  default     = []
+  nullable    = false
+
+  validation {
+    condition     = alltrue([for arn in var.s3_endpoint_write_object_arns : can(regex("^arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+$", arn))])
+    error_message = "s3_endpoint_write_object_arns must be S3 object ARNs (arn:aws:s3:::<bucket>/<prefix>*)."
+  }
+}
+
+variable "lambda_s3_egress" {
+  description = "Let the function's security group reach S3 on 443 (the S3 prefix list): the function reads and writes its jobs' objects."
+  type        = bool
+  default     = false
+  nullable    = false
+}
+
+variable "create_lambda_endpoint" {
+  description = "Create a Lambda API interface endpoint (no private DNS, in the first private subnet) that only the function's security group may reach, so the function can start its own asynchronous invocations without a NAT (about 7.5 USD/month per endpoint in one zone)."
+  type        = bool
+  default     = false
+  nullable    = false
+}
+
+variable "lambda_endpoint_function_arns" {
+  description = "Functions the Lambda interface endpoint's policy lets lambda:InvokeFunction reach (create_lambda_endpoint = true)."
+  type        = list(string)
+  default     = []
+  nullable    = false
+
+  validation {
+    condition     = alltrue([for arn in var.lambda_endpoint_function_arns : can(regex("^arn:aws[a-z-]*:lambda:[a-z0-9-]+:[0-9]{12}:function:[A-Za-z0-9_-]+$", arn))])
+    error_message = "lambda_endpoint_function_arns must be unqualified Lambda function ARNs."
+  }
+}
+
 variable "create_ssm_endpoints" {
   description = "Create ssm, ssmmessages and ec2messages interface endpoints (in the seeder's subnet) so SSM reaches the seeder without internet access. Disable when the VPC already has them or a NAT."
   type        = bool

@@ -10,7 +10,9 @@ data "aws_partition" "current" {
 
 locals {
   bucket_name = var.create ? aws_s3_bucket.this[0].id : var.bucket_name
-  bucket_arn  = var.create ? aws_s3_bucket.this[0].arn : "arn:${data.aws_partition.current.partition}:s3:::${var.bucket_name}"
+  # A bucket's ARN is its name (bucket names are global): with a given name the policies that name the
+  # bucket are known at plan time, and reviewable there.
+  bucket_arn = var.create && var.bucket_name == null ? aws_s3_bucket.this[0].arn : "arn:${data.aws_partition.current.partition}:s3:::${var.bucket_name}"
 }
 
 resource "aws_s3_bucket" "this" {
@@ -93,6 +95,34 @@ resource "aws_s3_bucket_lifecycle_configuration" "this" {
 
     noncurrent_version_expiration {
       noncurrent_days = var.noncurrent_version_expiration_days
+    }
+  }
+
+  # Job requests and results are scratch: they expire, and their old versions go the next day. Where
+  # two rules' filters overlap, S3 honours the shorter expiration, so this rule wins under its prefix.
+  # https://docs.aws.amazon.com/AmazonS3/latest/userguide/lifecycle-conflicts.html
+  dynamic "rule" {
+    for_each = var.expiring_prefix != null ? [var.expiring_prefix] : []
+
+    content {
+      id     = "expire-${trimsuffix(replace(rule.value, "/", "-"), "-")}"
+      status = "Enabled"
+
+      filter {
+        prefix = rule.value
+      }
+
+      expiration {
+        days = var.expiring_prefix_days
+      }
+
+      noncurrent_version_expiration {
+        noncurrent_days = 1
+      }
+
+      abort_incomplete_multipart_upload {
+        days_after_initiation = 1
+      }
     }
   }
 

@@ -65,3 +65,26 @@ variable "noncurrent_version_expiration_days" {
     error_message = "noncurrent_version_expiration_days must be at least 1."
   }
 }
+
+variable "expiring_prefix" {
+  description = "Key prefix whose objects expire after expiring_prefix_days (the jobs' results), e.g. jobs/. Null: no such rule."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.expiring_prefix == null || can(regex("^([A-Za-z0-9._-]+/)+$", var.expiring_prefix))
+    error_message = "expiring_prefix must be key segments ending in / (letters, digits, '.', '_', '-'), e.g. jobs/."
+  }
+}
+
+variable "expiring_prefix_days" {
+  description = "Days after which objects under expiring_prefix expire (their old versions go one day later)."
+  type        = number
+  default     = 7
+  nullable    = false
+
+  validation {
+    condition     = var.expiring_prefix_days >= 1 && var.expiring_prefix_days <= 3650 && floor(var.expiring_prefix_days) == var.expiring_prefix_days
+    error_message = "expiring_prefix_days must be a whole number of days between 1 and 3650."
+  }
+}
