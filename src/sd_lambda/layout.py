@@ -7,6 +7,8 @@ docs/seeding.md and docs/architecture.md (Seeding) describe it for operators::
       current -> releases/<rev>   relative symlink, switched atomically
       .staging-<revision>/        work in progress
       .lock                       held while a seeding run is active
+      loras/<adapter>/            a LoRA adapter for this model: the same layout (releases/<revision>
+                                  holding one <weights>.safetensors + manifest.json, current, .lock)
 
 Standard library only, and Python 3.9 compatible: this module also runs on the seeder instance
 (Amazon Linux 2023's python3), shipped verbatim inside the on-instance sync program.
@@ -35,6 +37,10 @@ STAGING_PREFIX = ".staging-"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 MODEL_INDEX = "model_index.json"
+# A model's LoRA adapters live in <name>/loras/<adapter>/, each with the model's release layout.
+LORAS = "loras"
+# The kinds of release the layout holds: a diffusers pipeline, or a LoRA adapter for one.
+MODEL, LORA = "model", "lora"
 # Optional TAESD-style decoder inside a release (the engine's "tiny" decoder).
 TINY_DECODER_FOLDER = "vae_tiny"
 # Releases kept by pruning (the current one is never pruned): the grace period for warm Lambdas.
@@ -118,11 +124,42 @@ def check_relative_path(path: str) -> PurePosixPath:
     return pure
 
 
+def lora_weights_problem(paths: Collection[str]) -> str | None:
+    """Why these release paths are not one LoRA adapter, or None: diffusers' ``load_lora_weights`` reads
+    a folder's single top-level ``.safetensors`` file (or its ``pytorch_lora_weights.safetensors``)."""
+    weights = sorted(p for p in paths if "/" not in p and p.endswith(".safetensors"))
+    if not weights:
+        return "no .safetensors weights at the top of the folder (not a LoRA adapter)"
+    if len(weights) > 1:
+        return f"more than one .safetensors file ({', '.join(weights)}): an adapter is one weights file"
+    return None
+
+
+def release_kind_problem(paths: Collection[str], kind: str) -> str | None:
+    """What a release of ``kind`` (MODEL or LORA) must hold and these paths lack, or None."""
+    if kind == LORA:
+        return lora_weights_problem(paths)
+    if MODEL_INDEX not in paths:
+        return f"{MODEL_INDEX}: missing (not a diffusers pipeline)"
+    return None
+
+
+def lora_weights_file(release: Path) -> Path:
+    """The weights file of a LoRA release folder; LayoutError when it holds none or several."""
+    names = [p.name for p in release.iterdir() if p.is_file()] if release.is_dir() else []
+    problem = lora_weights_problem(names)
+    if problem:
+        raise LayoutError(f"{release}: {problem}")
+    return release / next(n for n in names if n.endswith(".safetensors"))
+
+
 @dataclass(frozen=True)
 class ModelPaths:
-    """Where each part of one model's layout lives, under ``<root>/<name>``."""
+    """Where each part of one model's layout lives, under ``<root>/<name>``; ``kind`` LORA: one adapter's
+    layout, under ``<root>/<name>/loras/<adapter>`` (:func:`adapter_paths`)."""
 
     model_dir: Path
+    kind: str = MODEL
 
     @property
     def releases(self) -> Path:
@@ -163,11 +200,39 @@ class ModelPaths:
                 f"model not seeded: expected a symlink {self.current} -> {RELEASES}/<revision>"
             )
         target = self.current.resolve()
+        if self.kind == LORA:
+            if target.is_dir() and lora_weights_problem(os.listdir(target)) is None:
+                return target
+            raise ModelNotSeededError(
+                f"adapter incomplete: {self.current} points at {target}, which has no adapter weights"
+            )
         if not (target / "model_index.json").is_file():
             raise ModelNotSeededError(
                 f"model incomplete: {self.current} points at {target}, which has no model_index.json"
             )
         return target
+
+    @property
+    def loras(self) -> Path:
+        """The folder of this model's LoRA adapters."""
+        return self.model_dir / LORAS
+
+    def adapter(self, name: str) -> ModelPaths:
+        """The layout of this model's adapter ``name``."""
+        return ModelPaths(self.loras / check_name(name, "adapter name"), LORA)
+
+    def adapter_names(self) -> list[str]:
+        """The adapters with a ``current``, sorted: one listing and one ``lstat`` each, cheap enough for
+        every request on NFS (reading an adapter checks its release: ``resolve_current``)."""
+        try:
+            entries = sorted(os.listdir(self.loras))
+        except OSError:  # no loras/ yet (or not a folder): no adapters
+            return []
+        return [
+            name
+            for name in entries
+            if _NAME.fullmatch(name) and ".." not in name and (self.loras / name / CURRENT).is_symlink()
+        ]
 
     def switch_current(self, revision: str) -> None:
         """Point ``current`` at ``releases/<revision>`` atomically (symlink + rename, like ``mv -T``)."""
@@ -408,8 +473,9 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(entry.size for entry in self.files)
 
-    def problems(self, folder: Path) -> list[str]:
-        """Every way ``folder`` differs from this manifest (missing, size, sha256, extra, pickle)."""
+    def problems(self, folder: Path, kind: str = MODEL) -> list[str]:
+        """Every way ``folder`` differs from this manifest (missing, size, sha256, extra, pickle), and
+        what a release of ``kind`` must hold that it lacks."""
         found: list[str] = []
         listed = set()
         for entry in self.files:
@@ -428,8 +494,9 @@ class Manifest:
                 found.append(f"{relative}: symlinks are refused")
             elif path.is_file() and relative not in listed and relative != MANIFEST:
                 found.append(f"{relative}: not in manifest")
-        if MODEL_INDEX not in listed:
-            found.append(f"{MODEL_INDEX}: missing (not a diffusers pipeline)")
+        kind_problem = release_kind_problem(listed, kind)
+        if kind_problem:
+            found.append(kind_problem)
         found.extend(f"{p}: pickle weights are refused" for p in find_pickle_weights(folder))
         return found
 
@@ -512,8 +579,9 @@ class PublishResult:
     pruned: tuple[str, ...] = ()
 
 
-def verify_release(folder: Path, manifest_sha256: str | None = None) -> Manifest:
-    """Check ``folder`` against its own manifest.json; raises LayoutError listing every problem.
+def verify_release(folder: Path, manifest_sha256: str | None = None, kind: str = MODEL) -> Manifest:
+    """Check ``folder`` against its own manifest.json (a release of ``kind``); raises LayoutError listing
+    every problem.
 
     ``manifest_sha256`` pins the manifest itself, so a same-named revision with other content is caught.
     """
@@ -528,7 +596,7 @@ def verify_release(folder: Path, manifest_sha256: str | None = None) -> Manifest
             "the revision name is taken by different content; seed under a new revision"
         )
     manifest = Manifest.from_json(manifest_path.read_bytes())
-    problems = manifest.problems(folder)
+    problems = manifest.problems(folder, kind)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise LayoutError(f"manifest mismatch in {folder}: {shown}")
@@ -560,10 +628,12 @@ def _fsync_dir(path: Path) -> None:
 def _prepare_model_dir(paths: ModelPaths, owner: tuple[int, int] | None) -> None:
     paths.releases.mkdir(parents=True, exist_ok=True)
     odd_current = paths.current.exists() and not paths.current.is_symlink()
-    if paths.model_dir.is_symlink() or paths.releases.is_symlink() or odd_current:
+    # An adapter's folder sits in the model's loras/, which the Lambda's user must be able to list too.
+    folders = ((paths.model_dir.parent,) if paths.kind == LORA else ()) + (paths.model_dir, paths.releases)
+    if any(folder.is_symlink() for folder in folders) or odd_current:
         raise LayoutError(f"{paths.model_dir} does not follow the layout (releases/ or current is odd)")
     if owner is not None:
-        for folder in (paths.model_dir, paths.releases):
+        for folder in folders:
             info = os.lstat(folder)
             if (info.st_uid, info.st_gid) != owner:
                 os.chown(folder, *owner)
@@ -582,7 +652,7 @@ def activate_release(
     if not release.is_dir() or release.is_symlink():
         known = ", ".join(paths.revisions()) or "none"
         raise LayoutError(f"no release {revision!r} under {paths.releases} (present: {known})")
-    verify_release(release, manifest_sha256)
+    verify_release(release, manifest_sha256, paths.kind)
     return _switch(paths, revision)
 
 
@@ -628,11 +698,11 @@ def publish_release(
     staging = paths.staging(revision)
     reused = release.exists() or release.is_symlink()
     if reused:
-        verify_release(release, manifest_sha256)
+        verify_release(release, manifest_sha256, paths.kind)
         if staging.exists():
             shutil.rmtree(staging)
     else:
-        verify_release(staging, manifest_sha256)
+        verify_release(staging, manifest_sha256, paths.kind)
         os.rename(staging, release)
         os.utime(release)  # releases are ordered by modification time: this one is the newest
         _fsync_dir(paths.releases)

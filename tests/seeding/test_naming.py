@@ -157,7 +157,7 @@ def test_a_rollback_of_a_model_not_served_is_refused_like_a_seed(
     rolled: list[tuple[str, str]] = []
     monkeypatch.setattr(flow.AwsClients, "create", lambda region: None)
     monkeypatch.setattr(
-        flow, "rollback", lambda c, t, name, revision, o: rolled.append((name, revision)) or {}
+        flow, "rollback", lambda c, t, name, revision, o, adapter=None: rolled.append((name, revision)) or {}
     )
     assert main(["rollback", "--name", "acme/other", "--not-served", "--revision", "r1"]) == 0
     assert rolled == [("acme--other", "r1")]

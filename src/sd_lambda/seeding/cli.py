@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_lambda.cli import add_json_flag, ask_for, option, report
-from sd_lambda.layout import DEFAULT_KEEP, LayoutError
+from sd_lambda.layout import DEFAULT_KEEP, LayoutError, check_name
 from sd_lambda.seeding.errors import SeedError
 
 
@@ -150,6 +150,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _stack_arguments(seed)
     seed.set_defaults(func=run_seed)
 
+    lora = subparsers.add_parser(
+        "seed-lora",
+        help="put a LoRA adapter for the served model on EFS: hub/folder -> S3 -> seeder (SSM), switched "
+        "atomically",
+        description="Put a LoRA adapter (one safetensors file) on EFS under the model it adapts "
+        "(<model>/loras/<adapter>/), through the weights bucket and the seeder instance (SSM), as a new "
+        "revision that becomes current atomically. The model must be seeded first. Requests name the "
+        "adapter in loras. The stack's values come from the Terraform outputs in --infra.",
+    )
+    lora.add_argument(
+        "--lora",
+        required=True,
+        metavar="HUB_ID[@REV]|DIR",
+        help="the adapter: a local folder with its .safetensors, or a Hugging Face Hub repo",
+    )
+    lora.add_argument(
+        "--lora-name", help="the adapter's name in requests (default: the folder's or the repo's name)"
+    )
+    lora.add_argument("--name", help="the model it adapts, its folder on EFS (default: the served model)")
+    lora.add_argument("--not-served", action="store_true", help="allow a --name the function does not serve")
+    lora.add_argument("--revision", help="release name (default: hub commit, or a content hash)")
+    lora.add_argument(
+        "--work-dir", type=Path, default=Path.home() / ".cache" / "sd-lambda", help="hub downloads"
+    )
+    lora.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept on EFS (current always)")
+    lora.add_argument("--no-progress", action="store_true", help="no upload progress bar (on a terminal)")
+    _stack_arguments(lora)
+    lora.set_defaults(func=run_seed_lora)
+
     back = subparsers.add_parser(
         "rollback",
         help="point a model's current at an older release on EFS (verified first)",
@@ -164,6 +193,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="allow a --name the function does not serve (a second model seeded with --not-served)",
     )
     back.add_argument("--revision", required=True, help="release to switch to")
+    back.add_argument("--lora-name", help="roll back this LoRA adapter of the model instead (seed-lora)")
     _stack_arguments(back)
     back.set_defaults(func=run_rollback)
 
@@ -309,6 +339,50 @@ def _stage(args: argparse.Namespace, clients: Any, target: Any, name: str, check
 
 
 @_guarded
+def run_seed_lora(args: argparse.Namespace) -> int:
+    from sd_lambda.seeding import adapters, flow, preflight
+    from sd_lambda.seeding.target import seed_name
+
+    # Local checks (the folder's weights, names), then AWS, then the model on EFS: only then the hub.
+    if args.keep < 1:
+        raise SeedError("--keep must be at least 1")
+    source = adapters.AdapterSource.parse(args.lora)
+    adapter = check_name(args.lora_name, "adapter name") if args.lora_name else source.default_name()
+    checked = adapters.check_adapter_dir(source.folder) if source.folder else None
+    target = _target(args)
+    name = seed_name(target, args.name, None, not_served=args.not_served)
+    clients = flow.AwsClients.create(target.region)
+    flow.log(f"AWS: {preflight.check_aws(clients, target.bucket)}, bucket {target.bucket}")
+    options = _options(args)
+    with flow.seeder_session(clients, target, options) as run:
+        model = flow.check_model(clients, target, name, options, run)
+        seeded = ", ".join(model["adapters"]) or "none"
+        flow.log(f"{name} is seeded (current {model['revision']}); its adapters: {seeded}")
+        if source.folder:
+            release = adapters.from_dir(source.folder, checked)
+        else:
+            release = adapters.from_hub(str(source.hub_ref), args.work_dir)
+        staged = flow.stage_local(
+            clients, target, release, name, args.revision, progress=not args.no_progress, adapter=adapter
+        )
+        result = flow.sync_on_seeder(clients, target, staged, options, run)
+    result = {
+        "model": name,
+        "adapter": adapter,
+        "revision": staged.revision,
+        "total_bytes": staged.total_bytes,
+        **result,
+    }
+    result["current"] = result["revision"]
+    previous = result.get("previous") or "nothing"
+    line = (
+        f"{name} lora {adapter}: current -> {result['revision']} (was {previous}); requests name it in loras"
+    )
+    report(args, result, [line])
+    return 0
+
+
+@_guarded
 def run_rollback(args: argparse.Namespace) -> int:
     from sd_lambda.cli import ask_for
     from sd_lambda.seeding import flow
@@ -317,7 +391,10 @@ def run_rollback(args: argparse.Namespace) -> int:
         raise SeedError(f"no release to switch to: {ask_for('--revision', '<release>')}")
     target = _target(args)
     name = flow.rollback_name(args.name, target, not_served=args.not_served)
-    result = flow.rollback(flow.AwsClients.create(target.region), target, name, args.revision, _options(args))
+    adapter = check_name(args.lora_name, "adapter name") if args.lora_name else None
+    clients = flow.AwsClients.create(target.region)
+    result = flow.rollback(clients, target, name, args.revision, _options(args), adapter)
     result = {"model": name, "revision": args.revision, **result, "current": args.revision}
-    report(args, result, [_switched(result, f"releases: {', '.join(result.get('releases', []))}")])
+    switched = _switched(result, f"releases: {', '.join(result.get('releases', []))}")
+    report(args, result, [f"lora {adapter} of {switched}" if adapter else switched])
     return 0

@@ -6,6 +6,11 @@ puts it in the weights bucket as a zip application together with ``sd_lambda/lay
 
     python3 program.pyz sync --mount /mnt/models --name N --revision R --bucket B --s3-prefix P
     python3 program.pyz rollback --mount /mnt/models --name N --revision R
+    python3 program.pyz check-model --mount /mnt/models --name N
+
+``--adapter A`` makes ``sync`` and ``rollback`` work on the model's LoRA adapter ``A`` instead
+(``<name>/loras/<A>``, the same layout), and only once the model itself is seeded: nothing is created for
+an adapter of a model that is not there. ``check-model`` says whether it is (and which adapters it has).
 
 ``sync`` holds ``<name>/.lock`` throughout, downloads every manifest file into the staging folder (files
 already there and verified are kept, so an interrupted run continues where it stopped), then hands over
@@ -42,8 +47,9 @@ from typing import Any
 from sd_lambda.layout import (
     DEFAULT_KEEP,
     LAMBDA_OWNER,
+    LORA,
     MANIFEST,
-    MODEL_INDEX,
+    MODEL,
     LayoutError,
     LockBusyError,
     Manifest,
@@ -53,6 +59,7 @@ from sd_lambda.layout import (
     check_name,
     pickle_paths,
     publish_release,
+    release_kind_problem,
     safe_join,
     sha256_file,
     write_file_atomically,
@@ -250,12 +257,33 @@ def _tidy_staging(staging: Path, manifest: Manifest) -> None:
                 path.unlink()  # removes this name only: another link's bytes stay as they are
 
 
-def _check_manifest(manifest: Manifest) -> None:
+def _check_manifest(manifest: Manifest, kind: str = MODEL) -> None:
     pickles = pickle_paths({e.path for e in manifest.files})
     if pickles:
         raise SyncError(f"pickle weights are refused: {', '.join(pickles)}")
-    if MODEL_INDEX not in {e.path for e in manifest.files}:
-        raise SyncError(f"the manifest lists no {MODEL_INDEX}: not a diffusers pipeline")
+    problem = release_kind_problem({e.path for e in manifest.files}, kind)
+    if problem:
+        raise SyncError(f"the manifest does not describe a {kind} release: {problem}")
+
+
+def _paths(args: argparse.Namespace) -> ModelPaths:
+    """The layout a command works on: the model's, or with ``--adapter`` that adapter's, once the model
+    is seeded (checked before anything is created: an adapter needs the model it adapts)."""
+    model = ModelPaths(Path(args.mount) / check_name(args.name, "model name"))
+    if getattr(args, "adapter", None) is None:
+        return model
+    adapter = model.adapter(args.adapter)
+    _seeded(model)
+    return adapter
+
+
+def _seeded(model: ModelPaths) -> str:
+    """The model's current revision; SyncError when it has none to adapt."""
+    try:
+        model.resolve_current()
+    except (LayoutError, OSError, RuntimeError) as exc:
+        raise SyncError(f"{exc}: seed the model first (make seed-models)") from None
+    return str(model.current_revision())
 
 
 def _mounted(args: argparse.Namespace) -> bool:
@@ -331,11 +359,11 @@ def _wait_for_mount(args: argparse.Namespace) -> None:
 
 
 def sync(args: argparse.Namespace) -> dict[str, Any]:
-    paths = ModelPaths(Path(args.mount) / check_name(args.name, "model name"))
     revision = check_name(args.revision, "revision")
     progress = Progress(args.progress_file)
     progress.update(phase="waiting for EFS")
     _wait_for_mount(args)
+    paths = _paths(args)
 
     def wait_for_lock() -> None:
         log(f"waiting for {paths.lock} ...")
@@ -353,7 +381,7 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
                     "that was uploaded (replaced meanwhile?)"
                 )
             manifest = Manifest.from_json(raw)
-            _check_manifest(manifest)
+            _check_manifest(manifest, paths.kind)
             staging = paths.staging(revision)
             if staging.is_symlink():
                 raise SyncError(f"refusing symlink: {staging}")
@@ -392,6 +420,7 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
         )
     summary = {
         "model": args.name,
+        **({"adapter": args.adapter} if paths.kind == LORA else {}),
         "revision": result.revision,
         "previous": result.previous,
         "already_present": result.reused,
@@ -405,18 +434,27 @@ def sync(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def rollback(args: argparse.Namespace) -> dict[str, Any]:
-    paths = ModelPaths(Path(args.mount) / check_name(args.name, "model name"))
     _wait_for_mount(args)
+    paths = _paths(args)
     if not paths.model_dir.is_dir():
-        raise SyncError(f"no model {args.name!r} under {args.mount}")
+        what = f"adapter {args.adapter!r} of model" if paths.kind == LORA else "model"
+        raise SyncError(f"no {what} {args.name!r} under {args.mount}")
     with paths.locked(args.lock_timeout, on_wait=lambda: log(f"waiting for {paths.lock} ...")) as lock:
         previous = activate_release(paths, check_name(args.revision, "revision"), lock)
     return {
         "model": args.name,
+        **({"adapter": args.adapter} if paths.kind == LORA else {}),
         "revision": args.revision,
         "previous": previous,
         "releases": paths.revisions(),
     }
+
+
+def check_model(args: argparse.Namespace) -> dict[str, Any]:
+    """Read-only: the model's current revision and its adapters; SyncError when it is not seeded."""
+    _wait_for_mount(args)
+    model = ModelPaths(Path(args.mount) / check_name(args.name, "model name"))
+    return {"model": args.name, "revision": _seeded(model), "adapters": model.adapter_names()}
 
 
 def _owner(value: str) -> tuple[int, int] | None:
@@ -432,11 +470,17 @@ def _owner(value: str) -> tuple[int, int] | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd-lambda-efs-sync", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, func in (("sync", sync), ("rollback", rollback)):
+    for name, func in (("sync", sync), ("rollback", rollback), ("check-model", check_model)):
         sub = commands.add_parser(name)
         sub.set_defaults(func=func)
         sub.add_argument("--mount", required=True, help="where the EFS access point is mounted")
         sub.add_argument("--name", required=True, help="model folder (slug)")
+        if func is check_model:
+            sub.add_argument("--require-mount", action="store_true", help="fail unless --mount is mounted")
+            sub.add_argument("--mount-wait", type=float, default=0.0, help="seconds to wait for the mount")
+            sub.add_argument("--mount-unit", default=MOUNT_UNIT, help="as for sync")
+            continue
+        sub.add_argument("--adapter", default=None, help="the model's LoRA adapter (loras/ADAPTER) instead")
         sub.add_argument("--revision", required=True)
         sub.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for .lock")
         sub.add_argument("--require-mount", action="store_true", help="fail unless --mount is a mount point")

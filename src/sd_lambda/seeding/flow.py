@@ -87,6 +87,7 @@ class S3Release:
     manifest_sha256: str
     uploaded: dict[str, int] = field(default_factory=dict)
     total_bytes: int = 0  # the release's size, as its manifest lists it
+    adapter: str | None = None  # a LoRA adapter of model ``name`` (seeding.adapters), not the model
 
 
 def parse_s3_url(url: str) -> tuple[str, str, str, str]:
@@ -112,10 +113,15 @@ def stage_local(
     name: str,
     revision: str | None,
     progress: bool,
+    adapter: str | None = None,
 ) -> S3Release:
-    """Upload ``release`` to the target's bucket (checked by ``preflight.check_aws`` before the run)."""
+    """Upload ``release`` to the target's bucket (checked by ``preflight.check_aws`` before the run);
+    ``adapter``: the release is that LoRA adapter of model ``name``."""
     revision = check_name(revision or release.revision, "revision")
-    key_prefix = target.revision_prefix(name, revision)
+    if adapter is None:
+        key_prefix = target.revision_prefix(name, revision)
+    else:
+        key_prefix = target.adapter_prefix(name, adapter, revision)
     log(
         f"uploading {len(release.files)} files ({release.manifest.total_bytes} bytes) to s3://{target.bucket}/{key_prefix}"
     )
@@ -133,6 +139,7 @@ def stage_local(
         report.manifest_sha256,
         counts,
         release.manifest.total_bytes,
+        adapter,
     )
 
 
@@ -288,13 +295,16 @@ def sync_on_seeder(
         "--owner", "{}:{}".format(*LAMBDA_OWNER),
         "--lock-timeout", str(options.lock_timeout),
     ]  # fmt: skip
+    if staged.adapter is not None:
+        argv += ["--adapter", staged.adapter]
     region = bucket_region(clients, target)
     if region:
         argv += ["--region", region]
     # The sync's output comes back only when it has ended: a probe reads its progress file meanwhile.
     progress = progress_file()
     argv += ["--progress-file", progress]
-    comment = f"sd-lambda seed {staged.name}@{staged.revision}"
+    what = staged.name if staged.adapter is None else f"{staged.name} lora {staged.adapter}"
+    comment = f"sd-lambda seed {what}@{staged.revision}"
     result = _run(clients, target, argv, comment, options, run, sync_probe(progress))
     log(
         f"the seeder copied {result.get('downloaded_bytes', 0)} of {staged.total_bytes} bytes "
@@ -304,8 +314,14 @@ def sync_on_seeder(
 
 
 def rollback(
-    clients: AwsClients, target: Target, name: str, revision: str, options: RunOptions
+    clients: AwsClients,
+    target: Target,
+    name: str,
+    revision: str,
+    options: RunOptions,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
+    """Switch model ``name`` (or its LoRA ``adapter``) back to ``revision``, verified on the seeder."""
     argv = [
         "rollback",
         "--mount", target.mount_path,
@@ -314,7 +330,25 @@ def rollback(
         "--revision", check_name(revision, "revision"),
         "--lock-timeout", str(options.lock_timeout),
     ]  # fmt: skip
-    return _run(clients, target, argv, f"sd-lambda rollback {name}@{revision}", options)
+    what = name
+    if adapter is not None:
+        argv += ["--adapter", check_name(adapter, "adapter name")]
+        what = f"{name} lora {adapter}"
+    return _run(clients, target, argv, f"sd-lambda rollback {what}@{revision}", options)
+
+
+def check_model(
+    clients: AwsClients, target: Target, name: str, options: RunOptions, run: SeederRun
+) -> dict[str, Any]:
+    """The model ``name`` is seeded on EFS (its current revision and adapters); SeedError, before
+    anything is downloaded or uploaded, when it is not."""
+    argv = [
+        "check-model",
+        "--mount", target.mount_path,
+        "--require-mount", "--mount-wait", str(MOUNT_WAIT_S),
+        "--name", check_name(name, "model name"),
+    ]  # fmt: skip
+    return _run(clients, target, argv, f"sd-lambda check {name}", options, run)
 
 
 def rollback_name(explicit: str | None, target: Target, *, not_served: bool = False) -> str:

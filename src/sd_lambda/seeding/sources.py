@@ -31,6 +31,7 @@ from sd_lambda.layout import (
     BF16_COPY_COMPONENTS,
     BF16_VARIANT,
     MANIFEST,
+    MODEL,
     MODEL_INDEX,
     OPENVINO_GRAPH_SUFFIX,
     OPENVINO_UNET,
@@ -45,6 +46,7 @@ from sd_lambda.layout import (
     parse_weights_name,
     pickle_paths,
     release_engine,
+    release_kind_problem,
     sha256_file,
     single_weights_name,
 )
@@ -85,10 +87,11 @@ class LocalRelease:
         source: str,
         revision: str | None = None,
         described: LocalRelease | None = None,
+        kind: str = MODEL,
     ) -> LocalRelease:
         """``described``: a release whose manifest entries are reused for the same files (not hashed
-        again)."""
-        problems = check_pipeline_files(files)
+        again); ``kind``: what the release is (layout.MODEL, or layout.LORA for an adapter)."""
+        problems = check_pipeline_files(files) if kind == MODEL else check_release_files(files, kind)
         if problems:
             raise SeedError(problems)
         known = {}
@@ -103,6 +106,14 @@ class LocalRelease:
         manifest = Manifest(files=entries, source=source)
         digest = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()
         return cls(files, manifest, check_name(revision or digest[:12], "revision"))
+
+
+def check_release_files(files: Collection[str], kind: str) -> str | None:
+    """Why these release paths are not a release of ``kind`` (pickles, its required files), or None."""
+    pickles = pickle_paths(files)
+    if pickles:
+        return f"pickle weights are refused (convert them to safetensors): {', '.join(pickles)}"
+    return release_kind_problem(files, kind)
 
 
 def check_pipeline_files(files: Collection[str]) -> str | None:

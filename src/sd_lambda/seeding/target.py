@@ -12,6 +12,8 @@ from sd_lambda.layout import model_slug
 from sd_lambda.seeding.errors import SeedError
 
 DEFAULT_PREFIX = "models/"
+# Under a model's key prefix, its LoRA adapters' uploads (on EFS they live in <name>/loras/).
+ADAPTER_FOLDER = ".loras"
 DEFAULT_MOUNT_PATH = "/mnt/models"
 
 # Target field -> (root output of the stack, command-line flag).
@@ -44,6 +46,11 @@ class Target:
 
     def revision_prefix(self, name: str, revision: str) -> str:
         return f"{self.key_prefix}{name}/{revision}/"
+
+    def adapter_prefix(self, name: str, adapter: str, revision: str) -> str:
+        """Where model ``name``'s LoRA adapter revisions are uploaded: ``.loras`` starts with a dot, so
+        it is never one of the model's revision names (layout.check_name)."""
+        return f"{self.key_prefix}{name}/{ADAPTER_FOLDER}/{adapter}/{revision}/"
 
 
 def _read_outputs(infra_dir: Path) -> dict[str, Any]:
