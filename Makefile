@@ -87,7 +87,22 @@ $(EXPORT_STAMP): pyproject.toml
 	$(EXPORT_PY) -c 'import optimum.intel, nncf, openvino_tokenizers'
 	touch $@
 
-.PHONY: install-ops install-export
+# The playground's browser test drives Debian's Chromium through Debian's chromedriver, never a downloaded
+# driver. The two binaries are their own stamps: when one is missing, apt-get installs both (sudo when not root).
+BROWSER_BINARIES := /usr/bin/chromium /usr/bin/chromedriver
+BROWSER_PACKAGES := chromium chromium-driver
+$(BROWSER_BINARIES):
+	@for binary in $(BROWSER_BINARIES); do [ -x "$$binary" ] || missing=$$binary; done; \
+	[ -n "$${missing:-}" ] || exit 0; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "make install-browser: no apt-get here: install Chromium and its chromedriver as $(BROWSER_BINARIES) (Debian: $(BROWSER_PACKAGES))" >&2; exit 1; \
+	elif [ "$$(id -u)" -eq 0 ]; then apt=(env DEBIAN_FRONTEND=noninteractive apt-get); \
+	elif command -v sudo >/dev/null; then apt=(sudo env DEBIAN_FRONTEND=noninteractive apt-get); \
+	else echo "make install-browser: installing $(BROWSER_PACKAGES) needs root or sudo: run apt-get install $(BROWSER_PACKAGES) as root" >&2; exit 1; fi; \
+	echo "make install-browser: apt-get install $(BROWSER_PACKAGES) (about 110 MB to download, 420 MB installed)"; \
+	"$${apt[@]}" update -qq && "$${apt[@]}" install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null
+
+.PHONY: install-ops install-export install-browser
 
 install: $(INSTALL_STAMP) ## Create .venv with everything: runtime (CPU torch) + ops + dev tools (idempotent)
 
@@ -95,7 +110,9 @@ install-export: $(EXPORT_STAMP) ## .venv-export: the OpenVINO export tools (opti
 
 install-ops: $(OPS_STAMP) ## Operator machine: .venv with the [ops] extra only, no torch (.venv/bin/sd-lambda seed/deploy/generate/rollback)
 
-test: $(INSTALL_STAMP) $(CHECKOV_STAMP) $(EXPORT_STAMP) ## Run the whole test suite (THE test command; CI runs exactly this)
+install-browser: $(BROWSER_BINARIES) ## Chromium + chromedriver from Debian's packages, for the playground's browser test (apt-get; sudo when not root)
+
+test: $(INSTALL_STAMP) $(CHECKOV_STAMP) $(EXPORT_STAMP) $(BROWSER_BINARIES) ## Run the whole test suite (THE test command; CI runs exactly this)
 	$(BIN)/pytest
 
 lint: $(INSTALL_STAMP) ## ruff check + ruff format --check + terraform fmt -check (infra/)
@@ -164,7 +181,8 @@ DOCKER ?= docker
 # Extra NAME=VALUE build args, e.g. BUILD_ARGS="BASE_DIGEST=sha256:..."
 BUILD_ARGS ?=
 # make invoke: PROMPT (required), URL (default: the stack's function_url output), OUT (default out.png),
-# REGION (signing region, default: from the URL), JSON=1, ARGS (more flags, e.g. "--steps 20").
+# REGION (signing region, default: from the URL), JSON=1, JOB=1 (run it as a job: POST /jobs, poll,
+# download), JOB_TIMEOUT (seconds to wait for a job), ARGS (more flags, e.g. "--steps 20").
 
 .PHONY: requirements build-image push-image invoke
 
@@ -174,9 +192,10 @@ FIND_LINKS ?=
 requirements: $(INSTALL_STAMP) ## Regenerate the images' hash-pinned locks (image/requirements*.txt) from pyproject's base + [runtime] / [openvino] (FIND_LINKS=)
 	$(SD_LAMBDA) requirements $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--torch-index-url $(call q,$(TORCH_INDEX_URL)))
 
-build-image: $(OPS_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) and ENGINE (torch; openvino) as IMAGE, one manifest Lambda runs
+build-image: $(OPS_STAMP) ## docker build (buildx when present) image/Dockerfile for PLATFORM (linux/amd64; linux/arm64) and ENGINE (torch; openvino) as IMAGE, one manifest Lambda runs; MODEL_DIR= or MODEL= bakes that model in (NAME=)
 	$(SD_LAMBDA) build-image --platform $(call q,$(PLATFORM)) --engine $(call q,$(ENGINE)) --tag $(call q,$(IMAGE)) \
-		--docker $(call q,$(DOCKER)) $(addprefix --build-arg ,$(BUILD_ARGS))
+		--docker $(call q,$(DOCKER)) $(addprefix --build-arg ,$(BUILD_ARGS)) \
+		$(MODEL_DIR_FLAG) $(if $(MODEL),--model $(call q,$(MODEL))) $(if $(NAME),--name $(call q,$(NAME)))
 
 push-image: $(OPS_STAMP) ## Push IMAGE (ENGINE's variant) to the stack's ECR repo (tag git-<sha>[-openvino]), write its digest to .image-digest
 	$(SD_LAMBDA) push-image --image $(call q,$(IMAGE)) --engine $(call q,$(ENGINE)) --docker $(call q,$(DOCKER)) \
@@ -184,7 +203,8 @@ push-image: $(OPS_STAMP) ## Push IMAGE (ENGINE's variant) to the stack's ECR rep
 
 invoke: $(OPS_STAMP) ## Generate one image through the function URL (SigV4): make invoke PROMPT="a red fox"
 	$(SD_LAMBDA) generate $(if $(URL),--url $(call q,$(URL)),--infra $(call q,$(INFRA))) \
-		--prompt $(call q,$(value PROMPT)) $(OUT_FLAG) $(REGION_FLAG) $(JSON_FLAG) $(ARGS)
+		--prompt $(call q,$(value PROMPT)) $(OUT_FLAG) $(REGION_FLAG) $(JSON_FLAG) \
+		$(if $(filter 1,$(JOB)),--job) $(if $(JOB_TIMEOUT),--job-timeout $(call q,$(JOB_TIMEOUT))) $(ARGS)
 
 # ---- deploying the stack (real AWS; needs `terraform` >= 1.6 on PATH) -----------------------------------
 # REGION (also AWS_REGION for terraform), TFVARS (var files), IMAGE_URI (<repo>@sha256:..., skips the
@@ -231,7 +251,7 @@ SEED_STACK_ARGS = --infra $(call q,$(INFRA)) $(REGION_FLAG) $(JSON_FLAG) $(SEED_
 SEED_NAME = $(or $(NAME),$(if $(or $(FROM_DIR),$(FROM_S3)),$(MODEL)))
 NOT_SERVED_FLAG = $(if $(filter 1,$(NOT_SERVED)),--not-served)
 
-.PHONY: seed-models rollback
+.PHONY: seed-models seed-lora rollback
 
 seed-models: $(OPS_STAMP) $(if $(EXPORT),$(EXPORT_STAMP)) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] [EXPORT=openvino [QUANTIZE=int8]] (or FROM_DIR=/FROM_S3=)
 	@test -n "$(MODEL)$(FROM_DIR)$(FROM_S3)" || { echo 'make seed-models: set MODEL=owner/name[@rev] (or FROM_DIR=path / FROM_S3=s3://...)' >&2; exit 2; }
@@ -242,9 +262,19 @@ seed-models: $(OPS_STAMP) $(if $(EXPORT),$(EXPORT_STAMP)) ## Put a model on EFS 
 		$(if $(QUANTIZE),--quantize $(call q,$(QUANTIZE))) \
 		$(if $(REVISION),--revision $(call q,$(REVISION))) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 
-rollback: $(OPS_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model)
+# LORA (hub id[@rev] or a folder with the adapter's .safetensors), MODEL or NAME (the model it adapts, its EFS
+# folder; default: the served model), LORA_NAME (the name requests use; default: the repo's or folder's name).
+seed-lora: $(OPS_STAMP) ## Put a LoRA adapter for a seeded model on EFS (<model>/loras/<name>): LORA=owner/name[@rev]|dir [MODEL=] [LORA_NAME=] [REVISION=]
+	@test -n "$(LORA)" || { echo 'make seed-lora: set LORA=owner/name[@rev] (or LORA=path/to/folder)' >&2; exit 2; }
+	$(SD_LAMBDA) seed-lora --lora $(call q,$(LORA)) \
+		$(if $(or $(NAME),$(MODEL)),--name $(call q,$(or $(NAME),$(MODEL)))) \
+		$(if $(LORA_NAME),--lora-name $(call q,$(LORA_NAME))) \
+		$(if $(REVISION),--revision $(call q,$(REVISION))) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
+
+rollback: $(OPS_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model) [LORA_NAME=] (one of its LoRA adapters)
 	$(SD_LAMBDA) rollback $(if $(or $(NAME),$(MODEL)),--name $(call q,$(or $(NAME),$(MODEL)))) \
-		--revision $(call q,$(REVISION)) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
+		--revision $(call q,$(REVISION)) $(NOT_SERVED_FLAG) $(if $(LORA_NAME),--lora-name $(call q,$(LORA_NAME))) \
+		$(SEED_STACK_ARGS)
 
 # ---- performance -----------------------------------------------------------------------------------
 .PHONY: bench

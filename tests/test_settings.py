@@ -43,6 +43,12 @@ def test_every_field_is_documented() -> None:
         ({"SD_ACCEL": "in_place,-heap_trim"}, "SD_ACCEL='in_place,-heap_trim' mixes names with"),
         ({"SD_MAX_RESPONSE_BYTES": "7000000"}, "SD_MAX_RESPONSE_BYTES=7000000 is above the maximum 6000000"),
         ({"SD_MAX_REQUEST_BYTES": "10"}, "SD_MAX_REQUEST_BYTES=10 is below the minimum"),
+        ({"SD_MAX_IMAGES": "0"}, "SD_MAX_IMAGES=0 is below the minimum 1"),
+        ({"SD_MAX_LORAS": "9"}, "SD_MAX_LORAS=9 is above the maximum 8"),
+        (
+            {"SD_MAX_REQUEST_BYTES": "65536"},
+            "SD_MAX_INIT_IMAGE_BYTES=4000000 needs a request body of 5398872 bytes",
+        ),
         ({"SD_MAX_STEPS": "many"}, "SD_MAX_STEPS='many' is not a valid int"),
     ],
 )
@@ -56,6 +62,9 @@ def test_every_scheduler_and_the_defaults_are_accepted() -> None:
     for name in ("auto", "model", *SCHEDULERS):
         assert Settings.from_env({"SD_DEFAULT_SCHEDULER": name}).default_scheduler == name
     assert Settings.from_env({"SD_MAX_RESPONSE_BYTES": "6000000"}).max_response_bytes == 6_000_000
+    # A small request body is fine once the init image's limit fits in it.
+    small = Settings.from_env({"SD_MAX_REQUEST_BYTES": "131072", "SD_MAX_INIT_IMAGE_BYTES": "49152"})
+    assert (small.max_request_bytes, small.max_init_image_bytes) == (131_072, 49_152)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ and default. Nothing else in the package reads ``os.environ`` for configuration.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +19,11 @@ from sd_lambda.layout import ENGINES
 
 # Lambda caps a synchronous response (and a function URL's request) at 6 MB.
 LAMBDA_PAYLOAD_BYTES = 6_000_000
+# A request body holds the init image base64-encoded plus every other field (prompts and all): this much
+# room for the latter is kept beside SD_MAX_INIT_IMAGE_BYTES within SD_MAX_REQUEST_BYTES.
+REQUEST_FIELDS_BYTES = 64 * 1024
+# SD_JOBS_PREFIX: S3 key segments, each ending in / (the IAM policy grants exactly <prefix>*).
+JOBS_PREFIX = re.compile(r"(?:[A-Za-z0-9._-]+/)+")
 # Variables SD_ACCEL replaced: a stack that still sets one would silently get the SD_ACCEL defaults.
 # variable -> (the values that meant what SD_ACCEL's defaults now do, the SD_ACCEL change for any other).
 RETIRED_VARIABLES: Mapping[str, tuple[tuple[str, ...], str]] = {
@@ -27,6 +33,11 @@ RETIRED_VARIABLES: Mapping[str, tuple[tuple[str, ...], str]] = {
     "SD_BF16_COPY": (("0",), "+bf16_copy"),
     "SD_FEATURE_REUSE": (("1",), "+feature_reuse"),
 }
+
+
+def base64_size(raw_bytes: int) -> int:
+    """Length of ``raw_bytes`` bytes base64-encoded (with padding)."""
+    return 4 * ((raw_bytes + 2) // 3)
 
 
 def refuse_retired(environ: Mapping[str, str]) -> None:
@@ -116,10 +127,22 @@ class Settings:
         "default",
         "Accelerations (sd_lambda.engine.accel.registry): " + registry.SWITCH_HELP + ".",
     )
+    max_images: int = _env("SD_MAX_IMAGES", 4, "Upper bound for num_images (one UNet batch).", ge=1, le=16)
+    max_init_image_bytes: int = _env(
+        "SD_MAX_INIT_IMAGE_BYTES",
+        4_000_000,
+        "Largest init_image accepted, in bytes after base64 decoding; else 413. Its base64 form plus "
+        f"{REQUEST_FIELDS_BYTES} bytes for the other fields must fit SD_MAX_REQUEST_BYTES (checked at init).",
+        ge=1024,
+    )
+    max_loras: int = _env(
+        "SD_MAX_LORAS", 3, "Upper bound for the LoRA adapters one request applies.", ge=0, le=8
+    )
     max_request_bytes: int = _env(
         "SD_MAX_REQUEST_BYTES",
-        64 * 1024,
-        "Largest request body accepted (after base64 decoding); else 413.",
+        LAMBDA_PAYLOAD_BYTES,
+        "Largest request body accepted (after base64 decoding); else 413. Lambda refuses bodies over 6 MB "
+        "itself; room for SD_MAX_INIT_IMAGE_BYTES is checked at init.",
         ge=1024,
         le=LAMBDA_PAYLOAD_BYTES,
     )
@@ -129,6 +152,36 @@ class Settings:
         "Largest response the handler returns (Lambda caps responses at 6 MB); else a fallback or 413.",
         ge=1024,
         le=LAMBDA_PAYLOAD_BYTES,
+    )
+    jobs_bucket: str = _env(
+        "SD_JOBS_BUCKET",
+        "",
+        "Jobs (POST /jobs, GET /jobs/{id}): the S3 bucket of requests and results; empty = jobs off "
+        "(Terraform sets it with jobs_enabled = true).",
+    )
+    jobs_prefix: str = _env(
+        "SD_JOBS_PREFIX", "jobs/", "Jobs: key prefix of every job object (the function may write only there)."
+    )
+    jobs_url_ttl: int = _env(
+        "SD_JOBS_URL_TTL",
+        900,
+        "Jobs: seconds a result image's presigned URL stays valid (each GET /jobs/{id} signs new ones).",
+        ge=60,
+        le=3600,
+    )
+    jobs_max_event_age: int = _env(
+        "SD_JOBS_MAX_EVENT_AGE",
+        3600,
+        "Jobs: seconds Lambda keeps a job's event queued (Terraform: jobs_maximum_event_age_seconds); a "
+        "job queued longer is reported failed.",
+        ge=60,
+        le=21600,
+    )
+    jobs_lambda_endpoint: str = _env(
+        "SD_JOBS_LAMBDA_ENDPOINT",
+        "",
+        "Jobs: Lambda API endpoint URL for starting a job (the stack's interface endpoint); empty = the "
+        "region's public endpoint.",
     )
 
     def __post_init__(self) -> None:
@@ -143,6 +196,20 @@ class Settings:
             if high is not None and value > high:
                 raise ValueError(f"{env}={value!r} is above the maximum {high}")
         registry.resolve(self.accel)  # an unknown name fails here, naming the known ones
+        if not JOBS_PREFIX.fullmatch(self.jobs_prefix):
+            raise ValueError(
+                f"SD_JOBS_PREFIX={self.jobs_prefix!r} must be one or more key segments ending in / "
+                "(letters, digits, '.', '_', '-'), e.g. jobs/"
+            )
+        needed = base64_size(self.max_init_image_bytes) + REQUEST_FIELDS_BYTES
+        if needed > self.max_request_bytes:
+            # Otherwise an init image under its own limit would be refused as request_too_large.
+            raise ValueError(
+                f"SD_MAX_INIT_IMAGE_BYTES={self.max_init_image_bytes} needs a request body of {needed} "
+                f"bytes (base64 plus {REQUEST_FIELDS_BYTES} for the other fields), over "
+                f"SD_MAX_REQUEST_BYTES={self.max_request_bytes}: lower the first or raise the second "
+                f"(at most {LAMBDA_PAYLOAD_BYTES})"
+            )
 
     @property
     def accelerations(self) -> tuple[str, ...]:

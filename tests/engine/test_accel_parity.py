@@ -29,7 +29,7 @@ def engines(tiny_model_dir: Path) -> dict[str, Engine]:
 
 
 def decoded(engine: Engine, params: GenerationParams) -> torch.Tensor:
-    """The decoder's output for ``params`` (what the image is rounded from)."""
+    """The decoder's output for ``params`` (what the images are rounded from), one image per row."""
     outputs: list[torch.Tensor] = []
     decode = engine._decode
     engine._decode = lambda *args: outputs.append(decode(*args)) or outputs[-1]  # type: ignore[method-assign]
@@ -37,7 +37,7 @@ def decoded(engine: Engine, params: GenerationParams) -> torch.Tensor:
         engine.generate(params)
     finally:
         del engine._decode
-    return outputs[0].float()
+    return torch.cat(outputs).float()
 
 
 def test_the_accelerated_engine_applies_every_same_image_acceleration(engines: dict[str, Engine]) -> None:
@@ -66,6 +66,26 @@ def test_every_same_image_acceleration_computes_what_stock_diffusers_does(
     accelerated, stock = decoded(engines["accelerated"], params), decoded(engines["stock"], params)
     assert accelerated.shape == stock.shape == (1, 3, 64, 72)
     assert stock.abs().max() > 0.01  # a real image, not a blank one that anything would match
+    assert (accelerated - stock).abs().max().item() <= MAX_PIXEL_DIFFERENCE
+
+
+def test_every_same_image_acceleration_computes_what_stock_diffusers_does_for_a_batch(
+    engines: dict[str, Engine],
+) -> None:
+    # Several images per prompt: one UNet batch of [images, images] when guided (guidance_prefix shares
+    # its halves; small_map_convs splits it per image).
+    params = GenerationParams(
+        prompt="a lighthouse at dusk",
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        width=72,
+        height=64,
+        seed=11,
+        num_images=3,
+    )
+    accelerated, stock = decoded(engines["accelerated"], params), decoded(engines["stock"], params)
+    assert accelerated.shape == stock.shape == (3, 3, 64, 72)
+    assert (stock[0] - stock[1]).abs().max() > 0.01  # three images, not one three times
     assert (accelerated - stock).abs().max().item() <= MAX_PIXEL_DIFFERENCE
 
 

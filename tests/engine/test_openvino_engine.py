@@ -106,13 +106,13 @@ def test_same_request_matches_the_torch_engine(
     ov_engine: OpenVINOEngine, torch_engine: Engine, scheduler: str, decoder: str
 ) -> None:
     request = params(scheduler=scheduler, decoder=decoder)
-    ours = pixels(ov_engine.generate(request).image)
-    theirs = pixels(torch_engine.generate(request).image)
+    ours = pixels(ov_engine.generate(request).images[0])
+    theirs = pixels(torch_engine.generate(request).images[0])
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert psnr(ours, theirs) >= PARITY_MIN_PSNR_DB
     assert np.abs(ours - theirs).mean() <= PARITY_MAX_MEAN_ABS
     # And not trivially: another seed is another image (the random tiny decoder saturates much of it).
-    other = pixels(ov_engine.generate(params(scheduler=scheduler, decoder=decoder, seed=43)).image)
+    other = pixels(ov_engine.generate(params(scheduler=scheduler, decoder=decoder, seed=43)).images[0])
     assert np.abs(ours - other).max() > 8 * np.abs(ours - theirs).mean()
 
 
@@ -123,8 +123,8 @@ def test_scheduler_switch_takes_effect(ov_engine: OpenVINOEngine) -> None:
     assert (euler.stats["scheduler"], pndm.stats["scheduler"]) == ("EulerDiscreteScheduler", "PNDMScheduler")
     # PNDM (PLMS with skip_prk_steps) spends one more UNet call than its steps; Euler does not.
     assert (euler.stats["unet_calls"], pndm.stats["unet_calls"]) == (4, 5)
-    assert psnr(pixels(euler.image), pixels(pndm.image)) < 60
-    np.testing.assert_array_equal(pixels(euler.image), pixels(again.image))
+    assert psnr(pixels(euler.images[0]), pixels(pndm.images[0])) < 60
+    np.testing.assert_array_equal(pixels(euler.images[0]), pixels(again.images[0]))
 
 
 def test_unavailable_scheduler_and_decoder_are_value_errors(ov_engine: OpenVINOEngine) -> None:
@@ -139,7 +139,7 @@ def test_guidance_off_runs_batch_one_and_negative_prompt_counts(ov_engine: OpenV
     assert (unguided.stats["guided"], unguided.stats["unet_batch"]) == (False, 1)
     plain = ov_engine.generate(params(scheduler="euler"))
     negative = ov_engine.generate(params(scheduler="euler", negative_prompt="blurry"))
-    assert psnr(pixels(plain.image), pixels(negative.image)) < 60
+    assert psnr(pixels(plain.images[0]), pixels(negative.images[0])) < 60
 
 
 def test_compiled_shapes_are_kept_up_to_the_setting_oldest_first(tiny_openvino_model_dir: Path) -> None:
@@ -147,7 +147,7 @@ def test_compiled_shapes_are_kept_up_to_the_setting_oldest_first(tiny_openvino_m
         tiny_openvino_model_dir, Settings(openvino_compiled_sizes=2, openvino_cache_dir="none")
     )
     wide = engine.generate(params(width=96, decoder="full"))
-    assert wide.image.size == (96, 64)
+    assert wide.images[0].size == (96, 64)
     assert wide.stats["compiled"] is True
     assert engine.generate(params(width=96, decoder="full")).stats["compiled"] is False
     assert engine.describe()["compiled_shapes"] == [[64, 64, True], [96, 64, True]]
@@ -217,7 +217,10 @@ def test_a_latent_under_16_elements_matches_torch_too(
 ) -> None:
     # 16x8 px: a 4x2x1 latent, which torch draws element by element (torch_noise's scalar path).
     request = params(width=16, height=8, scheduler="euler", decoder="full")
-    ours, theirs = pixels(ov_engine.generate(request).image), pixels(torch_engine.generate(request).image)
+    ours, theirs = (
+        pixels(ov_engine.generate(request).images[0]),
+        pixels(torch_engine.generate(request).images[0]),
+    )
     assert ours.shape == theirs.shape == (8, 16, 3)
     assert np.abs(ours - theirs).mean() <= PARITY_MAX_MEAN_ABS
 
@@ -260,7 +263,7 @@ def test_a_release_pruned_after_the_load_fails_a_new_shape_as_a_layout_error(
     copy = shutil.copytree(tiny_openvino_model_dir, tmp_path / "copy")
     engine = OpenVINOEngine.load(copy, Settings(openvino_cache_dir="none"))
     shutil.rmtree(copy)
-    assert engine.generate(params(num_inference_steps=1)).image.size == (64, 64)  # compiled at load
+    assert engine.generate(params(num_inference_steps=1)).images[0].size == (64, 64)  # compiled at load
     with pytest.raises(LayoutError, match="cannot compile 96x64"):
         engine.generate(params(width=96, num_inference_steps=1))
 
@@ -270,3 +273,19 @@ def test_the_inits_engine_import_survives_a_broken_current_link(tmp_path: Path) 
     model.mkdir()
     (model / "current").symlink_to("current")  # a loop: resolving it raises RuntimeError
     assert backend.import_expected_engine(Settings(model_root=tmp_path, model_name="m")) is None
+
+
+def test_several_images_run_one_after_another_each_equal_to_its_own_seed(ov_engine: OpenVINOEngine) -> None:
+    batch = ov_engine.generate(params(num_images=3))
+    assert (len(batch.images), batch.stats["images"]) == (3, 3)
+    assert batch.stats["unet_calls"] == 3 * ov_engine.generate(params()).stats["unet_calls"]
+    for index, image in enumerate(batch.images):
+        np.testing.assert_array_equal(
+            pixels(image), pixels(ov_engine.generate(params(seed=42 + index)).images[0])
+        )
+    assert psnr(pixels(batch.images[0]), pixels(batch.images[1])) < 60
+
+
+def test_offers_neither_image_to_image_nor_adapters(ov_engine: OpenVINOEngine) -> None:
+    assert (ov_engine.features, ov_engine.adapters) == (frozenset(), ())
+    assert ov_engine.describe()["features"] == []

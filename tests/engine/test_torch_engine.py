@@ -88,7 +88,7 @@ def test_tiny_decoder_is_the_default_and_full_is_selectable(engine: Engine, spie
     result = engine.generate(params(decoder="full"))
     assert (len(spies["tiny"].calls), len(spies["full"].calls)) == (1, 1)
     assert result.stats["decoder"] == "full"
-    assert result.image.size == (64, 64)
+    assert result.images[0].size == (64, 64)
 
 
 def test_default_decoder_setting_and_missing_tiny_decoder(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -114,9 +114,9 @@ def test_bf16_yields_a_finite_image_of_the_requested_size(tiny_model_dir: Path) 
     pixels = decode.outputs[0]
     assert pixels.dtype == torch.bfloat16
     assert torch.isfinite(pixels.float()).all()
-    assert result.image.size == (96, 64)
+    assert result.images[0].size == (96, 64)
     assert result.stats["dtype"] == "bfloat16"
-    assert np.asarray(result.image).std() > 0  # not a blank frame
+    assert np.asarray(result.images[0]).std() > 0  # not a blank frame
 
 
 def test_scheduler_switch_takes_effect_and_instances_are_reused(engine: Engine) -> None:
@@ -170,15 +170,19 @@ def test_feature_reuse_is_opt_in_and_skips_the_deep_blocks(engine: Engine, tiny_
     mid_calls.clear()
     reused = reusing.generate(params(num_inference_steps=4))
     assert (len(mid_calls), reused.stats["reused_calls"], reused.stats["unet_calls"]) == (2, 2, 4)
-    plain_pixels = np.asarray(plain.image, dtype=np.int16)
-    assert np.abs(plain_pixels - np.asarray(reused.image, dtype=np.int16)).max() > 0
+    plain_pixels = np.asarray(plain.images[0], dtype=np.int16)
+    assert np.abs(plain_pixels - np.asarray(reused.images[0], dtype=np.int16)).max() > 0
     again = reusing.generate(params(num_inference_steps=4))  # the cache is per generation: nothing leaks
-    assert np.array_equal(np.asarray(again.image), np.asarray(reused.image))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(reused.images[0]))
+    # A batch of images reuses per call for the whole batch: image i is still what seed + i gives alone.
+    batch = reusing.generate(params(num_inference_steps=4, num_images=2))
+    assert (batch.stats["reused_calls"], batch.stats["unet_batch"]) == (2, 4)
+    np.testing.assert_allclose(pixels(batch.images[0]), pixels(reused.images[0]), atol=2)
 
 
 def test_generation_is_deterministic_and_timed(engine: Engine) -> None:
     first, second = engine.generate(params()), engine.generate(params())
-    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
     assert {"text_encoder", "unet", "decode", "inference"} <= set(first.timings_ms)
     assert first.stats["unet_calls"] == 3
 
@@ -249,16 +253,29 @@ def test_decoders_are_channels_last_and_the_unet_is_not(engine: Engine) -> None:
     assert engine.pipeline.unet.conv_in.weight.is_contiguous()
 
 
-def test_vae_encoder_is_freed_and_the_full_decoder_still_works(engine: Engine) -> None:
-    vae = engine.pipeline.vae
+def test_vae_encoder_is_kept_by_default_for_image_to_image(engine: Engine) -> None:
+    assert engine.pipeline.vae.encoder is not None
+    assert "init_image" in engine.features
+    assert "init_image" in engine.describe()["features"]
+
+
+def test_vae_encoder_drop_frees_it_keeps_the_full_decoder_and_refuses_init_image(
+    tiny_model_dir: Path,
+) -> None:
+    dropped = Engine.load(tiny_model_dir, replace(FP32, accel="+vae_encoder_drop"))
+    vae = dropped.pipeline.vae
     assert vae.encoder is None
     assert vae.quant_conv is None
     assert not any(name.startswith(("encoder.", "quant_conv.")) for name, _ in vae.named_parameters())
     assert sum(p.numel() for p in vae.parameters()) > 0  # the decoder half is still there
-    assert "in_place" in engine.choices.accelerations
-    image = engine.generate(params(decoder="full")).image
+    assert "in_place" in dropped.choices.accelerations
+    image = dropped.generate(params(decoder="full")).images[0]
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 0
+    assert "init_image" not in dropped.features
+    assert "vae_encoder_drop" in dropped.describe()["unavailable_features"]["init_image"]
+    with pytest.raises(ValueError, match="vae_encoder_drop"):
+        dropped.generate(params(init_image=image, strength=0.5))
 
 
 @pytest.mark.parametrize("accel", ["default", "-heap_trim", "-in_place"])
@@ -302,3 +319,87 @@ def test_describe_reports_the_choices(engine: Engine) -> None:
     assert described["accelerations"] == list(engine.choices.accelerations)
     assert "upsample_fold" in described["accelerations"]
     assert described["skipped_accelerations"] == engine.choices.skipped_accelerations == {}
+
+
+# ---- several images, image-to-image ---------------------------------------------------------------
+
+
+def pixels(image: Any) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_several_images_are_one_unet_batch_and_each_equals_its_own_seed(
+    engine: Engine, unet_batches: list[int], guidance_scale: float
+) -> None:
+    batch = engine.generate(params(num_images=3, guidance_scale=guidance_scale))
+    per_call = 6 if guidance_scale > 1 else 3
+    assert set(unet_batches) == {per_call}
+    assert (batch.stats["unet_batch"], batch.stats["images"]) == (per_call, 3)
+    assert len(batch.images) == 3
+    for index, image in enumerate(batch.images):
+        single = engine.generate(params(seed=7 + index, guidance_scale=guidance_scale)).images[0]
+        # A batched matmul may sum in another order: equal within a small tolerance, not bitwise.
+        np.testing.assert_allclose(pixels(image), pixels(single), atol=2)
+    assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).max() > 0
+
+
+def test_guidance_prefix_shares_a_batch_of_images(tiny_model_dir: Path) -> None:
+    shared = Engine.load(tiny_model_dir, replace(FP32, accel="+guidance_prefix"))
+    stock = Engine.load(tiny_model_dir, replace(FP32, accel="none"))
+    ours, theirs = shared.generate(params(num_images=2)), stock.generate(params(num_images=2))
+    assert ours.stats["prefix_shared_calls"] == ours.stats["unet_calls"] > 0
+    for mine, reference in zip(ours.images, theirs.images, strict=True):
+        np.testing.assert_allclose(pixels(mine), pixels(reference), atol=2)
+
+
+def start_image() -> Any:
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    return Image.fromarray(np.stack([ramp, ramp.T, 255 - ramp], axis=-1))
+
+
+def test_image_to_image_uses_the_loaded_modules_without_copying_weights(engine: Engine) -> None:
+    img2img = engine.img2img
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(img2img, name), getattr(engine.pipeline, name)
+        assert ours is theirs
+        assert [p.data_ptr() for p in ours.parameters()] == [p.data_ptr() for p in theirs.parameters()]
+
+
+def test_image_to_image_moves_further_from_the_start_as_strength_grows(engine: Engine) -> None:
+    def run(strength: float, prompt: str = "a red fox") -> Any:
+        return engine.generate(
+            params(prompt=prompt, init_image=start_image(), strength=strength, num_inference_steps=4)
+        )
+
+    untouched = run(0.0)
+    assert untouched.stats["unet_calls"] == 0
+    assert untouched.stats["image_to_image"] is True
+    # No step ran: the start image through the VAE, whatever the prompt says.
+    np.testing.assert_array_equal(pixels(run(0.0, "a blue whale").images[0]), pixels(untouched.images[0]))
+    distances = []
+    for strength in (0.25, 0.5, 1.0):
+        result = run(strength)
+        assert result.stats["unet_calls"] == int(4 * strength)
+        distances.append(np.abs(pixels(result.images[0]) - pixels(untouched.images[0])).mean())
+    assert 0 < distances[0] < distances[1] < distances[2]
+
+
+def test_image_to_image_gives_several_images_each_equal_to_its_own_seed(engine: Engine) -> None:
+    batch = engine.generate(
+        params(init_image=start_image(), strength=0.5, num_images=2, num_inference_steps=4)
+    )
+    assert [image.size for image in batch.images] == [(64, 64)] * 2
+    second = engine.generate(params(init_image=start_image(), strength=0.5, seed=8, num_inference_steps=4))
+    np.testing.assert_allclose(pixels(batch.images[1]), pixels(second.images[0]), atol=2)
+
+
+@pytest.mark.parametrize("decoder", ["tiny", "full"])
+def test_image_to_image_decodes_with_either_decoder(
+    engine: Engine, spies: dict[str, Spy], decoder: str
+) -> None:
+    result = engine.generate(params(init_image=start_image(), strength=0.5, decoder=decoder))
+    assert result.stats["decoder"] == decoder
+    assert len(spies[decoder].calls) == 1

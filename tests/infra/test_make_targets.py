@@ -44,7 +44,7 @@ def _flag_of(variable: str) -> str:
 VALUE_VARIABLES = {
     "demo": ["PROMPT", "OUT", "MODEL_DIR"],
     "serve": ["MODEL_DIR", "PORT"],
-    "invoke": ["PROMPT", "OUT", "URL", "REGION"],
+    "invoke": ["PROMPT", "OUT", "URL", "REGION", "JOB_TIMEOUT"],
     "preflight": ["INFRA", "REGION", "TFVARS", "IMAGE_URI"],
     "plan": ["INFRA", "REGION", "TFVARS", "IMAGE_URI", "BACKEND_CONFIG"],
     "apply": ["INFRA", "REGION", "TFVARS", "IMAGE_URI", "BACKEND_CONFIG"],
@@ -55,7 +55,7 @@ VALUE_VARIABLES = {
 }
 # target -> the VAR=1 switches it must pass on as flags (and not pass without).
 SWITCHES = {
-    "invoke": ["JSON=1"],
+    "invoke": ["JSON=1", "JOB=1"],
     "preflight": ["JSON=1"],
     "plan": ["JSON=1", "MIGRATE_STATE=1", "ALLOW_FUNCTION_DELETE=1", "ALLOW_DATA_LOSS=1"],
     "apply": ["JSON=1", "MIGRATE_STATE=1", "ALLOW_FUNCTION_DELETE=1", "ALLOW_DATA_LOSS=1"],

@@ -84,6 +84,9 @@ class SigV4Server:
                 self.end_headers()
                 self.wfile.write(reply.body)
 
+            # GET /jobs/{id} polls: signed the same way, over an empty body.
+            do_GET = do_POST
+
             def log_message(self, *args: object) -> None:
                 pass
 

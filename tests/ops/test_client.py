@@ -354,6 +354,59 @@ def test_cli_saves_the_image_and_prints_seed_and_timings(
     assert json.loads(server.received[0].body) == {"prompt": "a cube", "num_inference_steps": 2}
 
 
+def test_cli_asks_for_json_for_several_images_and_writes_one_file_each(
+    server: SigV4Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import base64
+
+    second = PNG + b"-second"
+    reply = {
+        "images": [
+            {"image": base64.b64encode(PNG).decode(), "seed": 7},
+            {"image": base64.b64encode(second).decode(), "seed": 8},
+        ],
+        "format": "png",
+        "content_type": "image/png",
+        "seed": 7,
+        "model": {"name": "test--tiny-sd", "revision": "r1"},
+        "timings": {"load": 0.0, "inference": 1600.2},
+        "request_id": "req-2",
+    }
+    server.replies.append(json_reply(200, reply))
+    start = tmp_path / "start.jpg"
+    start.write_bytes(b"jpeg bytes")
+    out = tmp_path / "cube.png"
+    argv = ["generate", "--url", server.url, "--region", REGION, "--prompt", "a cube", "-o", str(out)]
+    extra = ["--num-images", "2", "--init-image", str(start), "--strength", "0.5", "--lora", "style=0.7"]
+    assert main([*argv, *extra]) == 0
+    assert (out.read_bytes(), (tmp_path / "cube-1.png").read_bytes()) == (PNG, second)
+    sent = server.received[0]
+    assert sent.headers["accept"] == "application/json"
+    assert json.loads(sent.body) == {
+        "prompt": "a cube",
+        "num_images": 2,
+        "init_image": base64.b64encode(b"jpeg bytes").decode(),
+        "strength": 0.5,
+        "loras": [{"name": "style", "scale": 0.7}],
+    }
+    printed = capsys.readouterr().out
+    assert "seeds 7, 8" in printed
+    assert "inference 1600.2 ms" in printed
+    assert f"wrote {tmp_path / 'cube-1.png'}" in printed
+
+
+def test_cli_refuses_an_unreadable_init_image_in_one_line(
+    server: SigV4Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--url", server.url, "--region", REGION, "--prompt", "a cube"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--init-image", str(tmp_path / "missing.png")])
+    err = capsys.readouterr().err
+    assert "argument --init-image: cannot read" in err
+    assert "Traceback" not in err
+    assert server.received == []
+
+
 def test_cli_errors_are_one_line(
     server: SigV4Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

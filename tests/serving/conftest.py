@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aws_lambda_powertools import Logger
 from helpers import TEST_MODEL_NAME
+from PIL import Image
 
 from sd_lambda.serving.predictor import Predictor
 from sd_lambda.serving.service import Service
@@ -81,3 +85,32 @@ class LoggedService:
 @pytest.fixture(scope="module")
 def settings(module_model_root: Path) -> Settings:
     return Settings(model_root=module_model_root, model_name=TEST_MODEL_NAME)
+
+
+# ---- init images ----------------------------------------------------------------------------------
+
+
+def encoded(image: Image.Image, fmt: str, **options: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def gradient(width: int = 32, height: int = 16, mode: str = "RGB") -> Image.Image:
+    ramp = np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
+    return Image.fromarray(np.stack([ramp, ramp, 255 - ramp], axis=-1)).convert(mode)
+
+
+def noise() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
+def png_claiming(width: int, height: int) -> str:
+    """A PNG whose header claims ``width`` x ``height`` but that carries one row of pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+    return base64.b64encode(data + chunk(b"IEND", b"")).decode()

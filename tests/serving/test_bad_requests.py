@@ -10,7 +10,7 @@ from helpers import TEST_MODEL_NAME, TEST_REVISION, seed_release
 
 from sd_lambda.settings import Settings
 
-from .conftest import LoggedService, body_json, url_event
+from .conftest import LoggedService, body_json, encoded, gradient, png_claiming, url_event
 
 GOOD = {"prompt": "a red fox", "num_inference_steps": 1, "width": 64, "height": 64, "seed": 7}
 
@@ -21,6 +21,14 @@ def with_(**changes: Any) -> dict[str, Any]:
 
 
 REMOVE = object()
+# Over SD_MAX_REQUEST_BYTES's default (Lambda's 6 MB: room for an init image).
+OVER_BODY_LIMIT = Settings().max_request_bytes + 1
+JSON = {"accept": "application/json"}
+START = encoded(gradient(64, 64), "PNG")
+LORA = {"name": "style", "scale": 0.8}
+# One byte over SD_MAX_INIT_IMAGE_BYTES: the same base64 length as the limit itself (4,000,000 = 1 mod 3),
+# so only the decoded size tells.
+OVER_INIT_IMAGE = base64.b64encode(b"\0" * (Settings().max_init_image_bytes + 1)).decode()
 
 # (id, event, status, code, field)
 CASES: list[tuple[str, dict[str, Any], int, str, str | None]] = [
@@ -151,13 +159,138 @@ CASES: list[tuple[str, dict[str, Any], int, str, str | None]] = [
     ("JSON string", url_event(body='"a red fox"'), 400, "not_an_object", None),
     ("JSON null", url_event(body="null"), 400, "not_an_object", None),
     ("empty body", url_event(body=""), 400, "invalid_json", None),
-    ("oversized body", url_event(body=with_(prompt="x" * 70_000)), 413, "request_too_large", None),
+    ("oversized body", url_event(body=with_(prompt="x" * OVER_BODY_LIMIT)), 413, "request_too_large", None),
     (
         "oversized base64 body",
-        url_event(body=with_(prompt="x" * 70_000), base64_body=True),
+        url_event(body=with_(prompt="x" * OVER_BODY_LIMIT), base64_body=True),
         413,
         "request_too_large",
         None,
+    ),
+    # several images
+    ("num_images zero", url_event(body=with_(num_images=0), headers=JSON), 400, "out_of_range", "num_images"),
+    ("too many images", url_event(body=with_(num_images=5), headers=JSON), 400, "out_of_range", "num_images"),
+    ("num_images is a bool", url_event(body=with_(num_images=True)), 400, "wrong_type", "num_images"),
+    ("num_images is a float", url_event(body=with_(num_images=2.0)), 400, "wrong_type", "num_images"),
+    ("several images as binary", url_event(body=with_(num_images=2)), 400, "needs_json", "num_images"),
+    # image-to-image
+    (
+        "strength without init_image",
+        url_event(body=with_(strength=0.5)),
+        400,
+        "strength_without_init_image",
+        "strength",
+    ),
+    (
+        "strength over 1",
+        url_event(body=with_(init_image=START, strength=1.5)),
+        400,
+        "out_of_range",
+        "strength",
+    ),
+    (
+        "strength negative",
+        url_event(body=with_(init_image=START, strength=-0.1)),
+        400,
+        "out_of_range",
+        "strength",
+    ),
+    (
+        "strength is a string",
+        url_event(body=with_(init_image=START, strength="0.5")),
+        400,
+        "wrong_type",
+        "strength",
+    ),
+    ("init_image is a number", url_event(body=with_(init_image=5)), 400, "wrong_type", "init_image"),
+    ("init_image wrong base64", url_event(body=with_(init_image="%%%")), 400, "invalid_base64", "init_image"),
+    ("init_image empty", url_event(body=with_(init_image="")), 400, "empty", "init_image"),
+    (
+        "init_image not an image",
+        url_event(body=with_(init_image=base64.b64encode(b"plain text").decode())),
+        400,
+        "invalid_image",
+        "init_image",
+    ),
+    (
+        "init_image a GIF",
+        url_event(body=with_(init_image=encoded(gradient(), "GIF"))),
+        400,
+        "invalid_image",
+        "init_image",
+    ),
+    (
+        "init_image a decompression bomb",
+        url_event(body=with_(init_image=png_claiming(40_000, 40_000))),
+        400,
+        "init_image_too_many_pixels",
+        "init_image",
+    ),
+    (
+        "init_image over the pixel cap",
+        url_event(body=with_(init_image=png_claiming(4_000, 4_000))),
+        400,
+        "init_image_too_many_pixels",
+        "init_image",
+    ),
+    (
+        "init_image over its byte limit",
+        url_event(body=with_(init_image=OVER_INIT_IMAGE)),
+        413,
+        "init_image_too_large",
+        "init_image",
+    ),
+    # LoRA adapters (the request's shape; what the engine holds is checked below)
+    ("loras not a list", url_event(body=with_(loras=LORA)), 400, "wrong_type", "loras"),
+    ("lora not an object", url_event(body=with_(loras=["style"])), 400, "wrong_type", "loras[0]"),
+    (
+        "lora without a scale",
+        url_event(body=with_(loras=[{"name": "style"}])),
+        400,
+        "missing_field",
+        "loras[0].scale",
+    ),
+    (
+        "lora unknown key",
+        url_event(body=with_(loras=[{**LORA, "weight": 1}])),
+        400,
+        "unknown_field",
+        "loras[0].weight",
+    ),
+    (
+        "lora scale out of range",
+        url_event(body=with_(loras=[{**LORA, "scale": 3}])),
+        400,
+        "out_of_range",
+        "loras[0].scale",
+    ),
+    (
+        "lora scale is a bool",
+        url_event(body=with_(loras=[{**LORA, "scale": True}])),
+        400,
+        "wrong_type",
+        "loras[0].scale",
+    ),
+    (
+        "lora name a path",
+        url_event(body=with_(loras=[{**LORA, "name": "../x"}])),
+        400,
+        "invalid_name",
+        "loras[0].name",
+    ),
+    (
+        "lora named twice",
+        url_event(body=with_(loras=[LORA, {**LORA, "scale": 0.1}])),
+        400,
+        "duplicate_adapter",
+        "loras",
+    ),
+    (
+        "too many loras",
+        url_event(body=with_(loras=[{**LORA, "name": f"style{i}"} for i in range(4)])),
+        400,
+        "too_many",
+        "loras",
     ),
     ("GET /", url_event(method="GET", body=""), 405, "method_not_allowed", None),
     ("POST /health", url_event(path="/health", body=GOOD), 405, "method_not_allowed", None),
@@ -215,6 +348,36 @@ def test_messages_name_the_problem(warm: LoggedService) -> None:
     assert message(url_event(body=with_(seed=True))) == "seed must be an integer, got boolean"
     assert "SD_MAX_PIXELS" in message(url_event(body=with_(width=1024, height=1024)))
     assert "pndm" in message(url_event(body=with_(scheduler="karras")))
+
+
+def engine_of(warm: LoggedService) -> str:
+    return body_json(warm(url_event(method="GET", path="/health")))["engine"]
+
+
+def test_init_image_is_served_by_torch_and_unsupported_on_openvino(warm: LoggedService) -> None:
+    response = warm(url_event(body=with_(init_image=START, strength=0.5)))
+    if engine_of(warm) == "torch":
+        assert response["statusCode"] == 200, response["body"]
+        return
+    assert response["statusCode"] == 400
+    error = body_json(response)["error"]
+    assert (error["code"], error["field"]) == ("unsupported", "init_image")
+    assert "openvino engine" in error["message"]
+
+
+def test_an_adapter_the_engine_does_not_hold_is_refused_naming_it(warm: LoggedService) -> None:
+    error = body_json(warm(url_event(body=with_(loras=[{"name": "no-such-style", "scale": 1}]))))["error"]
+    if engine_of(warm) == "openvino":
+        assert (error["code"], error["field"]) == ("unsupported", "loras")
+        return
+    assert (error["code"], error["field"]) == ("unknown_adapter", "loras[0].name")
+    assert "'no-such-style'" in error["message"]
+    assert "available:" in error["message"]
+
+
+def test_several_images_as_binary_say_to_ask_for_json(warm: LoggedService) -> None:
+    message = body_json(warm(url_event(body=with_(num_images=2))))["error"]["message"]
+    assert "accept: application/json" in message
 
 
 def test_wrong_method_names_the_allowed_one(warm: LoggedService) -> None:

@@ -116,11 +116,12 @@ def test_direct_invoke_returns_a_json_object(served: Served) -> None:
     result = served.environment.invoke({"prompt": "a fox", "num_inference_steps": 1, "seed": 5})
     assert result.ok
     value = json.loads(result.payload)
-    assert {"image", "seed", "model", "timings"} <= set(value)
+    assert {"images", "seed", "model", "timings"} <= set(value)
     assert value["seed"] == 5
     assert value["model"] == {"name": TEST_MODEL_NAME, "revision": TEST_REVISION}
     assert {"load", "inference", "encode"} <= set(value["timings"])
-    assert png(base64.b64decode(value["image"])).size == (64, 64)
+    assert [entry["seed"] for entry in value["images"]] == [5]
+    assert png(base64.b64decode(value["images"][0]["image"])).size == (64, 64)
 
 
 def test_function_url_event_through_the_runtime(served: Served) -> None:
@@ -263,3 +264,53 @@ def test_a_malformed_setting_fails_init_naming_the_variable(tmp_path: Path) -> N
         result = environment.invoke({"prompt": "x"})
     assert result.error_type == "ValueError"
     assert "SD_MAX_STEPS='many'" in result.error["errorMessage"]
+
+
+def test_several_images_come_back_as_a_json_list_one_seed_each(served: Served) -> None:
+    body = {"prompt": "three foxes", "num_inference_steps": 2, "seed": 40, "num_images": 3}
+    status, headers, data = http("POST", f"{served.door.url}/", body, {"accept": "application/json"})
+    assert status == 200, data
+    assert headers["content-type"] == "application/json"
+    value = json.loads(data)
+    assert value["seed"] == 40
+    assert [entry["seed"] for entry in value["images"]] == [40, 41, 42]
+    images = [png(base64.b64decode(entry["image"])) for entry in value["images"]]
+    assert [image.size for image in images] == [(64, 64)] * 3
+    # The third image is what a one-image request with its seed returns.
+    _, _, alone = http("POST", f"{served.door.url}/", {**body, "num_images": 1, "seed": 42})
+    # (a batched matmul may sum in another order: within a small tolerance)
+    assert max(abs(a - b) for a, b in zip(images[2].tobytes(), png(alone).tobytes(), strict=True)) <= 2
+    # As binary: refused before any work, saying to ask for JSON.
+    status, _, data = http("POST", f"{served.door.url}/", body)
+    assert status == 400
+    assert json.loads(data)["error"]["code"] == "needs_json"
+
+
+def test_image_to_image_starts_from_the_given_image(served: Served) -> None:
+    ramp = bytes(range(0, 256, 4)) * 64 * 3
+    start = Image.frombytes("RGB", (64, 64), ramp[: 64 * 64 * 3])
+    buffer = io.BytesIO()
+    start.rotate(90).save(buffer, format="PNG")
+    request = {
+        "prompt": "a fox",
+        "init_image": base64.b64encode(buffer.getvalue()).decode(),
+        "num_inference_steps": 4,
+        "seed": 9,
+    }
+    results = {}
+    for strength in (0.0, 0.5, 1.0):
+        status, _, data = http(
+            "POST", f"{served.door.url}/", {**request, "strength": strength}, {"accept": "application/json"}
+        )
+        assert status == 200, data
+        value = json.loads(data)
+        assert (value["strength"], value["width"], value["height"]) == (strength, 64, 64)
+        results[strength] = png(base64.b64decode(value["images"][0]["image"])).tobytes()
+
+    def distance(a: bytes, b: bytes) -> float:
+        return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+    assert 0 < distance(results[0.0], results[0.5]) < distance(results[0.0], results[1.0])
+    # The default strength is documented as 0.8.
+    status, _, data = http("POST", f"{served.door.url}/", request, {"accept": "application/json"})
+    assert json.loads(data)["strength"] == 0.8

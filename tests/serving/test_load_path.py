@@ -107,6 +107,7 @@ class BlockingEngine:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self.defaults, self.schedulers, self.decoders = engine.defaults, engine.schedulers, engine.decoders
+        self.features, self.adapters, self.describe = engine.features, engine.adapters, engine.describe
         self.entered = threading.Semaphore(0)
         self.release = threading.Event()
         self.active = self.most_active = 0

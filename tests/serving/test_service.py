@@ -16,7 +16,7 @@ from sd_lambda.layout import ModelPaths
 from sd_lambda.serving.predictor import Predictor
 from sd_lambda.settings import Settings
 
-from .conftest import LoggedService, body_json, url_event
+from .conftest import LoggedService, body_json, encoded, gradient, url_event
 
 REQUEST = {"prompt": "a red fox", "num_inference_steps": 1, "seed": 11}
 
@@ -52,10 +52,12 @@ def test_accept_json_returns_the_documented_object(warm: LoggedService) -> None:
     response = warm(url_event(body=REQUEST, headers={"accept": "text/html, application/json;q=0.9"}))
     assert response["headers"]["content-type"] == "application/json"
     result = body_json(response)
-    assert {"image", "seed", "model", "timings"} <= set(result)
+    assert {"images", "seed", "model", "timings"} <= set(result)
     assert result["model"] == {"name": TEST_MODEL_NAME, "revision": TEST_REVISION}
     assert result["seed"] == 11
-    assert base64.b64decode(result["image"]).startswith(b"\x89PNG")
+    [only] = result["images"]
+    assert only["seed"] == 11
+    assert base64.b64decode(only["image"]).startswith(b"\x89PNG")
 
 
 def test_absent_seed_is_random_and_returned(warm: LoggedService) -> None:
@@ -253,3 +255,23 @@ def test_handler_module_wires_settings_from_the_environment(monkeypatch: pytest.
     finally:
         monkeypatch.delenv("MODEL_NAME")
         importlib.reload(handler_module)
+
+
+def test_a_direct_invoke_returns_several_images_and_health_lists_the_features(warm: LoggedService) -> None:
+    result = warm({**REQUEST, "num_images": 2})
+    assert [entry["seed"] for entry in result["images"]] == [11, 12]
+    assert result["images"][0]["image"] != result["images"][1]["image"]
+    line = warm.log_lines()[-1]
+    assert (line["images"], line["seed"]) == (2, 11)
+    health = body_json(warm(url_event(method="GET", path="/health")))
+    assert "init_image" in health["features"]
+
+
+def test_init_image_is_unsupported_when_the_vae_encoder_was_freed(settings: Settings) -> None:
+    service = LoggedService(Settings(**{**settings.__dict__, "accel": "+vae_encoder_drop"}))
+    response = service(url_event(body={**REQUEST, "init_image": encoded(gradient(64, 64), "PNG")}))
+    assert response["statusCode"] == 400
+    error = body_json(response)["error"]
+    assert (error["code"], error["field"]) == ("unsupported", "init_image")
+    assert "torch engine" in error["message"]
+    assert "vae_encoder_drop" in error["message"]

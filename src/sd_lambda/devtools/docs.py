@@ -32,6 +32,7 @@ from sd_lambda.serving.request import (
     GenerationRequest,
     bounds,
     choices,
+    decoded_max,
     default_source,
     multiple_of,
     number,
@@ -68,10 +69,15 @@ def _allowed(field: FieldInfo, settings: Settings) -> str:
     options = choices(field)
     if options:
         return ", ".join(f"`{option}`" for option in options)
+    encoded = decoded_max(field)
+    if encoded is not None:
+        return f"base64, up to {encoded.limit(settings)} bytes decoded (max: `{encoded.env}`)"
     low, high = bounds(field, settings)
     text = f"{number(low)} to {number(high)}" if low is not None else f"up to {number(high)}"
     if type_name(field) == "string":
         text += " characters"
+    if type_name(field) == "array":
+        text += " entries"
     step = multiple_of(field)
     if step:
         text += f", multiple of {step}"

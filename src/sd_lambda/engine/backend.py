@@ -42,6 +42,16 @@ class Engine(Protocol):
     @property
     def decoders(self) -> tuple[str, ...]: ...
 
+    @property
+    def features(self) -> frozenset[str]:
+        """The optional abilities (generation.FEATURES) this engine serves: init_image, loras."""
+        ...
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may name now (``()`` when none)."""
+        ...
+
     def generate(self, params: GenerationParams) -> GenerationResult: ...
 
     def describe(self) -> dict[str, Any]: ...

@@ -26,6 +26,20 @@ DECODERS = ("full", "tiny")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
+# Image-to-image's strength when a request with an init_image gives none.
+DEFAULT_STRENGTH = 0.8
+# Optional abilities an engine may offer (``Engine.features``); a request needing one it lacks is a 400.
+FEATURES = ("init_image", "loras")
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA adapter a request applies: its name (as seeded) and its weight."""
+
+    name: str
+    scale: float
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     prompt: str
@@ -37,6 +51,11 @@ class GenerationParams:
     negative_prompt: str | None = None
     scheduler: str | None = None  # a SCHEDULERS key; None = the engine's default
     decoder: str | None = None  # a DECODERS value; None = the engine's default
+    num_images: int = 1  # images seeded seed, seed+1, ...
+    # Image-to-image: the start image, already decoded, RGB and width x height (serving.init_image).
+    init_image: Image.Image | None = None
+    strength: float | None = None  # how far from init_image (DEFAULT_STRENGTH when None); unused without
+    loras: tuple[LoraChoice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,9 +74,9 @@ class ModelDefaults:
 
 @dataclass
 class GenerationResult:
-    """What an engine returns: the image, where the time went, and what ran."""
+    """What an engine returns: the images (image i from seed + i), where the time went, and what ran."""
 
-    image: Image.Image
+    images: list[Image.Image]
     timings_ms: dict[str, float] = field(default_factory=dict)
     # What ran: unet_calls, unet_batch, scheduler, decoder, dtype, engine, and per-engine details.
     stats: dict[str, Any] = field(default_factory=dict)

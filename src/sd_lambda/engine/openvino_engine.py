@@ -183,6 +183,15 @@ class OpenVINOEngine:
     def schedulers(self) -> tuple[str, ...]:
         return tuple(name for name in SCHEDULERS if name in self._schedulers)
 
+    @property
+    def features(self) -> frozenset[str]:
+        # GenAI's image-to-image and LoRA pipelines are separate compiles of their own: not served here.
+        return frozenset()
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return ()
+
     def describe(self) -> dict[str, Any]:
         return {
             "engine": "openvino",
@@ -195,6 +204,7 @@ class OpenVINOEngine:
             "unavailable_schedulers": dict(self.unavailable_schedulers),
             "default_scheduler": self.default_scheduler or self.model_scheduler,
             "classifier_free_guidance_default": self.defaults.uses_guidance,
+            "features": sorted(self.features),
             "compiled_shapes": [[k.width, k.height, k.guided] for k in self._compiled],
             "compile_cache": self.cache_dir,
             "load_seconds": round(self.load_seconds, 3),
@@ -324,6 +334,8 @@ class OpenVINOEngine:
         name = params.scheduler or self.default_scheduler
         if name is not None and name not in self.schedulers:
             raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(self.schedulers)}")
+        if params.init_image is not None or params.loras:
+            raise ValueError("the OpenVINO engine serves text-to-image without LoRA adapters only")
         guided = self._guided(params.guidance_scale)
         pipeline, compiled = self._shape(ShapeKey(params.width, params.height, guided), decoder)
         pipeline.set_scheduler(self._schedulers[name])
@@ -331,32 +343,45 @@ class OpenVINOEngine:
         options: dict[str, Any] = {}
         if params.negative_prompt and guided:
             options["negative_prompt"] = params.negative_prompt
-        tensor = pipeline.generate(
-            params.prompt,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            generator=SeededGenerator(params.seed),
-            **options,
-        )
-        generated = time.perf_counter()
-        image = Image.fromarray(np.asarray(tensor.data)[0])
+        images: list[Image.Image] = []
+        text_encoder_ms = unet_ms = decode_ms = denoise_ms = postprocess_ms = 0.0
+        unet_calls = 0
+        # One image after another, image i seeded seed + i: the UNet is compiled for one image's batch.
+        for index in range(params.num_images):
+            image_started = time.perf_counter()
+            tensor = pipeline.generate(
+                params.prompt,
+                width=params.width,
+                height=params.height,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                generator=SeededGenerator(params.seed + index),
+                **options,
+            )
+            generated = time.perf_counter()
+            images.append(Image.fromarray(np.asarray(tensor.data)[0]))
+            metrics = pipeline.get_performance_metrics()
+            unet_us = list(metrics.raw_metrics.unet_inference_durations)
+            text_encoder_ms += sum(metrics.get_text_encoder_infer_duration().values())
+            unet_ms += sum(unet_us) / 1000
+            unet_calls += len(unet_us)
+            decode_ms += metrics.get_vae_decoder_infer_duration()
+            denoise_ms += (generated - image_started) * 1000
+            postprocess_ms += (time.perf_counter() - generated) * 1000
         finished = time.perf_counter()
-        metrics = pipeline.get_performance_metrics()
-        unet_us = list(metrics.raw_metrics.unet_inference_durations)
         timings = {
             "compile": (ready - started) * 1000,
-            "text_encoder": sum(metrics.get_text_encoder_infer_duration().values()),
-            "unet": sum(unet_us) / 1000,
-            "decode": metrics.get_vae_decoder_infer_duration(),
-            "denoise": (generated - ready) * 1000,
-            "postprocess": (finished - generated) * 1000,
+            "text_encoder": text_encoder_ms,
+            "unet": unet_ms,
+            "decode": decode_ms,
+            "denoise": denoise_ms,
+            "postprocess": postprocess_ms,
             "inference": (finished - started) * 1000,
         }
         stats = {
             "engine": "openvino",
-            "unet_calls": len(unet_us),
+            "images": len(images),
+            "unet_calls": unet_calls,
             "unet_batch": 2 if guided else 1,
             "guided": guided,
             "compiled": compiled,
@@ -365,7 +390,7 @@ class OpenVINOEngine:
             "decoder": decoder,
             "dtype": _DTYPE_NAMES[self.precision],
         }
-        return GenerationResult(image, timings, stats)
+        return GenerationResult(images, timings, stats)
 
 
 _DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16"}

@@ -25,14 +25,22 @@ from sd_lambda.engine import cpu
 from sd_lambda.engine.accel import registry
 from sd_lambda.engine.generation import (
     DECODERS,
+    DEFAULT_STRENGTH,
     SCHEDULERS,
     GenerationParams,
     GenerationResult,
     resolve_default_decoder,
     resolve_default_scheduler,
 )
+from sd_lambda.engine.lora import Adapters
 from sd_lambda.engine.model_defaults import read_model_defaults
-from sd_lambda.layout import BF16_VARIANT, TINY_DECODER_FOLDER, LayoutError, find_pickle_weights
+from sd_lambda.layout import (
+    BF16_VARIANT,
+    TINY_DECODER_FOLDER,
+    LayoutError,
+    ModelPaths,
+    find_pickle_weights,
+)
 from sd_lambda.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -131,10 +139,13 @@ class Engine:
             steps = AUTO_SCHEDULER_REPLACES.get(type(pipeline.scheduler).__name__, (None, None))[1]
         self.defaults = read_model_defaults(model_dir, steps)
         self._unet_recorder = UnetRecorder(pipeline.unet)
+        self.img2img = _image_to_image_pipeline(pipeline)
         # Accelerations with per-generation state (start() before, stop() after each generation).
         self._accel_state = accel_state or {}
         with torch.inference_mode():
             self._empty_prompt_embeds = self._encode("")
+        # The model's LoRA adapters (<model>/loras/ beside its releases), loaded when a request names one.
+        self.loras = Adapters(pipeline, ModelPaths(self.settings.model_dir))
 
     @classmethod
     def load(cls, model_dir: Path, settings: Settings | None = None, *, reason: str = "") -> Engine:
@@ -259,6 +270,21 @@ class Engine:
     def decoders(self) -> tuple[str, ...]:
         return DECODERS if self.tiny_decoder is not None else ("full",)
 
+    @property
+    def features(self) -> frozenset[str]:
+        features = set() if self._no_init_image_reason else {"init_image"}
+        return frozenset(features | ({"loras"} if self.loras.available else set()))
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.loras.names()
+
+    @property
+    def _no_init_image_reason(self) -> str | None:
+        if getattr(self.pipeline.vae, "encoder", None) is None:
+            return "the VAE's encoder was freed at load (SD_ACCEL selects vae_encoder_drop)"
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {
             "engine": "torch",
@@ -270,6 +296,9 @@ class Engine:
             "schedulers": list(self.schedulers),
             "default_scheduler": self.choices.default_scheduler or type(self.pipeline.scheduler).__name__,
             "classifier_free_guidance_default": self.defaults.uses_guidance,
+            "features": sorted(self.features),
+            **({"unavailable_features": {"init_image": why}} if (why := self._no_init_image_reason) else {}),
+            "loras": self.loras.describe(),
             "accelerations": list(self.choices.accelerations),
             "skipped_accelerations": dict(self.choices.skipped_accelerations),
             "load_seconds": round(self.load_seconds, 3),
@@ -306,40 +335,52 @@ class Engine:
     @torch.inference_mode()
     def generate(self, params: GenerationParams) -> GenerationResult:
         started = time.perf_counter()
-        pipeline = self.pipeline
         decoder = params.decoder or self.choices.default_decoder
         if decoder not in self.decoders:
             raise ValueError(f"decoder {decoder!r} is not available; available: {', '.join(self.decoders)}")
+        if params.init_image is not None and "init_image" not in self.features:
+            raise ValueError(f"init_image is not available: {self._no_init_image_reason}")
+        pipeline = self.pipeline if params.init_image is None else self.img2img
         pipeline.scheduler = self._scheduler(params.scheduler)
+        self.loras.activate(params.loras)  # before encoding: an adapter may change the text encoder
         guided = params.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
         prompt_embeds = self._encode(params.prompt)
         negative_embeds = None
         if guided:
             negative_embeds = (
-                self._encode(params.negative_prompt) if params.negative_prompt else self._empty_prompt_embeds
+                self._encode(params.negative_prompt or "")
+                if params.negative_prompt or self.loras.text_encoder_active
+                else self._empty_prompt_embeds
             )
         encoded = time.perf_counter()
         self._unet_recorder.reset()
         for state in self._accel_state.values():
             state.start()
+        # One generator per image, seeded seed + i: image i is what a one-image request with seed + i
+        # gives (diffusers draws each image's noise from its own generator).
+        generators = [torch.Generator().manual_seed(params.seed + i) for i in range(params.num_images)]
+        common = {
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_embeds,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "num_images_per_prompt": params.num_images,
+            "generator": generators,
+            "output_type": "latent",
+        }
         try:
-            latents = pipeline(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                width=params.width,
-                height=params.height,
-                generator=torch.Generator().manual_seed(params.seed),
-                output_type="latent",
-            ).images
+            if params.init_image is None:
+                latents = pipeline(**common, width=params.width, height=params.height).images
+            else:
+                latents = self._image_to_image(params, common)
         finally:
             for state in self._accel_state.values():
                 state.stop()
         denoised = time.perf_counter()
-        pixels = self._decode(latents, decoder)
+        # One image at a time: the decoder's peak memory is per image, and batching it saves nothing.
+        pixels = [self._decode(latents[i : i + 1], decoder) for i in range(latents.shape[0])]
         decoded = time.perf_counter()
-        image = pipeline.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+        images = [pipeline.image_processor.postprocess(p.float(), output_type="pil")[0] for p in pixels]
         finished = time.perf_counter()
         recorder = self._unet_recorder
         timings = {
@@ -360,8 +401,34 @@ class Engine:
             "scheduler": type(pipeline.scheduler).__name__,
             "decoder": decoder,
             "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+            "images": len(images),
+            "image_to_image": params.init_image is not None,
         }
-        return GenerationResult(image, timings, stats)
+        return GenerationResult(images, timings, stats)
+
+    def _image_to_image(self, params: GenerationParams, common: dict[str, Any]) -> torch.Tensor:
+        """Latents for an init_image request. A strength too small for one step (strength x steps < 1)
+        runs no UNet call: the start image's own latents (diffusers would fail on an empty schedule)."""
+        strength = DEFAULT_STRENGTH if params.strength is None else params.strength
+        if int(params.num_inference_steps * strength) == 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+                retrieve_latents,
+            )
+
+            vae = self.img2img.vae
+            pixels = self.img2img.image_processor.preprocess(params.init_image).to(vae.dtype)
+            encoded = [retrieve_latents(vae.encode(pixels), generator=g) for g in common["generator"]]
+            return torch.cat(encoded) * vae.config.scaling_factor
+        return self.img2img(**common, image=params.init_image, strength=strength).images
+
+
+def _image_to_image_pipeline(pipeline: Any) -> Any:
+    """diffusers' image-to-image pipeline over the loaded pipeline's own modules (no weights copied)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipeline.components, requires_safety_checker=False)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
 
 
 def _quiet_progress_bars() -> None:

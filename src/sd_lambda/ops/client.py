@@ -11,6 +11,8 @@ any other error is final and reported with the function's own message.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import ipaddress
 import json
@@ -40,7 +42,12 @@ FORBIDDEN_HINT = (
 # The request fields the function accepts: read from the function's own request model.
 REQUEST_FIELDS = tuple(GenerationRequest.model_fields)
 # The CLI's shorter spelling of some fields; every other field is --<name-with-dashes>.
-FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "output_format": "--format"}
+FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "output_format": "--format",
+    "loras": "--lora",
+}
 
 
 class InvokeError(Exception):
@@ -72,9 +79,11 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class GenerationResponse:
-    image: bytes
+    """The function's answer: ``images[i]`` was generated with ``seeds[i]`` (the first seed + i)."""
+
+    images: tuple[bytes, ...]
     content_type: str
-    seed: int | None
+    seeds: tuple[int | None, ...]
     timings_ms: dict[str, float]
     request_id: str | None
     model: str | None
@@ -82,13 +91,24 @@ class GenerationResponse:
     fallback: str | None
     attempts: int
 
+    @property
+    def image(self) -> bytes:
+        return self.images[0]
+
+    @property
+    def seed(self) -> int | None:
+        return self.seeds[0]
+
     @classmethod
     def from_http(cls, body: bytes, headers: Mapping[str, str], attempts: int) -> GenerationResponse:
+        """A binary response (one image, metadata in headers) or the JSON one (a list of images)."""
+        if headers.get("content-type", "").startswith("application/json"):
+            return cls.from_json(body, attempts)
         seed = headers.get("x-seed")
         return cls(
-            image=body,
+            images=(body,),
             content_type=headers.get("content-type", "application/octet-stream"),
-            seed=int(seed) if seed and seed.isdigit() else None,
+            seeds=(int(seed) if seed and seed.isdigit() else None,),
             timings_ms=parse_server_timing(headers.get("server-timing", "")),
             request_id=headers.get("x-request-id"),
             model=headers.get("x-model"),
@@ -97,10 +117,35 @@ class GenerationResponse:
             attempts=attempts,
         )
 
+    @classmethod
+    def from_json(cls, body: bytes, attempts: int) -> GenerationResponse:
+        """The JSON response: ``{"images": [{"image": <base64>, "seed"}, ...], "content_type", ...}``."""
+        try:
+            data = json.loads(body)
+            entries = data["images"]
+            images = tuple(base64.b64decode(entry["image"], validate=True) for entry in entries)
+            seeds = tuple(entry.get("seed") for entry in entries)
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise InvokeError(f"the function's JSON response is not the documented shape ({exc})") from None
+        fallback = data.get("fallback_from")
+        model = data.get("model") or {}
+        return cls(
+            images=images,
+            content_type=data.get("content_type", "application/octet-stream"),
+            seeds=seeds,
+            timings_ms=data.get("timings") or {},
+            request_id=data.get("request_id"),
+            model=model.get("name"),
+            revision=model.get("revision"),
+            fallback=f"{fallback}->{data.get('format')}" if fallback else None,
+            attempts=attempts,
+        )
+
     def summary(self) -> str:
         timings = "  ".join(f"{name} {ms:g} ms" for name, ms in self.timings_ms.items())
         model = f"{self.model}@{self.revision}" if self.model else "unknown model"
-        parts = [f"seed {self.seed}", timings, f"{model}", f"request {self.request_id}"]
+        seeds = f"seed {self.seed}" if len(self.seeds) == 1 else f"seeds {', '.join(map(str, self.seeds))}"
+        parts = [seeds, timings, f"{model}", f"request {self.request_id}"]
         parts.append(f"{self.attempts} attempt{'s' if self.attempts > 1 else ''}")
         return "  |  ".join(part for part in parts if part)
 
@@ -141,12 +186,14 @@ def default_credentials(profile: str | None = None) -> Any:
     return credentials
 
 
-def sign(url: str, body: bytes, headers: Mapping[str, str], credentials: Any, region: str) -> dict[str, str]:
+def sign(
+    url: str, body: bytes, headers: Mapping[str, str], credentials: Any, region: str, method: str = "POST"
+) -> dict[str, str]:
     """The headers to send: ``headers`` plus SigV4's date, token and Authorization over ``body``."""
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
 
-    request = AWSRequest(method="POST", url=url, data=body, headers=dict(headers))
+    request = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
     frozen = (
         credentials.get_frozen_credentials()
         if hasattr(credentials, "get_frozen_credentials")
@@ -282,8 +329,9 @@ def generate(
     session: Any = None,
     **fields: Any,
 ) -> GenerationResponse:
-    """Generate one image. ``fields`` are the function's request fields (``num_inference_steps``,
-    ``seed``, ``width``, ...); None values are left out so the function applies its defaults."""
+    """Generate. ``fields`` are the function's request fields (``num_inference_steps``, ``seed``,
+    ``num_images``, ``init_image`` as base64, ...); None values are left out so the function applies its
+    defaults. One image comes back as the binary response, several as the JSON one."""
     unknown = sorted(set(fields) - set(REQUEST_FIELDS))
     if unknown:
         raise InvokeError(
@@ -293,28 +341,55 @@ def generate(
     client = FunctionUrlClient(
         url, region=region, credentials=credentials, retry=retry or RetryPolicy(), session=session
     )
-    body, headers, attempts = client.post(payload)
+    several = (payload.get("num_images") or 1) > 1
+    body, headers, attempts = client.post(payload, accept="application/json" if several else "image/*")
     return GenerationResponse.from_http(body, headers, attempts)
 
 
 # ---- sd-lambda generate ------------------------------------------------------------------------------
 
 
+def image_paths(output: Path, count: int) -> list[Path]:
+    """Where ``count`` images go: ``output`` for the first, then ``<stem>-1<suffix>``, ``-2``, ..."""
+    return [output, *(output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(1, count))]
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="call the function URL (SigV4-signed) and save the image",
-        description="Generate one image through the IAM-protected function URL and save it.",
+        help="call the function URL (SigV4-signed) and save the image(s)",
+        description="Generate images through the IAM-protected function URL and save them (several: "
+        "out.png, out-1.png, ...).",
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="the function URL (https://<id>.lambda-url.<region>.on.aws/)")
     where.add_argument("--infra", type=Path, help="read the URL from this Terraform root's outputs")
     add_request_options(parser)
-    parser.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="where to save the image")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="where to save the image (several: this, then <stem>-1<suffix>, <stem>-2<suffix>, ...)",
+    )
     add_json_flag(parser)
     parser.add_argument("--region", help="signing region (default: parsed from the URL)")
     parser.add_argument("--profile", help="AWS profile (default: botocore's default chain)")
     parser.add_argument("--attempts", type=int, default=RetryPolicy.attempts, help="tries before giving up")
+    parser.add_argument(
+        "--job",
+        action="store_true",
+        help="run it as a job (POST /jobs, needs jobs_enabled in the stack): poll with backoff, then "
+        "download the images; for work longer than a call should wait for",
+    )
+    parser.add_argument(
+        "--job-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="with --job: stop waiting after this long in total; the job keeps running "
+        "(default: %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -329,19 +404,50 @@ def finite_float(text: str) -> float:
     return value
 
 
+def image_file_base64(text: str) -> str:
+    """argparse type for --init-image: a file's bytes, base64-encoded as the request carries them."""
+    try:
+        return base64.b64encode(Path(text).read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror or exc}") from None
+
+
+def lora_choice(text: str) -> dict[str, Any]:
+    """argparse type for --lora: ``NAME=SCALE`` (``NAME`` alone: scale 1)."""
+    name, sep, scale = text.partition("=")
+    return {"name": name, "scale": finite_float(scale) if sep else 1.0}
+
+
 _ARG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": finite_float, "string": str}
+# Fields the command line spells its own way: a file for the base64 image, one option per adapter.
+_FIELD_OPTIONS: dict[str, dict[str, Any]] = {
+    "init_image": {
+        "type": image_file_base64,
+        "metavar": "PATH",
+        "help": "image-to-image: start from this PNG, JPEG or WebP file (sent base64-encoded)",
+    },
+    "loras": {
+        "type": lora_choice,
+        "action": "append",
+        "metavar": "NAME=SCALE",
+        "help": "apply this LoRA adapter (repeat for several; scale -2 to 2, default 1)",
+    },
+}
 
 
 def add_request_options(parser: argparse.ArgumentParser) -> None:
     """One option per request field, with the field's own type, choices and description."""
     for name, spec in GenerationRequest.model_fields.items():
+        options = _FIELD_OPTIONS.get(name) or {
+            "type": _ARG_TYPES[type_name(spec)],
+            "choices": choices(spec),
+            "help": spec.description,
+        }
         parser.add_argument(
             FLAGS.get(name, "--" + name.replace("_", "-")),
             dest=name,
-            type=_ARG_TYPES[type_name(spec)],
-            choices=choices(spec),
             required=spec.is_required(),
-            help=spec.description,
+            **options,
         )
 
 
@@ -362,20 +468,29 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         credentials = default_credentials(args.profile)
-        response = generate(
-            url,
-            args.prompt,
-            region=args.region,
-            credentials=credentials,
-            retry=RetryPolicy(attempts=args.attempts),
-            **fields,
-        )
+        if args.job:
+            response = _run_as_job(args, url, fields, credentials)
+        else:
+            response = generate(
+                url,
+                args.prompt,
+                region=args.region,
+                credentials=credentials,
+                retry=RetryPolicy(attempts=args.attempts),
+                **fields,
+            )
     except InvokeError as exc:
         raise CommandError(str(exc)) from None
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(response.image)
+    paths = image_paths(args.output, len(response.images))
+    for path, data in zip(paths, response.images, strict=True):
+        path.write_bytes(data)
     document = {
         "image": str(args.output),
+        "images": [
+            {"path": str(path), "seed": seed, "bytes": len(data)}
+            for path, seed, data in zip(paths, response.seeds, response.images, strict=True)
+        ],
         "url": url,
         "content_type": response.content_type,
         "bytes": len(response.image),
@@ -386,7 +501,10 @@ def run(args: argparse.Namespace) -> int:
         "request_id": response.request_id,
         "attempts": response.attempts,
     }
-    wrote = f"wrote {args.output} ({response.content_type}, {len(response.image)} bytes)"
+    wrote = "\n".join(
+        f"wrote {path} ({response.content_type}, {len(data)} bytes)"
+        for path, data in zip(paths, response.images, strict=True)
+    )
     report(args, document, [wrote, response.summary()])
     if response.fallback:
         print(
@@ -394,3 +512,24 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _run_as_job(
+    args: argparse.Namespace, url: str, fields: Mapping[str, Any], credentials: Any
+) -> GenerationResponse:
+    """``--job``: the same request through POST /jobs, with a progress line per poll on stderr."""
+    from sd_lambda.cli import CommandError
+    from sd_lambda.ops.job_client import PollPolicy, run_job
+
+    if not args.job_timeout > 0:
+        raise CommandError("--job-timeout must be a positive number of seconds")
+    payload = {"prompt": args.prompt, **{name: value for name, value in fields.items() if value is not None}}
+    return run_job(
+        url,
+        payload,
+        region=args.region,
+        credentials=credentials,
+        retry=RetryPolicy(attempts=args.attempts),
+        poll=PollPolicy(timeout_s=args.job_timeout),
+        progress=lambda line: print(f"... {line}", file=sys.stderr, flush=True),
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sd_lambda.serving.errors import ApiError
+from sd_lambda.settings import base64_size
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def http_request(event: dict[str, Any], max_body_bytes: int) -> HttpRequest:
     if not isinstance(raw, str):
         raise ApiError(400, "invalid_body", "the event body must be a string")
     # base64 is 4/3 of the payload: refuse early, before decoding an oversized body.
-    encoded_limit = 4 * ((max_body_bytes + 2) // 3) if event.get("isBase64Encoded") else max_body_bytes
+    encoded_limit = base64_size(max_body_bytes) if event.get("isBase64Encoded") else max_body_bytes
     if len(raw) > encoded_limit:
         raise _too_large(max_body_bytes)
     if event.get("isBase64Encoded"):

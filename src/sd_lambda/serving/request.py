@@ -14,7 +14,7 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import annotated_types
 from pydantic import (
@@ -29,9 +29,23 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from sd_lambda.engine.generation import DECODERS, MEDIA_TYPES, SCHEDULERS, GenerationParams, ModelDefaults
+from sd_lambda.engine.generation import (
+    DECODERS,
+    DEFAULT_STRENGTH,
+    MEDIA_TYPES,
+    SCHEDULERS,
+    GenerationParams,
+    LoraChoice,
+    ModelDefaults,
+)
+from sd_lambda.layout import LayoutError, check_name
 from sd_lambda.serving.errors import ApiError
 from sd_lambda.settings import Settings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from sd_lambda.engine.backend import Engine
 
 UINT32_MAX = 2**32 - 1
 
@@ -48,6 +62,21 @@ class SettingMax:
     @property
     def env(self) -> str:
         return next(f.metadata["env"] for f in fields(Settings) if f.name == self.setting)
+
+
+@dataclass(frozen=True)
+class DecodedMax:
+    """Upper bound on the bytes a base64 string decodes to, read from ``Settings.<setting>``; enforced
+    where the string is decoded (sd_lambda.serving.init_image), documented from here."""
+
+    setting: str
+
+    def limit(self, settings: Settings) -> int:
+        return int(getattr(settings, self.setting))
+
+    @property
+    def env(self) -> str:
+        return SettingMax(self.setting).env
 
 
 @dataclass(frozen=True)
@@ -77,16 +106,50 @@ class EngineChoice:
     doc: str
 
 
-DefaultSource = FromModel | RandomSeed | EngineChoice
+@dataclass(frozen=True)
+class WithInitImage:
+    """Missing -> ``value`` when the request has an init_image; refused without one."""
+
+    value: float
+
+    @property
+    def doc(self) -> str:
+        return f"`{number(self.value)}` with `init_image`"
+
+
+DefaultSource = FromModel | RandomSeed | EngineChoice | WithInitImage
 # width x height, checked in the request when both are given and again once defaults fill the gaps.
 PIXEL_BUDGET = SettingMax("max_pixels")
+# An init image may have this many times the pixel budget (it is scaled down to fit): a 12 MP phone
+# photo passes with the default budget, a canvas claiming gigapixels (a decompression bomb) does not.
+INIT_IMAGE_PIXELS_PER_BUDGET = 25
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 DecoderName = Literal[DECODERS]  # type: ignore[valid-type]
 OutputFormat = Literal[tuple(MEDIA_TYPES)]  # type: ignore[valid-type]
 
 
+class LoraRequest(BaseModel):
+    """One LoRA adapter to apply: ``{"name": ..., "scale": ...}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: Annotated[str, Field(description="An adapter seeded for this model (GET /health lists them).")]
+    scale: Annotated[
+        float,
+        Field(ge=-2, le=2, allow_inf_nan=False, description="How strongly it applies; 0 = not at all."),
+    ]
+
+    @field_validator("name")
+    @classmethod
+    def _a_seeded_name(cls, value: str) -> str:
+        try:
+            return check_name(value, "adapter name")
+        except LayoutError as exc:
+            raise PydanticCustomError("invalid_name", str(exc)) from None
+
+
 class GenerationRequest(BaseModel):
-    """A text-to-image request. ``null`` and absent mean the same: use the default."""
+    """A text-to-image (or image-to-image) request. ``null`` and absent mean the same: use the default."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -149,6 +212,47 @@ class GenerationRequest(BaseModel):
         Field(description="VAE decoder: tiny is much faster, full is the model's own (finer detail)."),
         EngineChoice("`SD_DEFAULT_DECODER`"),
     ] = None
+    num_images: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="Images to generate, seeded `seed`, `seed`+1, ...; more than 1 needs the JSON "
+            "response (`accept: application/json`).",
+        ),
+        SettingMax("max_images"),
+    ] = 1
+    init_image: Annotated[
+        str | None,
+        Field(
+            description="Image-to-image: the image to start from, base64 (a `data:image/...;base64,` "
+            "prefix is allowed) of a PNG, JPEG or WebP; EXIF rotation applied. It is resized to width x "
+            "height; one of them given keeps its aspect ratio; neither: its own size, scaled down within "
+            f"SD_MAX_SIDE and {PIXEL_BUDGET.env} (multiples of 8). At most {INIT_IMAGE_PIXELS_PER_BUDGET} x "
+            f"{PIXEL_BUDGET.env} pixels are read."
+        ),
+        DecodedMax("max_init_image_bytes"),
+        EngineChoice("none (text-to-image)"),
+    ] = None
+    strength: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description="With init_image: how far to move from it (0: the image as the VAE returns it, "
+            "no step runs; 1: almost only the prompt). Runs int(strength x steps) steps.",
+        ),
+        WithInitImage(DEFAULT_STRENGTH),
+    ] = None
+    loras: Annotated[
+        list[LoraRequest] | None,
+        Field(
+            description='LoRA adapters to apply, `[{"name": ..., "scale": -2 to 2}]`, each name once; '
+            "GET /health lists what is available."
+        ),
+        SettingMax("max_loras"),
+        EngineChoice("none"),
+    ] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -181,9 +285,28 @@ class GenerationRequest(BaseModel):
         limit = bound.limit(settings)
         if isinstance(value, str) and len(value) > limit:
             raise PydanticCustomError("too_long_for_setting", "too long", {"limit": limit, "env": bound.env})
+        if isinstance(value, list):
+            if len(value) > limit:
+                raise PydanticCustomError("too_many", "too many", {"limit": limit, "env": bound.env})
+            return value
         if not isinstance(value, str) and value > limit:
             raise PydanticCustomError("above_setting", "too large", {"limit": limit, "env": bound.env})
         return value
+
+    @field_validator("loras")
+    @classmethod
+    def _each_adapter_once(cls, value: list[LoraRequest] | None) -> list[LoraRequest] | None:
+        names = [lora.name for lora in value or ()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise PydanticCustomError("duplicate_adapter", "named twice", {"names": ", ".join(repeated)})
+        return value
+
+    @model_validator(mode="after")
+    def _strength_needs_init_image(self) -> GenerationRequest:
+        if self.strength is not None and self.init_image is None:
+            raise PydanticCustomError("strength_without_init_image", "strength without init_image")
+        return self
 
     @model_validator(mode="after")
     def _within_pixel_budget(self, info: ValidationInfo) -> GenerationRequest:
@@ -227,7 +350,11 @@ def setting_max(field: FieldInfo) -> SettingMax | None:
 
 
 def default_source(field: FieldInfo) -> DefaultSource | None:
-    return next((m for m in field.metadata if isinstance(m, FromModel | RandomSeed | EngineChoice)), None)
+    return next((m for m in field.metadata if isinstance(m, DefaultSource)), None)
+
+
+def decoded_max(field: FieldInfo) -> DecodedMax | None:
+    return _metadata(field, DecodedMax)
 
 
 def bounds(field: FieldInfo, settings: Settings) -> tuple[float | None, float | None]:
@@ -257,9 +384,10 @@ def choices(field: FieldInfo) -> tuple[str, ...] | None:
 def type_name(field: FieldInfo) -> str:
     if choices(field):
         return "string"
-    names = {str: "string", int: "integer", float: "number"}
+    names = {str: "string", int: "integer", float: "number", list: "array"}
     annotation = field.annotation
     for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        candidate = getattr(candidate, "__origin__", candidate)
         if candidate in names:
             return names[candidate]
     return "value"
@@ -267,7 +395,14 @@ def type_name(field: FieldInfo) -> str:
 
 # ---- validation -> ApiError ----------------------------------------------------------------------
 
-_EXPECTED = {"string_type": "a string", "int_type": "an integer", "float_type": "a number"}
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "list_type": "an array",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
 
 
 def _json_type(value: Any) -> str:
@@ -304,28 +439,61 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _field_at(loc: tuple[int | str, ...]) -> tuple[str, FieldInfo | None, type[BaseModel]]:
+    """The display name (``loras[1].scale``), declaration (None: not declared) and model of the field
+    at a pydantic ``loc``; an entry of ``loras`` itself is the ``loras`` field."""
+    name = str(loc[0])
+    field = GenerationRequest.model_fields.get(name)
+    if name == "loras" and len(loc) >= 2:
+        name = f"loras[{loc[1]}]"
+        if len(loc) >= 3:
+            return f"{name}.{loc[2]}", LoraRequest.model_fields.get(str(loc[2])), LoraRequest
+    return name, field, GenerationRequest
+
+
 def _to_api_error(exc: ValidationError, settings: Settings) -> ApiError:
     errors = exc.errors()
-    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+    unknown = [_field_at(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
-        known = ", ".join(GenerationRequest.model_fields)
+        names = [name for name, _, _ in unknown]
+        known = ", ".join(unknown[0][2].model_fields)
         return ApiError(
             400,
             "unknown_field",
-            f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} (known: {known})",
-            unknown[0],
+            f"unknown field{'s' if len(names) > 1 else ''}: {', '.join(names)} (known: {known})",
+            names[0],
         )
     error = errors[0]
-    name = str(error["loc"][0]) if error["loc"] else None
     kind = error["type"]
     value = error.get("input")
+    context = error.get("ctx") or {}
     if kind == "too_many_pixels":
-        context = error.get("ctx") or {}
         return pixel_budget_error(context["width"], context["height"], settings, "width")
-    if name is None:  # the whole body: not an object
+    if kind == "strength_without_init_image":
+        return ApiError(
+            400,
+            "strength_without_init_image",
+            "strength applies to image-to-image only: send init_image with it, or leave strength out",
+            "strength",
+        )
+    if not error["loc"]:  # the whole body: not an object
         return ApiError(400, "not_an_object", f"the request must be a JSON object, got {_json_type(value)}")
-    field = GenerationRequest.model_fields[name]
+    name, declared, _ = _field_at(error["loc"])
+    field = declared or GenerationRequest.model_fields[str(error["loc"][0])]
     low, high = bounds(field, settings)
+    if kind == "too_many":
+        return ApiError(
+            400,
+            "too_many",
+            f"{name} has {len(value)} entries; the limit is {context['limit']} ({context['env']})",
+            name,
+        )
+    if kind == "duplicate_adapter":
+        return ApiError(
+            400, "duplicate_adapter", f"{name} names {context['names']} more than once; name each once", name
+        )
+    if kind == "invalid_name":
+        return ApiError(400, "invalid_name", f"{name}: {error['msg']}", name)
     if kind == "missing":
         return ApiError(400, "missing_field", f"{name} is required", name)
     if (
@@ -400,22 +568,31 @@ def model_default_problems(model_defaults: ModelDefaults, settings: Settings) ->
 
 def resolve(
     request: GenerationRequest,
-    model_defaults: ModelDefaults,
+    engine: Engine,
     settings: Settings,
-    schedulers: tuple[str, ...] = tuple(SCHEDULERS),
-    decoders: tuple[str, ...] = DECODERS,
     default_problems: Mapping[str, str] | None = None,
+    init_image: Image.Image | None = None,
 ) -> GenerationParams:
-    """Fill every absent field from its declared source; check what only the loaded model can tell.
+    """Fill every absent field from its declared source; check what only the loaded engine can tell.
 
     ``default_problems`` (from ``model_default_problems``) are model defaults this function's limits
     refuse: a request that relies on one gets 503 ``model_config``, since only an operator can fix it.
+    ``init_image``: the request's init_image decoded (sd_lambda.serving.init_image.decode_init_image);
+    it is resized here to the request's size, and sets the size the request leaves out.
     """
+    _refuse_unsupported(request, engine)
     values: dict[str, Any] = {}
+    start_size = None
+    if init_image is not None:
+        from sd_lambda.serving.init_image import fit_to, start_image_size  # Pillow: not for the client
+
+        start_size = start_image_size(init_image, request, settings)
     for name, field in GenerationRequest.model_fields.items():
         value = getattr(request, name)
         source = default_source(field)
-        if value is None and isinstance(source, FromModel):
+        if value is None and start_size is not None and name in ("width", "height"):
+            value = start_size[0 if name == "width" else 1]
+        elif value is None and isinstance(source, FromModel):
             problem = (default_problems or {}).get(name)
             if problem is not None:
                 raise ApiError(
@@ -426,14 +603,16 @@ def resolve(
                     f"pass {name} explicitly",
                     name,
                 )
-            value = getattr(model_defaults, source.attribute)
+            value = getattr(engine.defaults, source.attribute)
         elif value is None and isinstance(source, RandomSeed):
             value = secrets.randbelow(UINT32_MAX + 1)
+        elif value is None and isinstance(source, WithInitImage) and init_image is not None:
+            value = source.value
         values[name] = value
     width, height = values["width"], values["height"]
     if width * height > PIXEL_BUDGET.limit(settings):
         raise pixel_budget_error(width, height, settings, "width" if request.width is not None else "height")
-    for name, available in (("scheduler", schedulers), ("decoder", decoders)):
+    for name, available in (("scheduler", engine.schedulers), ("decoder", engine.decoders)):
         if values[name] is not None and values[name] not in available:
             raise ApiError(
                 400,
@@ -441,5 +620,35 @@ def resolve(
                 f"{name} {values[name]!r} is not available for this model; available: {', '.join(available)}",
                 name,
             )
+    values["loras"] = tuple(LoraChoice(lora.name, lora.scale) for lora in request.loras or ())
+    values["init_image"] = None if init_image is None else fit_to(init_image, width, height)
     params = {f.name for f in fields(GenerationParams)}
     return GenerationParams(**{k: v for k, v in values.items() if k in params})
+
+
+def _refuse_unsupported(request: GenerationRequest, engine: Engine) -> None:
+    """A 400 for what the loaded engine cannot do: a feature it lacks, an adapter it does not hold."""
+    features = engine.features
+    wanted = {"init_image": request.init_image is not None, "loras": bool(request.loras)}
+    for feature, asked in wanted.items():
+        if asked and feature not in features:
+            described = engine.describe()
+            why = described.get("unavailable_features", {}).get(feature)
+            raise ApiError(
+                400,
+                "unsupported",
+                f"the {described.get('engine', 'loaded')} engine serving this model does not support "
+                f"{feature}{f' ({why})' if why else ''}: send the request without it (GET /health lists "
+                f"this environment's features: {', '.join(sorted(features)) or 'none'})",
+                feature,
+            )
+    available = engine.adapters
+    for index, lora in enumerate(request.loras or ()):
+        if lora.name not in available:
+            raise ApiError(
+                400,
+                "unknown_adapter",
+                f"no LoRA adapter {lora.name!r} for this model; available: {', '.join(available) or 'none'} "
+                "(GET /health lists them)",
+                f"loras[{index}].name",
+            )

@@ -9,17 +9,20 @@ id (the traceback is logged, never returned). The ``Predictor`` (warm model) sur
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from aws_lambda_powertools import Logger
+from PIL import Image
 
 from sd_lambda.layout import LayoutError
-from sd_lambda.serving.encoding import EncodedImage, encode_within
+from sd_lambda.serving.encoding import EncodedImages, check_fits, encode_within
 from sd_lambda.serving.errors import ApiError, internal_error
 from sd_lambda.serving.events import (
+    HttpRequest,
     binary_response,
     decode_json,
     http_request,
@@ -27,21 +30,37 @@ from sd_lambda.serving.events import (
     json_response,
     wants_json,
 )
+from sd_lambda.serving.init_image import decode_init_image
+from sd_lambda.serving.jobs import (
+    JOBS_PATH,
+    JobStore,
+    caller_key,
+    is_job_event,
+    job_ref_from_event,
+    jobs_disabled,
+)
 from sd_lambda.serving.predictor import Predictor
-from sd_lambda.serving.request import parse_request, resolve
+from sd_lambda.serving.request import GenerationRequest, parse_request, resolve
 from sd_lambda.settings import Settings
 
-ROUTES: dict[str, tuple[str, ...]] = {"/": ("POST",), "/health": ("GET",)}
+ROUTES: dict[str, tuple[str, ...]] = {"/": ("POST",), "/health": ("GET",), JOBS_PATH: ("POST",)}
 
 
 @dataclass
 class Generated:
-    encoded: EncodedImage
+    """A generation's response: image i was generated with seed ``seed + i``."""
+
+    encoded: EncodedImages
     seed: int
     width: int
     height: int
     model: dict[str, str | None]
     timings_ms: dict[str, float]
+    strength: float | None = None  # image-to-image only
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + index for index in range(len(self.encoded.data))]
 
     def headers(self, request_id: str) -> dict[str, str]:
         headers = {
@@ -57,7 +76,10 @@ class Generated:
 
     def as_json(self, request_id: str) -> dict[str, Any]:
         return {
-            "image": base64.b64encode(self.encoded.data).decode("ascii"),
+            "images": [
+                {"image": base64.b64encode(data).decode("ascii"), "seed": seed}
+                for data, seed in zip(self.encoded.data, self.seeds, strict=True)
+            ],
             "format": self.encoded.format,
             "content_type": self.encoded.media_type,
             "seed": self.seed,
@@ -66,6 +88,7 @@ class Generated:
             "model": self.model,
             "timings": self.timings_ms,
             "request_id": request_id,
+            **({"strength": self.strength} if self.strength is not None else {}),
             **({"fallback_from": self.encoded.fallback_from} if self.encoded.fallback_from else {}),
         }
 
@@ -83,20 +106,27 @@ class RequestLog:
 
 
 class Service:
-    def __init__(self, settings: Settings, predictor: Predictor, logger: Logger) -> None:
+    def __init__(
+        self, settings: Settings, predictor: Predictor, logger: Logger, jobs: JobStore | None = None
+    ) -> None:
         self.settings = settings
         self.predictor = predictor
         self.logger = logger
+        self.jobs = jobs if jobs is not None else JobStore(settings) if settings.jobs_bucket else None
 
     def handle(self, event: Any, context: Any = None) -> dict[str, Any]:
         request_id = getattr(context, "aws_request_id", None) or str(uuid.uuid4())
-        log = RequestLog(request_id, "http" if is_function_url_event(event) else "direct")
+        kind = "http" if is_function_url_event(event) else "job" if is_job_event(event) else "direct"
+        log = RequestLog(request_id, kind)
         started = time.perf_counter()
         status, failure = 200, None
         try:
             if log.kind == "http":
-                response = self._http(event, log)
+                response = self._http(event, log, context)
                 status = response["statusCode"]
+            elif log.kind == "job":
+                response = self._run_job(event, log, context)
+                status = response.get("statusCode", 200)
             else:
                 response = self._direct(event, log)
                 status = response.get("statusCode", 200)
@@ -111,13 +141,19 @@ class Service:
 
     # ---- transports ---------------------------------------------------------------------------------
 
-    def _http(self, event: dict[str, Any], log: RequestLog) -> dict[str, Any]:
+    def _http(self, event: dict[str, Any], log: RequestLog, context: Any = None) -> dict[str, Any]:
         try:
             request = http_request(event, self.settings.max_request_bytes)
             log.add(method=request.method, path=request.path)
-            allowed = ROUTES.get(request.path)
+            allowed = ROUTES.get(request.path) or (
+                ("GET",) if request.path.startswith(f"{JOBS_PATH}/") else None
+            )
             if allowed is None:
-                raise ApiError(404, "not_found", f"no route {request.path}; use POST / or GET /health")
+                raise ApiError(
+                    404,
+                    "not_found",
+                    f"no route {request.path}; use POST /, GET /health, POST /jobs or GET /jobs/{{id}}",
+                )
             if request.method not in allowed:
                 raise ApiError(
                     405,
@@ -127,13 +163,15 @@ class Service:
                 )
             if request.path == "/health":
                 return self._health()
-            generated = self._generate(decode_json(request.body), log)
+            if request.path.startswith(JOBS_PATH):
+                return self._jobs(request, event, log, context)
+            generated = self._generate(decode_json(request.body), log, one_image=not wants_json(request))
         except ApiError as error:
             return self._error_response(error, log, log.request_id)
         if wants_json(request):
             return json_response(200, generated.as_json(log.request_id), generated.headers(log.request_id))
         return binary_response(
-            200, generated.encoded.data, generated.encoded.media_type, generated.headers(log.request_id)
+            200, generated.encoded.data[0], generated.encoded.media_type, generated.headers(log.request_id)
         )
 
     def _direct(self, event: Any, log: RequestLog) -> dict[str, Any]:
@@ -145,9 +183,60 @@ class Service:
     def _error_response(self, error: ApiError, log: RequestLog, request_id: str) -> dict[str, Any]:
         log.add(outcome=error.code, error=error.message)
         body = error.body(request_id if error.status >= 500 else None)
-        if log.kind == "direct":
+        if log.kind != "http":
             return {**body, "statusCode": error.status}
         return json_response(error.status, body, {"x-request-id": request_id, **error.headers})
+
+    # ---- jobs (sd_lambda.serving.jobs) ----------------------------------------------------------------
+
+    def _jobs(
+        self, request: HttpRequest, event: dict[str, Any], log: RequestLog, context: Any
+    ) -> dict[str, Any]:
+        if self.jobs is None:
+            raise jobs_disabled()
+        caller = caller_key(event)
+        headers = {"x-request-id": log.request_id}
+        if request.path == JOBS_PATH:
+            data = decode_json(request.body)
+            parse_request(data, self.settings)  # bad input is refused now, exactly as POST / refuses it
+            function_name = getattr(context, "function_name", None)
+            if not function_name:
+                raise ApiError(503, "job_start_failed", "the invocation context names no function to start")
+            status = self.jobs.submit(caller, data, function_name, log.request_id)
+            location = f"{JOBS_PATH}/{status['job_id']}"
+            log.add(job_id=status["job_id"], outcome="queued")
+            return json_response(202, {**status, "status_url": location}, {**headers, "location": location})
+        job_id = request.path[len(JOBS_PATH) + 1 :]
+        log.add(job_id=job_id[:40])
+        body = self.jobs.status(caller, job_id)
+        log.add(outcome=f"job_{body['status']}")
+        return json_response(200, body, headers)
+
+    def _run_job(self, event: dict[str, Any], log: RequestLog, context: Any) -> dict[str, Any]:
+        """The asynchronous invocation POST /jobs started: generate as POST / does, store the outcome."""
+        try:
+            if self.jobs is None:
+                raise jobs_disabled()
+            ref = job_ref_from_event(event)
+        except ApiError as error:
+            return self._error_response(error, log, log.request_id)
+        jobs = self.jobs
+        log.add(job_id=ref.job_id)
+        remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
+        deadline = jobs.clock() + remaining_ms() / 1000 if callable(remaining_ms) else None
+        try:
+            status = jobs.run(
+                ref, lambda data: self._generate(data, log).as_json(log.request_id), deadline, log.request_id
+            )
+        except Exception:
+            # A bug: record it for the caller (the traceback goes to this invocation's log line). If even
+            # that fails, GET /jobs/{id} reports the job lost once its deadline has passed.
+            with contextlib.suppress(Exception):
+                jobs.fail(ref, internal_error(log.request_id))
+            raise
+        error = status.get("error") or {}
+        log.add(job_status=status.get("status"), outcome=error.get("code", log.fields.get("outcome")))
+        return {"job_id": ref.job_id, "status": status.get("status")}
 
     # ---- the work ------------------------------------------------------------------------------------
 
@@ -160,8 +249,19 @@ class Service:
                 return json_response(error.status, {**body, **error.body()})
         return json_response(200, body)
 
-    def _generate(self, data: Any, log: RequestLog) -> Generated:
+    def _generate(self, data: Any, log: RequestLog, *, one_image: bool = False) -> Generated:
+        """Validate, generate and encode. ``one_image``: the response carries one image (binary), so a
+        request for more is refused before any work."""
         request = parse_request(data, self.settings)
+        if one_image and request.num_images > 1:
+            raise ApiError(
+                400,
+                "needs_json",
+                f"num_images={request.num_images} needs the JSON response, which carries a list of "
+                "images: send accept: application/json (a binary response holds one image)",
+                "num_images",
+            )
+        init_image = self._init_image(request)
         with self.predictor.exclusive() as warm:
             log.add(revision=self.predictor.revision, load_ms=round(warm.load_ms, 1), cold=warm.load_ms > 0)
             if warm.load_ms > 0 and self.predictor.prefetch is not None:
@@ -173,21 +273,24 @@ class Service:
                     extra={"default_problems": self.predictor.default_problems},
                 )
             engine = warm.engine
-            params = resolve(
-                request,
-                engine.defaults,
-                self.settings,
-                engine.schedulers,
-                engine.decoders,
-                self.predictor.default_problems,
-            )
+            params = resolve(request, engine, self.settings, self.predictor.default_problems, init_image)
             log.add(
                 steps=params.num_inference_steps,
                 width=params.width,
                 height=params.height,
                 seed=params.seed,
+                images=params.num_images,
                 scheduler=params.scheduler,
                 decoder=params.decoder,
+                **({"strength": params.strength} if params.init_image is not None else {}),
+            )
+            check_fits(
+                params.width,
+                params.height,
+                params.num_images,
+                request.output_format,
+                request.quality,
+                self.settings.max_response_bytes,
             )
             generate_started = time.perf_counter()
             try:
@@ -197,7 +300,7 @@ class Service:
             inference_ms = _ms(generate_started)
         encode_started = time.perf_counter()
         encoded = encode_within(
-            result.image, request.output_format, request.quality, self.settings.max_response_bytes
+            result.images, request.output_format, request.quality, self.settings.max_response_bytes
         )
         timings = {
             "load": round(warm.load_ms, 1),
@@ -209,7 +312,7 @@ class Service:
         log.add(
             outcome="ok",
             format=encoded.format,
-            bytes=len(encoded.data),
+            bytes=sum(map(len, encoded.data)),
             **{f"{name}_ms": ms for name, ms in timings.items()},
         )
         return Generated(
@@ -219,7 +322,12 @@ class Service:
             height=params.height,
             model={"name": self.settings.model_name, "revision": self.predictor.revision},
             timings_ms=timings,
+            strength=params.strength,
         )
+
+    def _init_image(self, request: GenerationRequest) -> Image.Image | None:
+        """The request's init_image decoded, before the model lock is taken (bad input costs no wait)."""
+        return None if request.init_image is None else decode_init_image(request.init_image, self.settings)
 
     def _write_log(self, log: RequestLog, failure: BaseException | None) -> None:
         extra = {"request_id": log.request_id, "kind": log.kind, **log.fields}

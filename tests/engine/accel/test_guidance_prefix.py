@@ -58,12 +58,15 @@ def call_order(unet: torch.nn.Module, run: Callable[[], Any]) -> list[str]:
     return started
 
 
-def guided_inputs(unet: UNet2DConditionModel, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a guided pipeline step passes: the latents twice, stacked; two different prompts."""
+def guided_inputs(
+    unet: UNet2DConditionModel, seed: int = 1, images: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a guided pipeline step passes: the latents twice, stacked; two different prompts (each
+    repeated per image, as diffusers' num_images_per_prompt does)."""
     torch.manual_seed(seed)
-    latents = torch.randn(1, unet.config.in_channels, 8, 8, dtype=unet.dtype)
+    latents = torch.randn(images, unet.config.in_channels, 8, 8, dtype=unet.dtype)
     embeds = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
-    return torch.cat([latents, latents]), embeds
+    return torch.cat([latents, latents]), embeds.repeat_interleave(images, dim=0)
 
 
 def batches_seen(layers: list[torch.nn.Module]) -> list[int]:
@@ -149,6 +152,22 @@ def test_a_guided_call_computes_its_prefix_once_with_the_stock_result(
     torch.testing.assert_close(actual, expected, **tolerance)
     # The two halves differ: each saw its own prompt from the first cross-attention on.
     assert not torch.equal(actual[0], actual[1])
+
+
+def test_several_images_share_their_prefix_per_half_with_the_stock_result(
+    tiny_unet: UNet2DConditionModel,
+) -> None:
+    stock = copy.deepcopy(tiny_unet)
+    unet = copy.deepcopy(tiny_unet)
+    seen = batches_seen(guidance_prefix(unet))
+    prefix = SharedGuidancePrefix(unet)
+    sample, embeds = guided_inputs(unet, images=3)
+    with torch.inference_mode():
+        expected = stock(sample, 500, encoder_hidden_states=embeds).sample
+        actual = unet(sample, torch.tensor(500), encoder_hidden_states=embeds, return_dict=False)[0]
+    assert seen == [3] * len(prefix.layers)  # one half: the three images once
+    assert prefix.shared_calls == 1
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

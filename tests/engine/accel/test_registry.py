@@ -101,7 +101,7 @@ def test_none_loads_stock_diffusers_modules_with_no_hooks(tiny_model_dir: Path) 
     params = GenerationParams(
         prompt="a fox", num_inference_steps=2, guidance_scale=7.5, width=64, height=64, seed=1
     )
-    assert engine.generate(params).image.size == (64, 64)
+    assert engine.generate(params).images[0].size == (64, 64)
 
 
 def test_engine_load_applies_the_selection_in_registry_order(

@@ -157,5 +157,5 @@ def test_engine_folds_the_unet_and_vae_and_computes_the_same_functions(
             torch.testing.assert_close(decoded, stock_vae.decode(latents[:1]).sample, rtol=1e-4, atol=1e-4)
     image = engine.generate(
         GenerationParams(prompt="fox", num_inference_steps=2, guidance_scale=7.5, width=72, height=72, seed=3)
-    ).image
+    ).images[0]
     assert image.size == (72, 72)

@@ -225,3 +225,50 @@ def parameter_counts(size: Size = "sd15") -> dict[str, int]:
     with torch.device("meta"):
         modules = {**_components(spec, seed=0), "vae_tiny": _tiny_decoder(spec, seed=0)}
     return {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+
+
+# The modules a test LoRA targets: every attention projection, as diffusers' LoRA training does.
+LORA_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def build_test_lora(
+    out_dir: Path,
+    model_dir: Path,
+    *,
+    seed: int = 0,
+    rank: int = 2,
+    upsamplers: bool = False,
+    text_encoder: bool = False,
+    weights_name: str = "pytorch_lora_weights.safetensors",
+) -> Path:
+    """Write a random LoRA for the UNet of the model in ``model_dir`` to ``out_dir/weights_name``, in
+    diffusers' format. Both halves are random (PEFT's ``init_lora_weights=False``), so unlike a freshly
+    initialised adapter (lora_B zero) it changes the image. ``upsamplers``: also the UNet upsamplers'
+    convolutions (as LoCon-style adapters train them); ``text_encoder``: also the text encoder's
+    attention."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet", use_safetensors=True)
+    targets = list(LORA_ATTENTION_TARGETS)
+    if upsamplers:
+        targets += [name for name, _ in unet.named_modules() if name.endswith("upsamplers.0.conv")]
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+    if text_encoder:
+        encoder = CLIPTextModel.from_pretrained(Path(model_dir) / "text_encoder", use_safetensors=True)
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=list(LORA_TEXT_ENCODER_TARGETS), init_lora_weights=False
+        )
+        # PEFT's own injection: transformers' add_adapter asks for a newer peft than diffusers does.
+        inject_adapter_in_model(config, encoder)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
+    out_dir = Path(out_dir)
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, weight_name=weights_name, safe_serialization=True, **layers
+    )
+    return out_dir / weights_name

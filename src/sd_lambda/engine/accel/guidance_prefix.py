@@ -10,6 +10,8 @@ half and stack it twice (docs/performance.md has what that measured).
 Each UNet call decides once, before it starts: only a plain call (latents, one timestep, prompt
 embeddings, nothing else) whose two latent halves are equal is shared. Every prefix layer is then a
 per-image function of the same input, so the result is what each half would compute on its own.
+Several images per prompt stack as ``[images, images]``: the halves are then batches of images, shared
+by the same rule.
 Both parts are diffusers hooks: one on the UNet decides per call, one on each prefix layer halves it.
 """
 
@@ -62,6 +64,7 @@ class SharedGuidancePrefix:
         self.layers = guidance_prefix(unet)
         self.shared_calls = 0
         self.sharing = False
+        self.batch = 0  # the shared call's batch (both halves)
         self.signature = inspect.signature(unet.forward)
         HookRegistry.check_if_exists_or_initialize(unet).register_hook(_DecidePerCall(self), HOOK)
         for layer in self.layers:
@@ -90,7 +93,9 @@ class _DecidePerCall(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict]:
         owner = self.owner
-        owner.sharing = owner.is_shareable(owner.signature.bind(*args, **kwargs).arguments)
+        arguments = owner.signature.bind(*args, **kwargs).arguments
+        owner.sharing = owner.is_shareable(arguments)
+        owner.batch = int(arguments["sample"].shape[0])
         owner.shared_calls += owner.sharing
         return args, kwargs
 
@@ -108,18 +113,24 @@ class _OnceForBothHalves(ModelHook):
         forward = self.fn_ref.original_forward
         if not self.owner.sharing:
             return forward(*args, **kwargs)
-        half = forward(*map(_first_half, args), **{name: _first_half(v) for name, v in kwargs.items()})
+        batch = self.owner.batch
+        half = forward(
+            *(_first_half(v, batch) for v in args),
+            **{name: _first_half(v, batch) for name, v in kwargs.items()},
+        )
         return torch.cat([half, half])
 
 
 def _equal_halves(tensor: torch.Tensor) -> bool:
-    return tensor.shape[0] == 2 and torch.equal(tensor[0], tensor[1])
+    half, odd = divmod(tensor.shape[0], 2)
+    return half > 0 and not odd and torch.equal(tensor[:half], tensor[half:])
 
 
-def _first_half(value: Any) -> Any:
-    """A layer's batch-2 tensor arguments (hidden states, the time embedding) cut to their first image."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 2:
-        return value[:1]
+def _first_half(value: Any, batch: int) -> Any:
+    """A layer's tensor arguments over the call's batch (hidden states, the time embedding) cut to
+    their first half."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[: batch // 2]
     return value
 
 

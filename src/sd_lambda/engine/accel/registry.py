@@ -92,8 +92,8 @@ ACCELERATIONS: tuple[Acceleration, ...] = (
     ),
     Acceleration(
         "vae_encoder_drop",
-        "free the VAE's encoder half, which text-to-image never runs",
-        default=True,
+        "free the VAE's encoder half, which only image-to-image runs (init_image is then refused)",
+        default=False,
         stage="pipeline",
         entry="sd_lambda.engine.accel.vae_encoder_drop:VaeEncoderDrop",
     ),
