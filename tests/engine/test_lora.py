@@ -132,6 +132,42 @@ def test_an_adapter_seeded_after_the_load_is_found_without_a_reload(
         shutil.rmtree(model.adapter("late").model_dir)
 
 
+def test_an_adapter_named_with_a_dot_loads(model: ModelPaths, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """PEFT refuses dots in adapter names (its ModuleDict keys); layout names may hold them."""
+    engine = load(model)
+    install_release(
+        model.adapter("sd1.5-style"), "a1", build_test_lora(tmp_path / "dot", tiny_model_dir).parent
+    )
+    try:
+        styled = pixels(engine, LoraChoice("sd1.5-style", 1.0))
+        assert np.abs(styled - pixels(engine)).max() > 0
+        assert np.array_equal(styled, pixels(engine, LoraChoice("style", 1.0)))  # the same weights
+    finally:
+        shutil.rmtree(model.adapter("sd1.5-style").model_dir)
+
+
+def test_a_warm_environment_follows_an_adapters_current(
+    model: ModelPaths, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A new seed or a rollback of an adapter reaches environments that loaded it before."""
+    engine = load(model)
+    adapter = model.adapter("moving")
+    install_release(adapter, "a1", build_test_lora(tmp_path / "a1", tiny_model_dir, seed=5).parent)
+    try:
+        first = pixels(engine, LoraChoice("moving", 1.0))
+        install_release(adapter, "a2", build_test_lora(tmp_path / "a2", tiny_model_dir, seed=6).parent)
+        second = pixels(engine, LoraChoice("moving", 1.0))
+        assert np.abs(second - first).max() > 0
+        assert engine.describe()["loras"]["loaded"]["moving"] == "a2"
+        with adapter.locked() as lock:
+            from sd_lambda.layout import activate_release
+
+            activate_release(adapter, "a1", lock)  # a rollback
+        assert np.array_equal(pixels(engine, LoraChoice("moving", 1.0)), first)
+    finally:
+        shutil.rmtree(adapter.model_dir)
+
+
 def test_a_broken_adapter_is_a_layout_error_and_leaves_nothing_active(
     model: ModelPaths, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

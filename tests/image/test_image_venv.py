@@ -241,7 +241,7 @@ def test_awslambdaric_serves_the_handler_from_the_image_venv(
     assert result.ok, f"{result.error_type}: {result.error}\n{log_path.read_text()[-3000:]}"
     response = json.loads(result.payload)
     assert response["seed"] == 5
-    image = Image.open(io.BytesIO(base64.b64decode(response["image"])))
+    image = Image.open(io.BytesIO(base64.b64decode(response["images"][0]["image"])))
     assert image.format == "PNG"
     assert image.size == (response["width"], response["height"])
 
@@ -287,7 +287,7 @@ def test_awslambdaric_serves_an_openvino_release_without_the_torch_stack(
     response = json.loads(result.payload)
     assert "error" not in response, f"{response}\n{log_path.read_text()[-3000:]}"
     assert response["seed"] == 5
-    image = Image.open(io.BytesIO(base64.b64decode(response["image"])))
+    image = Image.open(io.BytesIO(base64.b64decode(response["images"][0]["image"])))
     assert image.format == "PNG"
     assert image.size == (response["width"], response["height"])
     imported = [json.loads(line) for line in attempts.read_text().splitlines()] if attempts.exists() else []

@@ -206,3 +206,27 @@ def test_cli_refuses_a_non_positive_job_timeout(
     assert code == 1
     assert "--job-timeout must be a positive number" in capsys.readouterr().err
     assert server.received == []
+
+
+def test_a_poll_that_times_out_is_retried_then_one_error_not_a_traceback() -> None:
+    import requests
+
+    from sd_lambda.ops.client import FunctionUrlClient
+    from sd_lambda.ops.job_client import signed_get
+
+    class TimingOut:
+        calls = 0
+
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            TimingOut.calls += 1
+            raise requests.exceptions.ReadTimeout("read timed out")
+
+    client = FunctionUrlClient(
+        "http://127.0.0.1:9/",
+        region="eu-west-1",
+        retry=RetryPolicy(attempts=2, sleep=lambda seconds: None),
+        session=TimingOut(),
+    )
+    with pytest.raises(InvokeError, match="read timed out"):
+        signed_get(client, "http://127.0.0.1:9/jobs/" + JOB_ID)
+    assert TimingOut.calls == 2

@@ -70,7 +70,9 @@ def test_scale_zero_is_the_image_without_the_adapter(service: LoggedService) -> 
     assert np.abs(zero - plain).max() <= 1
 
 
-def test_health_lists_the_adapters(service: LoggedService) -> None:
+def test_health_lists_the_adapters(service: LoggedService, model: ModelPaths) -> None:
+    cold = body_json(LoggedService(settings_for(model))(url_event("GET", "/health")))
+    assert (cold["loaded"], cold["loras"]) == (False, {"available": [ADAPTER]})  # before any load
     image(generate(service, loras=[{"name": ADAPTER, "scale": 0.5}]))
     health = body_json(service(url_event("GET", "/health")))
     assert "loras" in health["features"]
@@ -167,3 +169,22 @@ def test_isolation_through_the_lambda_runtime(model: ModelPaths, tmp_path: Path)
         first = _invoke_png(fresh)
     assert after == first
     assert styled != first
+
+
+def test_a_request_without_loras_never_lists_the_adapters() -> None:
+    """Listing adapters reads EFS: a plain text-to-image request must not wait on it."""
+    from sd_lambda.serving.request import _refuse_unsupported, parse_request
+
+    class NoListing:
+        features = frozenset({"init_image", "loras"})
+
+        @property
+        def adapters(self) -> tuple[str, ...]:
+            raise AssertionError("listed the adapters for a request that names none")
+
+    _refuse_unsupported(parse_request({"prompt": "a fox"}, Settings()), NoListing())  # type: ignore[arg-type]
+    with pytest.raises(AssertionError, match="listed"):
+        _refuse_unsupported(
+            parse_request({"prompt": "a fox", "loras": [{"name": ADAPTER, "scale": 1}]}, Settings()),
+            NoListing(),  # type: ignore[arg-type]
+        )

@@ -6,6 +6,7 @@ import base64
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import TEST_MODEL_NAME, TEST_REVISION, seed_release
 from PIL import Image
@@ -265,6 +266,19 @@ def test_a_direct_invoke_returns_several_images_and_health_lists_the_features(wa
     assert (line["images"], line["seed"]) == (2, 11)
     health = body_json(warm(url_event(method="GET", path="/health")))
     assert "init_image" in health["features"]
+
+
+def test_seeds_of_several_images_wrap_within_the_seed_space(warm: LoggedService) -> None:
+    """Every seed a response reports can be sent back: the last 32-bit seed is followed by 0."""
+    result = warm({**REQUEST, "seed": 2**32 - 1, "num_images": 2})
+    assert [entry["seed"] for entry in result["images"]] == [2**32 - 1, 0]
+    again = warm({**REQUEST, "seed": 0})
+
+    def pixels(entry: dict) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["image"])))).astype(int)
+
+    # Within the batch's rounding (a batch of two runs other kernels than a batch of one).
+    assert np.abs(pixels(result["images"][1]) - pixels(again["images"][0])).max() <= 2
 
 
 def test_init_image_is_unsupported_when_the_vae_encoder_was_freed(settings: Settings) -> None:

@@ -40,6 +40,16 @@ class LoraChoice:
     scale: float
 
 
+# Seeds are 32-bit: torch's manual_seed and OpenVINO's generator both take a seed modulo 2**32.
+SEED_SPACE = 2**32
+
+
+def image_seeds(seed: int, count: int) -> tuple[int, ...]:
+    """The seed of each of ``count`` images: seed, seed+1, ..., wrapping within the 32-bit seed space so
+    every seed a response reports can be sent back and gives the same image."""
+    return tuple((seed + index) % SEED_SPACE for index in range(count))
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     prompt: str
@@ -56,6 +66,10 @@ class GenerationParams:
     init_image: Image.Image | None = None
     strength: float | None = None  # how far from init_image (DEFAULT_STRENGTH when None); unused without
     loras: tuple[LoraChoice, ...] = ()
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return image_seeds(self.seed, self.num_images)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ therefore computes exactly what a fresh environment does (the two forms round di
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,13 @@ class LoadedAdapter:
     revision: str
     file: Path
     text_encoder: bool  # it has tensors for the text encoder
+
+
+def peft_name(name: str) -> str:
+    """The name PEFT keeps an adapter under: PEFT stores adapters in ``torch.nn.ModuleDict``s, whose keys
+    may not contain a dot, which adapter names may (``sd1.5-style``). A digest of the name, so two
+    public names never meet in one PEFT name."""
+    return "lora_" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def tensor_names(path: Path) -> list[str]:
@@ -137,15 +145,22 @@ class Adapters:
             self._load(choice.name)
         self._use_stock_upsamplers(any(c.name in self._upsampler_adapters for c in choices))
         self.pipeline.enable_lora()
-        self.pipeline.set_adapters([c.name for c in choices], [c.scale for c in choices])
+        self.pipeline.set_adapters([peft_name(c.name) for c in choices], [c.scale for c in choices])
         self.active = choices
 
     def _load(self, name: str) -> None:
-        if name in self.loaded:
-            return
         if self.paths is None:
             raise LayoutError(f"no LoRA adapter {name!r}: this engine was loaded without a model folder")
         adapter = self.paths.adapter(name)
+        if name in self.loaded:
+            # An adapter's current moves (a new seed, a rollback) while the environment stays warm: one
+            # readlink per request that names it keeps the served weights the seeded ones.
+            if adapter.current_revision() == self.loaded[name].revision:
+                return
+            logger.info("lora %s: current moved from %s, loading again", name, self.loaded[name].revision)
+            self._forget(name)
+            self.loaded.pop(name)
+            self._upsampler_adapters.discard(name)
         release = adapter.resolve_current()  # ModelNotSeededError is a LayoutError
         weights = lora_weights_file(release)
         try:
@@ -155,7 +170,9 @@ class Adapters:
         upsamplers = any(UPSAMPLER_MARK in key for key in names)
         self._use_stock_upsamplers(upsamplers)  # loaded into the modules it targets
         try:
-            self.pipeline.load_lora_weights(str(release), weight_name=weights.name, adapter_name=name)
+            self.pipeline.load_lora_weights(
+                str(release), weight_name=weights.name, adapter_name=peft_name(name)
+            )
         except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
             self._use_stock_upsamplers(False)
             self._forget(name)
@@ -171,7 +188,7 @@ class Adapters:
             )
             self.stepped_aside["upsample_fold"] = reason
             logger.info("engine acceleration upsample_fold steps aside: %s", reason)
-        self.loaded[name] = LoadedAdapter(str(adapter.current_revision()), weights, text_encoder)
+        self.loaded[name] = LoadedAdapter(release.name, weights, text_encoder)
         logger.info(
             "lora %s loaded: revision %s, %d tensors%s",
             name,
@@ -193,7 +210,7 @@ class Adapters:
     def _forget(self, name: str) -> None:
         """Drop what a failed load may have injected, so the name can load again later."""
         try:
-            self.pipeline.delete_adapters(name)
+            self.pipeline.delete_adapters(peft_name(name))
         except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
             logger.info("lora %s: nothing to delete after the failed load (%s)", name, exc)
 

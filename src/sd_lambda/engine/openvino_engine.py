@@ -347,7 +347,7 @@ class OpenVINOEngine:
         text_encoder_ms = unet_ms = decode_ms = denoise_ms = postprocess_ms = 0.0
         unet_calls = 0
         # One image after another, image i seeded seed + i: the UNet is compiled for one image's batch.
-        for index in range(params.num_images):
+        for seed in params.seeds:
             image_started = time.perf_counter()
             tensor = pipeline.generate(
                 params.prompt,
@@ -355,7 +355,7 @@ class OpenVINOEngine:
                 height=params.height,
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
-                generator=SeededGenerator(params.seed + index),
+                generator=SeededGenerator(seed),
                 **options,
             )
             generated = time.perf_counter()

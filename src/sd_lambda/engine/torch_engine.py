@@ -358,7 +358,7 @@ class Engine:
             state.start()
         # One generator per image, seeded seed + i: image i is what a one-image request with seed + i
         # gives (diffusers draws each image's noise from its own generator).
-        generators = [torch.Generator().manual_seed(params.seed + i) for i in range(params.num_images)]
+        generators = [torch.Generator().manual_seed(seed) for seed in params.seeds]
         common = {
             "prompt_embeds": prompt_embeds,
             "negative_prompt_embeds": negative_embeds,

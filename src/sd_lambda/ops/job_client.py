@@ -58,7 +58,7 @@ def signed_get(client: FunctionUrlClient, url: str) -> tuple[bytes, dict[str, st
         )
         try:
             response = client.session.get(url, headers=headers, timeout=client.timeout, allow_redirects=False)
-        except requests.exceptions.ConnectionError as exc:
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             last_failure = f"connection failed: {_first_line(exc)}"
         else:
             response_headers = {name.lower(): value for name, value in response.headers.items()}
@@ -129,7 +129,9 @@ def run_job(
         request_id=status.get("run_request_id") or status.get("request_id"),
         model=model.get("name"),
         revision=model.get("revision"),
-        fallback=status.get("fallback_from"),
+        fallback=f"{status['fallback_from']}->{status.get('format')}"
+        if status.get("fallback_from")
+        else None,
         attempts=attempts,
     )
 

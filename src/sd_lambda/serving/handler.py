@@ -10,8 +10,8 @@ Stable names (the image and the local runtime rely on them):
 
 - ``handler(event, context)``: a function URL payload 2.0 event -> a function URL result
   (``statusCode``/``headers``/``body``/``isBase64Encoded``); any other event is a direct invoke whose
-  event is the request object itself -> a JSON object (``image``, ``seed``, ``model``, ``timings``, or
-  ``error`` + ``statusCode``).
+  event is the request object itself -> a JSON object (``images`` [{``image``, ``seed``}], ``seed``,
+  ``model``, ``timings``, or ``error`` + ``statusCode``); a job event (serving.jobs) runs a stored job.
 - ``PREDICTOR``: the warm model holder; ``PREDICTOR.loads`` counts model loads in this environment.
 - ``SETTINGS``: ``Settings.from_env()``; a malformed variable fails init with the variable's name.
 - ``ENGINE``: the engine imported at init for the current release (torch, openvino; None if unseeded).

@@ -145,6 +145,8 @@ class Predictor:
             "revision": self.paths.current_revision(),
             "dtype": self.settings.dtype,
             "threads": cpu.choose_threads(self.settings)[0],
+            # What a request could name once loaded (the torch engine runs them; the load says which).
+            "loras": {"available": self.paths.adapter_names()},
         }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -34,6 +34,7 @@ from sd_lambda.engine.generation import (
     DEFAULT_STRENGTH,
     MEDIA_TYPES,
     SCHEDULERS,
+    SEED_SPACE,
     GenerationParams,
     LoraChoice,
     ModelDefaults,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
     from sd_lambda.engine.backend import Engine
 
-UINT32_MAX = 2**32 - 1
+UINT32_MAX = SEED_SPACE - 1
 
 
 @dataclass(frozen=True)
@@ -642,7 +643,13 @@ def _refuse_unsupported(request: GenerationRequest, engine: Engine) -> None:
                 f"this environment's features: {', '.join(sorted(features)) or 'none'})",
                 feature,
             )
-    available = engine.adapters
+    if not request.loras:
+        return  # listing the adapters reads EFS: only for requests that name one
+    refuse_unknown_adapters(request, engine.adapters)
+
+
+def refuse_unknown_adapters(request: GenerationRequest, available: Sequence[str]) -> None:
+    """A 400 naming the first adapter of ``request`` that is not in ``available``."""
     for index, lora in enumerate(request.loras or ()):
         if lora.name not in available:
             raise ApiError(

@@ -18,6 +18,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from PIL import Image
 
+from sd_lambda.engine.generation import image_seeds
 from sd_lambda.layout import LayoutError
 from sd_lambda.serving.encoding import EncodedImages, check_fits, encode_within
 from sd_lambda.serving.errors import ApiError, internal_error
@@ -40,7 +41,7 @@ from sd_lambda.serving.jobs import (
     jobs_disabled,
 )
 from sd_lambda.serving.predictor import Predictor
-from sd_lambda.serving.request import GenerationRequest, parse_request, resolve
+from sd_lambda.serving.request import GenerationRequest, parse_request, refuse_unknown_adapters, resolve
 from sd_lambda.settings import Settings
 
 ROUTES: dict[str, tuple[str, ...]] = {"/": ("POST",), "/health": ("GET",), JOBS_PATH: ("POST",)}
@@ -48,7 +49,7 @@ ROUTES: dict[str, tuple[str, ...]] = {"/": ("POST",), "/health": ("GET",), JOBS_
 
 @dataclass
 class Generated:
-    """A generation's response: image i was generated with seed ``seed + i``."""
+    """A generation's response: image i was generated with seed ``seed + i`` (generation.image_seeds)."""
 
     encoded: EncodedImages
     seed: int
@@ -60,7 +61,7 @@ class Generated:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.seed + index for index in range(len(self.encoded.data))]
+        return list(image_seeds(self.seed, len(self.encoded.data)))
 
     def headers(self, request_id: str) -> dict[str, str]:
         headers = {
@@ -198,7 +199,12 @@ class Service:
         headers = {"x-request-id": log.request_id}
         if request.path == JOBS_PATH:
             data = decode_json(request.body)
-            parse_request(data, self.settings)  # bad input is refused now, exactly as POST / refuses it
+            # Bad input is refused now, as POST / refuses it: the fields, the start image, the adapter
+            # names (what needs the loaded model, e.g. the engine's features, is checked by the run).
+            checked = parse_request(data, self.settings)
+            self._init_image(checked)
+            if checked.loras:
+                refuse_unknown_adapters(checked, self.predictor.paths.adapter_names())
             function_name = getattr(context, "function_name", None)
             if not function_name:
                 raise ApiError(503, "job_start_failed", "the invocation context names no function to start")
