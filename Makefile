@@ -214,7 +214,9 @@ invoke: $(OPS_STAMP) ## Generate one image through the function URL (SigV4): mak
 # point, the weights bucket, the KMS key or the ECR repository), INFRA (the Terraform root), JSON=1 (one JSON
 # document on stdout). See docs/deploy.md.
 # Run by `apply` once the repository exists (not $(MAKE): `make -n apply` must not deploy anything).
-PUSH_COMMAND ?= make --no-print-directory build-image push-image
+# With weights_source = "image" the model to bake goes along: MODEL_DIR= or MODEL= (NAME=).
+BAKED_MODEL = $(or $(MODEL_DIR),$(MODEL))
+PUSH_COMMAND ?= make --no-print-directory build-image push-image$(if $(MODEL_DIR), MODEL_DIR=$(call q,$(MODEL_DIR)))$(if $(MODEL), MODEL=$(call q,$(MODEL)))$(if $(NAME), NAME=$(call q,$(NAME)))
 REGION_FLAG = $(if $(REGION),--region $(call q,$(REGION)))
 IMAGE_URI_FLAG = $(if $(IMAGE_URI),--image-uri $(call q,$(IMAGE_URI)))
 STACK_FLAGS = --infra $(call q,$(INFRA)) $(REGION_FLAG) $(addprefix --var-file ,$(TFVARS)) $(JSON_FLAG)
@@ -231,10 +233,10 @@ preflight: $(OPS_STAMP) ## Check credentials, terraform, docker and the account'
 plan: $(OPS_STAMP) ## terraform plan infra/ with the image apply would deploy (REGION= TFVARS= IMAGE_URI= BACKEND_CONFIG=)
 	$(SD_LAMBDA) deploy plan $(DEPLOY_ARGS) $(STATE_ARGS) $(IMAGE_URI_FLAG) $(PROTECTION_ARGS)
 
-apply: $(OPS_STAMP) ## Deploy: preflight, ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active
+apply: $(OPS_STAMP) ## Deploy: preflight, ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active; weights_source = "image": MODEL_DIR= or MODEL= bakes the model in
 	$(SD_LAMBDA) deploy apply $(DEPLOY_ARGS) $(STATE_ARGS) \
 		$(or $(IMAGE_URI_FLAG),--push-command $(call q,$(PUSH_COMMAND)) --docker $(call q,$(DOCKER))) \
-		$(PROTECTION_ARGS)
+		$(if $(and $(BAKED_MODEL),$(if $(IMAGE_URI),,1)),--baked-model $(call q,$(BAKED_MODEL))) $(PROTECTION_ARGS)
 
 destroy: $(OPS_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
 	$(SD_LAMBDA) deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)
@@ -271,9 +273,12 @@ seed-lora: $(OPS_STAMP) ## Put a LoRA adapter for a seeded model on EFS (<model>
 		$(if $(LORA_NAME),--lora-name $(call q,$(LORA_NAME))) \
 		$(if $(REVISION),--revision $(call q,$(REVISION))) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 
-rollback: $(OPS_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model) [LORA_NAME=] (one of its LoRA adapters)
-	$(SD_LAMBDA) rollback $(if $(or $(NAME),$(MODEL)),--name $(call q,$(or $(NAME),$(MODEL)))) \
-		--revision $(call q,$(REVISION)) $(NOT_SERVED_FLAG) $(if $(LORA_NAME),--lora-name $(call q,$(LORA_NAME))) \
+# An image stack (weights_source = "image") redeploys the previously deployed image instead (REVISION=sha256:...
+# picks one; TFVARS= as for apply); an EFS stack's arguments follow the --.
+rollback: $(OPS_STAMP) ## Switch a model's current back to an older release on EFS: REVISION=... [NAME=] (default: the served model) [LORA_NAME=] (one of its LoRA adapters); weights in the image: redeploy the previous image
+	$(SD_LAMBDA) deploy rollback $(DEPLOY_ARGS) --revision $(call q,$(REVISION)) $(PROTECTION_ARGS) -- \
+		$(if $(or $(NAME),$(MODEL)),--name $(call q,$(or $(NAME),$(MODEL)))) \
+		$(NOT_SERVED_FLAG) $(if $(LORA_NAME),--lora-name $(call q,$(LORA_NAME))) \
 		$(SEED_STACK_ARGS)
 
 # ---- performance -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 # sd-lambda: a text-to-image Lambda function behind an IAM-authenticated function URL, with the model
-# weights on EFS, seeded from S3 by a private EC2 instance. No provider block: this directory is both
-# the deployable stack (`make apply`) and a module other stacks call (see examples/).
+# weights on EFS, seeded from S3 by a private EC2 instance (weights_source = "efs"), or baked into the
+# function image (weights_source = "image": no EFS, no seeder, by default no VPC). No provider block: this
+# directory is both the deployable stack (`make apply`) and a module other stacks call (see examples/).
 
 locals {
   # Fixed by the contract between the seeding driver, the seeder and the handler.
@@ -8,6 +9,12 @@ locals {
   weights_prefix = "models/"
 
   tags = merge({ "sd-lambda:stack" = var.name }, var.tags)
+
+  # The one place the weights source turns into what exists: EFS (its security groups, mount targets,
+  # seeder and SSM endpoints) only for "efs"; a VPC whenever EFS is used, otherwise only when asked for.
+  weights_on_efs = var.weights_source == "efs"
+  vpc_enabled    = var.vpc_enabled == null ? local.weights_on_efs : var.vpc_enabled
+  create_seeder  = local.weights_on_efs && var.create_seeder
 
   create_kms_key = var.kms_key_arn == null
   kms_key_arn    = local.create_kms_key ? aws_kms_key.this[0].arn : var.kms_key_arn
@@ -28,7 +35,17 @@ data "aws_region" "current" {
   # block may only refer to its own variable. (The weights bucket module checks its own inputs.)
   lifecycle {
     precondition {
-      condition     = !var.create_seeder || var.create_ssm_endpoints || length(var.seeder_https_egress_cidrs) > 0
+      condition     = local.vpc_enabled || !local.weights_on_efs
+      error_message = "weights_source = \"efs\" needs vpc_enabled = true (or null): Lambda mounts EFS only from subnets of a VPC. Set weights_source = \"image\" to run the function outside a VPC."
+    }
+
+    precondition {
+      condition     = local.vpc_enabled || (var.vpc_id == null && length(var.private_subnet_ids) == 0)
+      error_message = "vpc_id / private_subnet_ids are set but the function runs outside a VPC (weights_source = \"image\" with vpc_enabled null or false): set vpc_enabled = true to attach it to that VPC, or drop them."
+    }
+
+    precondition {
+      condition     = !local.create_seeder || var.create_ssm_endpoints || length(var.seeder_https_egress_cidrs) > 0
       error_message = "The seeder is only reachable through SSM: with create_ssm_endpoints = false, set seeder_https_egress_cidrs to where the VPC's existing SSM endpoints (or NAT path) are, or set create_seeder = false."
     }
 
@@ -111,6 +128,7 @@ resource "aws_kms_alias" "this" {
 
 module "network" {
   source = "./modules/network"
+  count  = local.vpc_enabled ? 1 : 0
 
   name   = var.name
   region = var.region
@@ -126,7 +144,8 @@ module "network" {
   create_s3_endpoint      = var.create_s3_endpoint
   s3_endpoint_policy      = var.s3_endpoint_policy
 
-  create_ssm_endpoints      = var.create_ssm_endpoints
+  efs_enabled               = local.weights_on_efs
+  create_ssm_endpoints      = local.weights_on_efs && var.create_ssm_endpoints
   seeder_https_egress_cidrs = var.seeder_https_egress_cidrs
   s3_endpoint_bucket_arns   = [module.weights_bucket.bucket_arn]
   ssh_ingress_cidrs         = var.ssh_ingress_cidrs
@@ -162,28 +181,29 @@ module "weights_bucket" {
 
 module "efs" {
   source = "./modules/efs"
+  count  = local.weights_on_efs ? 1 : 0
 
   name               = "${var.name}-models"
   region             = var.region
   tags               = local.tags
-  subnets            = module.network.private_subnets_by_key
-  security_group_ids = [module.network.efs_security_group_id]
+  subnets            = module.network[0].private_subnets_by_key
+  security_group_ids = [module.network[0].efs_security_group_id]
   kms_key_arn        = local.kms_key_arn
   access_point_path  = "/models"
 
   read_only_role_arns  = [module.lambda.role_arn]
-  read_write_role_arns = var.create_seeder ? [module.seeder.role_arn] : []
+  read_write_role_arns = local.create_seeder ? [module.seeder.role_arn] : []
 }
 
 module "seeder" {
   source = "./modules/seeder"
 
-  create             = var.create_seeder
+  create             = local.create_seeder
   name               = var.name
   region             = var.region
   tags               = local.tags
-  subnet_id          = module.network.private_subnet_ids[0]
-  security_group_ids = [module.network.seeder_security_group_id]
+  subnet_id          = try(module.network[0].private_subnet_ids[0], null)
+  security_group_ids = compact([try(module.network[0].seeder_security_group_id, null)])
   instance_type      = var.seeder_instance_type
   architecture       = var.seeder_architecture
   key_name           = var.seeder_key_name
@@ -192,10 +212,10 @@ module "seeder" {
   role_path                     = var.iam_role_path
   role_permissions_boundary_arn = var.iam_role_permissions_boundary_arn
 
-  file_system_id   = module.efs.file_system_id
-  file_system_arn  = module.efs.file_system_arn
-  access_point_id  = module.efs.access_point_id
-  access_point_arn = module.efs.access_point_arn
+  file_system_id   = one(module.efs[*].file_system_id)
+  file_system_arn  = one(module.efs[*].file_system_arn)
+  access_point_id  = one(module.efs[*].access_point_id)
+  access_point_arn = one(module.efs[*].access_point_arn)
   mount_path       = local.mount_path
 
   weights_bucket_arn  = module.weights_bucket.bucket_arn
@@ -224,10 +244,13 @@ module "lambda" {
   local_mount_path       = local.mount_path
   environment_variables  = var.environment_variables
 
-  subnet_ids         = module.network.private_subnet_ids
-  security_group_ids = [module.network.lambda_security_group_id]
-  file_system_arn    = module.efs.file_system_arn
-  access_point_arn   = module.efs.access_point_arn
+  # weights_source = "image": no file system, and the image's own MODEL_ROOT/MODEL_NAME stand.
+  efs_enabled        = local.weights_on_efs
+  vpc_enabled        = local.vpc_enabled
+  subnet_ids         = try(module.network[0].private_subnet_ids, [])
+  security_group_ids = compact([try(module.network[0].lambda_security_group_id, null)])
+  file_system_arn    = one(module.efs[*].file_system_arn)
+  access_point_arn   = one(module.efs[*].access_point_arn)
 
   kms_key_arn           = local.kms_key_arn
   log_retention_days    = var.log_retention_days
@@ -247,5 +270,17 @@ module "lambda" {
   jobs_url_ttl                = var.jobs_url_ttl_seconds
   jobs_maximum_event_age      = var.jobs_maximum_event_age_seconds
   jobs_maximum_retry_attempts = var.jobs_maximum_retry_attempts
-  jobs_lambda_endpoint_url    = module.network.lambda_endpoint_url
+  # Outside a VPC the function reaches Lambda's public regional endpoint: no interface endpoint.
+  jobs_lambda_endpoint_url = one(module.network[*].lambda_endpoint_url)
+}
+
+# weights_source made the network and the file system optional: existing stacks keep them in place.
+moved {
+  from = module.network
+  to   = module.network[0]
+}
+
+moved {
+  from = module.efs
+  to   = module.efs[0]
 }

@@ -46,18 +46,28 @@ output "jobs_prefix" {
 }
 
 output "lambda_endpoint_id" {
-  description = "Id of the Lambda API interface endpoint the function starts its jobs through (null when jobs_enabled = false)."
-  value       = module.network.lambda_endpoint_id
+  description = "Id of the Lambda API interface endpoint the function starts its jobs through (null when jobs_enabled = false or without a VPC: the function then uses the public endpoint)."
+  value       = one(module.network[*].lambda_endpoint_id)
 }
 
 output "model_name" {
-  description = "Slug of the served model (MODEL_NAME)."
-  value       = var.model_name
+  description = "Slug of the served model (MODEL_NAME); null with weights_source = \"image\", whose image sets MODEL_NAME itself."
+  value       = local.weights_on_efs ? var.model_name : null
 }
 
 output "model_root" {
-  description = "Where the function mounts the access point (MODEL_ROOT)."
-  value       = local.mount_path
+  description = "Where the function mounts the access point (MODEL_ROOT); null with weights_source = \"image\", whose image sets MODEL_ROOT (/opt/models)."
+  value       = local.weights_on_efs ? local.mount_path : null
+}
+
+output "weights_source" {
+  description = "Where the function reads the model: \"efs\" or \"image\". The operator tools read it (seeding refuses \"image\"; rollback then redeploys an earlier image)."
+  value       = var.weights_source
+}
+
+output "vpc_enabled" {
+  description = "Whether the function runs in a VPC."
+  value       = local.vpc_enabled
 }
 
 ################################################################################
@@ -94,18 +104,18 @@ output "weights_prefix" {
 }
 
 output "seeder_instance_id" {
-  description = "Id of the seeder instance (null when create_seeder = false)."
+  description = "Id of the seeder instance (null when create_seeder = false or weights_source = \"image\")."
   value       = module.seeder.instance_id
 }
 
 output "seeder_role_arn" {
-  description = "ARN of the seeder's IAM role (null when create_seeder = false)."
+  description = "ARN of the seeder's IAM role (null when create_seeder = false or weights_source = \"image\")."
   value       = module.seeder.role_arn
 }
 
 output "seeder_mount_path" {
-  description = "Where the seeder mounts the EFS access point."
-  value       = module.seeder.mount_path
+  description = "Where the seeder mounts the EFS access point (null with weights_source = \"image\")."
+  value       = local.weights_on_efs ? module.seeder.mount_path : null
 }
 
 ################################################################################
@@ -113,23 +123,23 @@ output "seeder_mount_path" {
 ################################################################################
 
 output "efs_file_system_id" {
-  description = "Id of the EFS file system holding the models."
-  value       = module.efs.file_system_id
+  description = "Id of the EFS file system holding the models (null with weights_source = \"image\")."
+  value       = one(module.efs[*].file_system_id)
 }
 
 output "efs_file_system_arn" {
-  description = "ARN of the EFS file system."
-  value       = module.efs.file_system_arn
+  description = "ARN of the EFS file system (null with weights_source = \"image\")."
+  value       = one(module.efs[*].file_system_arn)
 }
 
 output "efs_access_point_id" {
-  description = "Id of the EFS access point (root /models, POSIX user 1000:1000)."
-  value       = module.efs.access_point_id
+  description = "Id of the EFS access point (root /models, POSIX user 1000:1000; null with weights_source = \"image\")."
+  value       = one(module.efs[*].access_point_id)
 }
 
 output "efs_access_point_arn" {
-  description = "ARN of the EFS access point (root /models, POSIX user 1000:1000)."
-  value       = module.efs.access_point_arn
+  description = "ARN of the EFS access point (root /models, POSIX user 1000:1000; null with weights_source = \"image\")."
+  value       = one(module.efs[*].access_point_arn)
 }
 
 ################################################################################
@@ -137,28 +147,28 @@ output "efs_access_point_arn" {
 ################################################################################
 
 output "vpc_id" {
-  description = "Id of the VPC (new or existing)."
-  value       = module.network.vpc_id
+  description = "Id of the VPC (new or existing; null when vpc_enabled resolves to false)."
+  value       = one(module.network[*].vpc_id)
 }
 
 output "private_subnet_ids" {
-  description = "Private subnets of the function, the EFS mount targets and (the first) the seeder."
-  value       = module.network.private_subnet_ids
+  description = "Private subnets of the function, the EFS mount targets and (the first) the seeder (null without a VPC)."
+  value       = one(module.network[*].private_subnet_ids)
 }
 
 output "function_security_group_id" {
-  description = "Security group of the function's network interfaces."
-  value       = module.network.lambda_security_group_id
+  description = "Security group of the function's network interfaces (null without a VPC)."
+  value       = one(module.network[*].lambda_security_group_id)
 }
 
 output "efs_security_group_id" {
-  description = "Security group of the EFS mount targets."
-  value       = module.network.efs_security_group_id
+  description = "Security group of the EFS mount targets (null with weights_source = \"image\")."
+  value       = one(module.network[*].efs_security_group_id)
 }
 
 output "seeder_security_group_id" {
-  description = "Security group of the seeder instance."
-  value       = module.network.seeder_security_group_id
+  description = "Security group of the seeder instance (null with weights_source = \"image\")."
+  value       = one(module.network[*].seeder_security_group_id)
 }
 
 ################################################################################

@@ -52,8 +52,26 @@ variable "kms_key_arn" {
 # Model and function
 ################################################################################
 
+variable "weights_source" {
+  description = "Where the function reads the model. \"efs\" (default): an EFS file system seeded from the weights bucket by the seeder (`make seed-models`); many models, new revisions and rollback without a rebuild. \"image\": baked into the function image (`make apply MODEL_DIR=...` or `MODEL=owner/name@rev`); no EFS, seeder or SSM endpoints, and no VPC unless vpc_enabled = true. docs/weights-in-image.md compares them."
+  type        = string
+  default     = "efs"
+  nullable    = false
+
+  validation {
+    condition     = contains(["efs", "image"], var.weights_source)
+    error_message = "weights_source must be \"efs\" or \"image\"."
+  }
+}
+
+variable "vpc_enabled" {
+  description = "Attach the function to a VPC (the new one, or vpc_id). Null (default): true with weights_source = \"efs\" (Lambda mounts EFS only inside a VPC; false is refused), false with \"image\" (the function then reaches S3 and the Lambda API, for jobs, at their public regional endpoints: no VPC, subnets or interface endpoints). True with \"image\" keeps a VPC, e.g. to reach private resources."
+  type        = bool
+  default     = null
+}
+
 variable "model_name" {
-  description = "Slug of the served model under the EFS access point (MODEL_NAME), e.g. segmind--tiny-sd."
+  description = "Slug of the served model under the EFS access point (MODEL_NAME), e.g. segmind--tiny-sd. Unused with weights_source = \"image\": the image sets MODEL_NAME to the model baked into it."
   type        = string
   default     = "segmind--tiny-sd"
   nullable    = false

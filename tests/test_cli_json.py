@@ -81,7 +81,7 @@ from sd_lambda.cli import main
 from sd_lambda.seeding import flow
 
 
-def rollback(clients, target, name, revision, options):
+def rollback(clients, target, name, revision, options, adapter=None):
     print("switching m to r1")  # the command's own line
     os.write(1, b"a child process on descriptor 1\\n")
     return {"model": name, "revision": revision, "previous": "r2", "releases": ["r1", "r2"]}

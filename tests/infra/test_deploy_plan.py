@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 # Where the stack keeps its data, as the root stack names it.
 DATA_ADDRESSES = (
-    "module.efs.aws_efs_file_system.this",
-    "module.efs.aws_efs_access_point.this",
+    "module.efs[0].aws_efs_file_system.this",
+    "module.efs[0].aws_efs_access_point.this",
     "module.weights_bucket.aws_s3_bucket.this[0]",
     "aws_kms_key.this[0]",
     "module.lambda.aws_ecr_repository.this",

@@ -125,11 +125,11 @@ def test_the_handler_gets_the_jobs_settings(jobs_plan: dict[str, Any]) -> None:
     assert change["change"]["after_unknown"]["environment"][0]["variables"]["SD_JOBS_LAMBDA_ENDPOINT"] is True
     # ... and wired from the network module's endpoint.
     call = module_config(jobs_plan, "lambda")["expressions"]["jobs_lambda_endpoint_url"]
-    assert "module.network.lambda_endpoint_url" in call["references"]
+    assert call["references"][0] == "module.network"  # one(module.network[*].lambda_endpoint_url)
 
 
 def test_a_private_lambda_endpoint_admits_only_the_function(jobs_plan: dict[str, Any]) -> None:
-    endpoint = by_address(jobs_plan, "module.network.aws_vpc_endpoint.lambda[0]")
+    endpoint = by_address(jobs_plan, "module.network[0].aws_vpc_endpoint.lambda[0]")
     assert endpoint["service_name"] == "com.amazonaws.eu-west-1.lambda"
     assert endpoint["vpc_endpoint_type"] == "Interface"
     assert endpoint["private_dns_enabled"] is False  # the VPC's lambda.<region> name stays as it was
@@ -143,8 +143,10 @@ def test_a_private_lambda_endpoint_admits_only_the_function(jobs_plan: dict[str,
         }
     ]
     rules = {r["address"]: r["values"] for r in resources(jobs_plan) if "security_group_" in r["type"]}
-    ingress = rules['module.network.aws_vpc_security_group_ingress_rule.this["lambda_endpoint_from_lambda"]']
-    egress = rules['module.network.aws_vpc_security_group_egress_rule.this["lambda_to_lambda_endpoint"]']
+    ingress = rules[
+        'module.network[0].aws_vpc_security_group_ingress_rule.this["lambda_endpoint_from_lambda"]'
+    ]
+    egress = rules['module.network[0].aws_vpc_security_group_egress_rule.this["lambda_to_lambda_endpoint"]']
     for rule in (ingress, egress):
         assert (rule["ip_protocol"], rule["from_port"], rule["to_port"]) == ("tcp", 443, 443)
         assert rule.get("cidr_ipv4") is None
@@ -152,12 +154,14 @@ def test_a_private_lambda_endpoint_admits_only_the_function(jobs_plan: dict[str,
 
 
 def test_the_function_reaches_s3_through_the_gateway_endpoint(jobs_plan: dict[str, Any]) -> None:
-    s3_rule = by_address(jobs_plan, 'module.network.aws_vpc_security_group_egress_rule.this["lambda_to_s3"]')
+    s3_rule = by_address(
+        jobs_plan, 'module.network[0].aws_vpc_security_group_egress_rule.this["lambda_to_s3"]'
+    )
     prefix_list = next(
         r
         for r in jobs_plan["prior_state"]["values"]["root_module"]["child_modules"]
         for r in r.get("resources", [])
-        if r["address"] == "module.network.data.aws_ec2_managed_prefix_list.s3"
+        if r["address"] == "module.network[0].data.aws_ec2_managed_prefix_list.s3"
     )
     assert s3_rule["prefix_list_id"] == prefix_list["values"]["id"]
     assert (s3_rule["from_port"], s3_rule["to_port"]) == (443, 443)
@@ -168,10 +172,10 @@ def test_the_function_reaches_s3_through_the_gateway_endpoint(jobs_plan: dict[st
     network = module_config(jobs_plan, "network")["module"]["resources"]
     association = next(r for r in network if r["address"] == "aws_route_table_association.private")
     assert association["expressions"]["route_table_id"]["references"][0].startswith("aws_route_table.private")
-    gateway = by_address(jobs_plan, "module.network.aws_vpc_endpoint.s3[0]")
+    gateway = by_address(jobs_plan, "module.network[0].aws_vpc_endpoint.s3[0]")
     assert gateway["vpc_endpoint_type"] == "Gateway"
     # The new VPC's endpoint policy lets the jobs' writes through, and only under the prefix.
-    endpoint_policy = statements(jobs_plan, "module.network.data.aws_iam_policy_document.s3_endpoint[0]")
+    endpoint_policy = statements(jobs_plan, "module.network[0].data.aws_iam_policy_document.s3_endpoint[0]")
     assert endpoint_policy["WriteJobObjects"]["actions"] == {"s3:PutObject"}
     assert endpoint_policy["WriteJobObjects"]["resources"] == [JOB_OBJECTS]
 
@@ -219,7 +223,9 @@ def test_jobs_off_adds_nothing(jobs_off_plan: dict[str, Any]) -> None:
         jobs_off_plan, "module.weights_bucket.aws_s3_bucket_lifecycle_configuration.this[0]"
     )
     assert [r["id"] for r in lifecycle["rule"]] == ["tidy-versions-and-uploads"]
-    endpoint_policy = statements(jobs_off_plan, "module.network.data.aws_iam_policy_document.s3_endpoint[0]")
+    endpoint_policy = statements(
+        jobs_off_plan, "module.network[0].data.aws_iam_policy_document.s3_endpoint[0]"
+    )
     assert "WriteJobObjects" not in endpoint_policy
 
 
@@ -227,7 +233,7 @@ def test_jobs_are_off_by_default() -> None:
     document = plan(INFRA, {}, var_files=[ROOT_VARS])
     assert "jobs_enabled" not in tfvars(ROOT_VARS)
     assert not [
-        r for r in resources(document) if r["address"].startswith("module.network.aws_vpc_endpoint.lambda")
+        r for r in resources(document) if r["address"].startswith("module.network[0].aws_vpc_endpoint.lambda")
     ]
     assert document["variables"]["jobs_enabled"]["value"] is False
 
@@ -259,9 +265,13 @@ def test_checkov_passes_both_toggle_states(
     state: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """checkov over the planned values (its terraform_plan framework), with jobs on and off."""
+    assert_checkov_passes(request.getfixturevalue(state), tmp_path / f"{state}.json")
+
+
+def assert_checkov_passes(document: dict[str, Any], plan_file: Path) -> None:
+    """checkov's terraform_plan framework over one plan document: no failed check."""
     assert CHECKOV.is_file(), f"checkov is not installed at {CHECKOV}: run `make security`"
-    plan_file = tmp_path / f"{state}.json"
-    plan_file.write_text(json.dumps(request.getfixturevalue(state)))
+    plan_file.write_text(json.dumps(document))
     completed = subprocess.run(
         [
             str(CHECKOV),

@@ -124,6 +124,30 @@ def test_apply_builds_and_pushes_unless_an_image_is_given() -> None:
     assert "--push-command" not in pinned
 
 
+def test_apply_passes_the_model_to_bake_to_the_build_and_to_the_check() -> None:
+    """weights_source = "image": the build bakes MODEL_DIR/MODEL (NAME), and deploy checks one is given."""
+    words = dry_run("apply", "MODEL_DIR=/models/my tiny", "NAME=tiny")
+    push = shlex.split(flag_value(words, "--push-command") or "")
+    assert push[-2:] == ["MODEL_DIR=/models/my tiny", "NAME=tiny"]
+    assert flag_value(words, "--baked-model") == "/models/my tiny"
+    hub = dry_run("apply", "MODEL=acme/tiny-sd@main")
+    assert shlex.split(flag_value(hub, "--push-command") or "")[-1] == "MODEL=acme/tiny-sd@main"
+    assert flag_value(hub, "--baked-model") == "acme/tiny-sd@main"
+    # A given image is deployed as it is: nothing is built, so nothing is baked.
+    assert "--baked-model" not in dry_run("apply", f"IMAGE_URI={IMAGE_URI}", "MODEL_DIR=/models/tiny")
+    assert "--baked-model" not in dry_run("apply")
+
+
+def test_rollback_goes_through_deploy_with_the_efs_arguments_after_the_separator() -> None:
+    words = dry_run("rollback", "REVISION=r0", "NAME=tiny", "LORA_NAME=ink", "TFVARS=prod.tfvars")
+    assert words[2:4] == ["deploy", "rollback"]
+    separator = words.index("--")
+    assert flag_value(words[:separator], "--revision") == "r0"
+    assert flag_value(words[:separator], "--var-file") == "prod.tfvars"  # an image rollback applies them
+    assert flag_value(words[separator:], "--name") == "tiny"
+    assert flag_value(words[separator:], "--lora-name") == "ink"
+
+
 def test_preflight_needs_docker_only_without_an_image() -> None:
     assert flag_value(dry_run("preflight", "DOCKER=podman"), "--docker") == "podman"
     assert "--docker" not in dry_run("preflight", f"IMAGE_URI={IMAGE_URI}")

@@ -39,7 +39,7 @@ def named(blocks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def test_the_five_modules_exist() -> None:
     assert [m.name for m in MODULES] == ["efs", "lambda", "network", "seeder", "weights_bucket"]
-    assert [e.name for e in EXAMPLES] == ["complete", "existing-vpc"]
+    assert [e.name for e in EXAMPLES] == ["baked", "complete", "existing-vpc"]
 
 
 @pytest.mark.parametrize("module", [INFRA, *MODULES], ids=lambda p: p.name)
@@ -142,7 +142,8 @@ def test_each_module_validates_on_its_own(module: Path) -> None:
     assert [d.format(result.directory) for d in result.diagnostics] == []  # no warnings either
 
 
-ROOT_OWNED_VALIDATIONS = {"name", "region", "tags", "kms_key_arn"}
+# weights_source is the root's own: it becomes the modules' toggles (efs count, efs_enabled, vpc_enabled).
+ROOT_OWNED_VALIDATIONS = {"name", "region", "tags", "kms_key_arn", "weights_source"}
 OUTPUT_NAME = re.compile(r"[a-z0-9]+(_[a-z0-9]+)+")
 
 

@@ -658,16 +658,26 @@ def test_function_role_writes_only_its_log_group_and_decrypts_only_its_environme
     assert not [
         arn for arn in attached if "AWSLambdaVPCAccessExecutionRole" in arn or "BasicExecution" in arn
     ]
-    lambda_module = module_config(known_arns_plan, "lambda")
+    # The mount statement is a dynamic block (EFS mode only), which the plan's configuration omits: read
+    # the module's source for what it references.
     mount = next(
-        statement
-        for statement in config_resource(lambda_module, "data.aws_iam_policy_document.this")["expressions"][
-            "statement"
-        ]
-        if statement["sid"]["constant_value"] == "ReadModelsThroughAccessPoint"
+        block["statement"]["content"][0]
+        for block in _lambda_role_document_source().get("dynamic", [])
+        if block["statement"]["content"][0]["sid"] == "ReadModelsThroughAccessPoint"
     )
-    assert references(mount["resources"])[0] == "var.file_system_arn"
-    assert references(mount["condition"][0]["values"])[0] == "var.access_point_arn"
+    assert mount["resources"] == ["${var.file_system_arn}"]
+    assert mount["condition"][0]["values"] == ["${var.access_point_arn}"]
+
+
+def _lambda_role_document_source() -> dict[str, Any]:
+    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
+    with (INFRA / "modules" / "lambda" / "main.tf").open() as handle:
+        source = hcl2.load(handle, serialization_options=options)
+    return next(
+        data["aws_iam_policy_document"]["this"]
+        for data in source["data"]
+        if "this" in data.get("aws_iam_policy_document", {})
+    )
 
 
 def test_seeder_role_reads_only_the_weights_prefix_and_writes_efs_through_the_access_point(
@@ -717,7 +727,7 @@ def test_seeder_role_reads_only_the_weights_prefix_and_writes_efs_through_the_ac
 def test_efs_policy_denies_plain_nfs_and_grants_mount_and_write_to_the_two_roles(
     known_arns_plan: dict[str, Any],
 ) -> None:
-    policy = statements(known_arns_plan, "module.efs.data.aws_iam_policy_document.this")
+    policy = statements(known_arns_plan, "module.efs[0].data.aws_iam_policy_document.this")
     deny = policy["DenyInsecureTransport"]
     assert (deny["effect"], deny["actions"]) == ("Deny", {"*"})
     assert deny["conditions"] == {"aws:SecureTransport": ("Bool", ["false"])}
@@ -851,9 +861,10 @@ def test_security_group_rules_connect_exactly_the_intended_groups(root_plan: dic
     assert all(v["description"] for v in [*ingress.values(), *egress.values()])
     assert (
         egress["seeder_to_s3"]["prefix_list_id"]
-        == data_values(root_plan, "module.network.data.aws_ec2_managed_prefix_list.s3")["id"]
+        == data_values(root_plan, "module.network[0].data.aws_ec2_managed_prefix_list.s3")["id"]
     )
     # Group ids are unknown until apply: which group each rule joins is read from the module's source.
+    # (The EFS and seeder groups exist only with efs_enabled, hence one(...[*]).)
     network = tfvars(INFRA / "modules" / "network" / "main.tf")
     rules = {k: v for block in network["locals"] for k, v in block.items()}
     wiring = {
@@ -864,17 +875,23 @@ def test_security_group_rules_connect_exactly_the_intended_groups(root_plan: dic
         for key, rule in {**rules["ingress_rules"], **rules["egress_rules"]}.items()
     }
     assert wiring == {
-        "efs_from_lambda": ("${aws_security_group.efs.id}", "${aws_security_group.lambda.id}"),
-        "efs_from_seeder": ("${aws_security_group.efs.id}", "${aws_security_group.seeder.id}"),
+        "efs_from_lambda": ("${one(aws_security_group.efs[*].id)}", "${aws_security_group.lambda.id}"),
+        "efs_from_seeder": (
+            "${one(aws_security_group.efs[*].id)}",
+            "${one(aws_security_group.seeder[*].id)}",
+        ),
         "endpoints_from_seeder": (
             "${one(aws_security_group.endpoints[*].id)}",
-            "${aws_security_group.seeder.id}",
+            "${one(aws_security_group.seeder[*].id)}",
         ),
-        "lambda_to_efs": ("${aws_security_group.lambda.id}", "${aws_security_group.efs.id}"),
-        "seeder_to_efs": ("${aws_security_group.seeder.id}", "${aws_security_group.efs.id}"),
-        "seeder_to_s3": ("${aws_security_group.seeder.id}", "${data.aws_ec2_managed_prefix_list.s3.id}"),
+        "lambda_to_efs": ("${aws_security_group.lambda.id}", "${one(aws_security_group.efs[*].id)}"),
+        "seeder_to_efs": ("${one(aws_security_group.seeder[*].id)}", "${one(aws_security_group.efs[*].id)}"),
+        "seeder_to_s3": (
+            "${one(aws_security_group.seeder[*].id)}",
+            "${data.aws_ec2_managed_prefix_list.s3.id}",
+        ),
         "seeder_to_endpoints": (
-            "${aws_security_group.seeder.id}",
+            "${one(aws_security_group.seeder[*].id)}",
             "${one(aws_security_group.endpoints[*].id)}",
         ),
         # Jobs only (jobs_enabled; tests/infra/test_jobs_plan.py): the function's own API path and S3.
@@ -899,13 +916,13 @@ def test_seeder_launches_only_after_its_network_paths_exist(root_plan: dict[str,
         "aws_vpc_security_group_egress_rule.this",
     }
     seeder = module_config(root_plan, "seeder")["expressions"]["security_group_ids"]
-    assert references(seeder)[0] == "module.network.seeder_security_group_id"
+    assert references(seeder)[0] == "module.network[0].seeder_security_group_id"
 
 
 def test_new_vpc_s3_endpoint_reads_only_the_weights_bucket_and_aws_package_buckets(
     known_arns_plan: dict[str, Any],
 ) -> None:
-    policy = statements(known_arns_plan, "module.network.data.aws_iam_policy_document.s3_endpoint[0]")
+    policy = statements(known_arns_plan, "module.network[0].data.aws_iam_policy_document.s3_endpoint[0]")
     assert policy["ReadStackBuckets"]["resources"] == [
         "arn:aws:s3:::acme-weights",
         "arn:aws:s3:::acme-weights/*",
@@ -955,7 +972,7 @@ def test_existing_vpc_s3_endpoint_is_an_opt_in_with_the_callers_policy() -> None
     ]
     assert gateway["route_table_ids"] == ROUTE_TABLES
     assert json.loads(gateway["policy"]) == json.loads(CALLER_S3_POLICY)
-    assert "module.sd_lambda.module.network.data.aws_iam_policy_document.s3_endpoint[0]" not in {
+    assert "module.sd_lambda.module.network[0].data.aws_iam_policy_document.s3_endpoint[0]" not in {
         c["address"] for c in document["resource_changes"]
     }
 
@@ -1027,14 +1044,16 @@ def test_existing_vpc_example_passes_the_weights_bucket_key_to_the_seeder(
 
 
 def test_flow_logs_role_trusts_only_this_accounts_flow_logs(root_defaults_plan: dict[str, Any]) -> None:
-    trust = statements(root_defaults_plan, "module.network.data.aws_iam_policy_document.flow_logs_assume[0]")
+    trust = statements(
+        root_defaults_plan, "module.network[0].data.aws_iam_policy_document.flow_logs_assume[0]"
+    )
     (statement,) = trust.values()
     assert statement["principals"] == {"Service": ["vpc-flow-logs.amazonaws.com"]}
     assert statement["conditions"] == {
         "aws:SourceAccount": ("StringEquals", ["123456789012"]),
         "aws:SourceArn": ("ArnLike", ["arn:aws:ec2:us-east-1:123456789012:vpc-flow-log/*"]),
     }
-    write = statements(root_defaults_plan, "module.network.data.aws_iam_policy_document.flow_logs[0]")
+    write = statements(root_defaults_plan, "module.network[0].data.aws_iam_policy_document.flow_logs[0]")
     (logs,) = write.values()
     assert logs["actions"] == {"logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"}
 
@@ -1158,7 +1177,7 @@ def test_roles_take_the_given_path_and_permissions_boundary(known_arns_plan: dic
     roles = resources(known_arns_plan, "aws_iam_role")
     assert {r["address"] for r in roles} == {
         "module.lambda.aws_iam_role.this",
-        "module.network.aws_iam_role.flow_logs[0]",
+        "module.network[0].aws_iam_role.flow_logs[0]",
         "module.seeder.aws_iam_role.this[0]",
     }
     for role in roles:
@@ -1199,6 +1218,6 @@ def test_moved_rules_land_on_planned_addresses(root_plan: dict[str, Any]) -> Non
     """A typo in a moved block's target would silently recreate that rule on upgrade."""
     moved = tfvars(INFRA / "modules" / "network" / "moved.tf")["moved"]
     planned = {c["address"] for c in root_plan["resource_changes"]}
-    targets = {f"module.network.{block['to']}".replace("${", "").replace("}", "") for block in moved}
-    assert len(targets) == 7
+    targets = {f"module.network[0].{block['to']}".replace("${", "").replace("}", "") for block in moved}
+    assert len(targets) == 9
     assert targets <= planned, targets - planned

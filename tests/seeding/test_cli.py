@@ -172,7 +172,10 @@ def test_make_targets_reach_the_cli(tmp_path: Path) -> None:
     assert usage.returncode != 0
     assert 'sd-lambda rollback: error: no release to switch to: set REVISION="<release>"' in usage.stderr
     dry = _make("-n", "rollback", "MODEL=acme/tiny-sd", "REVISION=r1")
-    assert "sd-lambda rollback --name 'acme/tiny-sd'" in " ".join(dry.stdout.replace("\\\n", " ").split())
+    # deploy rollback hands an EFS stack's rollback to `sd-lambda rollback` with the words after --.
+    words = " ".join(dry.stdout.replace("\\\n", " ").split())
+    assert "sd-lambda deploy rollback --infra 'infra'" in words
+    assert "-- --name 'acme/tiny-sd'" in words
     assert "--revision 'r1'" in dry.stdout
 
 

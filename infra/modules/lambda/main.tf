@@ -27,10 +27,12 @@ locals {
     SD_JOBS_LAMBDA_ENDPOINT = var.jobs_lambda_endpoint_url == null ? "" : var.jobs_lambda_endpoint_url
   } : {}
 
-  environment = merge(var.environment_variables, local.jobs_environment, {
+  # From EFS the module says where the model is; a baked image says it itself (its ENV MODEL_ROOT and
+  # MODEL_NAME name the release inside it), and a value from here could only disagree with it.
+  environment = merge(var.environment_variables, local.jobs_environment, var.efs_enabled ? {
     MODEL_ROOT = var.local_mount_path
     MODEL_NAME = var.model_name
-  })
+  } : {})
 }
 
 data "aws_partition" "current" {}
@@ -170,7 +172,7 @@ resource "aws_iam_role" "this" {
   name_prefix          = "${var.name}-"
   path                 = var.role_path
   permissions_boundary = var.role_permissions_boundary_arn
-  description          = "sd-lambda function: mount the model access point, write its logs"
+  description          = var.efs_enabled ? "sd-lambda function: mount the model access point, write its logs" : "sd-lambda function: write its logs (model in the image)"
   assume_role_policy   = data.aws_iam_policy_document.assume.json
 
   tags = var.tags
@@ -179,6 +181,8 @@ resource "aws_iam_role" "this" {
 # Network interfaces in the VPC. Logging is granted inline below, on this function's log group only
 # (AWSLambdaVPCAccessExecutionRole would also allow writing to every log group of the account).
 resource "aws_iam_role_policy_attachment" "eni_management" {
+  count = var.vpc_enabled ? 1 : 0
+
   role       = aws_iam_role.this.name
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AWSLambdaENIManagementAccess"
 }
@@ -196,10 +200,14 @@ data "aws_iam_policy_document" "this" {
   # actions take no resource-level permissions, hence "*".
   # https://docs.aws.amazon.com/lambda/latest/dg/configuration-vpc.html#configuration-vpc-permissions
   # https://docs.aws.amazon.com/aws-managed-policy/latest/reference/AWSLambdaENIManagementAccess.html
-  statement {
-    sid       = "DescribeSubnetsForVpcAttachment"
-    actions   = ["ec2:DescribeSubnets"]
-    resources = ["*"]
+  dynamic "statement" {
+    for_each = var.vpc_enabled ? [1] : []
+
+    content {
+      sid       = "DescribeSubnetsForVpcAttachment"
+      actions   = ["ec2:DescribeSubnets"]
+      resources = ["*"]
+    }
   }
 
   statement {
@@ -208,15 +216,19 @@ data "aws_iam_policy_document" "this" {
     resources = ["${local.log_group_arn}:*"]
   }
 
-  statement {
-    sid       = "ReadModelsThroughAccessPoint"
-    actions   = ["elasticfilesystem:ClientMount"]
-    resources = [var.file_system_arn]
+  dynamic "statement" {
+    for_each = var.efs_enabled ? [1] : []
 
-    condition {
-      test     = "StringEquals"
-      variable = "elasticfilesystem:AccessPointArn"
-      values   = [var.access_point_arn]
+    content {
+      sid       = "ReadModelsThroughAccessPoint"
+      actions   = ["elasticfilesystem:ClientMount"]
+      resources = [var.file_system_arn]
+
+      condition {
+        test     = "StringEquals"
+        variable = "elasticfilesystem:AccessPointArn"
+        values   = [var.access_point_arn]
+      }
     }
   }
 
@@ -344,11 +356,12 @@ resource "aws_cloudwatch_log_group" "this" {
 resource "aws_lambda_function" "this" {
   #checkov:skip=CKV_AWS_116:The only asynchronous invocations are jobs, and the handler records every job's outcome (or GET /jobs reports it lost after its deadline); a dead-letter queue would hold just the job's reference.
   #checkov:skip=CKV_AWS_272:Lambda code signing applies to .zip packages only; this function is a container image pinned by digest.
+  #checkov:skip=CKV_AWS_117:Outside a VPC only with vpc_enabled = false, which EFS refuses: a function whose model is in its image reaches nothing private, only S3 and the Lambda API through their IAM-authorised public endpoints.
   count = local.create_function ? 1 : 0
 
   region                         = var.region
   function_name                  = var.name
-  description                    = "Text-to-image with diffusers; model ${var.model_name} from EFS"
+  description                    = var.efs_enabled ? "Text-to-image with diffusers; model ${var.model_name} from EFS" : "Text-to-image with diffusers; model baked into the image"
   role                           = aws_iam_role.this.arn
   package_type                   = "Image"
   image_uri                      = var.image_uri
@@ -360,7 +373,7 @@ resource "aws_lambda_function" "this" {
 
   # Lambda keeps a destroyed function's ENIs for a while; moving them to the default security group
   # lets `terraform destroy` delete the stack's groups without waiting for that.
-  replace_security_groups_on_destroy = true
+  replace_security_groups_on_destroy = var.vpc_enabled ? true : null
 
   ephemeral_storage {
     size = var.ephemeral_storage_size
@@ -370,14 +383,26 @@ resource "aws_lambda_function" "this" {
     variables = local.environment
   }
 
-  vpc_config {
-    subnet_ids         = var.subnet_ids
-    security_group_ids = var.security_group_ids
+  # Lambda mounts EFS only from a VPC; without one the function reaches S3 and the Lambda API at their
+  # public regional endpoints.
+  # https://docs.aws.amazon.com/lambda/latest/dg/configuration-filesystem.html
+  # https://docs.aws.amazon.com/lambda/latest/dg/configuration-vpc.html
+  dynamic "vpc_config" {
+    for_each = var.vpc_enabled ? [1] : []
+
+    content {
+      subnet_ids         = var.subnet_ids
+      security_group_ids = var.security_group_ids
+    }
   }
 
-  file_system_config {
-    arn              = var.access_point_arn
-    local_mount_path = var.local_mount_path
+  dynamic "file_system_config" {
+    for_each = var.efs_enabled ? [1] : []
+
+    content {
+      arn              = var.access_point_arn
+      local_mount_path = var.local_mount_path
+    }
   }
 
   logging_config {
@@ -392,6 +417,13 @@ resource "aws_lambda_function" "this" {
   }
 
   tags = var.tags
+
+  lifecycle {
+    precondition {
+      condition     = var.vpc_enabled || !var.efs_enabled
+      error_message = "efs_enabled = true needs vpc_enabled = true: Lambda mounts EFS only from subnets of a VPC."
+    }
+  }
 
   depends_on = [
     aws_cloudwatch_log_group.this,
@@ -535,4 +567,10 @@ resource "aws_cloudwatch_metric_alarm" "this" {
       error_message = "create_alarms = true needs alarm_sns_topic_arn."
     }
   }
+}
+
+# vpc_enabled made the VPC permission optional: existing functions keep the attachment in place.
+moved {
+  from = aws_iam_role_policy_attachment.eni_management
+  to   = aws_iam_role_policy_attachment.eni_management[0]
 }

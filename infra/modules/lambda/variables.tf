@@ -176,24 +176,44 @@ variable "environment_variables" {
   }
 }
 
+variable "efs_enabled" {
+  description = "Mount the model's EFS access point at local_mount_path and set MODEL_ROOT/MODEL_NAME. False: the model is baked into the image, whose own MODEL_ROOT/MODEL_NAME stand (needs no VPC)."
+  type        = bool
+  default     = true
+  nullable    = false
+}
+
+variable "vpc_enabled" {
+  description = "Attach the function to subnet_ids and security_group_ids. Must be true when efs_enabled is."
+  type        = bool
+  default     = true
+  nullable    = false
+}
+
 variable "subnet_ids" {
-  description = "Private subnets of the function's network interfaces (the EFS mount targets' subnets)."
+  description = "Private subnets of the function's network interfaces (the EFS mount targets' subnets); vpc_enabled only."
   type        = list(string)
+  default     = []
+  nullable    = false
 }
 
 variable "security_group_ids" {
-  description = "Security groups of the function's network interfaces."
+  description = "Security groups of the function's network interfaces; vpc_enabled only."
   type        = list(string)
+  default     = []
+  nullable    = false
 }
 
 variable "file_system_arn" {
-  description = "ARN of the EFS file system (IAM permission to mount it)."
+  description = "ARN of the EFS file system (IAM permission to mount it); efs_enabled only."
   type        = string
+  default     = null
 }
 
 variable "access_point_arn" {
-  description = "ARN of the EFS access point the function mounts. Pass the efs module's output: it is ready only once the mount targets exist."
+  description = "ARN of the EFS access point the function mounts (efs_enabled only). Pass the efs module's output: it is ready only once the mount targets exist."
   type        = string
+  default     = null
 }
 
 variable "kms_key_arn" {

@@ -227,7 +227,8 @@ resource "aws_security_group" "lambda" {
   #checkov:skip=CKV2_AWS_5:Attached to the function's network interfaces by the lambda module (vpc_config), which receives it through the lambda_security_group_id output.
   region      = var.region
   name_prefix = "${var.name}-lambda-"
-  description = "sd-lambda function ENIs: NFS to EFS only"
+  # The EFS wording stays as it was: a changed description replaces the group.
+  description = var.efs_enabled ? "sd-lambda function ENIs: NFS to EFS only" : "sd-lambda function ENIs: egress for jobs only"
   vpc_id      = local.vpc_id
 
   tags = merge(var.tags, { Name = "${var.name}-lambda" })
@@ -259,6 +260,8 @@ resource "aws_security_group" "lambda" {
 
 resource "aws_security_group" "efs" {
   #checkov:skip=CKV2_AWS_5:Attached to the EFS mount targets by the efs module, which receives it through the efs_security_group_id output.
+  count = var.efs_enabled ? 1 : 0
+
   region      = var.region
   name_prefix = "${var.name}-efs-"
   description = "EFS mount targets: NFS from the function and the seeder only"
@@ -273,6 +276,8 @@ resource "aws_security_group" "efs" {
 
 resource "aws_security_group" "seeder" {
   #checkov:skip=CKV2_AWS_5:Attached to the seeder instance by the seeder module, which receives it through the seeder_security_group_id output.
+  count = var.efs_enabled ? 1 : 0
+
   region      = var.region
   name_prefix = "${var.name}-seeder-"
   description = "Seeder instance: HTTPS to S3 and the SSM endpoints, NFS to EFS"
@@ -321,16 +326,18 @@ resource "aws_security_group" "endpoints" {
 locals {
   ingress_rules = {
     efs_from_lambda = {
-      security_group_id            = aws_security_group.efs.id
+      enabled                      = var.efs_enabled
+      security_group_id            = one(aws_security_group.efs[*].id)
       description                  = "NFS from the Lambda function"
       port                         = 2049
       referenced_security_group_id = aws_security_group.lambda.id
     }
     efs_from_seeder = {
-      security_group_id            = aws_security_group.efs.id
+      enabled                      = var.efs_enabled
+      security_group_id            = one(aws_security_group.efs[*].id)
       description                  = "NFS from the seeder"
       port                         = 2049
-      referenced_security_group_id = aws_security_group.seeder.id
+      referenced_security_group_id = one(aws_security_group.seeder[*].id)
     }
     lambda_endpoint_from_lambda = {
       enabled                      = var.create_lambda_endpoint
@@ -340,20 +347,21 @@ locals {
       referenced_security_group_id = aws_security_group.lambda.id
     }
     endpoints_from_seeder = {
-      enabled                      = var.create_ssm_endpoints
+      enabled                      = var.create_ssm_endpoints && var.efs_enabled
       security_group_id            = one(aws_security_group.endpoints[*].id)
       description                  = "HTTPS from the seeder's SSM agent"
       port                         = 443
-      referenced_security_group_id = aws_security_group.seeder.id
+      referenced_security_group_id = one(aws_security_group.seeder[*].id)
     }
   }
 
   egress_rules = {
     lambda_to_efs = {
+      enabled                      = var.efs_enabled
       security_group_id            = aws_security_group.lambda.id
       description                  = "NFS to the EFS mount targets"
       port                         = 2049
-      referenced_security_group_id = aws_security_group.efs.id
+      referenced_security_group_id = one(aws_security_group.efs[*].id)
     }
     lambda_to_s3 = {
       enabled           = var.lambda_s3_egress
@@ -370,20 +378,22 @@ locals {
       referenced_security_group_id = one(aws_security_group.lambda_endpoint[*].id)
     }
     seeder_to_efs = {
-      security_group_id            = aws_security_group.seeder.id
+      enabled                      = var.efs_enabled
+      security_group_id            = one(aws_security_group.seeder[*].id)
       description                  = "NFS to the EFS mount targets"
       port                         = 2049
-      referenced_security_group_id = aws_security_group.efs.id
+      referenced_security_group_id = one(aws_security_group.efs[*].id)
     }
     seeder_to_s3 = {
-      security_group_id = aws_security_group.seeder.id
+      enabled           = var.efs_enabled
+      security_group_id = one(aws_security_group.seeder[*].id)
       description       = "HTTPS to S3 (weights bucket, Amazon Linux repositories) through the gateway endpoint"
       port              = 443
       prefix_list_id    = data.aws_ec2_managed_prefix_list.s3.id
     }
     seeder_to_endpoints = {
-      enabled                      = var.create_ssm_endpoints
-      security_group_id            = aws_security_group.seeder.id
+      enabled                      = var.create_ssm_endpoints && var.efs_enabled
+      security_group_id            = one(aws_security_group.seeder[*].id)
       description                  = "HTTPS to the SSM interface endpoints"
       port                         = 443
       referenced_security_group_id = one(aws_security_group.endpoints[*].id)
@@ -392,8 +402,8 @@ locals {
 
   # Operator-supplied CIDRs, keyed by the CIDR so adding one never touches the others.
   ssh_ingress_rules = {
-    for cidr in var.ssh_ingress_cidrs : "seeder_ssh ${cidr}" => {
-      security_group_id = aws_security_group.seeder.id
+    for cidr in var.efs_enabled ? var.ssh_ingress_cidrs : [] : "seeder_ssh ${cidr}" => {
+      security_group_id = one(aws_security_group.seeder[*].id)
       description       = "SSH from ${cidr} (operator-supplied)"
       port              = 22
       cidr              = cidr
@@ -401,8 +411,8 @@ locals {
   }
 
   https_egress_rules = {
-    for cidr in var.seeder_https_egress_cidrs : "seeder_https ${cidr}" => {
-      security_group_id = aws_security_group.seeder.id
+    for cidr in var.efs_enabled ? var.seeder_https_egress_cidrs : [] : "seeder_https ${cidr}" => {
+      security_group_id = one(aws_security_group.seeder[*].id)
       description       = "HTTPS to ${cidr} (operator-supplied)"
       port              = 443
       cidr              = cidr

@@ -35,3 +35,14 @@ moved {
   from = aws_vpc_security_group_egress_rule.seeder_to_endpoints[0]
   to   = aws_vpc_security_group_egress_rule.this["seeder_to_endpoints"]
 }
+
+# efs_enabled made the EFS and seeder groups optional.
+moved {
+  from = aws_security_group.efs
+  to   = aws_security_group.efs[0]
+}
+
+moved {
+  from = aws_security_group.seeder
+  to   = aws_security_group.seeder[0]
+}

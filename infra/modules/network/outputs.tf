@@ -19,13 +19,13 @@ output "lambda_security_group_id" {
 }
 
 output "efs_security_group_id" {
-  description = "Security group of the EFS mount targets."
-  value       = aws_security_group.efs.id
+  description = "Security group of the EFS mount targets (null when efs_enabled = false)."
+  value       = one(aws_security_group.efs[*].id)
 }
 
 output "seeder_security_group_id" {
-  description = "Security group of the seeder instance, available once the seeder's network paths (routes, S3 and SSM endpoints, rules) exist."
-  value       = aws_security_group.seeder.id
+  description = "Security group of the seeder instance, available once the seeder's network paths (routes, S3 and SSM endpoints, rules) exist (null when efs_enabled = false)."
+  value       = one(aws_security_group.seeder[*].id)
 
   # The seeder installs packages and registers with SSM at its first boot: whatever launches it with
   # this group must wait for the paths it uses then.

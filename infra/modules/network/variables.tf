@@ -167,6 +167,13 @@ variable "lambda_endpoint_function_arns" {
   }
 }
 
+variable "efs_enabled" {
+  description = "Create the EFS mount targets' and the seeder's security groups and their rules. False (weights in the function image): the function's group only, with the jobs' egress if any."
+  type        = bool
+  default     = true
+  nullable    = false
+}
+
 variable "create_ssm_endpoints" {
   description = "Create ssm, ssmmessages and ec2messages interface endpoints (in the seeder's subnet) so SSM reaches the seeder without internet access. Disable when the VPC already has them or a NAT."
   type        = bool

@@ -8,6 +8,11 @@ manifest Lambda runs), then the full apply with ``image_uri = <repo>@sha256:<dig
 ``deployed-<UTC time>`` tag on that digest (the ECR lifecycle keeps the image the function runs), then a
 wait until Lambda reports the function Active.
 
+With ``weights_source = "image"`` the model is baked into that image: ``apply`` refuses, before anything
+is created, to build one without ``--baked-model`` (``MODEL_DIR=``/``MODEL=``), and an EFS stack's build
+with one. ``rollback`` redeploys the image deployed before the running one (its ``deployed-*`` tags) in
+an image stack, and hands an EFS stack's release rollback to ``sd-lambda rollback``.
+
 Without a new image, ``plan`` and ``apply`` keep the one the function runs (the ``image_uri`` output).
 Every plan is saved, checked and only then applied: one that would delete or replace the live function
 (which also changes its URL) is refused unless ``--allow-function-delete`` is given, and one that would
@@ -34,7 +39,14 @@ from sd_lambda.cli import CommandError, add_json_flag, ask_for, option, report
 from sd_lambda.ops.container.manifest import lambda_manifest_problem
 from sd_lambda.ops.plan_guard import data_loss, data_loss_message, function_removal
 from sd_lambda.ops.preflight import PreflightInputs, memory_cap_advice, run_preflight
-from sd_lambda.ops.stack_outputs import DEFAULT_INFRA_DIR, StackError, StackTerraform, TerraformCommandError
+from sd_lambda.ops.stack_outputs import (
+    DEFAULT_INFRA_DIR,
+    WEIGHTS_IN_IMAGE,
+    WEIGHTS_ON_EFS,
+    StackError,
+    StackTerraform,
+    TerraformCommandError,
+)
 
 # What the targeted first stage creates; everything else needs the image.
 REGISTRY_TARGETS: tuple[str, ...] = (
@@ -95,6 +107,8 @@ class DeployOptions:
     image_uri: str | None = None
     digest_file: Path = DEFAULT_DIGEST_FILE
     push_command: str | None = None
+    # What the push command bakes into the image (MODEL_DIR or MODEL), for weights_source = "image".
+    baked_model: str | None = None
     backend_config: Path | None = None
     var_files: tuple[Path, ...] = ()
     variables: dict[str, str] = field(default_factory=dict)
@@ -352,6 +366,7 @@ STACK_VARIABLES = (
     "memory_size",
     "ecr_keep_deployments",
     "environment_variables",
+    "weights_source",
 )
 
 
@@ -365,6 +380,9 @@ class StackValues:
     memory_size: int | None
     ecr_keep_deployments: int | None
     environment_variables: dict[str, str] = field(default_factory=dict)
+    # None: the stack declares no weights_source variable (an example wrapping the module); the deployed
+    # stack's output then tells.
+    weights_source: str | None = None
 
 
 def _whole(name: str, value: Any) -> int | None:
@@ -407,7 +425,34 @@ def stack_values(options: DeployOptions) -> StackValues:
         memory_size=_whole("memory_size", values["memory_size"]),
         ecr_keep_deployments=_whole("ecr_keep_deployments", values["ecr_keep_deployments"]),
         environment_variables=_string_map("environment_variables", environment),
+        weights_source=None if values["weights_source"] is None else str(values["weights_source"]),
     )
+
+
+def check_model_source(weights_source: str, options: DeployOptions) -> None:
+    """Before anything is created: an image stack's build must bake a model, an EFS stack's must not.
+
+    With weights_source = "image" the function has no other copy of the model, so building an image
+    without one would deploy a function that fails every request; with "efs" the stack sets MODEL_ROOT to
+    the mount and a baked model would be dead weight in every cold start's image.
+    """
+    builds_image = options.image_uri is None and options.push_command is not None
+    if weights_source == WEIGHTS_IN_IMAGE and builds_image and not options.baked_model:
+        raise StackError(
+            'weights_source = "image" serves the model baked into the function image, and no model is '
+            "given to bake: make apply MODEL_DIR=<diffusers or release folder> or MODEL=owner/name@rev "
+            "(or IMAGE_URI=<repo>@sha256:<digest> of an image that has one)"
+        )
+    if weights_source == WEIGHTS_ON_EFS and options.baked_model:
+        raise StackError(
+            'weights_source = "efs" serves the model from EFS (make seed-models), so MODEL_DIR/MODEL would '
+            'only bloat the image: drop them, or set weights_source = "image" to bake the model in'
+        )
+
+
+def weights_source(values: StackValues, deployed: Mapping[str, Any]) -> str:
+    """The mode the next apply deploys: the var files' value, else the deployed stack's, else EFS."""
+    return values.weights_source or deployed.get("weights_source") or WEIGHTS_ON_EFS
 
 
 def apply(
@@ -424,6 +469,7 @@ def apply(
     variables = options.terraform_variables
     stack.init(options.backend_config, migrate_state=options.migrate_state)
     deployed = stack.outputs()  # before the targeted apply, which may leave unrelated outputs stale
+    check_model_source(weights_source(values, deployed), options)
 
     print("==> stage 1/3: the ECR repository (targeted plan, checked, applied)", flush=True)
     _apply_checked(stack, variables, options, values, targets=options.registry_targets)
@@ -445,9 +491,21 @@ def apply(
     images = repository_images(ecr, image)
     verify_image(images, image)
     refuse_an_image_the_lifecycle_would_expire(images, image, values.ecr_keep_deployments)
+    return _deploy_image(stack, options, values, clients, ecr, image)
 
-    print(f"==> stage 2/3: the full stack with image_uri={image.uri}", flush=True)
-    _apply_checked(stack, {**variables, "image_uri": image.uri}, options, values)
+
+def _deploy_image(
+    stack: Stack,
+    options: DeployOptions,
+    values: StackValues,
+    clients: ClientFactory,
+    ecr: Any,
+    image: PinnedImage,
+    stages: tuple[str, str] = ("2/3", "3/3"),
+) -> dict[str, Any]:
+    """The full apply with ``image`` (checked beforehand), its deployed-* tag, the wait until Active."""
+    print(f"==> stage {stages[0]}: the full stack with image_uri={image.uri}", flush=True)
+    _apply_checked(stack, {**options.terraform_variables, "image_uri": image.uri}, options, values)
     mark_deployed(ecr, image)
     outputs = stack.outputs()
     function_name = outputs.get("function_name")
@@ -455,10 +513,82 @@ def apply(
         raise StackError("the apply left no function_name output")
 
     region = outputs.get("region") or image.region
-    print(f"==> stage 3/3: waiting for {function_name} to be Active", flush=True)
+    print(f"==> stage {stages[1]}: waiting for {function_name} to be Active", flush=True)
     wait_until_ready(clients("lambda", region), function_name, options.wait_seconds)
     print(f"==> ready: {outputs.get('function_url')}", flush=True)
     return outputs
+
+
+def previous_deployed_image(images: Sequence[Mapping[str, Any]], running_digest: str) -> str:
+    """The digest deployed before ``running_digest``: of the other images carrying a ``deployed-<UTC
+    time>`` tag (the ECR lifecycle keeps the last ``ecr_keep_deployments`` of them), the one whose latest
+    such tag is newest. The tags' fixed-width UTC times sort as text."""
+    from sd_lambda.ops.container.registry import DEPLOYED_TAG_PREFIX
+
+    last_deployed = {
+        str(entry["imageDigest"]): max(tags)
+        for entry in images
+        if entry.get("imageDigest") != running_digest
+        and (tags := [tag for tag in entry.get("imageTags") or [] if tag.startswith(DEPLOYED_TAG_PREFIX)])
+    }
+    if not last_deployed:
+        raise StackError(
+            "no earlier deployed image to roll back to: the repository holds no other deployed-* image "
+            f"(the ECR lifecycle keeps the last ecr_keep_deployments); pass {option('--revision')} sha256:..."
+        )
+    return max(last_deployed, key=lambda digest: last_deployed[digest])
+
+
+def rollback(
+    options: DeployOptions,
+    stack: Stack,
+    digest: str | None = None,
+    clients: ClientFactory = boto3_client,
+    values: StackValues | None = None,
+) -> dict[str, Any]:
+    """Redeploy an earlier image: ``digest``, or the one deployed before the running one.
+
+    For weights_source = "image" this is the model's rollback too (the release lives in the image). The
+    same checked plan and apply as :func:`apply`, with the stack's var files: only image_uri changes.
+    """
+    values = stack_values(options) if values is None else values
+    stack.init(options.backend_config, migrate_state=options.migrate_state)
+    running = stack.outputs().get("image_uri")
+    if not running:
+        raise StackError("the stack runs no function yet (no image_uri output): nothing to roll back")
+    current = parse_pinned_image(str(running))
+    ecr = clients("ecr", current.region)
+    images = repository_images(ecr, current)
+    if digest is None:
+        target = previous_deployed_image(images, current.digest)
+    else:
+        match = _DIGEST.fullmatch(digest.strip())
+        if match is None:
+            raise StackError(
+                f"{option('--revision')} of an image stack is an image digest (sha256:<64 hex>), "
+                f"got {digest!r}"
+            )
+        target = match.group(0)
+    if target == current.digest:
+        raise StackError(f"the function already runs {target}")
+    registry = current.uri.split("@", 1)[0]
+    image = parse_pinned_image(f"{registry}@{target}")
+    verify_image(images, image)
+    refuse_an_image_the_lifecycle_would_expire(images, image, values.ecr_keep_deployments)
+    print(f"==> rolling back from {current.digest} to {image.digest}", flush=True)
+    return _deploy_image(stack, options, values, clients, ecr, image, stages=("1/2", "2/2"))
+
+
+def deployed_weights_source(options: DeployOptions, stack: Stack) -> str:
+    """Where the deployed stack's model lives (its weights_source output); before any apply, or for a
+    stack applied before that output existed, the var files' value, else "efs"."""
+    try:
+        deployed = stack.outputs()
+    except StackError:
+        deployed = {}
+    if deployed.get("weights_source"):
+        return str(deployed["weights_source"])
+    return stack_values(options).weights_source or WEIGHTS_ON_EFS
 
 
 @dataclass(frozen=True)
@@ -593,6 +723,7 @@ def _options(args: argparse.Namespace) -> DeployOptions:
         image_uri=getattr(args, "image_uri", None) or None,
         digest_file=getattr(args, "digest_file", DEFAULT_DIGEST_FILE),
         push_command=getattr(args, "push_command", None) or None,
+        baked_model=getattr(args, "baked_model", None) or None,
         backend_config=args.backend_config or None,
         var_files=tuple(args.var_file),
         variables=dict(args.var),
@@ -621,6 +752,15 @@ def _run(args: argparse.Namespace) -> int:
             preflight(options, build_image=needs_docker, docker_binary=args.docker, values=values)
             outputs = apply(options, _stack(options), values=values)
             report(args, {"outputs": outputs}, [])
+        elif args.deploy_command == "rollback":
+            try:
+                stack = _stack(options)
+            except StackError:  # no terraform: only an EFS rollback given --bucket/--instance-id can run
+                return _rollback_efs_release(args)
+            if deployed_weights_source(options, stack) != WEIGHTS_IN_IMAGE:
+                return _rollback_efs_release(args)
+            outputs = rollback(options, stack, digest=args.revision or None)
+            report(args, {"outputs": outputs}, [])
         elif args.deploy_command == "plan":
             summary = plan(options, _stack(options))
             changes = [f"  {'/'.join(c['actions']):<16} {c['address']}" for c in summary.changes]
@@ -635,6 +775,17 @@ def _run(args: argparse.Namespace) -> int:
     except StackError as exc:
         raise CommandError(str(exc)) from exc
     return 0
+
+
+def _rollback_efs_release(args: argparse.Namespace) -> int:
+    """An EFS stack's rollback is a release switch on EFS: ``sd-lambda rollback`` with the arguments
+    after ``--`` and this command's --revision."""
+    from sd_lambda.cli import main as cli_main
+
+    forwarded = list(args.efs_arguments)
+    if forwarded[:1] == ["--"]:
+        forwarded = forwarded[1:]
+    return cli_main(["rollback", *forwarded, "--revision", args.revision])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -658,7 +809,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "preflight",
         help="check credentials, terraform, docker and the account's Lambda limits (apply's first step)",
     )
-    for action in (apply_parser, plan_parser, destroy_parser, preflight_parser):
+    rollback_parser = actions.add_parser(
+        "rollback",
+        help='roll the served model back: with weights_source = "image", redeploy the image deployed '
+        "before the running one (or --revision sha256:...); with EFS, `sd-lambda rollback` with the "
+        "arguments after --",
+        description="Roll the served model back. A stack whose model is baked into the image (output "
+        'weights_source = "image") redeploys the image deployed before the running one, or --revision '
+        "sha256:<digest>, through the same checked plan and apply as deploy apply (pass the same var "
+        "files). An EFS stack switches a release instead: the arguments after -- go to `sd-lambda "
+        "rollback` (--name, --lora-name, ...), with --revision.",
+    )
+    for action in (apply_parser, plan_parser, destroy_parser, preflight_parser, rollback_parser):
         action.add_argument("--infra", type=Path, default=DEFAULT_INFRA_DIR, help="the Terraform root")
         action.add_argument("--region", help="AWS region (also sets AWS_REGION for terraform)")
         action.add_argument("--backend-config", type=Path, help="S3 backend settings file (BACKEND_CONFIG)")
@@ -669,7 +831,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action.add_argument(
             "--var", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
         )
-    for action in (apply_parser, plan_parser, destroy_parser):
+    for action in (apply_parser, plan_parser, destroy_parser, rollback_parser):
         action.add_argument(
             "--migrate-state",
             action="store_true",
@@ -681,6 +843,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for action in (apply_parser, plan_parser):
         action.add_argument("--image-uri", help="<repo>@sha256:<digest>; default: repo + --digest-file")
         action.add_argument("--digest-file", type=Path, default=DEFAULT_DIGEST_FILE, help="from push-image")
+    for action in (apply_parser, plan_parser, rollback_parser):
         action.add_argument(
             "--allow-function-delete",
             action="store_true",
@@ -694,8 +857,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
     apply_parser.add_argument("--push-command", help="builds and pushes the image once the repository exists")
     apply_parser.add_argument(
-        "--wait-seconds", type=int, default=DEFAULT_WAIT_SECONDS, help="bound on the wait for Active"
+        "--baked-model",
+        help="the model the push command bakes into the image (MODEL_DIR or MODEL): required with "
+        'weights_source = "image" when an image is built, refused with "efs"',
     )
+    rollback_parser.add_argument(
+        "--revision",
+        default="",
+        help="image stack: sha256:<digest> in the stack's repository (default: the previously deployed "
+        "image); EFS stack: the release to switch to",
+    )
+    rollback_parser.add_argument(
+        "efs_arguments", nargs=argparse.REMAINDER, help="-- then `sd-lambda rollback` arguments (EFS stacks)"
+    )
+    for action in (apply_parser, rollback_parser):
+        action.add_argument(
+            "--wait-seconds", type=int, default=DEFAULT_WAIT_SECONDS, help="bound on the wait for Active"
+        )
     destroy_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation (CONFIRM=1)")
     parser.set_defaults(func=_run)
 

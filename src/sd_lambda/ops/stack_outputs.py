@@ -269,6 +269,26 @@ def read_outputs(infra_dir: Path = DEFAULT_INFRA_DIR, required: Iterable[str] = 
     return outputs
 
 
+WEIGHTS_IN_IMAGE = "image"
+WEIGHTS_ON_EFS = "efs"
+
+
+class WeightsInImageError(StackError):
+    """The stack serves a model baked into its image (``weights_source = "image"``): nothing to seed."""
+
+
+def refuse_weights_in_image(outputs: Mapping[str, Any]) -> None:
+    """Raise :class:`WeightsInImageError` when ``outputs`` (``terraform output``) say the model lives in
+    the function image: seeding, LoRA adapters and EFS release rollback need the EFS the stack lacks.
+    A stack applied before ``weights_source`` existed has no such output and is an EFS stack."""
+    if outputs.get("weights_source") == WEIGHTS_IN_IMAGE:
+        raise WeightsInImageError(
+            'this stack bakes the model into the function image (weights_source = "image"), it has no EFS '
+            "to seed: rebuild instead, make apply MODEL_DIR=<folder> (or MODEL=owner/name@rev); "
+            "make rollback redeploys the previous image"
+        )
+
+
 def output_for_command(infra_dir: Path, name: str, alternative: str) -> str:
     """One output for a CLI command: any StackError becomes a one-line CommandError naming
     ``alternative`` (e.g. ``--url``), the flag that avoids reading the stack."""

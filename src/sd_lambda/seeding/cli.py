@@ -210,7 +210,23 @@ def _target(args: argparse.Namespace) -> Any:
         "model_name": None,
         "function_name": getattr(args, "function_name", None),
     }
-    return resolve_target(flags, args.infra)
+    try:
+        return resolve_target(flags, args.infra, read_outputs=_efs_stack_outputs)
+    except SeedError as exc:
+        from sd_lambda.ops.stack_outputs import WeightsInImageError
+
+        if isinstance(exc.__cause__, WeightsInImageError):  # one line, not "cannot read the outputs"
+            raise SeedError(str(exc.__cause__)) from None
+        raise
+
+
+def _efs_stack_outputs(infra_dir: Path) -> dict[str, Any]:
+    """The stack's outputs, refused when its model is baked into the image (no EFS to seed)."""
+    from sd_lambda.ops.stack_outputs import read_outputs, refuse_weights_in_image
+
+    outputs = read_outputs(infra_dir)
+    refuse_weights_in_image(outputs)
+    return outputs
 
 
 def _options(args: argparse.Namespace) -> Any:
