@@ -603,6 +603,14 @@ def verify_release(folder: Path, manifest_sha256: str | None = None, kind: str =
     return manifest
 
 
+def activate_baked_release(model_dir: Path, revision: str) -> Manifest:
+    """What image/Dockerfile.baked runs on the release it copied in: ``current`` -> ``releases/<revision>``
+    (relative, as the seeder makes it on EFS), then every file verified against the release's manifest."""
+    paths = ModelPaths(model_dir)
+    paths.switch_current(revision)
+    return verify_release(paths.resolve_current())
+
+
 def fix_ownership(folder: Path, owner: tuple[int, int]) -> None:
     """Folders 0755, files 0644, all owned by ``owner``: readable by the access point's POSIX user."""
     uid, gid = owner

@@ -120,6 +120,41 @@ def test_the_dockerfile_sets_the_root_and_label_the_code_reads() -> None:
     assert f"MODEL_ROOT={baked.BAKED_ROOT}" in text
     assert f"COPY models/ {baked.BAKED_ROOT}/" in text
     assert f'LABEL {baked.MODEL_LABEL}="${{MODEL_NAME}}@${{MODEL_REVISION}}"' in text
+    build_step = 'activate_baked_release(Path(sys.argv[1]), sys.argv[2])" "/opt/models/${MODEL_NAME}"'
+    assert f'{build_step} "${{MODEL_REVISION}}"' in text
+
+
+def test_the_handler_serves_the_baked_layout_through_the_real_runtime(
+    tmp_path: Path, efs_model: ModelPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The build context plus what the image's build runs on it (current, verification) is a model root
+    the real entrypoint serves from, through the local Lambda Runtime API: only the root differs."""
+    from sd_lambda.cli import main
+    from sd_lambda.layout import activate_baked_release
+
+    release = baked.release_from_dir(efs_model.model_dir)
+    context = baked.stage_context(release, tmp_path / "context")
+    model_dir = context / "models" / TEST_MODEL_NAME
+    activate_baked_release(model_dir, TEST_REVISION)
+    out = tmp_path / "baked.png"
+    argv = ["demo", "--model-dir", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]
+    assert main([*argv, "--steps", "1"]) == 0
+    assert f"current -> {TEST_REVISION}" in capsys.readouterr().out
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_images_build_step_refuses_a_file_its_manifest_does_not_vouch_for(
+    tmp_path: Path, efs_model: ModelPaths
+) -> None:
+    from sd_lambda.layout import LayoutError, activate_baked_release
+
+    context = baked.stage_context(baked.release_from_dir(efs_model.model_dir), tmp_path / "context")
+    model_dir = context / "models" / TEST_MODEL_NAME
+    config = model_dir / "releases" / TEST_REVISION / "scheduler" / "scheduler_config.json"
+    config.unlink()
+    config.write_text("{}")
+    with pytest.raises(LayoutError, match=r"scheduler/scheduler_config\.json"):
+        activate_baked_release(model_dir, TEST_REVISION)
 
 
 # ---- the real make target against a stand-in docker -------------------------------------------------
