@@ -18,6 +18,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 # Modules that contribute subcommands, in `sd-lambda --help` order.
@@ -34,6 +35,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 # The Makefile sets this on every sd-lambda it runs, so that messages name the make variable to set.
 FROM_MAKE_ENV = "SD_LAMBDA_FROM_MAKE"
+# Where the operator commands keep hub downloads, exports and build contexts (--work-dir).
+WORK_DIR = Path.home() / ".cache" / "sd-lambda"
 # The one table of flag -> make variable (the Makefile passes each variable to its flag).
 MAKE_VARIABLES: Mapping[str, str] = {
     "--infra": "INFRA",

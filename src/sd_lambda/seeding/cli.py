@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.cli import add_json_flag, ask_for, option, report
+from sd_lambda.cli import WORK_DIR, add_json_flag, ask_for, option, report
 from sd_lambda.layout import DEFAULT_KEEP, LayoutError, check_name
 from sd_lambda.seeding.errors import SeedError
 
@@ -136,7 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seed.add_argument(
         "--work-dir",
         type=Path,
-        default=Path.home() / ".cache" / "sd-lambda",
+        default=WORK_DIR,
         help="hub downloads, bf16 copies and OpenVINO exports",
     )
     _export_arguments(seed)
@@ -171,9 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lora.add_argument("--name", help="the model it adapts, its folder on EFS (default: the served model)")
     lora.add_argument("--not-served", action="store_true", help="allow a --name the function does not serve")
     lora.add_argument("--revision", help="release name (default: hub commit, or a content hash)")
-    lora.add_argument(
-        "--work-dir", type=Path, default=Path.home() / ".cache" / "sd-lambda", help="hub downloads"
-    )
+    lora.add_argument("--work-dir", type=Path, default=WORK_DIR, help="hub downloads")
     lora.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="releases kept on EFS (current always)")
     lora.add_argument("--no-progress", action="store_true", help="no upload progress bar (on a terminal)")
     _stack_arguments(lora)

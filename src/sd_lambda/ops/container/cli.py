@@ -155,6 +155,7 @@ def engine_of(args: argparse.Namespace) -> str:
 
 
 def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
+    from sd_lambda.cli import WORK_DIR
     from sd_lambda.ops.container.docker import DEFAULT_DOCKERFILE, DEFAULT_PLATFORM, PLATFORMS
     from sd_lambda.ops.deploy import DEFAULT_DIGEST_FILE
 
@@ -194,7 +195,7 @@ def register_image_commands(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--work-dir",
         type=Path,
-        default=Path.home() / ".cache" / "sd-lambda",
+        default=WORK_DIR,
         help="hub downloads and the baked image's build context",
     )
     build.set_defaults(func=run_build_image)
