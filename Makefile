@@ -211,7 +211,8 @@ invoke: $(OPS_STAMP) ## Generate one image through the function URL (SigV4): mak
 # build+push), BACKEND_CONFIG (S3 backend settings file; local state without it), MIGRATE_STATE=1 (copy
 # existing local state into that backend), CONFIRM=1 (destroy), ALLOW_FUNCTION_DELETE=1 (let plan/apply
 # delete or replace the live function), ALLOW_DATA_LOSS=1 (let plan/apply delete or replace EFS, its access
-# point, the weights bucket, the KMS key or the ECR repository), INFRA (the Terraform root), JSON=1 (one JSON
+# point, the weights bucket, the KMS key or the ECR repository), SWITCH_WEIGHTS_SOURCE=1 (let apply change a
+# running stack's weights_source), INFRA (the Terraform root), JSON=1 (one JSON
 # document on stdout). See docs/deploy.md.
 # Run by `apply` once the repository exists (not $(MAKE): `make -n apply` must not deploy anything).
 # With weights_source = "image" the model to bake goes along: MODEL_DIR= or MODEL= (NAME=).
@@ -236,7 +237,8 @@ plan: $(OPS_STAMP) ## terraform plan infra/ with the image apply would deploy (R
 apply: $(OPS_STAMP) ## Deploy: preflight, ECR repo first, build+push the image (or IMAGE_URI=), full apply, wait until Active; weights_source = "image": MODEL_DIR= or MODEL= bakes the model in
 	$(SD_LAMBDA) deploy apply $(DEPLOY_ARGS) $(STATE_ARGS) \
 		$(or $(IMAGE_URI_FLAG),--push-command $(call q,$(PUSH_COMMAND)) --docker $(call q,$(DOCKER))) \
-		$(if $(and $(BAKED_MODEL),$(if $(IMAGE_URI),,1)),--baked-model $(call q,$(BAKED_MODEL))) $(PROTECTION_ARGS)
+		$(if $(and $(BAKED_MODEL),$(if $(IMAGE_URI),,1)),--baked-model $(call q,$(BAKED_MODEL))) $(PROTECTION_ARGS) \
+		$(if $(filter 1,$(SWITCH_WEIGHTS_SOURCE)),--switch-weights-source)
 
 destroy: $(OPS_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIRM=1 skips the question)
 	$(SD_LAMBDA) deploy destroy $(DEPLOY_ARGS) $(STATE_ARGS) $(if $(filter 1,$(CONFIRM)),--yes)

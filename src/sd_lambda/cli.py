@@ -62,6 +62,7 @@ MAKE_VARIABLES: Mapping[str, str] = {
     "--migrate-state": "MIGRATE_STATE=1",
     "--allow-function-delete": "ALLOW_FUNCTION_DELETE=1",
     "--allow-data-loss": "ALLOW_DATA_LOSS=1",
+    "--switch-weights-source": "SWITCH_WEIGHTS_SOURCE=1",
     "--yes": "CONFIRM=1",
     "--bf16-copy": "BF16_COPY=1",
     "--export": "EXPORT",

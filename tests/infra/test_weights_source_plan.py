@@ -159,7 +159,8 @@ def test_image_mode_outputs_of_what_does_not_exist_are_null(image_plan: dict[str
         "seeder_security_group_id",
         "lambda_endpoint_id",
     ):
-        assert name in image_plan["planned_values"]["outputs"] or name in _unknown_outputs(image_plan)
+        assert name in image_plan["planned_values"]["outputs"], name  # known at plan time: null
+        assert name not in _unknown_outputs(image_plan), name
         assert outputs.get(name) is None, name
 
 
@@ -177,7 +178,8 @@ def test_image_mode_in_a_vpc_keeps_only_the_function_and_jobs_network(
     assert not types & SEEDER_TYPES
     groups = {g["values"]["description"] for g in resources(image_in_vpc_plan, "aws_security_group")}
     assert groups == {
-        "sd-lambda function ENIs: egress for jobs only",
+        # The EFS mode's wording: one description in every mode, so a switch never replaces the group.
+        "sd-lambda function ENIs: NFS to EFS only",
         "Lambda API interface endpoint: HTTPS from the function only (it starts its own jobs)",
     }
     endpoints = {

@@ -109,7 +109,9 @@ def test_the_image_limit_is_checked_with_the_base_image(efs_model: ModelPaths) -
 
 def test_a_baked_tag_names_model_and_revision_within_ecr_limits() -> None:
     assert baked.model_tag("git-abc", None) == "git-abc"
-    assert baked.model_tag("git-abc", "test--tiny-sd@r1") == "git-abc-test--tiny-sd-r1"
+    assert baked.model_tag("git-abc", "test--tiny-sd@r1") == "git-abc-baked-test--tiny-sd-r1"
+    assert baked.is_baked_tag(baked.model_tag("git-abc-openvino", "m@r1"))
+    assert not baked.is_baked_tag("git-abc-dirty-20261205T000000Z-openvino")
     long = baked.model_tag("git-" + "a" * 12, "n" * 128 + "@" + "f" * 12)
     assert len(long) == 128
     assert long.endswith("-" + "f" * 12)
@@ -175,6 +177,8 @@ if args[:2] == ["buildx", "version"]:
     sys.exit("'buildx' is not a docker command")  # the legacy builder then
 if args[:2] == ["image", "inspect"]:
     print({size})
+if args[:1] == ["run"]:  # du inside the base image
+    print("{size}\t/")
 """
 
 
@@ -271,3 +275,41 @@ def test_name_without_a_model_is_refused(tmp_path: Path) -> None:
     assert completed.returncode != 0
     assert "NAME= names a baked model: add MODEL_DIR= or MODEL=" in completed.stderr
     assert not calls
+
+
+class ScriptedDocker:
+    """Answers each docker command from a table (command prefix -> output, or an exception)."""
+
+    def __init__(self, answers: dict[tuple[str, ...], object]) -> None:
+        self.answers, self.calls = answers, []
+
+    def __call__(self, args, *, stdin=None, env=None):  # type: ignore[no-untyped-def]
+        self.calls.append(list(args))
+        for prefix, answer in self.answers.items():
+            if tuple(args[: len(prefix)]) == prefix:
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
+        return ""
+
+
+def test_the_size_is_measured_inside_the_image_and_inspect_is_the_fallback() -> None:
+    from sd_lambda.ops.container.docker import DockerFailed
+
+    measured = ScriptedDocker({("run",): "1300000000\t/\n", ("image", "inspect"): "400000000\n"})
+    assert baked.image_size(measured, "sd:test-base") == 1_300_000_000
+    assert measured.calls[0][-3:] == ["sd:test-base", "-sxb", "/"]
+    cannot_run = ScriptedDocker({("run",): DockerFailed("exec format error"), ("image", "inspect"): "4\n"})
+    assert baked.image_size(cannot_run, "sd:test-base") == 4
+
+
+@pytest.mark.parametrize(
+    ("driver", "refused"), [("docker", False), ("docker-container", True)], ids=["docker", "container"]
+)
+def test_a_builder_that_cannot_see_local_images_is_refused(driver: str, refused: bool) -> None:
+    docker = ScriptedDocker({("buildx", "inspect"): f"Name:          multi\nDriver:        {driver}\n"})
+    if refused:
+        with pytest.raises(BakeError, match=r"builder multi \(driver docker-container\) cannot build FROM"):
+            baked.check_builder(docker)
+    else:
+        baked.check_builder(docker)

@@ -40,6 +40,16 @@ def _values(weights_source: str | None) -> StackValues:
     )
 
 
+def _bake(*digests: str) -> None:
+    """Tag images as push-image tags a baked one (sd_lambda.ops.container.baked.model_tag)."""
+    from sd_lambda.ops.container.baked import model_tag
+    from sd_lambda.ops.container.registry import add_tag
+
+    ecr = boto3.client("ecr", region_name=REGION)
+    for index, digest in enumerate(digests):
+        add_tag(ecr, "sd-lambda", digest, model_tag(f"git-{index}", "test--tiny-sd@r1"))
+
+
 ################################################################################
 # Which mode: the var files, else the deployed stack
 ################################################################################
@@ -100,6 +110,7 @@ def test_efs_mode_refuses_a_model_to_bake() -> None:
 
 def test_image_mode_builds_with_the_model_then_deploys_the_pushed_digest(aws: None, tmp_path: Path) -> None:  # noqa: F811
     (digest,) = _push_in_order(1)
+    _bake(digest)
     create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
     record = tmp_path / "push.json"
     digest_file = tmp_path / ".image-digest"
@@ -126,6 +137,7 @@ def test_image_mode_builds_with_the_model_then_deploys_the_pushed_digest(aws: No
 
 def test_image_mode_with_a_given_image_needs_no_model(aws: None) -> None:  # noqa: F811
     (digest,) = _push_in_order(1)
+    _bake(digest)
     create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
     stack = FakeStack()
 
@@ -146,6 +158,7 @@ def _deployed_history(count: int) -> list[str]:
     from sd_lambda.ops.container.registry import add_tag
 
     digests = _push_in_order(count)
+    _bake(*digests)
     ecr = boto3.client("ecr", region_name=REGION)
     for index, digest in enumerate(digests):
         add_tag(ecr, "sd-lambda", digest, f"deployed-2026010{index + 1}T000000Z")
@@ -237,12 +250,18 @@ def test_cli_rollback_of_an_efs_stack_switches_the_release(monkeypatch: pytest.M
     assert forwarded == [["rollback", "--name", "tiny", "--json", "--revision", "r0"]]
 
 
-def test_cli_rollback_of_an_image_stack_redeploys(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_cli_rollback_of_an_image_stack_redeploys(
+    aws: None,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
     from sd_lambda.ops.preflight import Findings  # noqa: F401 (the rollback runs no preflight)
 
     _, second, running = _deployed_history(3)
     stack = _running(running)
     monkeypatch.setattr(deploy, "_stack", lambda options: stack)
+    var_file = tmp_path / "baked.tfvars"
+    var_file.write_text('weights_source = "image"\n')
 
     code = cli_main(
         [
@@ -250,6 +269,8 @@ def test_cli_rollback_of_an_image_stack_redeploys(aws: None, monkeypatch: pytest
             "rollback",
             "--infra",
             str(INFRA),
+            "--var-file",
+            str(var_file),
             "--revision",
             "",
             "--wait-seconds",
@@ -306,3 +327,79 @@ def test_seeding_commands_refuse_an_image_stack_in_one_line(
     assert 'weights_source = "image"' in error
     assert "make apply MODEL_DIR=" in error
     assert "Traceback" not in error
+
+
+################################################################################
+# Never by accident: a mode switch, a model-less image on an image stack
+################################################################################
+
+
+def test_apply_refuses_var_files_that_would_switch_a_running_stack(aws: None) -> None:  # noqa: F811
+    """An image stack applied without its TFVARS would become an EFS stack with an empty mount."""
+    (digest,) = _push_in_order(1)
+    _bake(digest)
+    stack = _running(digest)
+    options = DeployOptions(image_uri=f"{REPOSITORY_URL}@{digest}", wait_seconds=10)
+    with pytest.raises(StackError, match=r'runs weights_source = "image" but these var files say "efs"'):
+        deploy.apply(options, stack, values=_values("efs"))
+    assert stack.names == ["init"]
+
+
+def test_apply_switches_a_running_stack_when_asked(aws: None) -> None:  # noqa: F811
+    (digest,) = _push_in_order(1)
+    create_function_in_moto(f"{REPOSITORY_URL}@{digest}")
+    stack = _running(digest)
+    options = DeployOptions(
+        image_uri=f"{REPOSITORY_URL}@{digest}", wait_seconds=10, switch_weights_source=True
+    )
+    deploy.apply(options, stack, values=_values("efs"))  # image -> efs: a model-less image is fine there
+    assert stack.calls[-1][1] == {"variables": {"image_uri": f"{REPOSITORY_URL}@{digest}"}}
+
+
+def test_rollback_never_switches_the_mode(aws: None) -> None:  # noqa: F811
+    _, _, running = _deployed_history(3)
+    stack = _running(running)
+    with pytest.raises(StackError, match=r"pass the var files that set it \(docs/weights-in-image\.md\)$"):
+        deploy.rollback(DeployOptions(wait_seconds=10), stack, values=_values("efs"))
+    assert stack.names == ["init"]
+
+
+def test_an_image_stack_never_deploys_a_model_less_image(aws: None) -> None:  # noqa: F811
+    model_less, baked, running = _push_in_order(3)
+    from sd_lambda.ops.container.registry import add_tag
+
+    ecr = boto3.client("ecr", region_name=REGION)
+    _bake(baked, running)
+    for index, digest in enumerate((model_less, baked, running)):
+        add_tag(ecr, "sd-lambda", digest, f"deployed-2026020{index + 1}T000000Z")
+    create_function_in_moto(f"{REPOSITORY_URL}@{running}")
+    stack = _running(running)
+
+    # The newest earlier deployment holds a model, the one before that (from the EFS days) none.
+    deploy.rollback(DeployOptions(wait_seconds=10), stack, values=_values("image"))
+    assert stack.calls[-1][1] == {"variables": {"image_uri": f"{REPOSITORY_URL}@{baked}"}}
+    with pytest.raises(StackError, match=f"image {model_less} has no model baked in"):
+        deploy.rollback(
+            DeployOptions(wait_seconds=10), _running(running), digest=model_less, values=_values("image")
+        )
+    with pytest.raises(StackError, match="has no model baked in"):
+        deploy.apply(
+            DeployOptions(image_uri=f"{REPOSITORY_URL}@{model_less}", wait_seconds=10),
+            _running(running),
+            values=_values("image"),
+        )
+
+
+def test_a_corrupt_model_to_bake_stops_before_the_repository_is_created(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from helpers import seed_release
+
+    paths = seed_release(tmp_path / "efs", "m", "r1", tiny_model_dir)
+    config = paths.resolve_current() / "unet" / "config.json"
+    config.write_text(config.read_text() + " ")
+    stack = FakeStack()
+    options = DeployOptions(push_command="make build-image push-image", baked_model=str(paths.model_dir))
+    with pytest.raises(StackError, match=r"^the model to bake: manifest mismatch .*unet/config\.json"):
+        deploy.apply(options, stack, values=_values("image"))
+    assert stack.names == ["init"]

@@ -408,5 +408,5 @@ def test_a_baked_image_is_pushed_under_a_tag_naming_its_model(
     argv = ["push-image", "--repository-url", url, "--tag", "git-abc", "--digest-file", str(digest_file)]
     assert main(argv) == 0
     pushed = [args for args in docker.commands() if args[0] == "push"]
-    assert pushed == [["push", f"{url}:git-abc-test--tiny-sd-r1"]]
+    assert pushed == [["push", f"{url}:git-abc-baked-test--tiny-sd-r1"]]
     assert baked.baked_model(FakeDocker(), "sd:test") is None  # a model-less image keeps its tag

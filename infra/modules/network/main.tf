@@ -227,8 +227,10 @@ resource "aws_security_group" "lambda" {
   #checkov:skip=CKV2_AWS_5:Attached to the function's network interfaces by the lambda module (vpc_config), which receives it through the lambda_security_group_id output.
   region      = var.region
   name_prefix = "${var.name}-lambda-"
-  # The EFS wording stays as it was: a changed description replaces the group.
-  description = var.efs_enabled ? "sd-lambda function ENIs: NFS to EFS only" : "sd-lambda function ENIs: egress for jobs only"
+  # One description in every mode, as first created: a changed description replaces the group, and the old
+  # one goes only once Lambda releases its network interfaces (slow), so a mode switch would stall on it.
+  # The rules below say what the group allows (NFS to EFS; 443 for jobs).
+  description = "sd-lambda function ENIs: NFS to EFS only"
   vpc_id      = local.vpc_id
 
   tags = merge(var.tags, { Name = "${var.name}-lambda" })

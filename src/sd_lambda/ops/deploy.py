@@ -116,6 +116,8 @@ class DeployOptions:
     function_address: str = FUNCTION_ADDRESS
     allow_function_delete: bool = False
     allow_data_loss: bool = False
+    # Let apply change weights_source of a running stack (the var files say other than its output).
+    switch_weights_source: bool = False
     migrate_state: bool = False
     wait_seconds: int = DEFAULT_WAIT_SECONDS
 
@@ -448,6 +450,40 @@ def check_model_source(weights_source: str, options: DeployOptions) -> None:
             'weights_source = "efs" serves the model from EFS (make seed-models), so MODEL_DIR/MODEL would '
             'only bloat the image: drop them, or set weights_source = "image" to bake the model in'
         )
+    if weights_source == WEIGHTS_IN_IMAGE and builds_image and options.baked_model:
+        check_model_dir(Path(options.baked_model).expanduser())
+
+
+def check_model_dir(folder: Path) -> None:
+    """A local folder to bake is read and verified as build-image will (sd_lambda.ops.container.baked),
+    before stage 1 creates the repository: a corrupt or oversize model stops here, not after."""
+    if not folder.exists():
+        return  # a hub id (MODEL=): build-image downloads and checks it
+    from sd_lambda.ops.container import baked
+
+    try:
+        baked.check_fits(0, baked.release_from_dir(folder))
+    except baked.BakeError as exc:
+        raise StackError(f"the model to bake: {exc}") from None
+
+
+def check_weights_switch(values: StackValues, deployed: Mapping[str, Any], *, allowed: bool | None) -> None:
+    """Refuse, before anything runs, a plan that would move a running stack's model elsewhere by accident.
+
+    The var files decide weights_source, and the module's default ("efs") applies when none sets it: an
+    ``apply`` or ``rollback`` of an image stack without its TFVARS would build the EFS stack and point the
+    function at an empty mount (and the other way round), so every request would fail. ``allowed``: the
+    operator asked for the switch (apply); None: no switch is ever right here (rollback)."""
+    running, planned = deployed.get("weights_source"), values.weights_source
+    # planned None: a root without the variable (an older module), which takes the deployed value.
+    if not running or planned is None or planned == running or allowed:
+        return
+    switch = "" if allowed is None else f", or {option('--switch-weights-source')} to switch the stack"
+    raise StackError(
+        f'the stack runs weights_source = "{running}" but these var files say "{planned}" (the module '
+        f"default when none sets it: {option('--var-file')} missing?): pass the var files that set "
+        f"it{switch} (docs/weights-in-image.md)"
+    )
 
 
 def weights_source(values: StackValues, deployed: Mapping[str, Any]) -> str:
@@ -469,7 +505,9 @@ def apply(
     variables = options.terraform_variables
     stack.init(options.backend_config, migrate_state=options.migrate_state)
     deployed = stack.outputs()  # before the targeted apply, which may leave unrelated outputs stale
-    check_model_source(weights_source(values, deployed), options)
+    check_weights_switch(values, deployed, allowed=options.switch_weights_source)
+    mode = weights_source(values, deployed)
+    check_model_source(mode, options)
 
     print("==> stage 1/3: the ECR repository (targeted plan, checked, applied)", flush=True)
     _apply_checked(stack, variables, options, values, targets=options.registry_targets)
@@ -490,8 +528,26 @@ def apply(
     ecr = clients("ecr", image.region)
     images = repository_images(ecr, image)
     verify_image(images, image)
+    if mode == WEIGHTS_IN_IMAGE:
+        refuse_a_model_less_image(images, image)
     refuse_an_image_the_lifecycle_would_expire(images, image, values.ecr_keep_deployments)
     return _deploy_image(stack, options, values, clients, ecr, image)
+
+
+def refuse_a_model_less_image(images: Sequence[Mapping[str, Any]], image: PinnedImage) -> None:
+    """An image stack's function has no other copy of the model: its image must be a baked one (push-image
+    tags those ``...-baked-<name>-<revision>``, sd_lambda.ops.container.baked)."""
+    from sd_lambda.ops.container.baked import is_baked_tag
+
+    tags = next(
+        (entry.get("imageTags") or [] for entry in images if entry.get("imageDigest") == image.digest), []
+    )
+    if not any(is_baked_tag(tag) for tag in tags):
+        raise StackError(
+            f"image {image.digest} has no model baked in (tags: {', '.join(tags) or 'none'}), and with "
+            'weights_source = "image" the function has no other: deploy an image built with MODEL_DIR= or '
+            "MODEL= (make apply MODEL_DIR=...)"
+        )
 
 
 def _deploy_image(
@@ -519,10 +575,14 @@ def _deploy_image(
     return outputs
 
 
-def previous_deployed_image(images: Sequence[Mapping[str, Any]], running_digest: str) -> str:
+def previous_deployed_image(
+    images: Sequence[Mapping[str, Any]], running_digest: str, *, baked_only: bool = False
+) -> str:
     """The digest deployed before ``running_digest``: of the other images carrying a ``deployed-<UTC
     time>`` tag (the ECR lifecycle keeps the last ``ecr_keep_deployments`` of them), the one whose latest
-    such tag is newest. The tags' fixed-width UTC times sort as text."""
+    such tag is newest. The tags' fixed-width UTC times sort as text. ``baked_only``: only images with a
+    model baked in (an image stack's images from before a switch from EFS have none)."""
+    from sd_lambda.ops.container.baked import is_baked_tag
     from sd_lambda.ops.container.registry import DEPLOYED_TAG_PREFIX
 
     last_deployed = {
@@ -530,6 +590,7 @@ def previous_deployed_image(images: Sequence[Mapping[str, Any]], running_digest:
         for entry in images
         if entry.get("imageDigest") != running_digest
         and (tags := [tag for tag in entry.get("imageTags") or [] if tag.startswith(DEPLOYED_TAG_PREFIX)])
+        and (not baked_only or any(is_baked_tag(tag) for tag in entry.get("imageTags") or []))
     }
     if not last_deployed:
         raise StackError(
@@ -553,14 +614,17 @@ def rollback(
     """
     values = stack_values(options) if values is None else values
     stack.init(options.backend_config, migrate_state=options.migrate_state)
-    running = stack.outputs().get("image_uri")
+    deployed = stack.outputs()
+    check_weights_switch(values, deployed, allowed=None)  # a rollback never moves the model
+    running = deployed.get("image_uri")
+    in_image = weights_source(values, deployed) == WEIGHTS_IN_IMAGE
     if not running:
         raise StackError("the stack runs no function yet (no image_uri output): nothing to roll back")
     current = parse_pinned_image(str(running))
     ecr = clients("ecr", current.region)
     images = repository_images(ecr, current)
     if digest is None:
-        target = previous_deployed_image(images, current.digest)
+        target = previous_deployed_image(images, current.digest, baked_only=in_image)
     else:
         match = _DIGEST.fullmatch(digest.strip())
         if match is None:
@@ -574,6 +638,8 @@ def rollback(
     registry = current.uri.split("@", 1)[0]
     image = parse_pinned_image(f"{registry}@{target}")
     verify_image(images, image)
+    if in_image:
+        refuse_a_model_less_image(images, image)
     refuse_an_image_the_lifecycle_would_expire(images, image, values.ecr_keep_deployments)
     print(f"==> rolling back from {current.digest} to {image.digest}", flush=True)
     return _deploy_image(stack, options, values, clients, ecr, image, stages=("1/2", "2/2"))
@@ -729,6 +795,7 @@ def _options(args: argparse.Namespace) -> DeployOptions:
         variables=dict(args.var),
         allow_function_delete=getattr(args, "allow_function_delete", False),
         allow_data_loss=getattr(args, "allow_data_loss", False),
+        switch_weights_source=getattr(args, "switch_weights_source", False),
         migrate_state=getattr(args, "migrate_state", False),
         wait_seconds=getattr(args, "wait_seconds", DEFAULT_WAIT_SECONDS),
     )
@@ -855,6 +922,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="let the plan delete or replace the EFS file system or access point, the weights bucket, "
             "the KMS key or the ECR repository (ALLOW_DATA_LOSS=1)",
         )
+    apply_parser.add_argument(
+        "--switch-weights-source",
+        action="store_true",
+        help="let the var files change weights_source of the running stack (docs/weights-in-image.md)",
+    )
     apply_parser.add_argument("--push-command", help="builds and pushes the image once the repository exists")
     apply_parser.add_argument(
         "--baked-model",

@@ -44,6 +44,9 @@ LAMBDA_IMAGE_LIMIT_BYTES = 10 * 1024**3
 # The image label that names the baked model (name@revision): push-image reads it so a baked image's
 # remote tag never equals a model-less one's (ECR tags are immutable).
 MODEL_LABEL = "io.github.sd-lambda.model"
+# What a baked image's remote tag carries before the model's name: rollback of an image stack only
+# considers images that hold a model (a model-less image there would fail every request).
+BAKED_TAG_MARK = "-baked-"
 BASE_SUFFIX = "-base"
 
 
@@ -141,12 +144,48 @@ def stage_context(release: BakedRelease, context: Path) -> Path:
 
 
 def image_size(docker: Docker, image: str) -> int:
-    """The uncompressed size of a local image, as ``docker image inspect`` reports it."""
+    """The uncompressed size of a local image: what its root file system holds, measured inside it (``du``;
+    Lambda's limit counts the uncompressed image). ``docker image inspect``'s Size depends on the image
+    store (compressed blobs only, or compressed plus unpacked, with containerd's), so it is the fallback
+    for an image this machine cannot run (another platform without emulation)."""
+    try:
+        measured = docker(
+            ["run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "du", image, "-sxb", "/"]
+        )
+        return int(measured.split()[0])
+    except (DockerFailed, ValueError, IndexError):
+        pass
     output = docker(["image", "inspect", "--format", "{{.Size}}", image]).strip()
     try:
         return int(output)
     except ValueError:
         raise BakeError(f"docker image inspect {image} reported no size ({output!r})") from None
+
+
+def check_builder(docker: Docker) -> None:
+    """Refuse a buildx builder that cannot see local images: the model's layer is built FROM the
+    ``-base`` image just built, which only a builder with the docker driver finds (a docker-container
+    builder pulls it from a registry instead, and fails)."""
+    from sd_lambda.ops.container.docker import has_buildx
+
+    if not has_buildx(docker):
+        return  # the legacy builder builds in the daemon, next to its images
+    try:
+        described = docker(["buildx", "inspect"])
+    except DockerFailed:
+        return
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, sep, value in (line.partition(":") for line in described.splitlines())
+        if sep and key.strip() in ("Name", "Driver")
+    )
+    driver = fields.get("Driver")
+    if driver and driver != "docker":
+        raise BakeError(
+            f"the selected buildx builder {fields.get('Name', '?')} (driver {driver}) cannot build FROM a "
+            "local image, which baking a model needs: select a docker-driver builder (docker buildx use "
+            "default, or desktop-linux on Docker Desktop) and retry"
+        )
 
 
 def baked_model(docker: Docker, image: str) -> str | None:
@@ -162,16 +201,20 @@ def baked_model(docker: Docker, image: str) -> str | None:
 
 
 def model_tag(tag: str, model: str | None) -> str:
-    """A remote tag that names the baked model too (ECR's limit is 128 characters; the revision, which
-    tells two builds apart, is kept whole)."""
+    """A remote tag that names the baked model too: ``<tag>-baked-<name>-<revision>`` within Docker's
+    128-character tag limit (the revision, which tells two builds apart, is kept whole)."""
     if model is None:
         return tag
     name, _, revision = model.partition("@")
     suffix = f"-{revision}"
-    room = 128 - len(tag) - len(suffix) - 1
+    room = 128 - len(tag) - len(BAKED_TAG_MARK) - len(suffix)
     if room < 1:
         raise BakeError(f"the tag {tag!r} leaves no room for the model's revision {revision!r}")
-    return f"{tag}-{name[:room]}{suffix}"
+    return f"{tag}{BAKED_TAG_MARK}{name[:room]}{suffix}"
+
+
+def is_baked_tag(tag: str) -> bool:
+    return BAKED_TAG_MARK in tag
 
 
 def _world_readable(path: Path) -> bool:

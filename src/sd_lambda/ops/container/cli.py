@@ -255,6 +255,8 @@ def run_build_image(args: argparse.Namespace) -> int:
     baked = _release_to_bake(args, engine)
     docker = docker_cli(args.docker)
     try:
+        if baked is not None:
+            baked_image.check_builder(docker)
         build(
             docker,
             tag if baked is None else f"{tag}{baked_image.BASE_SUFFIX}",
