@@ -171,8 +171,11 @@ def test_the_make_target_passes_name() -> None:
     assert "--name 'segmind/tiny-sd'" in dry.stdout
     assert "--name" not in _make("-n", "seed-models", "MODEL=acme/tiny-sd").stdout  # the served model
     dry = _make("-n", "rollback", "NAME=acme/other", "REVISION=r1")
-    assert "sd-lambda rollback --name 'acme/other'" in dry.stdout
+    # make rollback runs deploy rollback, which hands an EFS stack's arguments after -- to sd-lambda rollback.
+    command = " ".join(dry.stdout.replace("\\\n", " ").split())
+    assert "sd-lambda deploy rollback" in command
+    assert "-- --name 'acme/other'" in command
     assert "--revision 'r1'" in dry.stdout
     assert "--not-served" not in dry.stdout
     dry = _make("-n", "rollback", "NAME=acme/other", "REVISION=r1", "NOT_SERVED=1")
-    assert "--revision 'r1' --not-served" in dry.stdout
+    assert "-- --name 'acme/other' --not-served" in " ".join(dry.stdout.replace("\\\n", " ").split())

@@ -120,7 +120,9 @@ def test_rollback_json_is_one_document(
 ) -> None:
     monkeypatch.setattr(flow.AwsClients, "create", lambda region: None)
     answer = {"model": "m", "revision": "r1", "previous": "r2", "releases": ["r1", "r2"]}
-    monkeypatch.setattr(flow, "rollback", lambda clients, target, name, revision, options: dict(answer))
+    monkeypatch.setattr(
+        flow, "rollback", lambda clients, target, name, revision, options, adapter=None: dict(answer)
+    )
     stack = ["--bucket", "b", "--instance-id", "i-1", "--region", "eu-west-1"]
 
     assert main(["rollback", "--name", "m", "--revision", "r1", *stack, "--json"]) == 0
