@@ -41,3 +41,19 @@ def export_openvino(source: Path, output: Path, *options: str) -> Path:
     if completed.returncode != 0:
         pytest.fail(f"the OpenVINO export failed ({completed.returncode}): {completed.stderr[-2000:]}")
     return output
+
+
+class FakeClock:
+    """An injected clock (``time.monotonic``) and sleeper (``time.sleep``): sleeping advances the clock,
+    nothing waits; ``sleeps`` records each sleep."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds

@@ -12,6 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
+from helpers import FakeClock
 from moto.server import ThreadedMotoServer
 
 from sd_lambda.cli import main
@@ -25,21 +26,6 @@ from .test_client import test_credentials  # noqa: F401  (autouse: the server's 
 JOB_ID = "0123456789abcdef0123456789abcdef"
 BUCKET = "jobs-bucket"
 IMAGES = [b"\x89PNG\r\n\x1a\nfirst", b"\x89PNG\r\n\x1a\nsecond"]
-
-
-class FakeTime:
-    """The injected clock and sleeper: sleeping advances the clock, nothing waits."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +91,13 @@ def done(urls: list[str]) -> Any:
 
 def test_submit_poll_with_capped_backoff_and_download(server: SigV4Server, image_urls: list[str]) -> None:
     server.replies = [queued(), *(status("running") for _ in range(4)), done(image_urls)]
-    fake = FakeTime()
+    fake = FakeClock()
     lines: list[str] = []
     response = run_job(
         server.url,
         {"prompt": "a fox", "num_inference_steps": 40},
         region="eu-west-1",
-        poll=PollPolicy(first_delay_s=2, max_delay_s=5, sleep=fake.sleep, clock=fake.clock),
+        poll=PollPolicy(first_delay_s=2, max_delay_s=5, sleep=fake.sleep, clock=fake),
         progress=lines.append,
     )
     assert fake.sleeps == [2, 4, 5, 5]  # doubling, capped
@@ -132,7 +118,7 @@ def test_a_failed_job_raises_with_its_code_and_status(server: SigV4Server) -> No
     error = {"code": "model_not_found", "message": "no model", "field": None}
     server.replies = [queued(), status("failed", error=error, http_status=503)]
     with pytest.raises(InvokeError) as caught:
-        run_job(server.url, {"prompt": "a fox"}, region="eu-west-1", poll=PollPolicy(sleep=FakeTime().sleep))
+        run_job(server.url, {"prompt": "a fox"}, region="eu-west-1", poll=PollPolicy(sleep=FakeClock().sleep))
     assert str(caught.value) == f"job {JOB_ID} failed: model_not_found: no model"
     assert caught.value.status == 503
 
@@ -140,13 +126,13 @@ def test_a_failed_job_raises_with_its_code_and_status(server: SigV4Server) -> No
 def test_the_total_timeout_stops_waiting_and_names_the_job(server: SigV4Server) -> None:
     server.default_reply = status("running")
     server.replies = [queued()]
-    fake = FakeTime()
+    fake = FakeClock()
     with pytest.raises(InvokeError) as caught:
         run_job(
             server.url,
             {"prompt": "a fox"},
             region="eu-west-1",
-            poll=PollPolicy(first_delay_s=1, max_delay_s=4, timeout_s=10, sleep=fake.sleep, clock=fake.clock),
+            poll=PollPolicy(first_delay_s=1, max_delay_s=4, timeout_s=10, sleep=fake.sleep, clock=fake),
         )
     assert sum(fake.sleeps) <= 10
     assert fake.sleeps == [1, 2, 4]
@@ -162,7 +148,7 @@ def test_a_throttled_poll_is_retried_like_a_call(server: SigV4Server, image_urls
         {"prompt": "a fox"},
         region="eu-west-1",
         retry=RetryPolicy(sleep=retry_sleeps.append, random=lambda: 0.5),
-        poll=PollPolicy(sleep=FakeTime().sleep),
+        poll=PollPolicy(sleep=FakeClock().sleep),
     )
     assert retry_sleeps == [0.5]
     assert response.images == tuple(IMAGES)
@@ -175,7 +161,7 @@ def test_cli_job_writes_every_image_and_prints_progress(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fake = FakeTime()
+    fake = FakeClock()
     monkeypatch.setattr(job_client, "PollPolicy", functools.partial(PollPolicy, sleep=fake.sleep))
     server.replies = [queued(), status("running"), done(image_urls)]
     out = tmp_path / "fox.png"

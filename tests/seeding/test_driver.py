@@ -17,6 +17,7 @@ import boto3
 import pytest
 from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
+from helpers import FakeClock
 from moto import mock_aws
 
 from sd_lambda.layout import MANIFEST, LayoutError, Manifest, check_name
@@ -41,21 +42,6 @@ from .conftest import REGION, make_model
 NAME = "acme--tiny-sd"
 AMI_ID = "ami-12c6146b"  # one of the images moto knows
 COMMAND_ID = "0b5f3c1e-1111-4222-8333-944455556666"
-
-
-class FakeClock:
-    """time.monotonic + time.sleep without waiting: sleeping advances the clock."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.stub import Stubber
+from helpers import FakeClock
 from moto import mock_aws
 
 from sd_lambda.cli import main
@@ -24,7 +25,7 @@ from sd_lambda.seeding.remote import Invocation, mount_check_script
 from sd_lambda.seeding.target import Target
 
 from .conftest import REGION, make_model
-from .test_driver import FakeClock, _instance, _state
+from .test_driver import _instance, _state
 from .test_sources import FakeHub, install_fake_hub
 
 NAME = "acme--tiny-sd"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from helpers import FakeClock
 
 from sd_lambda.cli import main
 from sd_lambda.seeding import flow
@@ -24,17 +25,6 @@ from sd_lambda.seeding.remote import (
 )
 from sd_lambda.seeding.seeder import Seeder
 from sd_lambda.seeding.target import Target
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeEc2:
