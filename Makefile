@@ -247,6 +247,7 @@ destroy: $(OPS_STAMP) ## terraform destroy infra/ (asks for confirmation; CONFIR
 # MODEL (hub id[@rev]), NAME (EFS folder; default: the model the stack serves, its model_name), REVISION
 # (release name), FROM_DIR (local diffusers folder), FROM_S3 (s3://bucket/models/<name>/<rev>/), BF16_COPY=1,
 # EXPORT=openvino (convert to OpenVINO IR here, in $(EXPORT_VENV): the target then needs make install-export),
+# WEIGHT_FORMAT=fp16|fp32 (with EXPORT: how the float weights are stored; fp16 by default),
 # QUANTIZE=int8 (with EXPORT: hybrid int8 quantisation),
 # NOT_SERVED=1 (a --name the function does not serve), REGION, INFRA, JSON=1, SEED_ARGS (more flags:
 # --variant fp16, --tiny-decoder madebyollin/taesd, --keep-running, --bucket/--instance-id when the module
@@ -257,13 +258,14 @@ NOT_SERVED_FLAG = $(if $(filter 1,$(NOT_SERVED)),--not-served)
 
 .PHONY: seed-models seed-lora rollback
 
-seed-models: $(OPS_STAMP) $(if $(EXPORT),$(EXPORT_STAMP)) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] [EXPORT=openvino [QUANTIZE=int8]] (or FROM_DIR=/FROM_S3=)
+seed-models: $(OPS_STAMP) $(if $(EXPORT),$(EXPORT_STAMP)) ## Put a model on EFS as a new revision of the served model: MODEL=owner/name[@rev] [NAME=] [REVISION=] [BF16_COPY=1] [EXPORT=openvino [WEIGHT_FORMAT=fp32|QUANTIZE=int8]] (or FROM_DIR=/FROM_S3=)
 	@test -n "$(MODEL)$(FROM_DIR)$(FROM_S3)" || { echo 'make seed-models: set MODEL=owner/name[@rev] (or FROM_DIR=path / FROM_S3=s3://...)' >&2; exit 2; }
 	$(SD_LAMBDA) seed \
 		$(if $(FROM_DIR),--from-dir $(call q,$(FROM_DIR)),$(if $(FROM_S3),--from-s3 $(call q,$(FROM_S3)),--model $(call q,$(MODEL)))) \
 		$(if $(SEED_NAME),--name $(call q,$(SEED_NAME))) $(if $(filter 1,$(BF16_COPY)),--bf16-copy) \
 		$(if $(EXPORT),--export $(call q,$(EXPORT)) --export-python $(call q,$(EXPORT_PY))) \
 		$(if $(QUANTIZE),--quantize $(call q,$(QUANTIZE))) \
+		$(if $(WEIGHT_FORMAT),--weight-format $(call q,$(WEIGHT_FORMAT))) \
 		$(if $(REVISION),--revision $(call q,$(REVISION))) $(NOT_SERVED_FLAG) $(SEED_STACK_ARGS)
 
 # LORA (hub id[@rev] or a folder with the adapter's .safetensors), MODEL or NAME (the model it adapts, its EFS

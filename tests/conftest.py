@@ -38,6 +38,13 @@ def tiny_openvino_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="session")
+def tiny_openvino_fp32_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same export with its weights stored as fp32 (``--weight-format fp32``). Treat as read-only."""
+    folder = tmp_path_factory.mktemp("tiny-openvino-fp32") / "model"
+    return export_openvino(tiny_model_dir, folder, "--weight-format", "fp32")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_with_bf16_copy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline plus its weights' bf16 copy (engine.accel.bf16_copy). Treat as read-only."""
     model = tmp_path_factory.mktemp("tiny-model-bf16-copy") / "model"

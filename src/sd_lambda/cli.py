@@ -67,6 +67,7 @@ MAKE_VARIABLES: Mapping[str, str] = {
     "--bf16-copy": "BF16_COPY=1",
     "--export": "EXPORT",
     "--quantize": "QUANTIZE",
+    "--weight-format": "WEIGHT_FORMAT",
     "--not-served": "NOT_SERVED=1",
     "--docker": "DOCKER",
     "--platform": "PLATFORM",

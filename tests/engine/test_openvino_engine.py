@@ -20,9 +20,11 @@ from sd_lambda.layout import LayoutError
 from sd_lambda.settings import Settings
 
 FP32 = Settings(dtype="float32", accel="none")
-# The same request on both engines: one seed (GenAI's TorchGenerator draws torch's numbers), one
-# scheduler, guidance on. Measured on the random-weight tiny model: PSNR ~38 dB (full decoder) and ~55 dB
-# (tiny decoder), mean absolute difference ~2 of 255; the bounds leave room for other CPUs' kernels.
+# The same request on both engines: one seed (the OpenVINO engine draws torch's numbers), one scheduler,
+# guidance on, the release's weights stored as fp16 (the export's default) or fp32. Measured on the
+# random-weight tiny model: PSNR ~51 dB (full decoder) and ~56 dB (tiny decoder), mean absolute difference
+# under 1 of 255, the same for either storage (fp16 against fp32: ~64 dB); the bounds leave room for other
+# CPUs' kernels.
 PARITY_MIN_PSNR_DB = 30.0
 PARITY_MAX_MEAN_ABS = 4.0
 
@@ -55,6 +57,11 @@ def ov_engine(tiny_openvino_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     return OpenVINOEngine.load(
         tiny_openvino_model_dir, Settings(dtype="float32", openvino_cache_dir=str(cache))
     )
+
+
+@pytest.fixture(scope="module")
+def ov_fp32_engine(tiny_openvino_fp32_model_dir: Path) -> OpenVINOEngine:
+    return OpenVINOEngine.load(tiny_openvino_fp32_model_dir, Settings(dtype="float32", openvino_cache_dir="none"))
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +106,17 @@ def test_load_describes_what_it_chose(ov_engine: OpenVINOEngine) -> None:
 
 
 # Euler ancestral and LCM draw fresh noise every step, from the same seeded stream as the latents.
+@pytest.mark.parametrize("stored", ["fp16", "fp32"])
 @pytest.mark.parametrize(
     ("scheduler", "decoder"), [("euler", "full"), ("euler", "tiny"), ("euler_a", "full"), ("lcm", "full")]
 )
 def test_same_request_matches_the_torch_engine(
-    ov_engine: OpenVINOEngine, torch_engine: Engine, scheduler: str, decoder: str
+    request: pytest.FixtureRequest, torch_engine: Engine, stored: str, scheduler: str, decoder: str
 ) -> None:
-    request = params(scheduler=scheduler, decoder=decoder)
-    ours = pixels(ov_engine.generate(request).images[0])
-    theirs = pixels(torch_engine.generate(request).images[0])
+    ov_engine = request.getfixturevalue("ov_engine" if stored == "fp16" else "ov_fp32_engine")
+    same = params(scheduler=scheduler, decoder=decoder)
+    ours = pixels(ov_engine.generate(same).images[0])
+    theirs = pixels(torch_engine.generate(same).images[0])
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert psnr(ours, theirs) >= PARITY_MIN_PSNR_DB
     assert np.abs(ours - theirs).mean() <= PARITY_MAX_MEAN_ABS

@@ -342,6 +342,11 @@ def openvino_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
+def openvino_fp32_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OpenVINOExport:
+    return _export(tiny_model_dir, tmp_path_factory.mktemp("openvino-fp32-work"), weight_format="fp32")
+
+
+@pytest.fixture(scope="session")
 def openvino_int8_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OpenVINOExport:
     work_dir = tmp_path_factory.mktemp("openvino-int8-work")
     return _export(tiny_model_dir, work_dir, quantize="int8", calibration_samples=TEST_CALIBRATION_SAMPLES)

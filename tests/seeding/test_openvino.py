@@ -1,4 +1,4 @@
-"""OpenVINO releases: ``seed --export openvino [--quantize int8]`` converts in the export venv, a ready-made
+"""OpenVINO releases: ``seed --export openvino [--weight-format fp32 | --quantize int8]`` converts in the export venv, a ready-made
 OpenVINO repo seeds as it is, and either way the release is staged, verified and switched like any other;
 an OpenVINO IR's ``.bin`` beside its ``.xml`` is weights, any other ``.bin`` is a refused pickle."""
 
@@ -71,7 +71,7 @@ def test_an_exported_release_seeds_verifies_and_switches(
     release = paths.resolve_current()
     manifest = verify_release(release)
     assert manifest.problems(release) == []
-    assert manifest.source == f"dir:{tiny_model_dir.resolve()} -> openvino"
+    assert manifest.source == f"dir:{tiny_model_dir.resolve()} -> openvino fp16"
     listed = {entry.path for entry in manifest.files}
     assert release_engine(listed) == "openvino"
     for folder in IR_FOLDERS:
@@ -264,6 +264,35 @@ def _int8_constants(xml: Path) -> int:
     )
 
 
+def _float_constants(xml: Path) -> dict[str, int]:
+    """Bytes of the IR's floating-point constants, by element type."""
+    sizes: dict[str, int] = {}
+    for layer in _ir_layers(xml):
+        data = layer.find("data")
+        if layer.get("type") == "Const" and data is not None and data.get("element_type") in ("f16", "f32"):
+            sizes[data.get("element_type")] = sizes.get(data.get("element_type"), 0) + int(data.get("size"))
+    return sizes
+
+
+def test_the_float_export_stores_fp16_weights_unless_asked_for_fp32(
+    openvino_export: OpenVINOExport, openvino_fp32_export: OpenVINOExport, tiny_model_dir: Path
+) -> None:
+    source_revision = from_dir(tiny_model_dir).revision
+    assert openvino_export.release.revision == f"{source_revision}-openvino"
+    assert openvino_fp32_export.release.revision == f"{source_revision}-openvino-fp32"
+    assert openvino_fp32_export.release.manifest.source == f"dir:{tiny_model_dir.resolve()} -> openvino fp32"
+    for component in IR_FOLDERS:
+        graph = f"{component}/openvino_model.xml"
+        half = _float_constants(openvino_export.folder / graph)
+        full = _float_constants(openvino_fp32_export.folder / graph)
+        # Every weight of the default export is fp16 (widened by a Convert when compiled); fp32 holds none.
+        assert half.get("f16", 0) > 0.99 * sum(half.values()), component
+        assert "f16" not in full, component
+        assert sum(half.values()) * 2 == pytest.approx(sum(full.values()), rel=0.01), component
+    # Different options, different exports: neither reuses the other's folder.
+    assert openvino_export.folder != openvino_fp32_export.folder
+
+
 def test_the_int8_export_quantizes_the_unet_and_compresses_the_other_weights(
     openvino_int8_export: OpenVINOExport, openvino_export: OpenVINOExport, tiny_model_dir: Path
 ) -> None:
@@ -346,6 +375,12 @@ def test_every_export_refusal_is_one_line_before_aws(
     export = ["--export", "openvino", "--export-python", str(EXPORT_PYTHON)]
     assert "--quantize applies to an export: pass --export openvino" in _refusal(
         capsys, [*source, "--quantize", "int8"]
+    )
+    assert "--weight-format applies to an export: pass --export openvino" in _refusal(
+        capsys, [*source, "--weight-format", "fp32"]
+    )
+    assert "--weight-format applies to a float export and --quantize stores int8 weights: drop one" in _refusal(
+        capsys, [*source, *export, "--weight-format", "fp16", "--quantize", "int8"]
     )
     assert "--calibration-prompts and --calibration-samples apply to --quantize" in _refusal(
         capsys, [*source, *export, "--calibration-samples", "5"]

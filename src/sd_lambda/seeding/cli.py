@@ -33,7 +33,12 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     # The export module's constants, not its converter: it imports only the standard library up front.
-    from sd_lambda.seeding.openvino_export import DEFAULT_CALIBRATION_SAMPLES, QUANTIZE_MODES
+    from sd_lambda.seeding.openvino_export import (
+        DEFAULT_CALIBRATION_SAMPLES,
+        DEFAULT_WEIGHT_FORMAT,
+        QUANTIZE_MODES,
+        WEIGHT_FORMATS,
+    )
     from sd_lambda.seeding.openvino_release import DEFAULT_EXPORT_PYTHON, EXPORT_FORMATS
 
     group = parser.add_argument_group(
@@ -43,6 +48,12 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         "--export",
         choices=EXPORT_FORMATS,
         help="convert the source to OpenVINO IR (optimum-intel) and seed that; needs make install-export",
+    )
+    group.add_argument(
+        "--weight-format",
+        choices=WEIGHT_FORMATS,
+        help=f"with --export: how the release stores its float weights (default: {DEFAULT_WEIGHT_FORMAT}, "
+        "as the hub's OpenVINO repos; the engine computes in f32 either way)",
     )
     group.add_argument(
         "--quantize",
@@ -75,8 +86,14 @@ def _export_options(args: argparse.Namespace) -> Any:
     from sd_lambda.seeding.openvino_release import ExportOptions, check_options
 
     calibrating = args.calibration_prompts is not None or args.calibration_samples is not None
-    if args.quantize and not args.export:
-        raise SeedError(f"{option('--quantize')} applies to an export: {ask_for('--export', 'openvino')}")
+    for name in ("--quantize", "--weight-format"):
+        if getattr(args, name[2:].replace("-", "_")) and not args.export:
+            raise SeedError(f"{option(name)} applies to an export: {ask_for('--export', 'openvino')}")
+    if args.quantize and args.weight_format:
+        raise SeedError(
+            f"{option('--weight-format')} applies to a float export and {option('--quantize')} stores "
+            "int8 weights: drop one"
+        )
     if calibrating and not args.quantize:
         raise SeedError(f"--calibration-prompts and --calibration-samples apply to {option('--quantize')}")
     if not args.export:
@@ -91,7 +108,11 @@ def _export_options(args: argparse.Namespace) -> Any:
             "safetensors for the torch engine"
         )
     options = ExportOptions(
-        args.export_python, args.quantize, args.calibration_prompts, args.calibration_samples
+        args.export_python,
+        args.quantize,
+        args.calibration_prompts,
+        args.calibration_samples,
+        args.weight_format,
     )
     check_options(options)
     return options

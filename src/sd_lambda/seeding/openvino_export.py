@@ -1,7 +1,7 @@
 """Convert a diffusers Stable Diffusion folder into an OpenVINO IR release. Runs in the export venv.
 
     .venv-export/bin/python -m sd_lambda.seeding.openvino_export SOURCE OUTPUT
-        [--quantize int8] [--calibration-prompts FILE] [--calibration-samples N]
+        [--weight-format fp16|fp32] [--quantize int8] [--calibration-prompts FILE] [--calibration-samples N]
 
 optimum-intel's exporter (the library behind ``optimum-cli export openvino``) writes the pipeline in its
 layout: ``text_encoder/``, ``unet/``, ``vae_decoder/`` and ``vae_encoder/`` as ``openvino_model.xml`` +
@@ -9,6 +9,12 @@ layout: ``text_encoder/``, ``unet/``, ``vae_decoder/`` and ``vae_encoder/`` as `
 what OpenVINO GenAI's Text2ImagePipeline and optimum-intel's own pipeline load, and what ready-made
 OpenVINO repos on the hub hold. A tiny decoder (``vae_tiny/``, AutoencoderKL-compatible TAESD) is
 converted next to it with ``openvino.convert_model``, with the config keys GenAI's AutoencoderKL reads.
+
+``--weight-format`` is how the floating-point export stores its weights (optimum-cli's option of that
+name): ``fp16`` by default, as the ready-made OpenVINO repos on the hub ship them. The engine still
+computes in f32 (the CPU plugin widens the weights once, at compile time), so fp16 storage costs no
+speed and changes the image by the rounding of the weights only, while it halves the release (what EFS
+reads at every cold start) and the IR the compile maps beside its own copy (docs/performance.md).
 
 ``--quantize int8`` is optimum-intel's hybrid quantisation for diffusion pipelines
 (``OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=<prompts>)``): the UNet's
@@ -36,6 +42,8 @@ from sd_lambda.layout import TINY_DECODER_FOLDER
 # upsampling stages, i.e. the latent-to-pixel factor).
 _DECODER_CONFIG_KEYS = ("in_channels", "out_channels", "latent_channels", "scaling_factor", "shift_factor")
 QUANTIZE_MODES = ("int8",)
+WEIGHT_FORMATS = ("fp16", "fp32")
+DEFAULT_WEIGHT_FORMAT = "fp16"
 # optimum-intel's own default for a hybrid-quantised UNet
 # (optimum.intel.openvino.quantization._get_hybrid_mixed_quantization_config).
 # One sample is one UNet call: optimum runs each prompt through its pipeline's default 50 steps, so 200
@@ -62,8 +70,9 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def export_pipeline(source: Path, output: Path) -> None:
+def export_pipeline(source: Path, output: Path, weight_format: str = DEFAULT_WEIGHT_FORMAT) -> None:
     from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
 
     main_export(
         str(source),
@@ -72,6 +81,7 @@ def export_pipeline(source: Path, output: Path) -> None:
         library_name="diffusers",
         local_files_only=True,
         convert_tokenizer=True,
+        ov_config=OVConfig(dtype=weight_format),  # fp16: save_model(compress_to_fp16=True)
     )
 
 
@@ -92,9 +102,12 @@ def quantize_pipeline(exported: Path, output: Path, prompts: list[str], samples:
                 shutil.copyfile(part, output / part.relative_to(quantized))
 
 
-def export_tiny_decoder(source: Path, output: Path, *, compress_weights: bool = False) -> None:
-    """``source``'s AutoencoderTiny decoder as ``output``/openvino_model.xml + config.json; with
-    ``compress_weights`` its weights in int8 (NNCF's weight compression, as the VAE decoder gets)."""
+def export_tiny_decoder(
+    source: Path, output: Path, *, weight_format: str = DEFAULT_WEIGHT_FORMAT, compress_weights: bool = False
+) -> None:
+    """``source``'s AutoencoderTiny decoder as ``output``/openvino_model.xml + config.json, its weights
+    stored as ``weight_format``; with ``compress_weights`` in int8 (NNCF's weight compression, as the VAE
+    decoder gets)."""
     import openvino
     import torch
     from diffusers import AutoencoderTiny
@@ -119,7 +132,7 @@ def export_tiny_decoder(source: Path, output: Path, *, compress_weights: bool = 
 
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     output.mkdir(parents=True, exist_ok=True)
-    openvino.save_model(model, output / "openvino_model.xml")
+    openvino.save_model(model, output / "openvino_model.xml", compress_to_fp16=weight_format == "fp16")
     described = {key: config[key] for key in _DECODER_CONFIG_KEYS if key in config}
     described["block_out_channels"] = list(config.decoder_block_out_channels)
     described["_class_name"] = "AutoencoderTiny"
@@ -161,18 +174,25 @@ def export(
     quantize: str | None = None,
     prompts: list[str] | None = None,
     samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    weight_format: str = DEFAULT_WEIGHT_FORMAT,
 ) -> None:
+    """``source`` exported into ``output``, its float weights stored as ``weight_format``. A quantised
+    export starts from an fp32 one, as optimum-intel's own quantisation does: its weights become int8
+    and ``weight_format`` applies to nothing."""
     check_weights_map(source)
     if quantize is None:
-        export_pipeline(source, output)
+        export_pipeline(source, output, weight_format)
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-float-") as exported:
-            export_pipeline(source, Path(exported))
+            export_pipeline(source, Path(exported), "fp32")
             quantize_pipeline(Path(exported), output, prompts or list(CALIBRATION_PROMPTS), samples)
     if (source / TINY_DECODER_FOLDER).is_dir():
         export_tiny_decoder(
-            source / TINY_DECODER_FOLDER, output / TINY_DECODER_FOLDER, compress_weights=quantize is not None
+            source / TINY_DECODER_FOLDER,
+            output / TINY_DECODER_FOLDER,
+            weight_format="fp16" if quantize else weight_format,
+            compress_weights=quantize is not None,
         )
 
 
@@ -192,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("source", type=Path, help="a diffusers Stable Diffusion folder")
     parser.add_argument("output", type=Path, help="an empty or missing folder for the OpenVINO release")
+    parser.add_argument(
+        "--weight-format",
+        choices=WEIGHT_FORMATS,
+        help=f"how the float export stores its weights; the engine computes in f32 (default: "
+        f"{DEFAULT_WEIGHT_FORMAT}; not with --quantize, whose weights are int8)",
+    )
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="hybrid int8 quantisation (NNCF)")
     parser.add_argument(
         "--calibration-prompts",
@@ -211,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calibration-prompts applies to --quantize")
     if args.calibration_samples < 1:
         parser.error("--calibration-samples must be at least 1")
+    if args.quantize is not None and args.weight_format is not None:
+        parser.error("--weight-format applies to a float export: --quantize stores int8 weights")
     if args.output.exists() and any(args.output.iterdir()):
         parser.error(f"{args.output} is not empty")
     try:
@@ -218,7 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         parser.error(f"--calibration-prompts: {exc}")
     try:
-        export(args.source, args.output, args.quantize, prompts, args.calibration_samples)
+        export(
+            args.source,
+            args.output,
+            args.quantize,
+            prompts,
+            args.calibration_samples,
+            args.weight_format or DEFAULT_WEIGHT_FORMAT,
+        )
     except ExportError as exc:
         print(f"openvino_export: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""An OpenVINO release from a diffusers source (``seed --export openvino [--quantize int8]``).
+"""An OpenVINO release from a diffusers source (``seed --export openvino [--weight-format fp32 | --quantize int8]``).
 
 The conversion needs optimum-intel, NNCF and torch, which live in the export venv only (``make
 install-export``): the driver runs sd_lambda.seeding.openvino_export there as a child process, on one
@@ -41,17 +41,26 @@ ERROR_TAIL_LINES = 3
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What ``--export openvino`` runs: the export venv's Python and the quantisation asked for."""
+    """What ``--export openvino`` runs: the export venv's Python, how the float weights are stored and the
+    quantisation asked for."""
 
     python: Path
     quantize: str | None = None
     calibration_prompts: Path | None = None
     calibration_samples: int | None = None  # None: openvino_export's default
+    weight_format: str | None = None  # None: openvino_export's default (a float export only)
+
+    @property
+    def stored_as(self) -> str:
+        """How the release stores its weights: the quantisation, else the float weight format."""
+        return self.quantize or self.weight_format or openvino_export.DEFAULT_WEIGHT_FORMAT
 
     @property
     def suffix(self) -> str:
-        """The default revision's suffix: ``openvino`` or ``openvino-int8``."""
-        return "openvino" + (f"-{self.quantize}" if self.quantize else "")
+        """The default revision's suffix: ``openvino`` (the default fp16 weights), ``openvino-fp32`` or
+        ``openvino-int8``."""
+        stored = self.stored_as
+        return "openvino" + ("" if stored == openvino_export.DEFAULT_WEIGHT_FORMAT else f"-{stored}")
 
     @property
     def samples(self) -> int | None:
@@ -63,6 +72,8 @@ class ExportOptions:
     def arguments(self) -> list[str]:
         """The export's options after SOURCE OUTPUT (openvino_export's command line)."""
         argv = ["--quantize", self.quantize] if self.quantize else []
+        if self.weight_format is not None:
+            argv += ["--weight-format", self.weight_format]
         if self.calibration_prompts is not None:
             argv += ["--calibration-prompts", str(self.calibration_prompts.resolve())]
         if self.calibration_samples is not None:
@@ -72,7 +83,7 @@ class ExportOptions:
     def describe(self) -> str:
         """How the manifest's source names the conversion."""
         if not self.quantize:
-            return "openvino"
+            return f"openvino {self.stored_as}"
         prompts = self.calibration_prompts.name if self.calibration_prompts else "built-in prompts"
         return f"openvino {self.quantize} (hybrid, {self.samples} calibration samples, {prompts})"
 
@@ -139,6 +150,7 @@ def _export_key(release: LocalRelease, options: ExportOptions) -> str:
     described = {
         "files": [[entry.path, entry.sha256] for entry in release.manifest.files],
         "quantize": options.quantize,
+        "weights": options.stored_as,
         "samples": options.samples,
         "prompts": prompts,
     }
