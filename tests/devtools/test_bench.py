@@ -182,6 +182,73 @@ def test_summary_uses_warm_medians_and_checks_targets() -> None:
     assert "| native/naive | float32 | stored | full |" in table  # workers that do not say: stored
 
 
+def test_each_speed_target_states_the_most_the_measured_f32_peak_allows() -> None:
+    # One GFLOP per UNet call and batch item, 8 per decode: a full image is 4x2 + 8 = 16 GFLOP.
+    flops = {"unet": 10**9, "vae_decode": 8 * 10**9, "tiny_decode": 0, "text_encoder": 0}
+    flops |= {"unet_reused": 0, "unet_engine": 10**9, "unet_reused_engine": 0, "vae_decode_engine": 8 * 10**9}
+    flops |= {"unet_prefix_engine": 0}
+    samples = [
+        _sample("avx2", "naive", [9.0, 20.0]),
+        _sample("avx2", "accel:default", [9.0, 5.0]),  # 4x over naive; at 4 GFLOP/s 16 GFLOP take 4 s
+        _sample("avx2", "openvino", [9.0, 8.0], weights="IR fp16"),
+        _sample("avx2", "openvino_int8", [9.0, 4.0], weights="IR int8"),
+    ]
+    peaks = {"avx2": {"threads": 2, "gflops": {"conv3x3": 4.0, "torch_mm": 3.0}, "peak": 4.0}}
+    summary = bench.summarize(samples, flops, frozenset({"avx2"}), ghz=2.0, peaks=peaks)
+    assert summary["results"]["avx2/openvino"]["measured_peak_gflops_per_second"] == 4.0
+    targets = summary["targets"]["avx2"]
+    # naive's 20 s over the 4 s the variant's FLOPs need at the peak.
+    assert targets["accel:default_speedup"]["bound_at_measured_peak"] == 5.0
+    assert targets["accel:default_speedup"]["reachable_in_f32"] is True
+    # The torch like-for-like's 5 s over the 4 openvino's FLOPs need: at most 1.25x, short of 1.35x.
+    over = targets["openvino_over_accel:default"]
+    assert (over["bound_at_measured_peak"], over["target"]) == (1.25, bench.TARGET_OPENVINO_OVER_TORCH)
+    assert over["reachable_in_f32"] is False
+    # int8 weights are not f32 arithmetic: no bound.
+    assert "bound_at_measured_peak" not in targets["openvino_int8_speedup"]
+    report = {
+        **summary,
+        "flops": {"width": 64, "height": 64, **flops},
+        "machine": {"cpus": 2, "ghz": 2.0, "cpu_flags": ["avx2"], "loadavg_before": [1, 1, 1]}
+        | {"loadavg_after": [1, 1, 1]},
+        "wall_seconds": 1.0,
+        "measured_peak": peaks,
+    }
+    printed = bench.format_report(report)
+    assert "measured f32 peak (avx2, 2 threads): 4 GFLOP/s, the fastest of conv3x3 4, torch_mm 3" in printed
+    assert "| avx2/openvino | float32 | IR fp16 |" in printed
+    assert "at most 5.00 with every FLOP at the measured peak\n" in printed
+    assert "at most 1.25 with every FLOP at the measured peak: beyond this CPU's f32 arithmetic" in printed
+
+
+def test_the_peak_probe_times_each_kernel_in_its_own_process() -> None:
+    from sd_lambda.devtools import bench_peak
+
+    measured = bench_peak.record_peak(1, bench.ISA_ENV["avx2"])
+    assert set(measured["gflops"]) == {"conv3x3", "conv3x3_deep", "fully_connected", "torch_mm"}
+    assert all(rate > 0 for rate in measured["gflops"].values())
+    assert measured["peak"] == max(measured["gflops"].values())
+    assert measured["threads"] == 1
+
+
+def test_stored_weights_names_what_holds_most_of_an_irs_bytes(tmp_path: Path) -> None:
+    from sd_lambda.devtools.bench_openvino import stored_weights
+
+    def graph(*constants: tuple[str, int]) -> Path:
+        layers = "".join(
+            f'<layer id="{i}" type="Const"><data element_type="{kind}" size="{size}"/></layer>'
+            for i, (kind, size) in enumerate(constants)
+        )
+        path = tmp_path / f"graph{len(list(tmp_path.iterdir()))}.xml"
+        path.write_text(f'<net><layers>{layers}<layer id="99" type="Convert"/></layers></net>')
+        return path
+
+    assert stored_weights(graph(("f16", 1000), ("f32", 10), ("i64", 10_000))) == "fp16"
+    assert stored_weights(graph(("u8", 600), ("i8", 600), ("f32", 1000))) == "int8"
+    assert stored_weights(graph(("f32", 5))) == "fp32"
+    assert stored_weights(graph()) == "none"
+
+
 def test_bf16_copy_runs_from_the_copy_and_the_defaults_from_the_stored_weights(
     tiny_model_with_bf16_copy: Path,
 ) -> None:
@@ -599,7 +666,7 @@ def test_openvino_variants_run_beside_the_torch_ones_end_to_end(
         "full",
     )
     assert (torch_like["scheduler"], ov_like["scheduler"]) == ("dpmpp_2m", "euler")
-    assert (ov_like["weights"], ov_like["dtype"]) == ("IR", "float32")
+    assert (ov_like["weights"], ov_like["dtype"]) == ("IR fp16", "float32")
     assert results["avx2/openvino_fast"]["decoder"] == "tiny"
     assert results["avx2/openvino_int8"]["weights"] == "IR int8"
     config = report["config"]

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_lambda.devtools import bench_openvino
+from sd_lambda.devtools import bench_openvino, bench_peak
 from sd_lambda.devtools.bench_worker import (
     ACCEL_PREFIX,
     NAMED_VARIANTS,
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = run_bench(config, progress=progress)
-    except (WorkerError, bench_openvino.ExportError) as exc:
+    except (WorkerError, bench_openvino.ExportError, bench_peak.PeakError) as exc:
         raise CommandError(str(exc)) from exc
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     from sd_lambda.devtools.bench_plot import write_plot
@@ -387,8 +387,9 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
         samples.append({"round": round_index, **sample})
         progress(f"  {sample['images'][-1]['seconds']:.2f} s/image, {sample['dtype']}")
     kernels = record_openvino_kernels(config, samples, progress)
+    peaks = record_peaks(config, samples, progress)
     flags = cpu.read_cpu_flags()
-    summary = summarize(samples, flops.to_dict(), flags, cpu.cpu_ghz() or 0.0)
+    summary = summarize(samples, flops.to_dict(), flags, cpu.cpu_ghz() or 0.0, peaks)
     return {
         "config": {
             **asdict(config),
@@ -413,8 +414,23 @@ def run_bench(config: BenchConfig, progress=lambda line: None) -> dict[str, Any]
         "targets": summary["targets"],
         "accelerations": summary["accelerations"],
         "kernels": kernels,
+        "measured_peak": peaks,
         "samples": samples,
     }
+
+
+def record_peaks(
+    config: BenchConfig, samples: list[dict[str, Any]], progress=lambda line: None
+) -> dict[str, dict[str, Any]]:
+    """Per ISA: the CPU's measured f32 rate with the workers' threads (bench_peak), after the rounds."""
+    peaks = {}
+    for isa in config.isas:
+        threads = next((s["threads"] for s in samples if s["isa"] == isa), None)
+        if threads is None:
+            continue
+        progress(f"peak: timing f32 kernels ({isa}, {threads} threads) ...")
+        peaks[isa] = bench_peak.record_peak(threads, {**ISA_ENV[isa], **config.extra_env})
+    return peaks
 
 
 def record_openvino_kernels(
@@ -478,7 +494,11 @@ def image_flops(flops: dict[str, Any], sample: dict[str, Any], decoder: str, eng
 
 
 def summarize(
-    samples: list[dict[str, Any]], flops: dict[str, Any], flags: frozenset[str], ghz: float
+    samples: list[dict[str, Any]],
+    flops: dict[str, Any],
+    flags: frozenset[str],
+    ghz: float,
+    peaks: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for sample in samples:
@@ -528,6 +548,7 @@ def summarize(
             gflops_per_second=work / seconds / 1e9,
             unet_gflops_per_second=unet_gflops,
             peak_gflops_per_second=peak,
+            measured_peak_gflops_per_second=(peaks or {}).get(first["isa"], {}).get("peak"),
             warm_images=len(warm),
         )
     ratios: dict[str, dict[str, float]] = {}
@@ -546,11 +567,19 @@ def summarize(
         if "accel:default_speedup" in ratios[isa]:
             want = TARGETS["accel:default_speedup"][isa]
             targets[isa]["accel:default_speedup"] = _target(
-                ratios[isa]["accel:default_speedup"], want, higher=True
+                ratios[isa]["accel:default_speedup"],
+                want,
+                higher=True,
+                bound=_speedup_bound(naive, results[f"{isa}/accel:default"]),
             )
         for fast in ("fast_speedup", "fast_lcm_speedup", "openvino_fast_speedup", "openvino_int8_speedup"):
             if fast in ratios[isa]:
-                targets[isa][fast] = _target(ratios[isa][fast], TARGETS["fast_speedup"], higher=True)
+                targets[isa][fast] = _target(
+                    ratios[isa][fast],
+                    TARGETS["fast_speedup"],
+                    higher=True,
+                    bound=_speedup_bound(naive, results[f"{isa}/{fast.removesuffix('_speedup')}"]),
+                )
     for entry in results.values():
         if entry["variant"] != "naive":
             targets.setdefault(entry["isa"], {})[f"{entry['variant']}_peak_rss_gb"] = _target(
@@ -574,7 +603,7 @@ def summarize(
         if entry["variant"] == "openvino":
             speedup = counterpart["seconds_per_image"] / entry["seconds_per_image"]
             checks[f"openvino_over_{counterpart['variant']}"] = _target(
-                speedup, TARGET_OPENVINO_OVER_TORCH, higher=True
+                speedup, TARGET_OPENVINO_OVER_TORCH, higher=True, bound=_speedup_bound(counterpart, entry)
             )
     return {
         "results": results,
@@ -651,9 +680,24 @@ def acceleration_gains(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any
     return gains
 
 
-def _target(value: float, want: float, higher: bool) -> dict[str, Any]:
+def _speedup_bound(baseline: dict[str, Any], entry: dict[str, Any]) -> float | None:
+    """The most ``entry`` could be faster than ``baseline`` (as measured) if all of its image's FLOPs ran
+    at the measured f32 peak; None when it does not compute in f32 (bf16, int8 weights) or nothing was
+    measured."""
+    peak = entry.get("measured_peak_gflops_per_second")
+    if not peak or entry["dtype"] != "float32" or "int8" in str(entry.get("weights")):
+        return None
+    return baseline["seconds_per_image"] / (entry["image_gflop"] / peak)
+
+
+def _target(value: float, want: float, higher: bool, bound: float | None = None) -> dict[str, Any]:
     met = value >= want if higher else value <= want
-    return {"value": round(value, 3), "target": want, "met": met}
+    checked: dict[str, Any] = {"value": round(value, 3), "target": want, "met": met}
+    if bound is not None:
+        # Beyond the bound the target asks for more than the CPU's f32 arithmetic can give.
+        checked["bound_at_measured_peak"] = round(bound, 3)
+        checked["reachable_in_f32"] = bound >= want
+    return checked
 
 
 COLUMNS = (
@@ -673,6 +717,7 @@ COLUMNS = (
     ("peak RSS GB", "{peak_rss_gb:.2f}", 11),
     ("GFLOP/s (UNet)", "{gflops_per_second:.0f} ({unet_gflops_per_second:.0f})", 14),
     ("nominal peak", "{peak_gflops_per_second:.0f}", 12),
+    ("measured peak", "{measured_peak}", 13),
 )
 
 
@@ -682,7 +727,9 @@ def format_report(report: dict[str, Any]) -> str:
     rule = "|" + "|".join("-" * (width + 2) for _, _, width in COLUMNS) + "|"
     rows = [header, rule]
     for entry in report["results"].values():
-        rows.append("| " + " | ".join(template.format(**entry) for _, template, _ in COLUMNS) + " |")
+        measured = entry.get("measured_peak_gflops_per_second")
+        values = {**entry, "measured_peak": f"{measured:.0f}" if measured else "n/a"}
+        rows.append("| " + " | ".join(template.format(**values) for _, template, _ in COLUMNS) + " |")
     lines = ["", *rows, ""]
     for isa, ratios in sorted(report["ratios"].items()):
         text = ", ".join(f"{name.removesuffix('_speedup')} {value:.2f}x" for name, value in ratios.items())
@@ -690,7 +737,12 @@ def format_report(report: dict[str, Any]) -> str:
     for isa, checks in sorted(report["targets"].items()):
         for name, check in checks.items():
             verdict = "met" if check["met"] else "MISSED"
-            lines.append(f"target {isa}/{name}: {check['value']} (target {check['target']}) {verdict}")
+            bound = check.get("bound_at_measured_peak")
+            ceiling = ""
+            if bound is not None:
+                beyond = "" if check["reachable_in_f32"] else ": beyond this CPU's f32 arithmetic"
+                ceiling = f"; at most {bound:.2f} with every FLOP at the measured peak{beyond}"
+            lines.append(f"target {isa}/{name}: {check['value']} (target {check['target']}) {verdict}{ceiling}")
     flops = report["flops"]
     tiny = f"{flops['tiny_decode'] / 1e9:.0f}" if flops["tiny_decode"] else "n/a"
     lines.append(
@@ -706,6 +758,12 @@ def format_report(report: dict[str, Any]) -> str:
         "nominal peak = threads x the clock /proc/cpuinfo reports x FLOPs per cycle (2 FMA pipes: 64 "
         "fp32 with AVX-512, 32 with AVX2, 128 bf16); cores that boost above that clock can exceed it"
     )
+    for isa, measured in sorted(report.get("measured_peak", {}).items()):
+        kernels = ", ".join(f"{name} {rate:.0f}" for name, rate in measured["gflops"].items())
+        lines.append(
+            f"measured f32 peak ({isa}, {measured['threads']} threads): {measured['peak']:.0f} GFLOP/s, the "
+            f"fastest of {kernels} (devtools/bench_peak.py)"
+        )
     for name, record in report.get("kernels", {}).items():
         lines.append(format_kernels(name, record))
     if report.get("accelerations"):

@@ -27,6 +27,7 @@ from typing import Any
 
 from sd_lambda.engine.model_defaults import vae_scale_factor
 from sd_lambda.layout import BF16_VARIANT, OPENVINO_UNET, parse_weights_name
+from sd_lambda.seeding.openvino_export import DEFAULT_WEIGHT_FORMAT
 
 EXPORT_PYTHON = Path(".venv-export/bin/python")
 EXPORT_MODULE = "sd_lambda.seeding.openvino_export"
@@ -82,7 +83,14 @@ def source_hash(model_dir: Path) -> str:
 def export_marker(
     source_sha256: str, quantize: str | None, calibration_samples: int | None
 ) -> dict[str, Any]:
-    return {"source_sha256": source_sha256, "quantize": quantize, "calibration_samples": calibration_samples}
+    """What an export was made from and how: the float export's weight format is the exporter's default
+    (an export made before another default is made again); a quantised export's weights are int8."""
+    return {
+        "source_sha256": source_sha256,
+        "quantize": quantize,
+        "calibration_samples": calibration_samples,
+        "weight_format": None if quantize else DEFAULT_WEIGHT_FORMAT,
+    }
 
 
 def export_command(
@@ -139,6 +147,24 @@ def ensure_export(
     (staging / EXPORT_MARKER).write_text(json.dumps(want, indent=2) + "\n")
     staging.rename(folder)
     return folder
+
+
+# IR element types of weights, as the bench names them.
+_WEIGHT_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "u8": "int8", "i8": "int8"}
+
+
+def stored_weights(graph: Path) -> str:
+    """How an IR stores its weights: the element type holding most of its constants' bytes (``fp16`` for
+    the default export, ``fp32``, ``int8`` for a quantised one)."""
+    import xml.etree.ElementTree as ElementTree
+
+    sizes: dict[str, int] = {}
+    for layer in ElementTree.parse(graph).getroot().iterfind("./layers/layer[@type='Const']"):
+        data = layer.find("data")
+        if data is not None and data.get("element_type") in _WEIGHT_TYPES:
+            name = _WEIGHT_TYPES[data.get("element_type", "")]
+            sizes[name] = sizes.get(name, 0) + int(data.get("size", 0))
+    return max(sizes, key=sizes.__getitem__) if sizes else "none"
 
 
 def static_shapes(

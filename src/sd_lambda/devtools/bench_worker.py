@@ -121,7 +121,9 @@ def _project(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str,
 
 def _openvino(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str, Any]], dict[str, Any]]:
     """The OpenVINO engine as the handler loads it (SD_ENGINE=openvino): torch is never imported."""
+    from sd_lambda.devtools.bench_openvino import stored_weights
     from sd_lambda.engine.backend import load_engine
+    from sd_lambda.layout import OPENVINO_UNET
 
     engine = load_engine(Path(spec["model_dir"]), engine_settings(variant))
     params = request_params(spec, variant, engine.defaults.guidance_scale)
@@ -131,7 +133,7 @@ def _openvino(spec: dict[str, Any], variant: str) -> tuple[Callable[[], dict[str
         "decoder": described["default_decoder"],
         "scheduler": described["default_scheduler"],
         "guidance_scale": params.guidance_scale,
-        "weights": "IR int8" if variant == "openvino_int8" else "IR",
+        "weights": f"IR {stored_weights(Path(spec['model_dir']) / OPENVINO_UNET)}",
         "accelerations": [],
         "threads": described["threads"],
     }
