@@ -61,7 +61,9 @@ def ov_engine(tiny_openvino_model_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="module")
 def ov_fp32_engine(tiny_openvino_fp32_model_dir: Path) -> OpenVINOEngine:
-    return OpenVINOEngine.load(tiny_openvino_fp32_model_dir, Settings(dtype="float32", openvino_cache_dir="none"))
+    return OpenVINOEngine.load(
+        tiny_openvino_fp32_model_dir, Settings(dtype="float32", openvino_cache_dir="none")
+    )
 
 
 @pytest.fixture(scope="module")

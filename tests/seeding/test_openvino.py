@@ -1,6 +1,7 @@
-"""OpenVINO releases: ``seed --export openvino [--weight-format fp32 | --quantize int8]`` converts in the export venv, a ready-made
-OpenVINO repo seeds as it is, and either way the release is staged, verified and switched like any other;
-an OpenVINO IR's ``.bin`` beside its ``.xml`` is weights, any other ``.bin`` is a refused pickle."""
+"""OpenVINO releases: ``seed --export openvino [--weight-format fp32 | --quantize int8]`` converts in the
+export venv, a ready-made OpenVINO repo seeds as it is, and either way the release is staged, verified and
+switched like any other; an OpenVINO IR's ``.bin`` beside its ``.xml`` is weights, any other ``.bin`` is a
+refused pickle."""
 
 from __future__ import annotations
 
@@ -379,8 +380,9 @@ def test_every_export_refusal_is_one_line_before_aws(
     assert "--weight-format applies to an export: pass --export openvino" in _refusal(
         capsys, [*source, "--weight-format", "fp32"]
     )
-    assert "--weight-format applies to a float export and --quantize stores int8 weights: drop one" in _refusal(
-        capsys, [*source, *export, "--weight-format", "fp16", "--quantize", "int8"]
+    assert (
+        "--weight-format applies to a float export and --quantize stores int8 weights: drop one"
+        in _refusal(capsys, [*source, *export, "--weight-format", "fp16", "--quantize", "int8"])
     )
     assert "--calibration-prompts and --calibration-samples apply to --quantize" in _refusal(
         capsys, [*source, *export, "--calibration-samples", "5"]

@@ -742,7 +742,9 @@ def format_report(report: dict[str, Any]) -> str:
             if bound is not None:
                 beyond = "" if check["reachable_in_f32"] else ": beyond this CPU's f32 arithmetic"
                 ceiling = f"; at most {bound:.2f} with every FLOP at the measured peak{beyond}"
-            lines.append(f"target {isa}/{name}: {check['value']} (target {check['target']}) {verdict}{ceiling}")
+            lines.append(
+                f"target {isa}/{name}: {check['value']} (target {check['target']}) {verdict}{ceiling}"
+            )
     flops = report["flops"]
     tiny = f"{flops['tiny_decode'] / 1e9:.0f}" if flops["tiny_decode"] else "n/a"
     lines.append(

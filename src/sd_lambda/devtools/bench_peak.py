@@ -51,7 +51,11 @@ def _openvino_rates(threads: int) -> dict[str, float]:
     from openvino import opset13 as ops
 
     core = openvino.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    config = {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",
+    }
     rng = np.random.default_rng(0)
 
     def rate(output: Any, parameter: Any, flops: float) -> float:
@@ -69,7 +73,9 @@ def _openvino_rates(threads: int) -> dict[str, float]:
     rows, inner, outer = 4096, 1280, 5120  # the 64x64 stage's feed-forward, two images' tokens
     tokens = ops.parameter([rows, inner], np.float32)
     weights = ops.constant(rng.random((outer, inner), dtype=np.float32) - 0.5)
-    rates["fully_connected"] = rate(ops.matmul(tokens, weights, False, True), tokens, 2 * rows * inner * outer)
+    rates["fully_connected"] = rate(
+        ops.matmul(tokens, weights, False, True), tokens, 2 * rows * inner * outer
+    )
     return rates
 
 
@@ -84,7 +90,11 @@ def _torch_rate(threads: int) -> float:
 def measure(threads: int) -> dict[str, Any]:
     """GFLOP/s of each probe kernel and ``peak``, the fastest."""
     rates = {**_openvino_rates(threads), "torch_mm": _torch_rate(threads)}
-    return {"threads": threads, "gflops": {k: round(v, 1) for k, v in rates.items()}, "peak": round(max(rates.values()), 1)}
+    return {
+        "threads": threads,
+        "gflops": {k: round(v, 1) for k, v in rates.items()},
+        "peak": round(max(rates.values()), 1),
+    }
 
 
 def record_peak(threads: int, env: Mapping[str, str]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""An OpenVINO release from a diffusers source (``seed --export openvino [--weight-format fp32 | --quantize int8]``).
+"""An OpenVINO release from a diffusers source (``seed --export openvino``, fp16 weights by default;
+``--weight-format fp32`` or ``--quantize int8``).
 
 The conversion needs optimum-intel, NNCF and torch, which live in the export venv only (``make
 install-export``): the driver runs sd_lambda.seeding.openvino_export there as a child process, on one
