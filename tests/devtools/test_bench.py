@@ -231,6 +231,21 @@ def test_the_peak_probe_times_each_kernel_in_its_own_process() -> None:
     assert measured["threads"] == 1
 
 
+def test_a_failed_peak_probe_leaves_the_run_without_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd_lambda.devtools import bench_peak
+
+    def fail(threads: int, env: dict[str, str]) -> dict[str, Any]:
+        raise bench_peak.PeakError("the peak probe exited 1 without a result: boom")
+
+    monkeypatch.setattr(bench_peak, "record_peak", fail)
+    config = bench.BenchConfig(Path("m"), 64, 64, 1, 0, 1, ("avx2",), ("naive",))
+    lines: list[str] = []
+    assert bench.record_peaks(config, [_sample("avx2", "naive", [1.0])], lines.append) == {}
+    assert lines[-1] == (
+        "peak: the peak probe exited 1 without a result: boom; the targets go without their f32 bounds"
+    )
+
+
 def test_stored_weights_names_what_holds_most_of_an_irs_bytes(tmp_path: Path) -> None:
     from sd_lambda.devtools.bench_openvino import stored_weights
 
@@ -509,6 +524,30 @@ def test_an_export_is_made_once_and_again_when_its_source_changes(
     assert (stranger / "weights").read_text() == "x"
     with pytest.raises(bench_openvino.ExportError, match="run make install-export"):
         bench_openvino.ensure_export(source, tmp_path / "new", python=tmp_path / "no-python")
+    # The float export is asked for in the exporter's default format by name, and the marker says which:
+    # an export made before fp16 became the default (no weight_format) is made again.
+    marker = json.loads((folder / bench_openvino.EXPORT_MARKER).read_text())
+    assert marker["weight_format"] == "fp16"
+    assert bench_openvino.stored_weights(folder / OPENVINO_UNET) == "fp16"
+    marker.pop("weight_format")
+    (folder / bench_openvino.EXPORT_MARKER).write_text(json.dumps(marker))
+    bench_openvino.ensure_export(source, folder, progress=lines.append)
+    assert json.loads((folder / bench_openvino.EXPORT_MARKER).read_text())["weight_format"] == "fp16"
+
+
+def test_the_int8_exports_marker_and_command_are_those_from_before_weight_formats() -> None:
+    # A quantised export's recipe did not change (an fp32 base): its existing exports stay valid.
+    assert bench_openvino.export_marker("abc", "int8", 4) == {
+        "source_sha256": "abc",
+        "quantize": "int8",
+        "calibration_samples": 4,
+    }
+    command = bench_openvino.export_command(Path("s"), Path("o"), "int8", 4, Path("py"))
+    assert "--weight-format" not in command
+    assert bench_openvino.export_command(Path("s"), Path("o"), None, None, Path("py"))[-2:] == [
+        "--weight-format",
+        "fp16",
+    ]
 
 
 def test_kernel_record_is_each_layer_types_kernels_from_the_real_profile(

@@ -17,9 +17,9 @@ import pytest
 
 from sd_lambda.cli import main
 from sd_lambda.layout import OPENVINO_UNET, Manifest, ModelPaths, release_engine, verify_release
-from sd_lambda.seeding import flow
+from sd_lambda.seeding import flow, openvino_export
 from sd_lambda.seeding.errors import SeedError
-from sd_lambda.seeding.openvino_release import ExportOptions, export_openvino
+from sd_lambda.seeding.openvino_release import ExportOptions, _export_key, check_options, export_openvino
 from sd_lambda.seeding.sources import check_dir, from_dir, from_hub, select_hub_files
 
 from .conftest import (
@@ -290,8 +290,49 @@ def test_the_float_export_stores_fp16_weights_unless_asked_for_fp32(
         assert half.get("f16", 0) > 0.99 * sum(half.values()), component
         assert "f16" not in full, component
         assert sum(half.values()) * 2 == pytest.approx(sum(full.values()), rel=0.01), component
-    # Different options, different exports: neither reuses the other's folder.
-    assert openvino_export.folder != openvino_fp32_export.folder
+
+
+def test_the_export_key_tells_the_formats_apart_and_keeps_int8_exports_reusable(tiny_model_dir: Path) -> None:
+    import hashlib
+
+    release = from_dir(tiny_model_dir)
+
+    def key(**options: object) -> str:
+        return _export_key(release, ExportOptions(EXPORT_PYTHON, **options))  # type: ignore[arg-type]
+
+    assert key() == key(weight_format="fp16")
+    assert len({key(), key(weight_format="fp32"), key(quantize="int8")}) == 3
+    # An int8 export's key is the one it had before weight formats (its recipe did not change), so an
+    # int8 export made then is still reused instead of calibrated again under the same release name.
+    before = {
+        "files": [[entry.path, entry.sha256] for entry in release.manifest.files],
+        "quantize": "int8",
+        "samples": openvino_export.DEFAULT_CALIBRATION_SAMPLES,
+        "prompts": None,
+    }
+    assert key(quantize="int8") == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+
+
+def test_the_exporter_refuses_a_weight_format_for_a_quantised_export(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    both = ["--weight-format", "fp16", "--quantize", "int8"]
+    module = "sd_lambda.seeding.openvino_export"
+    completed = subprocess.run(
+        [str(EXPORT_PYTHON), "-m", module, str(tiny_model_dir), str(tmp_path / "o"), *both],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert (
+        completed.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: --weight-format applies to a float export: --quantize stores int8 weights")
+    )
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SeedError, match=r"^--weight-format applies to a float export and --quantize stores"):
+        check_options(ExportOptions(EXPORT_PYTHON, quantize="int8", weight_format="fp32"))
 
 
 def test_the_int8_export_quantizes_the_unet_and_compresses_the_other_weights(

@@ -75,7 +75,8 @@ TARGET_IMPORT_LOAD_SECONDS = 4.0
 TARGET_OPENVINO_OVER_TORCH = 1.35
 TARGET_OPENVINO_IMPORT_LOAD_SECONDS = 1.5
 TORCH_COUNTERPART = {"openvino": "accel:default", "openvino_fast": "fast", "openvino_int8": "fast"}
-# The OpenVINO variants' models: variant -> the export's quantisation (None: f32 weights as stored).
+# The OpenVINO variants' models: variant -> the export's quantisation (None: the float export, its
+# weights stored in the exporter's default format, fp16).
 OPENVINO_EXPORTS: dict[str, str | None] = {"openvino": None, "openvino_fast": None, "openvino_int8": "int8"}
 WORKER_TIMEOUT_SECONDS = 3600
 LCM_VIEW_MARKER = ".sd-lambda-bench-lcm-view"
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = run_bench(config, progress=progress)
-    except (WorkerError, bench_openvino.ExportError, bench_peak.PeakError) as exc:
+    except (WorkerError, bench_openvino.ExportError) as exc:
         raise CommandError(str(exc)) from exc
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     from sd_lambda.devtools.bench_plot import write_plot
@@ -429,7 +430,10 @@ def record_peaks(
         if threads is None:
             continue
         progress(f"peak: timing f32 kernels ({isa}, {threads} threads) ...")
-        peaks[isa] = bench_peak.record_peak(threads, {**ISA_ENV[isa], **config.extra_env})
+        try:
+            peaks[isa] = bench_peak.record_peak(threads, {**ISA_ENV[isa], **config.extra_env})
+        except bench_peak.PeakError as exc:  # an extra: the run's samples are kept, without bounds
+            progress(f"peak: {exc}; the targets go without their f32 bounds")
     return peaks
 
 
@@ -764,7 +768,7 @@ def format_report(report: dict[str, Any]) -> str:
         kernels = ", ".join(f"{name} {rate:.0f}" for name, rate in measured["gflops"].items())
         lines.append(
             f"measured f32 peak ({isa}, {measured['threads']} threads): {measured['peak']:.0f} GFLOP/s, the "
-            f"fastest of {kernels} (devtools/bench_peak.py)"
+            f"fastest of {kernels} (src/sd_lambda/devtools/bench_peak.py)"
         )
     for name, record in report.get("kernels", {}).items():
         lines.append(format_kernels(name, record))

@@ -83,20 +83,25 @@ def source_hash(model_dir: Path) -> str:
 def export_marker(
     source_sha256: str, quantize: str | None, calibration_samples: int | None
 ) -> dict[str, Any]:
-    """What an export was made from and how: the float export's weight format is the exporter's default
-    (an export made before another default is made again); a quantised export's weights are int8."""
-    return {
+    """What an export was made from and how. A float export's weights are stored as the exporter's default
+    format (the bench asks for it by name, and an export made under another default is made again); a
+    quantised export's recipe has no format to record."""
+    marker: dict[str, Any] = {
         "source_sha256": source_sha256,
         "quantize": quantize,
         "calibration_samples": calibration_samples,
-        "weight_format": None if quantize else DEFAULT_WEIGHT_FORMAT,
     }
+    if not quantize:
+        marker["weight_format"] = DEFAULT_WEIGHT_FORMAT
+    return marker
 
 
 def export_command(
     source: Path, output: Path, quantize: str | None, calibration_samples: int | None, python: Path
 ) -> list[str]:
     command = [str(python), "-m", EXPORT_MODULE, str(source), str(output)]
+    if not quantize:
+        command += ["--weight-format", DEFAULT_WEIGHT_FORMAT]
     if quantize:
         command += ["--quantize", quantize]
         if calibration_samples is not None:

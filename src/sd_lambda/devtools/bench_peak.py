@@ -6,7 +6,8 @@ at its best over a few runs, in a process of its own under the bench's ISA envir
 
 - ``conv3x3``: OpenVINO's f32 3x3 convolution at the UNet's first stage (batch 2, 320 channels, 64x64
   latents: 512x512) and ``conv3x3_deep`` at its deepest (1280 channels, 8x8);
-- ``fully_connected``: OpenVINO's f32 MatMul with constant weights (what its FullyConnected, MLAS, runs);
+- ``fully_connected``: OpenVINO's f32 MatMul with f32 constant weights (FullyConnected: MLAS where the
+  CPU plugin picks it, as for an fp32 IR's linears);
 - ``torch_mm``: torch's f32 matmul (what the torch engine's linears run).
 
 ``peak`` is the fastest of them. A variant whose image needs F FLOPs cannot take less than F / peak
@@ -70,7 +71,7 @@ def _openvino_rates(threads: int) -> dict[str, float]:
         weights = ops.constant(rng.random((channels, channels, 3, 3), dtype=np.float32) - 0.5)
         conv = ops.convolution(sample, weights, [1, 1], [1, 1], [1, 1], [1, 1])
         rates[name] = rate(conv, sample, 2 * batch * channels * channels * 9 * side * side)
-    rows, inner, outer = 4096, 1280, 5120  # the 64x64 stage's feed-forward, two images' tokens
+    rows, inner, outer = 4096, 1280, 5120  # 4096 tokens through a 1280 -> 5120 feed-forward
     tokens = ops.parameter([rows, inner], np.float32)
     weights = ops.constant(rng.random((outer, inner), dtype=np.float32) - 0.5)
     rates["fully_connected"] = rate(
@@ -100,9 +101,12 @@ def measure(threads: int) -> dict[str, Any]:
 def record_peak(threads: int, env: Mapping[str, str]) -> dict[str, Any]:
     """``measure`` in a process with ``env`` (the variant's ISA caps), as the workers run."""
     command = [sys.executable, "-m", __name__, str(threads)]
-    completed = subprocess.run(
-        command, env={**os.environ, **env}, capture_output=True, text=True, timeout=PEAK_TIMEOUT_SECONDS
-    )
+    try:
+        completed = subprocess.run(
+            command, env={**os.environ, **env}, capture_output=True, text=True, timeout=PEAK_TIMEOUT_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        raise PeakError(f"the peak probe took more than {PEAK_TIMEOUT_SECONDS} s") from None
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(PEAK_PREFIX):
             return json.loads(line.removeprefix(PEAK_PREFIX))

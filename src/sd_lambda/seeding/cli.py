@@ -53,7 +53,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         "--weight-format",
         choices=WEIGHT_FORMATS,
         help=f"with --export: how the release stores its float weights (default: {DEFAULT_WEIGHT_FORMAT}, "
-        "as the hub's OpenVINO repos; the engine computes in f32 either way)",
+        "as the hub's OpenVINO repos; the engine computes at its inference precision either way; not "
+        "with --quantize)",
     )
     group.add_argument(
         "--quantize",

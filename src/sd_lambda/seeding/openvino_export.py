@@ -11,10 +11,11 @@ OpenVINO repos on the hub hold. A tiny decoder (``vae_tiny/``, AutoencoderKL-com
 converted next to it with ``openvino.convert_model``, with the config keys GenAI's AutoencoderKL reads.
 
 ``--weight-format`` is how the floating-point export stores its weights (optimum-cli's option of that
-name): ``fp16`` by default, as the ready-made OpenVINO repos on the hub ship them. The engine still
-computes in f32 (the CPU plugin widens the weights once, at compile time), so fp16 storage costs no
-speed and changes the image by the rounding of the weights only, while it halves the release (what EFS
-reads at every cold start) and the IR the compile maps beside its own copy (docs/performance.md).
+name): ``fp16`` by default, as the ready-made OpenVINO repos on the hub ship them. The engine computes at
+its inference precision (f32 on AVX2: the CPU plugin widens the weights once, at compile time), so fp16
+storage costs no speed and changes the image by the rounding of the weights only, while it halves the
+release (what EFS reads at every cold start) and the IR the compile maps beside its own copy
+(docs/performance.md).
 
 ``--quantize int8`` is optimum-intel's hybrid quantisation for diffusion pipelines
 (``OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=<prompts>)``): the UNet's
@@ -215,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--weight-format",
         choices=WEIGHT_FORMATS,
-        help=f"how the float export stores its weights; the engine computes in f32 (default: "
-        f"{DEFAULT_WEIGHT_FORMAT}; not with --quantize, whose weights are int8)",
+        help="how the float export stores its weights; the engine computes at its inference precision "
+        f"(default: {DEFAULT_WEIGHT_FORMAT}; not with --quantize, whose weights are int8)",
     )
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="hybrid int8 quantisation (NNCF)")
     parser.add_argument(

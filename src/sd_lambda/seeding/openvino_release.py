@@ -92,6 +92,10 @@ class ExportOptions:
 def check_options(options: ExportOptions) -> None:
     """Everything about an export that can fail before AWS and the hub: the calibration options and the
     export Python (there, and able to import optimum-intel)."""
+    if options.quantize and options.weight_format is not None:
+        raise SeedError(
+            "--weight-format applies to a float export and --quantize stores int8 weights: drop one"
+        )
     if options.calibration_samples is not None and options.calibration_samples < 1:
         raise SeedError("--calibration-samples must be at least 1")
     if options.calibration_prompts is not None:
@@ -151,10 +155,11 @@ def _export_key(release: LocalRelease, options: ExportOptions) -> str:
     described = {
         "files": [[entry.path, entry.sha256] for entry in release.manifest.files],
         "quantize": options.quantize,
-        "weights": options.stored_as,
         "samples": options.samples,
         "prompts": prompts,
     }
+    if not options.quantize:  # a quantised export's recipe (an fp32 base) is what it was before formats
+        described["weights"] = options.stored_as
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
