@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sd_lambda.cli import main
+from sd_lambda.devtools.bench_openvino import constant_bytes
 from sd_lambda.layout import OPENVINO_UNET, Manifest, ModelPaths, release_engine, verify_release
 from sd_lambda.seeding import flow, openvino_export
 from sd_lambda.seeding.errors import SeedError
@@ -267,12 +268,7 @@ def _int8_constants(xml: Path) -> int:
 
 def _float_constants(xml: Path) -> dict[str, int]:
     """Bytes of the IR's floating-point constants, by element type."""
-    sizes: dict[str, int] = {}
-    for layer in _ir_layers(xml):
-        data = layer.find("data")
-        if layer.get("type") == "Const" and data is not None and data.get("element_type") in ("f16", "f32"):
-            sizes[data.get("element_type")] = sizes.get(data.get("element_type"), 0) + int(data.get("size"))
-    return sizes
+    return {kind: size for kind, size in constant_bytes(xml).items() if kind in ("f16", "f32")}
 
 
 def test_the_float_export_stores_fp16_weights_unless_asked_for_fp32(

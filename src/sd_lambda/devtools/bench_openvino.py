@@ -158,17 +158,26 @@ def ensure_export(
 _WEIGHT_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "u8": "int8", "i8": "int8"}
 
 
-def stored_weights(graph: Path) -> str:
-    """How an IR stores its weights: the element type holding most of its constants' bytes (``fp16`` for
-    the default export, ``fp32``, ``int8`` for a quantised one)."""
+def constant_bytes(graph: Path) -> dict[str, int]:
+    """Bytes of an IR's constants (``Const`` layers) by element type (``f16``, ``f32``, ``u8``, ...)."""
     import xml.etree.ElementTree as ElementTree
 
     sizes: dict[str, int] = {}
     for layer in ElementTree.parse(graph).getroot().iterfind("./layers/layer[@type='Const']"):
         data = layer.find("data")
-        if data is not None and data.get("element_type") in _WEIGHT_TYPES:
-            name = _WEIGHT_TYPES[data.get("element_type", "")]
-            sizes[name] = sizes.get(name, 0) + int(data.get("size", 0))
+        if data is not None and data.get("element_type"):
+            kind = data.get("element_type", "")
+            sizes[kind] = sizes.get(kind, 0) + int(data.get("size", 0))
+    return sizes
+
+
+def stored_weights(graph: Path) -> str:
+    """How an IR stores its weights: the weight type holding most of its constants' bytes (``fp16`` for
+    the default export, ``fp32``, ``int8`` for a quantised one)."""
+    sizes: dict[str, int] = {}
+    for kind, size in constant_bytes(graph).items():
+        if kind in _WEIGHT_TYPES:
+            sizes[_WEIGHT_TYPES[kind]] = sizes.get(_WEIGHT_TYPES[kind], 0) + size
     return max(sizes, key=sizes.__getitem__) if sizes else "none"
 
 
