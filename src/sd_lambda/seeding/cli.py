@@ -90,11 +90,6 @@ def _export_options(args: argparse.Namespace) -> Any:
     for name in ("--quantize", "--weight-format"):
         if getattr(args, name[2:].replace("-", "_")) and not args.export:
             raise SeedError(f"{option(name)} applies to an export: {ask_for('--export', 'openvino')}")
-    if args.quantize and args.weight_format:
-        raise SeedError(
-            f"{option('--weight-format')} applies to a float export and {option('--quantize')} stores "
-            "int8 weights: drop one"
-        )
     if calibrating and not args.quantize:
         raise SeedError(f"--calibration-prompts and --calibration-samples apply to {option('--quantize')}")
     if not args.export:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sd_lambda.cli import option
 from sd_lambda.layout import OPENVINO_UNET, release_engine, sha256_file
 from sd_lambda.seeding import openvino_export
 from sd_lambda.seeding.errors import SeedError
@@ -94,7 +95,8 @@ def check_options(options: ExportOptions) -> None:
     export Python (there, and able to import optimum-intel)."""
     if options.quantize and options.weight_format is not None:
         raise SeedError(
-            "--weight-format applies to a float export and --quantize stores int8 weights: drop one"
+            f"{option('--weight-format')} applies to a float export and {option('--quantize')} stores "
+            "int8 weights: drop one"
         )
     if options.calibration_samples is not None and options.calibration_samples < 1:
         raise SeedError("--calibration-samples must be at least 1")
